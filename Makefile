@@ -1,0 +1,49 @@
+# lksmfs: `make run` and `make test` are the two commands a fresh Debian machine needs.
+# Both install what is missing first (Debian fuse3 + libfuse2 as root, a venv in .venv, the package).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test unit live lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@if ! command -v fusermount3 >/dev/null 2>&1 && ! command -v fusermount >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 \
+	      && (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfuse2 \
+	          || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfuse2t64); \
+	  else echo "warning: fuse3/libfuse2 missing and not root: FUSE tests will be skipped" >&2; fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(VENV)/bin/ruff check lksmfs tests bench scripts
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+live: setup
+	$(PY) -m pytest -q tests/live
+
+lint: setup
+	$(VENV)/bin/ruff check lksmfs tests bench scripts
+
+bench: setup
+	$(PY) bench/scan_throughput.py
+	$(PY) bench/filter_effect.py
+	$(PY) bench/engine_memory.py
+	$(PY) bench/attr_latency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,193 @@
+"""An open-addressing hash table in two numpy arrays: uint64 key -> int64 value.
+
+The kernel keeps its stable and unstable trees as rb-trees ordered by memcmp().  We key
+them by a 64-bit content hash instead (the full comparison still happens before any
+merge), and store them here rather than in a dict: 16 bytes a slot, no Python object per
+page, and lookups for a whole chunk of pages at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMPTY = np.uint64(0)
+TOMB = np.uint64(1)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_SHIFT = np.uint64(29)
+
+
+def normkey(keys: np.ndarray) -> np.ndarray:
+    """Keys 0 and 1 are the empty/tombstone markers: fold them onto 2 and 3.
+
+    A folded key can alias a real one; callers verify content after every hit anyway.
+    """
+    return np.where(keys < 2, keys + np.uint64(2), keys)
+
+
+def _norm1(key: int) -> int:
+    return key + 2 if key < 2 else key
+
+
+class HashIndex:
+    """Linear probing, tombstones on delete, doubling at 50% load."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        cap = 1
+        while cap < capacity * 2:
+            cap <<= 1
+        self._alloc(cap)
+
+    def _alloc(self, cap: int) -> None:
+        self.keys = np.zeros(cap, dtype=np.uint64)
+        self.vals = np.full(cap, -1, dtype=np.int64)
+        self.mask = cap - 1
+        self.used = 0  # live entries
+        self.filled = 0  # live + tombstones
+
+    def __len__(self) -> int:
+        return self.used
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.vals.nbytes
+
+    def clear(self) -> None:
+        if self.filled:
+            self._alloc(1024 if self.mask + 1 > 4096 else self.mask + 1)
+
+    def _home(self, keys: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            h = keys * _MIX
+        return ((h ^ (h >> _SHIFT)) & np.uint64(self.mask)).astype(np.int64)
+
+    def _home1(self, key: int) -> int:
+        h = (key * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        return (h ^ (h >> 29)) & self.mask
+
+    # -- vectorised ---------------------------------------------------------------
+
+    def get_many(self, keys: np.ndarray) -> np.ndarray:
+        """Values for `keys` (uint64, already normalised), -1 where absent."""
+        n = keys.shape[0]
+        out = np.full(n, -1, dtype=np.int64)
+        if n == 0 or self.used == 0:
+            return out
+        pos = self._home(keys)
+        idx = np.arange(n)
+        tk = self.keys
+        mask = self.mask
+        while idx.size:
+            k = tk[pos]
+            hit = k == keys[idx]
+            if hit.any():
+                out[idx[hit]] = self.vals[pos[hit]]
+            go = ~hit & (k != EMPTY)
+            idx = idx[go]
+            pos = (pos[go] + 1) & mask
+        return out
+
+    def put_many(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        """Insert keys known to be absent and distinct from each other."""
+        n = keys.shape[0]
+        if n == 0:
+            return
+        self._reserve(n)
+        pos = self._home(keys)
+        idx = np.arange(n)
+        tk = self.keys
+        mask = self.mask
+        while idx.size:
+            k = tk[pos]
+            free = (k == EMPTY) | (k == TOMB)
+            # one winner per free position
+            cand = np.flatnonzero(free)
+            if cand.size:
+                _, first = np.unique(pos[cand], return_index=True)
+                win = cand[first]
+                wp = pos[win]
+                self.filled += int(np.count_nonzero(tk[wp] == EMPTY))
+                tk[wp] = keys[idx[win]]
+                self.vals[wp] = vals[idx[win]]
+                placed = np.zeros(idx.size, dtype=bool)
+                placed[win] = True
+            else:
+                placed = np.zeros(idx.size, dtype=bool)
+            keep = ~placed
+            idx = idx[keep]
+            # losers on a free slot retry the same slot (now taken) -> advance all
+            pos = (pos[keep] + 1) & mask
+        self.used += n
+
+    # -- scalar -------------------------------------------------------------------
+
+    def get(self, key: int) -> int:
+        key = _norm1(key)
+        tk = self.keys
+        mask = self.mask
+        p = self._home1(key)
+        while True:
+            k = int(tk[p])
+            if k == key:
+                return int(self.vals[p])
+            if k == 0:
+                return -1
+            p = (p + 1) & mask
+
+    def put(self, key: int, val: int) -> None:
+        """Insert or overwrite."""
+        key = _norm1(key)
+        self._reserve(1)
+        tk = self.keys
+        mask = self.mask
+        p = self._home1(key)
+        first_free = -1
+        while True:
+            k = int(tk[p])
+            if k == key:
+                self.vals[p] = val
+                return
+            if k == 1 and first_free < 0:
+                first_free = p
+            if k == 0:
+                break
+            p = (p + 1) & mask
+        if first_free < 0:
+            first_free = p
+            self.filled += 1
+        tk[first_free] = key
+        self.vals[first_free] = val
+        self.used += 1
+
+    def delete(self, key: int, val: int | None = None) -> bool:
+        """Remove `key` (only if it maps to `val`, when given)."""
+        key = _norm1(key)
+        tk = self.keys
+        mask = self.mask
+        p = self._home1(key)
+        while True:
+            k = int(tk[p])
+            if k == key:
+                if val is not None and int(self.vals[p]) != val:
+                    return False
+                tk[p] = TOMB
+                self.vals[p] = -1
+                self.used -= 1
+                return True
+            if k == 0:
+                return False
+            p = (p + 1) & mask
+
+    def _reserve(self, extra: int) -> None:
+        cap = self.mask + 1
+        if (self.filled + extra) * 2 <= cap:
+            return
+        need = self.used + extra
+        while need * 2 > cap:
+            cap <<= 1
+        # rehash: grows when needed, and always drops the tombstones
+        live = self.keys > TOMB
+        keys = self.keys[live]
+        vals = self.vals[live]
+        self._alloc(cap)
+        if keys.size:
+            self.put_many(keys, vals)

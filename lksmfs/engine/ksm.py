@@ -1,0 +1,1084 @@
+"""The LKSM engine: crawler (ksm_crawld) and scanner (ksmd) as steps, in shadow mode.
+
+A faithful port of mm/lksm.c (seed 002_a3a1b2fcd7996b55, with LKSM_FILTER from seed
+000_9da3ef7a1f87f7e5) on a 5.4 mm/ksm.c base, with memory read from a `MemorySource`
+instead of page tables.  Nothing here sleeps or starts a thread: the daemon calls
+`crawl(now)` and `scan_batch()` from its threads, tests call them (or the synchronous
+`full_scan()` / `partial_scan()`) directly, and both serialise calls with one lock.
+
+Shadow mode: a "merge" records what the kernel would have done.  A KSM page is the
+128-bit digest of the content two pages had when they were compared byte for byte and
+merged; a mapped page whose content no longer has that digest was written to, which on
+a kernel would have broken COW: its rmap item leaves the stable node (a broken merge).
+
+Per page the hot path is vectorised (numpy over a chunk of up to CHUNK pages); only the
+pages whose state really changes through a merge or a broken merge go through the
+per-page `_cmp_and_merge_page()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+
+import numpy as np
+import xxhash
+
+from lksmfs.engine.hashindex import HashIndex, normkey
+from lksmfs.engine.params import (
+    CRAWLER_SLEEP_S,
+    DEFAULT_FULL_SCAN_INTERVAL,
+    INITIAL_ROUND,
+    KSM_MM_FROZEN,
+    KSM_MM_LISTED,
+    KSM_MM_NEWCOMER,
+    KSM_MM_SCANNED,
+    KSM_RUN_MERGE,
+    KSM_RUN_ONESHOT,
+    KSM_RUN_UNMERGE,
+    KSM_SHORT_TASK_TIME_MS,
+    LKSM_CRAWL_FROZEN_EVENT_WAIT_S,
+    LKSM_MAX_VIPS,
+    LKSM_SCAN_FULL,
+    LKSM_SCAN_NONE,
+    LKSM_SCAN_PARTIAL,
+    RMAP_ITEM_SIZE,
+    Tunables,
+)
+from lksmfs.engine.regions import UNKNOWN_REGION, RegionTable
+from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.slot import MmSlot, ScanList
+from lksmfs.engine.stable import StableTree
+from lksmfs.sources.base import PAGE_SIZE, AccessDenied, MemorySource, ProcessGone, TaskId
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024  # pages handled per vectorised step
+SEQNR_MASK = 0xFF
+_VPN_BITS = 36
+_VPN_MASK = (1 << _VPN_BITS) - 1
+_NOT_UNSTABLE = np.uint8(~int(UNSTABLE) & 0xFF)
+_NOT_FROZEN = np.uint8(~int(FROZEN) & 0xFF)
+_CKSUM_MASK = np.uint64(0xFFFFFFFE)  # calc_checksum() keeps bit 0 for the frozen flag
+
+_ZERO_DIGEST = xxhash.xxh3_128_digest(bytes(PAGE_SIZE))
+_ZERO_HI = int.from_bytes(_ZERO_DIGEST[:8], "big")
+_ZERO_LO = int.from_bytes(_ZERO_DIGEST[8:], "big")
+
+# crawler phases (lksm_crawl_thread's three loops)
+_WAIT_RUN, _INITIAL, _NORMAL = range(3)
+
+_SourceError = (ProcessGone, AccessDenied)
+
+
+def digest_pages(data: memoryview | bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """128-bit xxh3 digest of each page, as (lo, hi) uint64 columns."""
+    mv = memoryview(data)
+    h = xxhash.xxh3_128_digest
+    raw = b"".join([h(mv[o : o + PAGE_SIZE]) for o in range(0, n * PAGE_SIZE, PAGE_SIZE)])
+    a = np.frombuffer(raw, dtype=">u8").reshape(n, 2).astype(np.uint64)
+    return a[:, 1].copy(), a[:, 0].copy()
+
+
+class Ksm:
+    """ksm_crawld + ksmd + the sysfs-visible state of one LKSM instance."""
+
+    def __init__(
+        self,
+        source: MemorySource,
+        *,
+        filter_enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        self_pid: int | None = None,
+    ) -> None:
+        self.source = source
+        self.filter_enabled = filter_enabled
+        self.clock = clock
+        self.self_pid = self_pid
+        self.tunables = Tunables()
+
+        self.stable = StableTree()
+        self.unstable = HashIndex()  # root_unstable_tree, rebuilt every round
+        self.regions = RegionTable()
+
+        self.slots: dict[TaskId, MmSlot] = {}  # mm_slots_hash / ksm_mm_head.mm_list
+        self._by_sid: dict[int, MmSlot] = {}
+        self._next_sid = 1
+        self.scan_list = ScanList()  # ksm_scan_head.scan_list
+        self.remove_list: list[MmSlot] = []  # ksm_scan.remove_mm_list
+        self.frozen_tasks: dict[TaskId, None] = {}  # frozen_task_list
+        self.vips: dict[int, MmSlot] = {}  # vips_list, ordered on use
+        self._vip_seq = 0
+
+        # struct ksm_scan
+        self.cur: MmSlot | None = None
+        self.scan_round = 0
+        self.crawl_round = 0  # ksm_crawl_round
+        self.nr_full_scan = 0
+        self.scan_mode = LKSM_SCAN_NONE
+        self.scan_state = False  # ksm_state: 1 while the scanner owns a scan
+        self.nr_scannable = 0
+        self.nr_frozen = 0
+
+        # counters
+        self.pages_unshared = 0
+        self.rmap_items = 0
+        self.pages_scanned = 0
+        self.ksm_zero_pages = 0
+        self.nr_added_process = 0  # scanning_process
+        self.lksm_nr_merged = 0
+        self.lksm_nr_broken = 0
+        self.lksm_nr_scanned_slot = 0
+        self.slot_nr_merged = 0
+        self.slot_nr_broken = 0
+        self.tasks_exited = 0  # slots dropped because the task went away
+        self.tasks_denied = 0  # tasks skipped or dropped because /proc refused access
+        self.last_scan: dict[str, float | int] = {}
+
+        # crawler
+        self._phase = _WAIT_RUN
+        self._next_fscan = 0.0
+        self._partial_at: float | None = None
+        self._last_prune = clock()
+
+        # scanner
+        self._gen: Generator[int, None, None] | None = None
+        self._budget = 0
+        self._scan_started = False
+        self._scan_begin = 0.0
+        self._scan_pages_at_begin = 0
+        self._cur_parts: list[Rmap] = []
+        self._cur_part: Rmap | None = None
+        self._sync = False
+
+        self._snapshot: dict[str, int] = {}
+        self._publish()
+
+    # ===================================================================== ABI ==
+
+    def counters(self) -> dict[str, int]:
+        """Lock-free snapshot of the read-only attributes (published at consistent points)."""
+        return self._snapshot
+
+    def region_share(self) -> dict[str, int]:
+        return self.regions.share()
+
+    def has_stable_nodes(self) -> bool:
+        return self.stable.nr_nodes > 0
+
+    def set_tunable(self, name: str, value: int) -> None:
+        setattr(self.tunables, name, value)
+
+    def set_run(self, flags: int) -> None:
+        """run_store() after validation: 8 is stored as merge + one-shot."""
+        t = self.tunables
+        if t.run != flags:
+            t.run = KSM_RUN_MERGE | KSM_RUN_ONESHOT if flags == KSM_RUN_ONESHOT else flags
+            if flags & KSM_RUN_UNMERGE:
+                self._unmerge_and_remove_all_rmap_items()
+
+    def request_one_shot(self, mode: int) -> bool:
+        """one_shot_scanning_store(): the cmpxchg from NONE; False while one is pending."""
+        if self.tunables.one_shot_scanning != LKSM_SCAN_NONE:
+            return False
+        self.tunables.one_shot_scanning = mode
+        return True
+
+    def per_process(self) -> list[dict[str, int | str]]:
+        """Per mm_slot figures in the style of mainline's /proc/PID/ksm_stat."""
+        out: list[dict[str, int | str]] = []
+        for slot in list(self.slots.values()):
+            rmap = slot.rmap
+            merging = int(np.count_nonzero(rmap.flags & STABLE))
+            zero = int(slot.zero_vpns.shape[0])
+            items = len(rmap)
+            out.append(
+                {
+                    "pid": slot.task.pid,
+                    "start_time": slot.task.start_time,
+                    "comm": slot.comm,
+                    "state": slot.state_names(),
+                    "rmap_items": items,
+                    "merging_pages": merging,
+                    "zero_pages": zero,
+                    "profit": (merging + zero) * PAGE_SIZE - items * RMAP_ITEM_SIZE,
+                    "nr_merged_window": slot.nr_merged,
+                }
+            )
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of per-page engine state (rmap columns, trees)."""
+        rm = sum(s.rmap.nbytes + s.zero_vpns.nbytes for s in self.slots.values())
+        return rm + self.stable.nbytes + self.unstable.nbytes
+
+    def _publish(self) -> None:
+        shared = self.stable.pages_shared
+        sharing = self.stable.pages_sharing
+        unshared = self.pages_unshared
+        items = self.rmap_items
+        self._snapshot = {
+            "pages_shared": shared,
+            "pages_sharing": sharing,
+            "pages_unshared": unshared,
+            "pages_volatile": max(0, items - shared - sharing - unshared),
+            "full_scans": self.nr_full_scan,
+            "stable_node_chains": self.stable.stable_node_chains,
+            "stable_node_dups": self.stable.stable_node_dups,
+            "scanning_process": self.nr_added_process,
+            "nr_regions": self.regions.nr_regions,
+            "pages_scanned": self.pages_scanned,
+            "general_profit": (sharing + self.ksm_zero_pages) * PAGE_SIZE - items * RMAP_ITEM_SIZE,
+            "ksm_zero_pages": self.ksm_zero_pages,
+            "rmap_items": items,
+            "tasks_exited": self.tasks_exited,
+            "tasks_denied": self.tasks_denied,
+        }
+
+    # ================================================================ crawler ==
+
+    def crawl(self, now: float) -> float | None:
+        """One pass of lksm_crawl_thread at monotonic time `now`.
+
+        Returns when it wants to run next, or None to sleep until woken (a store to run
+        or one_shot_scanning, a hint, or the end of a scan).
+        """
+        t = self.tunables
+        if self._phase == _WAIT_RUN:
+            if not t.run & KSM_RUN_MERGE:
+                return None
+            self._phase = _INITIAL
+            self._next_fscan = now
+        if self._phase == _INITIAL:
+            # initial loop: initial_round full scans, crawler_sleep apart
+            if t.run & KSM_RUN_MERGE and not self.scan_state and now >= self._next_fscan:
+                if self.prepare_full_scan(now) > 0:
+                    self._wake_scanner()
+                self._next_fscan = now + CRAWLER_SLEEP_S
+            if self.crawl_round < INITIAL_ROUND:
+                return now + CRAWLER_SLEEP_S if self.scan_state else max(self._next_fscan, now)
+            t.full_scan_interval = DEFAULT_FULL_SCAN_INTERVAL
+            self._next_fscan = now + t.full_scan_interval / 1000
+            self._phase = _NORMAL
+            return None if self.scan_state else now
+        # normal operation loop
+        if t.run & KSM_RUN_ONESHOT:
+            if self.scan_state:
+                return None  # wait until scanning is done
+            return self._crawl_once(now)
+        if t.run & KSM_RUN_MERGE:
+            if self.scan_state:
+                return now + CRAWLER_SLEEP_S
+            return self._crawl_periodic(now)
+        self._partial_at = None
+        return None
+
+    def _crawl_once(self, now: float) -> float | None:
+        """lksm_do_crawl_once(): wait for a one_shot_scanning request, then prepare it."""
+        t = self.tunables
+        if self._partial_at is None:
+            if t.one_shot_scanning == LKSM_SCAN_PARTIAL:
+                # msleep(LKSM_CRAWL_FROZEN_EVENT_WAIT) to batch frozen events
+                self._partial_at = now + LKSM_CRAWL_FROZEN_EVENT_WAIT_S
+                return self._partial_at
+            if t.one_shot_scanning != LKSM_SCAN_FULL:
+                return None
+            nr_added = self.prepare_full_scan(now)
+        else:
+            if now < self._partial_at:
+                return self._partial_at
+            self._partial_at = None
+            nr_added = self.prepare_partial_scan()
+        if nr_added > 0:
+            self._wake_scanner()
+        else:  # "No one can be scanned!"
+            t.one_shot_scanning = LKSM_SCAN_NONE
+        self._publish()
+        return None
+
+    def _crawl_periodic(self, now: float) -> float | None:
+        """lksm_do_crawl_periodic(): full scan when due, else a partial scan on frozen
+        events (waiting up to crawler_sleep for them, then 100 ms more to batch them)."""
+        nr_added = 0
+        if self._partial_at is not None:
+            if now < self._partial_at:
+                return self._partial_at
+            self._partial_at = None
+            nr_added = self.prepare_partial_scan()
+        elif now >= self._next_fscan:
+            nr_added = self.prepare_full_scan(now)
+        elif self.frozen_tasks or len(self.scan_list):
+            self._partial_at = now + LKSM_CRAWL_FROZEN_EVENT_WAIT_S
+            return self._partial_at
+        else:
+            return min(self._next_fscan, now + CRAWLER_SLEEP_S)
+        if nr_added > 0:
+            self._wake_scanner()
+        self._publish()
+        return now + CRAWLER_SLEEP_S if self.scan_state else min(self._next_fscan, now + CRAWLER_SLEEP_S)
+
+    def _wake_scanner(self) -> None:
+        """lksm_wake_up_scan_thread()."""
+        self.scan_state = True
+        self._scan_started = False
+
+    # ---------------------------------------------------------- task discovery --
+
+    def _live_tasks(self) -> list[TaskId]:
+        """for_each_process() less ourselves; registered slots whose task is gone take
+        the __ksm_exit() path here."""
+        tasks = [t for t in self.source.tasks() if t.pid != self.self_pid and t.pid != 0]
+        alive = set(tasks)
+        for task, slot in list(self.slots.items()):
+            if task not in alive:
+                self._ksm_exit(slot)
+        return tasks
+
+    def _short_task(self, task: TaskId) -> tuple[bool, int, int, str] | None:
+        """check_short_task(): None when the task is gone or unreadable, else
+        (is_short, faults, anon_pages, comm)."""
+        try:
+            st = self.source.stat(task)
+        except ProcessGone:
+            return None
+        except AccessDenied:
+            self.tasks_denied += 1
+            return None
+        if st.kthread:
+            return None
+        return st.runtime_ns < KSM_SHORT_TASK_TIME_MS * 1_000_000, st.faults, st.anon_pages, st.comm
+
+    def _alloc_slot(self, task: TaskId, comm: str, faults: int, anon: int, frozen: bool) -> MmSlot:
+        """__ksm_enter_alloc_slot(): registered, and queued at the tail of the scan list."""
+        slot = MmSlot(self._next_sid, task, comm, frozen)
+        self._next_sid += 1
+        slot.fault_cnt = faults
+        slot.scanning_size = anon
+        self.slots[task] = slot
+        self._by_sid[slot.sid] = slot
+        if not self.tunables.run & KSM_RUN_UNMERGE:
+            self.scan_list.add_tail(slot)
+        self.nr_added_process += 1
+        return slot
+
+    def _ksm_join(
+        self, task: TaskId, frozen: bool, info: tuple[bool, int, int, str] | None = None
+    ) -> tuple[MmSlot | None, bool]:
+        """ksm_join(): register the task (if new) and, with LKSM_FILTER, its file regions.
+        Returns (slot, newly_allocated); slot None when the task cannot be joined."""
+        slot = self.slots.get(task)
+        new = slot is None
+        if slot is None:
+            info = info if info is not None else self._short_task(task)
+            if info is None:
+                return None, False
+            _, faults, anon, comm = info
+            slot = self._alloc_slot(task, comm, faults, anon, frozen)
+        if self.filter_enabled:
+            self._register_regions(slot)
+        return slot, new
+
+    def _register_regions(self, slot: MmSlot) -> None:
+        """The LKSM_FILTER part of ksm_join(): file regions of every eligible VMA."""
+        try:
+            maps = self.source.mappings(slot.task)
+        except _SourceError:
+            return  # the scanner will take the exit path
+        for i, vma in enumerate(maps):
+            if not RegionTable.is_file_anon_candidate(vma):
+                continue
+            rid = self.regions.register(maps, i, self.crawl_round)
+            if rid is not None and rid not in slot.regions:
+                slot.regions.add(rid)
+                self.regions.ref(rid)
+
+    def _join_newcomers(self, tasks: list[TaskId]) -> int:
+        """The for_each_process() loop of both prepare functions."""
+        nr_added = 0
+        for task in tasks:
+            info = None
+            if task not in self.slots:
+                info = self._short_task(task)
+                if info is None or info[0]:
+                    continue
+            _, new = self._ksm_join(task, frozen=False, info=info)
+            nr_added += new
+        return nr_added
+
+    # ------------------------------------------------------------ preparation --
+
+    def _prepare_frozen_scan(self) -> int:
+        """lksm_prepare_frozen_scan(): join the frozen tasks nobody knew yet.
+
+        Deviation: the seed counts `!err` of ksm_join (the *already registered* tasks)
+        as added; we count the newly joined frozen tasks, so that a request after freezing
+        an unknown task scans it instead of finding "no one can be scanned".
+        """
+        nr_frozen = self.nr_frozen
+        if not self.frozen_tasks:
+            return nr_frozen
+        nr_added = 0
+        tasks = list(self.frozen_tasks)
+        self.frozen_tasks.clear()
+        if self.tunables.run & KSM_RUN_UNMERGE:
+            return 0
+        for task in tasks:
+            slot, new = self._ksm_join(task, frozen=True)
+            if slot is not None and new:
+                nr_added += 1
+        self.nr_frozen += nr_added
+        return nr_added + nr_frozen
+
+    def prepare_full_scan(self, now: float | None = None) -> int:
+        """lksm_prepare_full_scan(): frozen list + every process, all slots queued."""
+        now = self.clock() if now is None else now
+        nr_frozen = self._prepare_frozen_scan()
+        if self.tunables.run & KSM_RUN_UNMERGE:
+            return 0
+        nr_added = self._join_newcomers(self._live_tasks())
+        # lksm_count_and_clear_mm_slots()
+        nr_scannable = 0
+        delay = 0.0
+        for slot in self.slots.values():
+            if slot not in self.scan_list and slot is not self.cur:
+                slot.clear(KSM_MM_SCANNED)
+                slot.nr_scans = 0
+                self.scan_list.add_tail(slot)
+                delay += slot.elapsed
+                nr_scannable += 1
+        self._next_fscan = now + delay + self.tunables.full_scan_interval / 1000
+        self.scan_mode = LKSM_SCAN_FULL
+        self.crawl_round += 1
+        self.nr_scannable += nr_scannable + nr_added
+        return nr_scannable + nr_added + nr_frozen
+
+    def prepare_partial_scan(self) -> int:
+        """lksm_prepare_partial_scan(): frozen tasks + newcomers + up to lksm_max_vips
+        VIPs by merge window, skipping VIPs whose fault count has not moved."""
+        nr_frozen = self._prepare_frozen_scan()
+        if self.tunables.run & KSM_RUN_UNMERGE:
+            return 0
+        nr_added = self._join_newcomers(self._live_tasks())
+        nr_scannable = 0
+        if nr_added + nr_frozen < LKSM_MAX_VIPS:
+            recheck: list[MmSlot] = []
+            for slot in sorted(self.vips.values(), key=lambda s: (-s.nr_merged, s.vip_seq)):
+                if nr_scannable + nr_added + nr_frozen >= LKSM_MAX_VIPS:
+                    break
+                if slot.removed or not slot.test(KSM_MM_LISTED):
+                    continue
+                try:  # pruning by fault count
+                    st = self.source.stat(slot.task)
+                except _SourceError:
+                    self._ksm_exit(slot)
+                    continue
+                if st.faults == slot.fault_cnt:
+                    continue
+                slot.fault_cnt = st.faults
+                slot.scanning_size = st.anon_pages
+                slot.nr_scans = 0
+                slot.clear(KSM_MM_SCANNED)
+                recheck.append(slot)
+                nr_scannable += 1
+            if self.filter_enabled:
+                for slot in recheck:  # check new maps
+                    self._register_regions(slot)
+            for slot in reversed(recheck):  # list_splice() onto the head
+                self.scan_list.remove(slot)
+                self.scan_list.add_head(slot)
+        self.scan_mode = LKSM_SCAN_PARTIAL
+        self.crawl_round += 1
+        self.nr_scannable += nr_scannable + nr_added
+        return nr_frozen + nr_added + nr_scannable
+
+    # ================================================================== hints ==
+
+    def hint(self, task: TaskId, frozen: bool) -> None:
+        """lksm_hint(): the freezer told us a task froze or thawed."""
+        if frozen:
+            self._task_frozen(task)
+        else:
+            self._task_thawed(task)
+        self._publish()
+
+    def _task_frozen(self, task: TaskId) -> None:
+        slot = self.slots.get(task)
+        if slot is not None:
+            if slot is not self.cur and slot.test(KSM_MM_LISTED):
+                self.scan_list.add_tail(slot)
+                if not slot.test(KSM_MM_SCANNED):
+                    self.nr_scannable -= 1
+                slot.clear(KSM_MM_LISTED)
+                slot.set(KSM_MM_FROZEN)
+                self.nr_frozen += 1
+        elif not slot_removed(task, self.remove_list):
+            self.frozen_tasks[task] = None
+
+    def _task_thawed(self, task: TaskId) -> None:
+        slot = self.slots.get(task)
+        if slot is not None:
+            if slot.test(KSM_MM_FROZEN) and slot is not self.cur:
+                if not slot.test(KSM_MM_SCANNED):
+                    self.nr_scannable += 1
+                else:
+                    self.scan_list.remove(slot)
+                slot.clear(KSM_MM_FROZEN)
+                slot.set(KSM_MM_LISTED)
+                self.nr_frozen -= 1
+        else:
+            self.frozen_tasks.pop(task, None)
+
+    def task_exit(self, task: TaskId) -> None:
+        """ksm_exit() for a task we learnt has gone."""
+        self.frozen_tasks.pop(task, None)
+        slot = self.slots.get(task)
+        if slot is not None:
+            self._ksm_exit(slot)
+        self._publish()
+
+    def _ksm_exit(self, slot: MmSlot) -> None:
+        """__ksm_exit(): forget the task; a slot with rmap items is freed only when the
+        current scan ends (lksm_remove_mm_slot -> remove_mm_list)."""
+        if slot is self.cur:
+            return  # the scanner sees the exit itself
+        if slot.test(KSM_MM_FROZEN):
+            self.nr_frozen -= 1
+        elif not slot.test(KSM_MM_SCANNED):
+            self.nr_scannable -= 1
+        self.nr_added_process -= 1
+        self.tasks_exited += 1
+        self.frozen_tasks.pop(slot.task, None)
+        if not len(slot.rmap) and not slot.zero_vpns.size:
+            self._unlink_slot(slot)
+            self._free_slot(slot)
+        else:
+            self._remove_mm_slot(slot)
+
+    def _unlink_slot(self, slot: MmSlot) -> None:
+        self.slots.pop(slot.task, None)
+        self._by_sid.pop(slot.sid, None)
+        self.scan_list.remove(slot)
+        self.vips.pop(slot.sid, None)
+        slot.vip_seq = -1
+        slot.removed = True
+
+    def _remove_mm_slot(self, slot: MmSlot) -> None:
+        """lksm_remove_mm_slot(): off every list, onto the remove list."""
+        self._unlink_slot(slot)
+        self.remove_list.append(slot)
+
+    def _free_slot(self, slot: MmSlot) -> None:
+        """The per-slot part of lksm_flush_removed_mm_list()."""
+        self._remove_items(slot.rmap)
+        slot.rmap = Rmap()
+        self.ksm_zero_pages -= int(slot.zero_vpns.shape[0])
+        slot.zero_vpns = slot.zero_vpns[:0]
+        for rid in slot.regions:
+            self.regions.unref(rid)
+        slot.regions.clear()
+        try:
+            self.source.release(slot.task)
+        except Exception:  # noqa: BLE001 - a source failing to forget must not stop the engine
+            log.exception("release(%s) failed", slot.task)
+
+    def _flush_removed_mm_list(self) -> None:
+        removed, self.remove_list = self.remove_list, []
+        for slot in removed:
+            self._free_slot(slot)
+
+    # ================================================================ scanner ==
+
+    def scanner_should_run(self) -> bool:
+        """ksmd_should_run() with LKSM's scan state: a scan has been handed over, merging
+        is on (a scan interrupted by run=0 resumes when it comes back), and something is
+        left to scan."""
+        if not self.scan_state:
+            return False
+        if not (self.tunables.run & KSM_RUN_MERGE or self._sync):
+            return False
+        return self._gen is not None or len(self.scan_list) > 0
+
+    def scan_batch(self, npages: int | None = None) -> None:
+        """ksm_do_scan(pages_to_scan), then the end-of-scan work when the list is empty."""
+        t = self.tunables
+        if not self.scan_state or not (t.run & KSM_RUN_MERGE or self._sync):
+            return
+        if not self._scan_started:
+            self._scan_started = True
+            self._scan_begin = self.clock()
+            self._scan_pages_at_begin = self.pages_scanned
+            if self.scan_mode == LKSM_SCAN_PARTIAL:
+                t.pages_to_scan = t.scan_boost
+        self._do_scan(npages if npages is not None else t.pages_to_scan)
+        if self._gen is None and not len(self.scan_list):
+            self._finish_scan()
+        self._publish()
+
+    def _do_scan(self, budget: int) -> None:
+        scanned = 0
+        while scanned < budget:
+            if self._gen is None:
+                slot = self._next_slot()
+                if slot is None:
+                    return
+                self._gen = self._scan_slot(slot)
+            self._budget = budget - scanned
+            try:
+                scanned += next(self._gen)
+            except StopIteration:
+                self._gen = None
+                self.cur = None
+
+    def _next_slot(self) -> MmSlot | None:
+        """scan_get_next_rmap_item() at the list head: a new round resets the unstable
+        tree; then lksm_get_unscanned_mm_slot()."""
+        if self.scan_round < self.crawl_round:
+            self.scan_round = self.crawl_round
+            self.unstable.clear()
+            self._maybe_prune_chains()
+        slot = self.scan_list.pop_first()
+        if slot is None:
+            return None
+        self.lksm_nr_scanned_slot += 1
+        self.cur = slot
+        return slot
+
+    def _maybe_prune_chains(self) -> None:
+        now = self.clock()
+        if (now - self._last_prune) * 1000 >= self.tunables.stable_node_chains_prune_millisecs:
+            self._last_prune = now
+            self.stable.prune_chains()
+
+    def _finish_scan(self) -> None:
+        """lksm_flush_removed_mm_list() + lksm_scan_wrapup_wait()."""
+        t = self.tunables
+        self._flush_removed_mm_list()
+        elapsed = self.clock() - self._scan_begin
+        self.last_scan = {
+            "mode": self.scan_mode,
+            "slots_scanned": self.lksm_nr_scanned_slot,
+            "pages_scanned": self.pages_scanned - self._scan_pages_at_begin,
+            "merged": self.lksm_nr_merged,
+            "broken": self.lksm_nr_broken,
+            "wall_s": elapsed,
+        }
+        if self.scan_mode == LKSM_SCAN_PARTIAL:
+            t.pages_to_scan = 100  # lksm_default_pages_to_scan
+        elif self.scan_mode == LKSM_SCAN_FULL:
+            self.nr_full_scan += 1
+        self.lksm_nr_merged = self.lksm_nr_broken = self.lksm_nr_scanned_slot = 0
+        self.scan_mode = LKSM_SCAN_NONE
+        if t.run & KSM_RUN_ONESHOT:
+            t.one_shot_scanning = LKSM_SCAN_NONE
+        self.scan_state = False
+        self._scan_started = False
+
+    # -- one slot ----------------------------------------------------------------
+
+    def _scan_slot(self, slot: MmSlot) -> Generator[int, None, None]:
+        """Scan one mm_slot from its first VMA to its last, yielding pages scanned per
+        chunk (the scanner's cursor lives in this generator's frame)."""
+        begin = self.clock()
+        task = slot.task
+        old = slot.rmap
+        pos = 0
+        parts: list[Rmap] = []
+        self._cur_parts = parts
+        zero_kept: list[np.ndarray] = []
+        filtering_allowed = self.filter_enabled and not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
+        try:
+            maps = self.source.mappings(task)
+            cached = -1
+            for i, vma in enumerate(maps):
+                if not vma.mergeable or not vma.has_anon:
+                    continue
+                rid = UNKNOWN_REGION
+                if self.filter_enabled:
+                    rid = self.regions.find(maps, i, cached, self.crawl_round)
+                    cached = rid
+                vpns = self.source.present_anon(task, vma.start_vpn, vma.end_vpn)
+                if slot.zero_vpns.size:
+                    vpns = self._zero_page_check(slot, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
+                if filtering_allowed and vpns.size and self.regions.use_filter(rid, self.scan_round):
+                    region = self.regions.get(rid)
+                    if region.filter_cnt > 0:
+                        offs = (vpns - np.uint64(vma.start_vpn)).astype(np.int64)
+                        vpns = vpns[region.filtered_offsets(offs)]
+                    else:
+                        vpns = vpns[:0]
+                k = 0
+                while k < vpns.shape[0]:
+                    n = max(1, min(CHUNK, self._budget))
+                    chunk = vpns[k : k + n]
+                    k += n
+                    pos = self._scan_chunk(slot, vma.start_vpn, rid, chunk, old, pos, parts)
+                    self._publish()
+                    yield int(chunk.shape[0])
+        except _SourceError as e:
+            self._cur_part = None
+            self._remove_items(Rmap.concat(parts))
+            self._remove_items(old.take(slice(pos, None)))
+            slot.rmap = Rmap()
+            self._slot_gone(slot, e)
+            return
+        # remove_trailing_rmap_items()
+        self._remove_items(old.take(slice(pos, None)))
+        slot.rmap = Rmap.concat(parts)
+        self._cur_parts = []
+        kept = np.concatenate(zero_kept) if zero_kept else slot.zero_vpns[:0]
+        self.ksm_zero_pages -= int(slot.zero_vpns.shape[0] - kept.shape[0])
+        slot.zero_vpns = kept
+        self._slot_done(slot, self.clock() - begin)
+
+    def _slot_gone(self, slot: MmSlot, err: Exception) -> None:
+        """The task exited (or shut us out) mid-scan: its items are gone, the slot goes
+        to the remove list."""
+        if slot.test(KSM_MM_FROZEN):
+            self.nr_frozen -= 1
+        else:
+            self.nr_scannable -= 1
+        if isinstance(err, AccessDenied):
+            self.tasks_denied += 1
+        else:
+            self.tasks_exited += 1
+        self.nr_added_process -= 1
+        self._remove_mm_slot(slot)
+        self.slot_nr_merged = self.slot_nr_broken = 0
+
+    def _slot_done(self, slot: MmSlot, elapsed: float) -> None:
+        """The end of a slot in scan_get_next_rmap_item(): newcomer and frozen states
+        end, the merge window moves, and the slot is (re)placed in the VIP order."""
+        slot.clear(KSM_MM_NEWCOMER)
+        if slot.test(KSM_MM_FROZEN):
+            slot.clear(KSM_MM_FROZEN)
+            self.nr_frozen -= 1
+        else:
+            self.nr_scannable -= 1
+        slot.set(KSM_MM_SCANNED)
+        self.vips.pop(slot.sid, None)
+        if slot.account_nr_merge(self.slot_nr_merged):
+            slot.vip_seq = self._vip_seq
+            self._vip_seq += 1
+            self.vips[slot.sid] = slot
+        else:
+            slot.vip_seq = -1
+        slot.elapsed = elapsed
+        self.slot_nr_merged = self.slot_nr_broken = 0
+
+    def _zero_page_check(
+        self, slot: MmSlot, start: int, end: int, vpns: np.ndarray, kept: list[np.ndarray]
+    ) -> np.ndarray:
+        """Pages merged with the zero page are the zero page while they stay zero (not
+        anonymous: follow_page() skips them); a write brings them back as anon pages."""
+        z = slot.zero_vpns
+        z = z[(z >= np.uint64(start)) & (z < np.uint64(end))]
+        z = z[np.isin(z, vpns)]
+        if not z.size:
+            return vpns
+        data = self.source.read_pages(slot.task, z)
+        lo, hi = digest_pages(data, int(z.shape[0]))
+        still = (lo == np.uint64(_ZERO_LO)) & (hi == np.uint64(_ZERO_HI))
+        kept.append(z[still])
+        return vpns[~np.isin(vpns, z[still])]
+
+    # -- one chunk: cmp_and_merge_page() over up to CHUNK pages --------------------
+
+    def _scan_chunk(
+        self, slot: MmSlot, vma_start: int, rid: int, vpns: np.ndarray, old: Rmap, pos: int,
+        parts: list[Rmap],
+    ) -> int:
+        n = int(vpns.shape[0])
+        data: memoryview | bytes = self.source.read_pages(slot.task, vpns)
+        lo, hi = digest_pages(data, n)
+
+        # get_next_rmap_item(): reuse items at these addresses, free the ones passed by
+        end = int(np.searchsorted(old.vpn, vpns[-1], side="right"))
+        seg = old.vpn[pos:end]
+        j = np.searchsorted(seg, vpns)
+        jc = np.minimum(j, max(seg.shape[0] - 1, 0))
+        matched = (j < seg.shape[0]) & (seg[jc] == vpns) if seg.shape[0] else np.zeros(n, dtype=bool)
+        keep = np.zeros(seg.shape[0], dtype=bool)
+        keep[j[matched]] = True
+        if not keep.all():
+            self._remove_items(old.take(pos + np.flatnonzero(~keep)))
+
+        part = Rmap(n)
+        part.vpn = vpns.copy()
+        part.region[:] = rid
+        part.off[:] = (vpns - np.uint64(vma_start)).astype(np.uint32)
+        if matched.any():
+            src = pos + j[matched]
+            part.flags[matched] = old.flags[src]
+            part.seq[matched] = old.seq[src]
+            part.cksum[matched] = old.cksum[src]
+            part.node[matched] = old.node[src]
+            part.region[matched] = old.region[src]
+            part.off[matched] = old.off[src]
+        self.rmap_items += n - int(np.count_nonzero(matched))
+        flags = part.flags
+        if slot.test(KSM_MM_FROZEN):
+            # an old item keeps the frozen bit only if it sat in the unstable tree
+            frozen = ~matched | ((flags & UNSTABLE) != 0)
+            flags[frozen] |= FROZEN
+            flags[~frozen] &= _NOT_FROZEN
+        else:
+            flags &= _NOT_FROZEN
+        self._cur_part = part
+        self.pages_scanned += n
+        slot.nr_scans += n
+
+        # cmp_and_merge_page(): an unchanged KSM page is left alone
+        is_stable = (flags & STABLE) != 0
+        node = np.where(is_stable, part.node, 0)
+        stable_ok = is_stable & (self.stable.lo[node] == lo) & (self.stable.hi[node] == hi)
+        idx = np.flatnonzero(~stable_ok)
+        if idx.size:
+            self._cmp_and_merge_pages(slot, part, idx, lo, hi, data, vma_start, rid)
+        self._cur_part = None
+        parts.append(part)
+        return end
+
+    def _cmp_and_merge_pages(
+        self, slot: MmSlot, part: Rmap, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+        data: memoryview | bytes, vma_start: int, rid: int,
+    ) -> None:
+        """cmp_and_merge_page() for pages that are not unchanged KSM pages.
+
+        Pages whose content matches nothing (no stable node, no unstable entry, no other
+        page of this chunk) cannot interact with any other page here, so they take the
+        vectorised path: out of their old tree, through the checksum gate, into the
+        unstable tree.  The rest go one by one, in address order.
+        """
+        flags = part.flags
+        klo = normkey(lo[idx])
+        s_hit = self.stable.index.get_many(klo) != -1
+        u_hit = self.unstable.get_many(klo) != -1
+        _, inv, counts = np.unique(klo, return_inverse=True, return_counts=True)
+        dup = counts[inv] > 1
+        cur_seq = self.scan_round & SEQNR_MASK
+        fl = flags[idx]
+        slow = (
+            s_hit | u_hit | dup
+            | ((fl & STABLE) != 0)
+            | (((fl & UNSTABLE) != 0) & (part.seq[idx] == cur_seq))
+        )
+        use_zero = bool(self.tunables.use_zero_pages)
+        if use_zero:
+            slow |= (lo[idx] == np.uint64(_ZERO_LO)) & (hi[idx] == np.uint64(_ZERO_HI))
+
+        f = idx[~slow]
+        if f.size:
+            # remove_rmap_item_from_tree() for items left in last round's unstable tree
+            was = (flags[f] & UNSTABLE) != 0
+            self.pages_unshared -= int(np.count_nonzero(was))
+            flags[f] &= _NOT_UNSTABLE
+            new_ck = (hi[f] & _CKSUM_MASK).astype(np.uint32)
+            if self.scan_round < INITIAL_ROUND:
+                gated = (flags[f] & FROZEN) == 0
+                ok = ~gated | (part.cksum[f] == new_ck)
+                fail = ~ok
+                part.cksum[f[fail]] = new_ck[fail]
+                ins = f[ok]
+            else:
+                ins = f
+            if ins.size:
+                flags[ins] |= UNSTABLE
+                part.seq[ins] = cur_seq
+                part.region[ins] = rid
+                part.off[ins] = (part.vpn[ins] - np.uint64(vma_start)).astype(np.uint32)
+                refs = (np.int64(slot.sid) << _VPN_BITS) | part.vpn[ins].astype(np.int64)
+                self.unstable.put_many(normkey(lo[ins]), refs)
+                self.pages_unshared += int(ins.shape[0])
+
+        s = idx[slow]
+        if s.size:
+            # later reads reuse the source's buffer: keep our own copy of these pages
+            data = bytes(data)
+            for i in s.tolist():
+                self._cmp_and_merge_page(slot, part, i, int(lo[i]), int(hi[i]), data, vma_start, rid)
+
+    def _cmp_and_merge_page(
+        self, slot: MmSlot, part: Rmap, i: int, lo: int, hi: int, data: bytes, vma_start: int,
+        rid: int,
+    ) -> None:
+        """cmp_and_merge_page() for one page (mm/lksm.c)."""
+        t = self.tunables
+        vpn = int(part.vpn[i])
+        off = vpn - vma_start
+        flags = int(part.flags[i])
+        # stable_tree_search()
+        kn = self.stable.search(lo, hi, t.max_page_sharing)
+        # remove_rmap_item_from_tree()
+        if flags & STABLE:
+            if self.stable.remove(int(part.node[i])):
+                self.lksm_nr_broken += 1
+                self.slot_nr_broken += 1
+            flags &= ~int(STABLE)
+            part.node[i] = -1
+            if kn >= 0 and self.stable.nlen[kn] == 0:
+                kn = self.stable.search(lo, hi, t.max_page_sharing)
+        elif flags & UNSTABLE:
+            self.pages_unshared -= 1
+            flags &= ~int(UNSTABLE)
+        if kn >= 0:
+            # try_to_merge_with_ksm_page(): the KSM page's content is its digest
+            part.flags[i] = flags | int(STABLE)
+            part.node[i] = kn
+            if self.stable.append(kn):
+                self._merged()
+            if self.filter_enabled:
+                self.regions.account_merge(rid, off)
+            return
+        part.flags[i] = flags
+        # the checksum gate: only during the initial rounds, never for frozen tasks
+        if self.scan_round < INITIAL_ROUND and not flags & int(FROZEN):
+            ck = hi & 0xFFFFFFFE
+            if int(part.cksum[i]) != ck:
+                part.cksum[i] = ck
+                return
+        page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        if t.use_zero_pages and lo == _ZERO_LO and hi == _ZERO_HI and not any(page):
+            # merged with the zero page: no longer anonymous until written again
+            slot.zero_vpns = np.union1d(slot.zero_vpns, np.array([vpn], dtype=np.uint64))
+            self.ksm_zero_pages += 1
+            return
+        # unstable_tree_search_insert()
+        key = lo if lo >= 2 else lo + 2
+        ref = self.unstable.get(key)
+        tree = self._tree_item(ref, slot, vpn) if ref >= 0 else None
+        if tree is not None:
+            tslot, tpart, ti = tree
+            tpage = self._read_page(tslot, int(tpart.vpn[ti]))
+            if tpage is not None and tpage == page:
+                # try_to_merge_two_pages() + stable_tree_insert()
+                nid = self.stable.insert(lo, hi)
+                self.unstable.delete(key, ref)
+                self.pages_unshared -= 1
+                tpart.flags[ti] = (int(tpart.flags[ti]) & ~int(UNSTABLE)) | int(STABLE)
+                tpart.node[ti] = nid
+                self.stable.append(nid)
+                part.flags[i] = flags | int(STABLE)
+                part.node[i] = nid
+                if self.stable.append(nid):
+                    self._merged()
+                if self.filter_enabled:
+                    self.regions.account_merge(int(tpart.region[ti]), int(tpart.off[ti]))
+                    self.regions.account_merge(rid, off)
+                return
+        # insert into the unstable tree (over any stale entry with this content)
+        self.unstable.put(key, (slot.sid << _VPN_BITS) | vpn)
+        part.flags[i] = flags | int(UNSTABLE)
+        part.seq[i] = self.scan_round & SEQNR_MASK
+        part.region[i] = rid
+        part.off[i] = off
+        self.pages_unshared += 1
+
+    def _merged(self) -> None:
+        """stable_tree_append() found the page sharing: count it for the slot window."""
+        self.lksm_nr_merged += 1
+        self.slot_nr_merged += 1
+
+    def _tree_item(self, ref: int, slot: MmSlot, vpn: int) -> tuple[MmSlot, Rmap, int] | None:
+        """Resolve an unstable tree entry to a live item of this round, or None for a
+        stale one (its slot left, or the item moved on since it was inserted)."""
+        tsid = ref >> _VPN_BITS
+        tvpn = ref & _VPN_MASK
+        if tsid == slot.sid and tvpn == vpn:
+            return None
+        tslot = self._by_sid.get(tsid)
+        if tslot is None:
+            return None
+        blocks: list[Rmap]
+        if tslot is slot:
+            blocks = ([self._cur_part] if self._cur_part is not None else []) + self._cur_parts
+        else:
+            blocks = [tslot.rmap]
+        for b in blocks:
+            ti = b.find(tvpn)
+            if ti >= 0:
+                f = int(b.flags[ti])
+                if f & UNSTABLE and int(b.seq[ti]) == self.scan_round & SEQNR_MASK:
+                    return tslot, b, ti
+                return None
+        return None
+
+    def _read_page(self, slot: MmSlot, vpn: int) -> bytes | None:
+        """get_mergeable_page() + the bytes for memcmp_pages()."""
+        try:
+            return bytes(self.source.read_pages(slot.task, np.array([vpn], dtype=np.uint64)))
+        except _SourceError:
+            return None
+
+    def _remove_items(self, rm: Rmap) -> None:
+        """remove_rmap_item_from_tree() + free for a block of items."""
+        n = len(rm)
+        if not n:
+            return
+        st = (rm.flags & STABLE) != 0
+        if st.any():
+            for nid in rm.node[st].tolist():
+                if self.stable.remove(nid):
+                    self.lksm_nr_broken += 1
+                    self.slot_nr_broken += 1
+        self.pages_unshared -= int(np.count_nonzero(rm.flags & UNSTABLE))
+        self.rmap_items -= n
+
+    # ============================================================== run = 2 ==
+
+    def _unmerge_and_remove_all_rmap_items(self) -> None:
+        """Every merge undone and every rmap item freed; slots stay registered."""
+        self._gen = None
+        self.cur = None
+        self._cur_part = None
+        self._cur_parts = []
+        for slot in list(self.slots.values()):
+            slot.rmap = Rmap()
+            slot.zero_vpns = slot.zero_vpns[:0]
+        self._flush_removed_mm_list()
+        self.stable.clear()
+        self.unstable.clear()
+        self.pages_unshared = 0
+        self.rmap_items = 0
+        self.ksm_zero_pages = 0
+        self.scan_round = 0
+        self.scan_list.clear()
+        self.frozen_tasks.clear()
+        self.scan_mode = LKSM_SCAN_NONE
+        self.scan_state = False
+        self.tunables.one_shot_scanning = LKSM_SCAN_NONE
+        self._partial_at = None
+        self._publish()
+
+    # ======================================================= synchronous use ==
+
+    def full_scan(self) -> dict[str, float | int]:
+        """Prepare and run one full scan to its end (tests, `lksmfs scan`)."""
+        return self._run_sync(self.prepare_full_scan())
+
+    def partial_scan(self) -> dict[str, float | int]:
+        """Prepare and run one partial scan to its end."""
+        return self._run_sync(self.prepare_partial_scan())
+
+    def _run_sync(self, nr_target: int) -> dict[str, float | int]:
+        self._sync = True
+        try:
+            if nr_target > 0:
+                self._wake_scanner()
+                while self.scan_state:
+                    self.scan_batch(1 << 30)
+            else:
+                if self.tunables.run & KSM_RUN_ONESHOT:
+                    self.tunables.one_shot_scanning = LKSM_SCAN_NONE
+                self.last_scan = {"mode": self.scan_mode, "slots_scanned": 0, "pages_scanned": 0,
+                                  "merged": 0, "broken": 0, "wall_s": 0.0}
+                self.scan_mode = LKSM_SCAN_NONE
+        finally:
+            self._sync = False
+        self._publish()
+        return dict(self.last_scan)
+
+
+def slot_removed(task: TaskId, remove_list: list[MmSlot]) -> bool:
+    return any(s.task == task for s in remove_list)

@@ -1,0 +1,59 @@
+"""Tunables and constants of the LKSM engine, with the kernel's names and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+# run flags (mm/lksm.c KSM_RUN_*)
+KSM_RUN_STOP = 0
+KSM_RUN_MERGE = 1
+KSM_RUN_UNMERGE = 2
+KSM_RUN_OFFLINE = 4
+KSM_RUN_ONESHOT = 8
+
+# enum lksm_scan_mode
+LKSM_SCAN_NONE = 0
+LKSM_SCAN_PARTIAL = 1
+LKSM_SCAN_FULL = 2
+
+# mm_slot states (KSM_MM_*)
+KSM_MM_FROZEN = 0x01
+KSM_MM_LISTED = 0x02
+KSM_MM_NEWCOMER = 0x04
+KSM_MM_SCANNED = 0x08
+KSM_MM_PREPARED = 0x10
+
+MERGE_WIN = 3  # merge window of an mm_slot
+LKSM_MAX_VIPS = 20  # lksm_max_vips
+INITIAL_ROUND = 3  # initial_round: full scans before the checksum gate is dropped
+KSM_SHORT_TASK_TIME_MS = 100  # short_lived_thresh
+DEFAULT_FULL_SCAN_INTERVAL = 60000  # set by the crawler once the initial rounds are done
+INITIAL_FULL_SCAN_INTERVAL = 100
+CRAWLER_SLEEP_S = 1.0  # crawler_sleep = msecs_to_jiffies(1000)
+LKSM_CRAWL_FROZEN_EVENT_WAIT_S = 0.1  # batch frozen events for 100 ms
+
+# rmap_item size the kernel pays per tracked page (used by general_profit)
+RMAP_ITEM_SIZE = 64
+
+UINT_MAX = 2**32 - 1
+ULONG_MAX = 2**64 - 1
+
+
+@dataclass
+class Tunables:
+    """The writable attributes' current values (defaults as an LKSM kernel boots)."""
+
+    run: int = KSM_RUN_STOP
+    pages_to_scan: int = 100
+    sleep_millisecs: int = 20
+    scan_boost: int = 100  # lksm_boosted_pages_to_scan
+    full_scan_interval: int = INITIAL_FULL_SCAN_INTERVAL
+    one_shot_scanning: int = LKSM_SCAN_NONE
+    max_page_sharing: int = 256
+    stable_node_chains_prune_millisecs: int = 2000
+    use_zero_pages: int = 0
+    merge_across_nodes: int = 1
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,102 @@
+"""struct mm_slot with the LKSM extensions, and the ordered scan list."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+
+from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_LISTED, KSM_MM_NEWCOMER, KSM_MM_SCANNED, MERGE_WIN
+from lksmfs.engine.rmap import Rmap
+from lksmfs.sources.base import TaskId
+
+
+class MmSlot:
+    """One registered process: its state bits, merge window, and rmap list."""
+
+    __slots__ = (
+        "sid", "task", "comm", "state", "merge_win", "merge_idx", "nr_merged",
+        "scanning_size", "fault_cnt", "elapsed", "nr_scans", "rmap", "zero_vpns",
+        "regions", "vip_seq", "removed",
+    )
+
+    def __init__(self, sid: int, task: TaskId, comm: str, frozen: bool) -> None:
+        self.sid = sid
+        self.task = task
+        self.comm = comm
+        # __ksm_enter_alloc_slot(): a frozen newcomer or a listed newcomer
+        self.state = (KSM_MM_FROZEN if frozen else KSM_MM_LISTED) | KSM_MM_NEWCOMER
+        self.merge_win = [0] * MERGE_WIN
+        self.merge_idx = 0
+        self.nr_merged = 0
+        self.scanning_size = 0
+        self.fault_cnt = 0
+        self.elapsed = 0.0
+        self.nr_scans = 0
+        self.rmap = Rmap()
+        self.zero_vpns = np.zeros(0, dtype=np.uint64)  # pages merged with the zero page
+        self.regions: set[int] = set()  # lksm_region_ref list
+        self.vip_seq = -1  # position in vips_list, -1 when not in it
+        self.removed = False
+
+    def test(self, bit: int) -> bool:
+        return bool(self.state & bit)
+
+    def set(self, bit: int) -> None:
+        self.state |= bit
+
+    def clear(self, bit: int) -> None:
+        self.state &= ~bit
+
+    def account_nr_merge(self, nr_merged: int) -> int:
+        """lksm_account_mm_slot_nr_merge(): the merges of the last MERGE_WIN scans."""
+        self.merge_win[self.merge_idx] = nr_merged
+        self.merge_idx = (self.merge_idx + 1) % MERGE_WIN
+        self.nr_merged = sum(self.merge_win)
+        return self.nr_merged
+
+    def state_names(self) -> str:
+        names = [
+            n for bit, n in (
+                (KSM_MM_FROZEN, "frozen"), (KSM_MM_LISTED, "listed"),
+                (KSM_MM_NEWCOMER, "newcomer"), (KSM_MM_SCANNED, "scanned"),
+            ) if self.state & bit
+        ]
+        return ",".join(names) or "-"
+
+
+class ScanList:
+    """ksm_scan_head.scan_list: slots waiting to be scanned, in order."""
+
+    def __init__(self) -> None:
+        self._d: OrderedDict[int, MmSlot] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, slot: MmSlot) -> bool:
+        return slot.sid in self._d
+
+    def __iter__(self) -> Iterator[MmSlot]:
+        return iter(list(self._d.values()))
+
+    def add_tail(self, slot: MmSlot) -> None:
+        if slot.sid not in self._d:
+            self._d[slot.sid] = slot
+
+    def add_head(self, slot: MmSlot) -> None:
+        self._d[slot.sid] = slot
+        self._d.move_to_end(slot.sid, last=False)
+
+    def remove(self, slot: MmSlot) -> None:
+        self._d.pop(slot.sid, None)
+
+    def pop_first(self) -> MmSlot | None:
+        if not self._d:
+            return None
+        _, slot = self._d.popitem(last=False)
+        return slot
+
+    def clear(self) -> None:
+        self._d.clear()

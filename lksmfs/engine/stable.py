@@ -1,0 +1,208 @@
+"""The stable tree: KSM pages, their mapping counts, and max_page_sharing chains.
+
+Mirrors the stable_node side of mm/ksm.c.  A stable node stands for one KSM page: in
+shadow mode the page is its 128-bit content digest (lo/hi), fixed when the node was
+created from two pages compared byte for byte.  `rmap_hlist_len` counts the mappings.
+When every node with some content is full (rmap_hlist_len == max_page_sharing), a new
+node for the same content is chained: the kernel's stable_node chain with its dups.
+Counters follow the kernel: ksm_pages_shared counts nodes with at least one mapping,
+ksm_pages_sharing the mappings beyond the first, ksm_stable_node_chains/_dups the chains
+and the nodes inside them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lksmfs.engine.hashindex import HashIndex
+
+
+class _Grow:
+    """A growable column of one dtype."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, dtype: type, fill: int = 0) -> None:
+        self.a = np.full(1024, fill, dtype=dtype)
+
+    def ensure(self, n: int, fill: int = 0) -> None:
+        if n > self.a.shape[0]:
+            cap = self.a.shape[0]
+            while cap < n:
+                cap *= 2
+            b = np.full(cap, fill, dtype=self.a.dtype)
+            b[: self.a.shape[0]] = self.a
+            self.a = b
+
+
+def _chain_ref(cid: int) -> int:
+    return -(cid + 2)
+
+
+class StableTree:
+    """Stable nodes in columns; the index maps a digest's low half to a node or a chain."""
+
+    def __init__(self) -> None:
+        self.index = HashIndex()
+        self._lo = _Grow(np.uint64)
+        self._hi = _Grow(np.uint64)
+        self._len = _Grow(np.int32)
+        self._chain = _Grow(np.int32, -1)
+        self._next_id = 0
+        self._free: list[int] = []
+        self.chains: dict[int, list[int]] = {}
+        self._next_chain = 0
+        self.nr_nodes = 0  # live stable nodes (each has >= 1 mapping)
+        self.pages_shared = 0
+        self.pages_sharing = 0
+        self.stable_node_chains = 0
+        self.stable_node_dups = 0
+
+    # -- columns ------------------------------------------------------------------
+
+    @property
+    def lo(self) -> np.ndarray:
+        return self._lo.a
+
+    @property
+    def hi(self) -> np.ndarray:
+        return self._hi.a
+
+    @property
+    def nlen(self) -> np.ndarray:
+        return self._len.a
+
+    @property
+    def nbytes(self) -> int:
+        n = self._next_id
+        return self.index.nbytes + n * (8 + 8 + 4 + 4)
+
+    # -- search / insert ----------------------------------------------------------
+
+    def search(self, lo: int, hi: int, max_page_sharing: int) -> int:
+        """stable_tree_search(): a node with this content that can take one more mapping,
+        preferring the fullest dup of a chain (stable_node_dup()); -1 if none."""
+        ref = self.index.get(lo)
+        if ref == -1:
+            return -1
+        if ref >= 0:
+            if int(self._hi.a[ref]) != hi or int(self._len.a[ref]) >= max_page_sharing:
+                return -1
+            return ref
+        best = -1
+        best_len = -1
+        nlen = self._len.a
+        for nid in self.chains[-ref - 2]:
+            n = int(nlen[nid])
+            if n < max_page_sharing and n > best_len and int(self._hi.a[nid]) == hi:
+                best, best_len = nid, n
+        return best
+
+    def contains(self, lo: int, hi: int) -> bool:
+        ref = self.index.get(lo)
+        if ref == -1:
+            return False
+        if ref >= 0:
+            return int(self._hi.a[ref]) == hi
+        return any(int(self._hi.a[n]) == hi for n in self.chains[-ref - 2])
+
+    def insert(self, lo: int, hi: int) -> int:
+        """stable_tree_insert(): a new node with no mapping yet; chains it when a node with
+        the same content exists already (they are all full, or search would have found one)."""
+        nid = self._alloc()
+        self._lo.a[nid] = lo
+        self._hi.a[nid] = hi
+        self._len.a[nid] = 0
+        self._chain.a[nid] = -1
+        self.nr_nodes += 1
+        ref = self.index.get(lo)
+        if ref == -1:
+            self.index.put(lo, nid)
+        elif ref >= 0:
+            # alloc_stable_node_chain(): the existing node becomes the first dup
+            cid = self._next_chain
+            self._next_chain += 1
+            self.chains[cid] = [ref, nid]
+            self._chain.a[ref] = cid
+            self._chain.a[nid] = cid
+            self.index.put(lo, _chain_ref(cid))
+            self.stable_node_chains += 1
+            self.stable_node_dups += 2
+        else:
+            cid = -ref - 2
+            self.chains[cid].append(nid)
+            self._chain.a[nid] = cid
+            self.stable_node_dups += 1
+        return nid
+
+    def _alloc(self) -> int:
+        if self._free:
+            return self._free.pop()
+        nid = self._next_id
+        self._next_id += 1
+        for col in (self._lo, self._hi, self._len):
+            col.ensure(nid + 1)
+        self._chain.ensure(nid + 1, -1)
+        return nid
+
+    # -- mappings -----------------------------------------------------------------
+
+    def append(self, nid: int) -> bool:
+        """stable_tree_append(): one more mapping; True when it is a *sharing* one."""
+        n = int(self._len.a[nid])
+        self._len.a[nid] = n + 1
+        if n:
+            self.pages_sharing += 1
+            return True
+        self.pages_shared += 1
+        return False
+
+    def remove(self, nid: int) -> bool:
+        """remove_rmap_item_from_tree() on a stable item: one mapping less.  The KSM page
+        (and its node) goes when nothing maps it.  True when a *sharing* mapping went."""
+        n = int(self._len.a[nid]) - 1
+        self._len.a[nid] = n
+        if n:
+            self.pages_sharing -= 1
+            return True
+        self.pages_shared -= 1
+        self._free_node(nid)
+        return False
+
+    def remove_many(self, nids: np.ndarray) -> int:
+        """Vectorised remove() for a batch of mappings; returns the sharing ones removed."""
+        broken = 0
+        for nid in nids.tolist():
+            broken += self.remove(nid)
+        return broken
+
+    def _free_node(self, nid: int) -> None:
+        lo = int(self._lo.a[nid])
+        cid = int(self._chain.a[nid])
+        if cid < 0:
+            self.index.delete(lo, nid)
+        else:
+            dups = self.chains[cid]
+            dups.remove(nid)
+            self.stable_node_dups -= 1
+            if not dups:
+                del self.chains[cid]
+                self.index.delete(lo, _chain_ref(cid))
+                self.stable_node_chains -= 1
+        self._chain.a[nid] = -1
+        self._len.a[nid] = 0
+        self.nr_nodes -= 1
+        self._free.append(nid)
+
+    def prune_chains(self) -> None:
+        """stable_node_dup() with prune: a chain left with a single dup collapses back into
+        a plain stable node (every stable_node_chains_prune_millisecs)."""
+        for cid in [c for c, d in self.chains.items() if len(d) == 1]:
+            (nid,) = self.chains.pop(cid)
+            self._chain.a[nid] = -1
+            self.index.put(int(self._lo.a[nid]), nid)
+            self.stable_node_chains -= 1
+            self.stable_node_dups -= 1
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]

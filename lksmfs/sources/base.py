@@ -1,0 +1,131 @@
+"""The one small interface between the engine and wherever memory comes from.
+
+The engine (lksmfs.engine) only ever talks to a `MemorySource`: the procfs source
+reads real processes through /proc, the simulated source generates pages from a
+workload file.  Everything here is expressed in kernel terms (task, VMA, anonymous
+page) so that the engine can stay a faithful port of mm/lksm.c.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+
+class ProcessGone(Exception):
+    """The task exited (ENOENT/ESRCH/EIO while reading): the engine takes ksm_exit's path."""
+
+
+class AccessDenied(Exception):
+    """The task exists but may not be read (EACCES/EPERM): the engine skips and counts it."""
+
+
+@dataclass(frozen=True, order=True)
+class TaskId:
+    """Task identity: pid *and* start time (/proc/PID/stat field 22), since pids are reused."""
+
+    pid: int
+    start_time: int
+
+    def __str__(self) -> str:
+        return f"{self.pid}@{self.start_time}"
+
+
+@dataclass(frozen=True)
+class TaskStat:
+    """What the crawler needs about a task besides its memory (struct task_struct fields)."""
+
+    comm: str
+    runtime_ns: int  # se.sum_exec_runtime: /proc/PID/schedstat field 1
+    faults: int  # maj_flt + min_flt: /proc/PID/stat fields 10 and 12
+    anon_pages: int  # get_mm_counter(mm, MM_ANONPAGES): RssAnon / 4 KiB
+    kthread: bool = False  # PF_KTHREAD: no mm, never scanned
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One VMA, as a line of /proc/PID/maps plus the smaps VmFlags ksm_join cares about.
+
+    `start`/`end` are byte addresses.  `file` is the file identity (dev, inode) or None
+    for an anonymous mapping.  `mergeable` is False for what ksm_join skips (VM_SHARED,
+    VM_PFNMAP, VM_IO, VM_DONTEXPAND, VM_HUGETLB, VM_MIXEDMAP).  `has_anon` mirrors
+    `vma->anon_vma != NULL`: the VMA has had an anonymous page.
+    """
+
+    start: int
+    end: int
+    perms: str = "rw-p"
+    file: tuple[int, int] | None = None
+    path: str = ""
+    mergeable: bool = True
+    has_anon: bool = True
+
+    @property
+    def is_heap(self) -> bool:
+        return self.path == "[heap]"
+
+    @property
+    def is_stack(self) -> bool:
+        return self.path == "[stack]"
+
+    @property
+    def is_exec(self) -> bool:
+        return "x" in self.perms
+
+    @property
+    def npages(self) -> int:
+        return (self.end - self.start) >> PAGE_SHIFT
+
+    @property
+    def start_vpn(self) -> int:
+        return self.start >> PAGE_SHIFT
+
+    @property
+    def end_vpn(self) -> int:
+        return self.end >> PAGE_SHIFT
+
+
+@runtime_checkable
+class MemorySource(Protocol):
+    """Where the engine gets tasks and pages from.
+
+    Every per-task call may raise ProcessGone or AccessDenied.  Calls for one task are
+    made by one thread at a time; different tasks may be read from different threads.
+    """
+
+    def tasks(self) -> list[TaskId]:
+        """Every user task in scope (for_each_process, less kernel threads and ourselves)."""
+        ...
+
+    def stat(self, task: TaskId) -> TaskStat:
+        """Comm, CPU runtime, fault count and anonymous page count of `task`."""
+        ...
+
+    def mappings(self, task: TaskId) -> list[Mapping]:
+        """The task's VMAs in address order (the vm_next / vm_prev chain)."""
+        ...
+
+    def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
+        """Sorted uint64 virtual page numbers in [start_vpn, end_vpn) that are present and
+        anonymous (follow_page + PageAnon): not the shared zero page, not a file page."""
+        ...
+
+    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+        """Contents of the given pages, concatenated in order (len(vpns) * PAGE_SIZE bytes).
+
+        The returned view may be a reused buffer, valid until the next call for any task.
+        """
+        ...
+
+    def release(self, task: TaskId) -> None:
+        """Forget per-task resources (open fds): the engine dropped the slot."""
+        ...
+
+    def close(self) -> None:
+        """Release everything."""
+        ...
