@@ -295,6 +295,7 @@ class Ksm:
             self._wake_scanner()
         else:  # "No one can be scanned!"
             t.one_shot_scanning = LKSM_SCAN_NONE
+            self._nothing_to_scan()
         self._publish()
         return None
 
@@ -316,8 +317,15 @@ class Ksm:
             return min(self._next_fscan, now + CRAWLER_SLEEP_S)
         if nr_added > 0:
             self._wake_scanner()
+        else:
+            self._nothing_to_scan()
         self._publish()
         return now + CRAWLER_SLEEP_S if self.scan_state else min(self._next_fscan, now + CRAWLER_SLEEP_S)
+
+    def _nothing_to_scan(self) -> None:
+        """The scanner, finding nothing to run, frees what exited before it sleeps."""
+        self._flush_removed_mm_list()
+        self.scan_mode = LKSM_SCAN_NONE
 
     def _wake_scanner(self) -> None:
         """lksm_wake_up_scan_thread()."""
@@ -452,6 +460,7 @@ class Ksm:
         self.scan_mode = LKSM_SCAN_FULL
         self.crawl_round += 1
         self.nr_scannable += nr_scannable + nr_added
+        self._publish()
         return nr_scannable + nr_added + nr_frozen
 
     def prepare_partial_scan(self) -> int:
@@ -491,6 +500,7 @@ class Ksm:
         self.scan_mode = LKSM_SCAN_PARTIAL
         self.crawl_round += 1
         self.nr_scannable += nr_scannable + nr_added
+        self._publish()
         return nr_frozen + nr_added + nr_scannable
 
     # ================================================================== hints ==
@@ -607,7 +617,7 @@ class Ksm:
             return
         if not self._scan_started:
             self._scan_started = True
-            self._scan_begin = self.clock()
+            self._scan_begin = time.perf_counter()
             self._scan_pages_at_begin = self.pages_scanned
             if self.scan_mode == LKSM_SCAN_PARTIAL:
                 t.pages_to_scan = t.scan_boost
@@ -655,7 +665,7 @@ class Ksm:
         """lksm_flush_removed_mm_list() + lksm_scan_wrapup_wait()."""
         t = self.tunables
         self._flush_removed_mm_list()
-        elapsed = self.clock() - self._scan_begin
+        elapsed = time.perf_counter() - self._scan_begin
         self.last_scan = {
             "mode": self.scan_mode,
             "slots_scanned": self.lksm_nr_scanned_slot,
@@ -687,6 +697,7 @@ class Ksm:
         parts: list[Rmap] = []
         self._cur_parts = parts
         zero_kept: list[np.ndarray] = []
+        prev_zero, slot.zero_vpns = slot.zero_vpns, slot.zero_vpns[:0]
         filtering_allowed = self.filter_enabled and not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
         try:
             maps = self.source.mappings(task)
@@ -699,8 +710,8 @@ class Ksm:
                     rid = self.regions.find(maps, i, cached, self.crawl_round)
                     cached = rid
                 vpns = self.source.present_anon(task, vma.start_vpn, vma.end_vpn)
-                if slot.zero_vpns.size:
-                    vpns = self._zero_page_check(slot, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
+                if prev_zero.size:
+                    vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
                 if filtering_allowed and vpns.size and self.regions.use_filter(rid, self.scan_round):
                     region = self.regions.get(rid)
                     if region.filter_cnt > 0:
@@ -721,15 +732,16 @@ class Ksm:
             self._remove_items(Rmap.concat(parts))
             self._remove_items(old.take(slice(pos, None)))
             slot.rmap = Rmap()
+            self.ksm_zero_pages -= int(prev_zero.shape[0])
             self._slot_gone(slot, e)
             return
         # remove_trailing_rmap_items()
         self._remove_items(old.take(slice(pos, None)))
         slot.rmap = Rmap.concat(parts)
         self._cur_parts = []
-        kept = np.concatenate(zero_kept) if zero_kept else slot.zero_vpns[:0]
-        self.ksm_zero_pages -= int(slot.zero_vpns.shape[0] - kept.shape[0])
-        slot.zero_vpns = kept
+        kept = np.concatenate(zero_kept) if zero_kept else prev_zero[:0]
+        self.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
+        slot.zero_vpns = np.union1d(kept, slot.zero_vpns)
         self._slot_done(slot, self.clock() - begin)
 
     def _slot_gone(self, slot: MmSlot, err: Exception) -> None:
@@ -768,11 +780,11 @@ class Ksm:
         self.slot_nr_merged = self.slot_nr_broken = 0
 
     def _zero_page_check(
-        self, slot: MmSlot, start: int, end: int, vpns: np.ndarray, kept: list[np.ndarray]
+        self, slot: MmSlot, zero: np.ndarray, start: int, end: int, vpns: np.ndarray, kept: list[np.ndarray]
     ) -> np.ndarray:
         """Pages merged with the zero page are the zero page while they stay zero (not
         anonymous: follow_page() skips them); a write brings them back as anon pages."""
-        z = slot.zero_vpns
+        z = zero
         z = z[(z >= np.uint64(start)) & (z < np.uint64(end))]
         z = z[np.isin(z, vpns)]
         if not z.size:
@@ -1073,7 +1085,7 @@ class Ksm:
                     self.tunables.one_shot_scanning = LKSM_SCAN_NONE
                 self.last_scan = {"mode": self.scan_mode, "slots_scanned": 0, "pages_scanned": 0,
                                   "merged": 0, "broken": 0, "wall_s": 0.0}
-                self.scan_mode = LKSM_SCAN_NONE
+                self._nothing_to_scan()
         finally:
             self._sync = False
         self._publish()

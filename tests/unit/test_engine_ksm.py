@@ -1,0 +1,238 @@
+"""Engine rules and phase scenarios, with counters worked out by hand from mm/ksm.c and
+mm/lksm.c (comments give the derivation)."""
+
+from __future__ import annotations
+
+import pytest
+from memfake import FakeSource, fill, unique
+
+from lksmfs.engine.ksm import Ksm
+from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_LISTED, KSM_MM_NEWCOMER, KSM_MM_SCANNED
+from lksmfs.engine.rmap import BYTES_PER_ITEM
+
+KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+
+
+def counts(ksm: Ksm) -> tuple[int, int, int, int]:
+    c = ksm.counters()
+    return tuple(c[k] for k in KEYS)  # type: ignore[return-value]
+
+
+def test_rmap_item_columns_fit_the_kernels_64_bytes() -> None:
+    assert BYTES_PER_ITEM <= 64
+
+
+def test_ltp_phases_with_unlimited_sharing() -> None:
+    """LTP ksm01's shape: three processes of 64 pages, 'c' / 'a' / 'a'."""
+    src = FakeSource()
+    n = 64
+    p1 = src.anon("p1", [fill("c")] * n)
+    p2 = src.anon("p2", [fill("a")] * n)
+    p3 = src.anon("p3", [fill("a")] * n)
+    ksm = Ksm(src)
+    ksm.tunables.max_page_sharing = 100000
+
+    # round 1: every page gets its first checksum -> volatile, in no tree
+    ksm.full_scan()
+    assert counts(ksm) == (0, 0, 0, 3 * n)
+    # round 2: checksums unchanged -> one KSM page per content: c (64 maps), a (128 maps)
+    ksm.full_scan()
+    assert counts(ksm) == (2, (n - 1) + (2 * n - 1), 0, 0)
+    # round 3: nothing changed, nothing moves
+    ksm.full_scan()
+    assert counts(ksm) == (2, 190, 0, 0)
+    assert ksm.counters()["full_scans"] == 3
+
+    # phase 2: p2 rewritten with 'b': its 64 mappings leave 'a' (broken), form 'b'
+    for off in range(n):
+        src.set_page(p2, 0, off, fill("b"))
+    ksm.full_scan()
+    assert counts(ksm) == (3, 63 + 63 + 63, 0, 0)
+    assert ksm.last_scan["broken"] == n
+    assert ksm.last_scan["merged"] == n - 1
+
+    # phase 3: p1 becomes all-unique: 'c' goes away, 64 pages wait in the unstable tree
+    for off in range(n):
+        src.set_page(p1, 0, off, unique(1000 + off))
+    ksm.full_scan()
+    assert counts(ksm) == (2, 126, n, 0)
+
+    # phase 4: p3 exits; the crawler finds it gone at the next full scan and its items
+    # leave with the slot when that scan ends: 'a' is gone
+    src.kill(p3)
+    ksm.full_scan()
+    assert counts(ksm) == (1, 63, n, 0)
+    assert ksm.counters()["scanning_process"] == 2
+    assert ksm.counters()["rmap_items"] == 2 * n
+    assert p3 in src.released
+
+
+def test_small_max_page_sharing_builds_chains() -> None:
+    """12 identical pages, max_page_sharing 2: six KSM pages of two mappings, all dups of
+    one chain (stable_tree_insert() chains a node whose content already has full nodes)."""
+    src = FakeSource()
+    for name in ("p1", "p2", "p3"):
+        src.anon(name, [fill("a")] * 4)
+    ksm = Ksm(src)
+    ksm.tunables.max_page_sharing = 2
+    ksm.full_scan()
+    ksm.full_scan()
+    c = ksm.counters()
+    assert counts(ksm) == (6, 6, 0, 0)
+    assert (c["stable_node_chains"], c["stable_node_dups"]) == (1, 6)
+
+
+def test_odd_page_out_waits_in_the_unstable_tree_when_all_dups_are_full() -> None:
+    """5 identical pages, max 2: pairs (0,1) (2,3) merge; page 4 finds every dup full and
+    nobody in the unstable tree, so it stays unshared, round after round."""
+    src = FakeSource()
+    src.anon("p", [fill("z")] * 5)
+    ksm = Ksm(src)
+    ksm.tunables.max_page_sharing = 2
+    for _ in range(4):
+        ksm.full_scan()
+    assert counts(ksm) == (2, 2, 1, 0)
+    assert (ksm.counters()["stable_node_chains"], ksm.counters()["stable_node_dups"]) == (1, 2)
+
+
+def test_chain_freed_when_its_dups_go() -> None:
+    src = FakeSource()
+    a = src.anon("a", [fill("q")] * 2)
+    b = src.anon("b", [fill("q")] * 2)
+    ksm = Ksm(src)
+    ksm.tunables.max_page_sharing = 2
+    ksm.full_scan()
+    ksm.full_scan()
+    assert ksm.counters()["stable_node_dups"] == 2
+    src.kill(a)
+    src.kill(b)
+    ksm.full_scan()
+    c = ksm.counters()
+    assert counts(ksm) == (0, 0, 0, 0)
+    assert (c["stable_node_chains"], c["stable_node_dups"]) == (0, 0)
+    assert not ksm.has_stable_nodes()
+
+
+def test_checksum_gate_keeps_a_changing_page_volatile_in_initial_rounds() -> None:
+    src = FakeSource()
+    p = src.anon("p", [unique(1), unique(2)])
+    q = src.anon("q", [unique(1), unique(3)])
+    ksm = Ksm(src)
+    ksm.full_scan()  # round 1: all volatile
+    src.set_page(p, 0, 1, unique(4))  # p's second page changes between the visits
+    ksm.full_scan()  # round 2: p/0 and q/0 merge; q/1 enters the unstable tree; p/1 volatile
+    assert counts(ksm) == (1, 1, 1, 1)
+    ksm.full_scan()  # round 3: the gate is gone (scan_round == initial_round)
+    assert counts(ksm) == (1, 1, 2, 0)
+
+
+def test_frozen_newcomers_skip_the_checksum_and_merge_in_their_first_scan() -> None:
+    src = FakeSource()
+    pages = [unique(i) for i in range(8)]
+    a = src.anon("a", pages)
+    b = src.anon("b", pages)
+    ksm = Ksm(src)
+    ksm.hint(a, True)  # unknown tasks: onto the frozen task list
+    ksm.hint(b, True)
+    assert set(ksm.frozen_tasks) == {a, b}
+    ksm.full_scan()
+    assert counts(ksm) == (8, 8, 0, 0)
+    # frozen-scanned slots end up neither frozen nor listed (the seed clears FROZEN only)
+    for t in (a, b):
+        st = ksm.slots[t].state
+        assert st & KSM_MM_SCANNED and not st & (KSM_MM_FROZEN | KSM_MM_LISTED | KSM_MM_NEWCOMER)
+
+
+def test_short_tasks_are_not_registered() -> None:
+    src = FakeSource()
+    src.anon("short", [fill("a")] * 2, runtime_ms=99)
+    src.anon("long", [fill("a")] * 2, runtime_ms=100)
+    ksm = Ksm(src)
+    ksm.full_scan()
+    assert ksm.counters()["scanning_process"] == 1
+    assert [s.comm for s in ksm.slots.values()] == ["long"]
+
+
+def test_exit_is_deferred_to_the_end_of_the_scan() -> None:
+    src = FakeSource()
+    a = src.anon("a", [fill("a")] * 3)
+    src.anon("b", [fill("a")] * 3)
+    ksm = Ksm(src)
+    ksm.full_scan()
+    ksm.full_scan()
+    assert counts(ksm) == (1, 5, 0, 0)
+    src.kill(a)
+    n = ksm.prepare_full_scan()
+    # the crawler saw the exit: one process less at once, but a's 3 mappings stay
+    # counted while its slot waits on the remove list
+    assert n == 1
+    assert ksm.counters()["scanning_process"] == 1
+    assert (ksm.stable.pages_shared, ksm.stable.pages_sharing) == (1, 5)
+    ksm._run_sync(n)
+    assert counts(ksm) == (1, 2, 0, 0)
+
+
+def test_process_gone_mid_scan_is_dropped_and_counted() -> None:
+    src = FakeSource()
+    a = src.anon("a", [fill("a")] * 3)
+    b = src.anon("b", [fill("a")] * 3)
+    ksm = Ksm(src)
+    ksm.full_scan()
+    ksm.full_scan()
+    ksm.prepare_full_scan()
+    ksm._wake_scanner()
+    ksm._sync = True
+    ksm.scan_batch(1)  # a is being scanned
+    assert ksm.cur is not None and ksm.cur.task == a
+    src.kill(a)  # ... and exits under the scanner
+    while ksm.scan_state:
+        ksm.scan_batch(1)
+    assert counts(ksm) == (1, 2, 0, 0)
+    assert ksm.counters()["tasks_exited"] == 1
+    assert list(ksm.slots) == [b]
+
+
+def test_run_2_unmerges_everything_and_keeps_slots() -> None:
+    src = FakeSource()
+    src.anon("a", [fill("a")] * 3)
+    src.anon("b", [unique(7)] * 1)
+    ksm = Ksm(src)
+    ksm.full_scan()
+    ksm.full_scan()
+    assert counts(ksm) == (1, 2, 1, 0)
+    ksm.set_run(2)
+    assert counts(ksm) == (0, 0, 0, 0)
+    assert ksm.counters()["rmap_items"] == 0
+    assert ksm.counters()["scanning_process"] == 2
+
+
+def test_use_zero_pages_merges_zero_pages_with_the_zero_page() -> None:
+    src = FakeSource()
+    p = src.anon("p", [bytes(4096)] * 3 + [fill("x")])
+    ksm = Ksm(src)
+    ksm.tunables.use_zero_pages = 1
+    ksm.full_scan()
+    ksm.full_scan()
+    c = ksm.counters()
+    # three zero pages go to the zero page (no KSM page); 'x' waits unshared
+    assert counts(ksm) == (0, 0, 1, 3)
+    assert c["ksm_zero_pages"] == 3
+    ksm.full_scan()  # they are no longer anonymous: their rmap items go
+    assert counts(ksm) == (0, 0, 1, 0)
+    assert ksm.counters()["ksm_zero_pages"] == 3
+    src.set_page(p, 0, 0, fill("x"))  # a write brings one back as an anon page
+    ksm.full_scan()
+    assert ksm.counters()["ksm_zero_pages"] == 2
+    assert counts(ksm) == (1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("use_zero", [0, 1])
+def test_general_profit_formula(use_zero: int) -> None:
+    src = FakeSource()
+    src.anon("a", [fill("a")] * 4 + [bytes(4096)] * 2)
+    ksm = Ksm(src)
+    ksm.tunables.use_zero_pages = use_zero
+    ksm.full_scan()
+    ksm.full_scan()
+    c = ksm.counters()
+    assert c["general_profit"] == (c["pages_sharing"] + c["ksm_zero_pages"]) * 4096 - c["rmap_items"] * 64
