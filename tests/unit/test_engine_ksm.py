@@ -116,7 +116,7 @@ def test_chain_freed_when_its_dups_go() -> None:
 def test_checksum_gate_keeps_a_changing_page_volatile_in_initial_rounds() -> None:
     src = FakeSource()
     p = src.anon("p", [unique(1), unique(2)])
-    q = src.anon("q", [unique(1), unique(3)])
+    src.anon("q", [unique(1), unique(3)])
     ksm = Ksm(src)
     ksm.full_scan()  # round 1: all volatile
     src.set_page(p, 0, 1, unique(4))  # p's second page changes between the visits
