@@ -7,8 +7,14 @@ import importlib
 import logging
 import sys
 
-# subcommand modules: each has add_parser(subparsers) and sets `func` on its parser
-_COMMANDS = ("lksmfs.simulate", "lksmfs.scan", "lksmfs.daemon", "lksmfs.workload.spawn")
+# subcommand modules: each has add_parser(subparsers) and sets `func` on its parser;
+# a (group, module) pair nests the module's command under `lksmfs GROUP`
+_COMMANDS: tuple[str | tuple[str, str], ...] = (
+    "lksmfs.simulate",
+    "lksmfs.scan",
+    "lksmfs.daemon",
+    ("workload", "lksmfs.workload.spawn"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +22,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lksmfs",
         description="Lightweight KSM (LKSM) in user space: shadow-mode engine, /proc scanner, sysfs ABI on FUSE.",
     )
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in _COMMANDS:
+    parser.add_argument("--log-level", dest="global_log_level", default="WARNING", metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING (default), ERROR")
+    top = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}  # type: ignore[type-arg]
+    for entry in _COMMANDS:
+        group, name = entry if isinstance(entry, tuple) else (None, entry)
+        sub = top
+        if group is not None:
+            if group not in groups:
+                g = top.add_parser(group, help=f"{group} commands")
+                groups[group] = g.add_subparsers(dest=f"{group}_command", required=True)
+            sub = groups[group]
         try:
             module = importlib.import_module(name)
         except ImportError as e:  # a subcommand whose optional dependency is missing
@@ -33,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+    logging.basicConfig(level=getattr(logging, str(args.global_log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return int(args.func(args) or 0)
 

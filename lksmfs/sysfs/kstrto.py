@@ -21,10 +21,14 @@ def _cstring(buf: bytes) -> bytes:
 
 
 def kstrtoull(buf: bytes) -> int:
-    """_kstrtoull(s, 10): '+'? digits '\\n'?; no digits EINVAL, overflow ERANGE."""
+    """kstrtoull(s, 10): '+'? digits '\\n'?; no digits EINVAL, overflow ERANGE."""
     s = _cstring(buf)
-    i = 1 if s[:1] == b"+" else 0
-    start = i
+    return _kstrtoull(s[1:] if s[:1] == b"+" else s)
+
+
+def _kstrtoull(s: bytes) -> int:
+    """_kstrtoull(): digits and one optional newline; no sign of any kind."""
+    i = start = 0
     value = 0
     overflow = False
     while i < len(s) and 0x30 <= s[i] <= 0x39:
@@ -57,7 +61,7 @@ def kstrtouint(buf: bytes) -> int:
 def kstrtoll(buf: bytes) -> int:
     s = _cstring(buf)
     if s[:1] == b"-":
-        tmp = kstrtoull(s[1:])
+        tmp = _kstrtoull(s[1:])  # the kernel takes no + after the -
         if tmp > 2**63:
             raise ParseError(errno.ERANGE)
         return -tmp

@@ -1,0 +1,146 @@
+"""Helpers shared by the benches: sizes, pattern workloads, the lksmfs scan call, tables, RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# benches are run as scripts (python bench/x.py): make `bench.common` and `lksmfs` importable
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from lksmfs.oracle import PAGE_SIZE, Spec, expected_counts, spec_groups  # noqa: E402
+
+MIB = 1 << 20
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``64M``, ``1G``, ``4096`` -> bytes (binary units, as `free -h` would have them)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    if t and t[-1] in _UNITS:
+        return int(float(t[:-1]) * _UNITS[t[-1]])
+    return int(t)
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [parse_size(s) for s in text.split(",") if s.strip()]
+
+
+def human(nbytes: float) -> str:
+    """1073741824 -> '1G', 268435456 -> '256M'."""
+    for unit, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= mult and nbytes % mult == 0:
+            return f"{int(nbytes // mult)}{unit}"
+    return f"{nbytes / MIB:.1f}M"
+
+
+def make_specs(total_bytes: int, procs: int, share: float) -> list[Spec]:
+    """`procs` pattern specs totalling `total_bytes`: in each process the first `share` of its
+    pages are 'same' pages (page i equal in every process: many groups of `procs` pages, like
+    library data), the rest 'unique'."""
+    if procs < 1:
+        raise ValueError("need at least one process")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError("share must be in [0, 1]")
+    per = max(1, total_bytes // PAGE_SIZE // procs)
+    same = round(per * share)
+    specs: list[Spec] = []
+    for _ in range(procs):
+        spec: list[tuple[int, str | int]] = []
+        if same:
+            spec.append((same, "same"))
+        if per - same:
+            spec.append((per - same, "unique"))
+        specs.append(spec)
+    return specs
+
+
+def pattern_expected(specs: Sequence[Spec], max_page_sharing: int) -> tuple[int, int]:
+    """(pages_shared, pages_sharing) the pattern pages alone must give (runtime not included)."""
+    return expected_counts(spec_groups(specs).values(), max_page_sharing)
+
+
+def check_memory(total_bytes: int, factor: float = 1.5) -> None:
+    """Refuse sizes the machine cannot hold (children's pages + copies made by unmerging)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            avail = int(line.split()[1]) * 1024
+            if total_bytes * factor > avail:
+                raise SystemExit(
+                    f"{human(total_bytes)} x {factor} needs more than MemAvailable "
+                    f"({avail / (1 << 30):.1f} GiB)")
+            return
+
+
+def lksmfs_scan(
+    pids: list[int], rounds: int, max_page_sharing: int
+) -> tuple[dict[str, Any] | None, str]:
+    """Run lksmfs.scan.scan_processes over `pids`; (counters incl. wall_s, '') or (None, why)."""
+    try:
+        from lksmfs.scan import scan_processes
+    except ImportError as exc:
+        return None, f"lksmfs.scan unavailable: {exc}"
+    t0 = time.monotonic()
+    counters = dict(
+        scan_processes(
+            pids=pids,
+            rounds=rounds,
+            settings={"max_page_sharing": max_page_sharing, "use_zero_pages": 0},
+            filter_enabled=False,
+        )
+    )
+    counters.setdefault("wall_s", time.monotonic() - t0)
+    return counters, ""
+
+
+def vm_status_kib(field: str = "VmRSS", pid: int | str = "self") -> int:
+    """A /proc/PID/status figure in KiB (VmRSS, VmHWM, RssAnon...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain right-aligned text table on stdout."""
+    cells = [[str(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def dump_json(obj: object) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+    print()
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("benches read other processes' memory and drive kernel KSM: run as root")

@@ -1,0 +1,314 @@
+"""Daemon configuration: a YAML file, then command-line overrides.
+
+Every tunable value is validated by the *same* code that validates a write to the
+mounted file (AttributeTable.store), run against a dry-run engine, so a value that
+`echo VALUE > FILE` would refuse is refused at start too, with the file, the key and
+the reason in the message.  Unknown keys are errors: a typo must not silently fall
+back to a default.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lksmfs.engine.params import Tunables
+from lksmfs.sysfs.attrs import AttributeTable
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Writable attributes in the order they are applied at start: every plain tunable
+# first, then `run` (the threads start scanning with the final values), then a
+# one-shot request, which only makes sense once the mode is set.
+TUNABLE_ORDER = (
+    "pages_to_scan",
+    "sleep_millisecs",
+    "scan_boost",
+    "full_scan_interval",
+    "max_page_sharing",
+    "stable_node_chains_prune_millisecs",
+    "use_zero_pages",
+    "merge_across_nodes",
+    "run",
+    "one_shot_scanning",
+)
+
+# Human words for what the store path refuses (it only says EINVAL/ERANGE/EBUSY).
+_RULES = {
+    "run": "must be an integer 0..8 (0 stop, 1 merge, 2 unmerge, 8 one-shot)",
+    "pages_to_scan": "must be an unsigned integer <= 4294967295",
+    "sleep_millisecs": "must be an unsigned integer <= 4294967295",
+    "full_scan_interval": "must be an unsigned integer <= 4294967295",
+    "stable_node_chains_prune_millisecs": "must be an unsigned integer <= 4294967295",
+    "scan_boost": "must be 100..10000",
+    "max_page_sharing": "must be an integer >= 2",
+    "use_zero_pages": "must be 0 or 1",
+    "merge_across_nodes": "must be 0 or 1",
+    "one_shot_scanning": "must be 0 (no request), 1 (partial) or 2 (full)",
+}
+
+
+class ConfigError(Exception):
+    """A bad configuration: the message names where (file, key) and why."""
+
+
+@dataclass
+class TunablesConfig:
+    """Initial values of the writable attributes (SPEC §1 defaults).
+
+    `one_shot_scanning` 0 means "no request at start"; 1 or 2 queues one.
+    """
+
+    run: int = 0
+    pages_to_scan: int = 100
+    sleep_millisecs: int = 20
+    scan_boost: int = 100
+    full_scan_interval: int = 100
+    one_shot_scanning: int = 0
+    max_page_sharing: int = 256
+    stable_node_chains_prune_millisecs: int = 2000
+    use_zero_pages: int = 0
+    merge_across_nodes: int = 1
+
+    def items(self) -> list[tuple[str, int]]:
+        """(name, value) in application order."""
+        return [(name, getattr(self, name)) for name in TUNABLE_ORDER]
+
+
+@dataclass
+class ScopeConfig:
+    """Which processes are scanned: empty pids and cgroups mean every user process."""
+
+    pids: list[int] = field(default_factory=list)
+    cgroups: list[str] = field(default_factory=list)
+    exclude_comms: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FreezerConfig:
+    """Where frozen-task hints come from (the freeze_task/__thaw_task hooks)."""
+
+    enabled: bool = True
+    v1_root: str = "/sys/fs/cgroup/freezer"
+    v2_root: str = "/sys/fs/cgroup/unified"
+    treat_sigstop_as_frozen: bool = False
+    poll_interval_ms: int = 100
+
+
+@dataclass
+class Config:
+    tunables: TunablesConfig = field(default_factory=TunablesConfig)
+    filter: bool = True  # CONFIG_LKSM_FILTER
+    scope: ScopeConfig = field(default_factory=ScopeConfig)
+    freezer: FreezerConfig = field(default_factory=FreezerConfig)
+    source: str = "procfs"  # or "simulated:WORKLOAD.yaml"
+    log_level: str = "INFO"
+
+
+# -- validation through the attribute store path -----------------------------------
+
+
+class _DryRunKsm:
+    """Just enough of the engine for AttributeTable.store to validate a value.
+
+    It records what the store would have applied instead of applying it, so config
+    checking needs neither the engine nor a memory source.
+    """
+
+    filter_enabled = True
+
+    def __init__(self) -> None:
+        self.tunables = Tunables()
+        self.applied: dict[str, int] = {}
+
+    def set_tunable(self, name: str, value: int) -> None:
+        self.applied[name] = value
+
+    def set_run(self, flags: int) -> None:
+        self.applied["run"] = flags
+
+    def request_one_shot(self, mode: int) -> bool:
+        self.applied["one_shot_scanning"] = mode
+        return True
+
+    def has_stable_nodes(self) -> bool:
+        return False
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def region_share(self) -> dict[str, int]:
+        return {}
+
+
+def _writable_names() -> list[str]:
+    table = AttributeTable(_DryRunKsm())  # type: ignore[arg-type]
+    return [n for n in table.names() if table.writable(n)]
+
+
+def validate_tunable(name: str, raw: str | int, where: str) -> int:
+    """The value `echo RAW > NAME` would store, or ConfigError("WHERE: reason (got RAW)")."""
+    dry = _DryRunKsm()
+    table = AttributeTable(dry)  # type: ignore[arg-type]
+    if name not in table:
+        known = ", ".join(sorted(_writable_names()))
+        raise ConfigError(f"{where}: unknown attribute (writable ones: {known})")
+    if not table.writable(name):
+        raise ConfigError(f"{where}: read-only attribute")
+    if isinstance(raw, bool):
+        raise ConfigError(f"{where}: {_RULES.get(name, 'must be an integer')} (got {raw})")
+    if name == "one_shot_scanning" and str(raw).strip() == "0":
+        return 0  # "no request": the file itself refuses 0, the config means "nothing"
+    text = str(raw)
+    try:
+        table.store(name, text.encode("utf-8", "surrogateescape") + b"\n")
+    except OSError as e:
+        reason = _RULES.get(name, "invalid value")
+        if e.errno == errno.ERANGE:
+            reason += ", out of range"
+        raise ConfigError(f"{where}: {reason} (got {text})") from None
+    # an unchanged value is accepted without a call (max_page_sharing, merge_across_nodes)
+    return dry.applied.get(name, getattr(dry.tunables, name))
+
+
+def parse_set(items: Iterable[str]) -> dict[str, int]:
+    """`--set NAME=VALUE ...` -> {name: value}, each checked as a write to NAME would be."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ConfigError(f"--set {item}: expected NAME=VALUE")
+        out[name] = validate_tunable(name, value.strip(), f"--set {item}")
+    return out
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def _check_keys(data: Mapping[str, Any], cls: type, where: str) -> None:
+    allowed = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}{key}: unknown key (expected one of: {', '.join(sorted(allowed))})"
+            )
+
+
+def _section(data: Any, name: str, src: str) -> Mapping[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{src}: {name}: must be a mapping (got {type(data).__name__})")
+    return data
+
+
+def _expect(value: Any, typ: type | tuple[type, ...], what: str, where: str) -> Any:
+    if isinstance(value, bool) and typ is int:
+        raise ConfigError(f"{where}: must be {what} (got {value})")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{where}: must be {what} (got {value!r})")
+    return value
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: must be a list of non-empty strings (got {value!r})")
+    return list(value)
+
+
+def config_from_dict(data: Any, src: str = "<config>") -> Config:
+    """Build and validate a Config from parsed YAML; `src` names the file in errors."""
+    data = _section(data, "top level", src)
+    _check_keys(data, Config, f"{src}: ")
+    cfg = Config()
+
+    tun = _section(data.get("tunables"), "tunables", src)
+    _check_keys(tun, TunablesConfig, f"{src}: tunables.")
+    for name, raw in tun.items():
+        value = validate_tunable(name, raw, f"{src}: tunables.{name}")
+        setattr(cfg.tunables, name, value)
+
+    if "filter" in data:
+        cfg.filter = _expect(data["filter"], bool, "true or false", f"{src}: filter")
+
+    scope = _section(data.get("scope"), "scope", src)
+    _check_keys(scope, ScopeConfig, f"{src}: scope.")
+    pids = scope.get("pids") or []
+    if not isinstance(pids, list) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in pids
+    ):
+        raise ConfigError(f"{src}: scope.pids: must be a list of positive integers (got {pids!r})")
+    cfg.scope.pids = list(pids)
+    cfg.scope.cgroups = _str_list(scope.get("cgroups"), f"{src}: scope.cgroups")
+    cfg.scope.exclude_comms = _str_list(scope.get("exclude_comms"), f"{src}: scope.exclude_comms")
+
+    frz = _section(data.get("freezer"), "freezer", src)
+    _check_keys(frz, FreezerConfig, f"{src}: freezer.")
+    for key in ("enabled", "treat_sigstop_as_frozen"):
+        if key in frz:
+            value = _expect(frz[key], bool, "true or false", f"{src}: freezer.{key}")
+            setattr(cfg.freezer, key, value)
+    for key in ("v1_root", "v2_root"):
+        if key in frz:
+            setattr(cfg.freezer, key, _expect(frz[key], str, "a path", f"{src}: freezer.{key}"))
+    if "poll_interval_ms" in frz:
+        where = f"{src}: freezer.poll_interval_ms"
+        ms = _expect(frz["poll_interval_ms"], int, "an integer 1..60000", where)
+        if not 1 <= ms <= 60000:
+            raise ConfigError(f"{src}: freezer.poll_interval_ms: must be 1..60000 (got {ms})")
+        cfg.freezer.poll_interval_ms = ms
+
+    if "source" in data:
+        where = f"{src}: source"
+        cfg.source = check_source(_expect(data["source"], str, "a string", where), where)
+
+    if "log_level" in data:
+        cfg.log_level = check_log_level(
+            _expect(data["log_level"], str, "a string", f"{src}: log_level"), f"{src}: log_level"
+        )
+    return cfg
+
+
+def check_source(value: str, where: str) -> str:
+    """`procfs` or `simulated:PATH`."""
+    if value == "procfs":
+        return value
+    if value.startswith("simulated:") and len(value) > len("simulated:"):
+        return value
+    raise ConfigError(f"{where}: must be 'procfs' or 'simulated:WORKLOAD.yaml' (got {value!r})")
+
+
+def check_log_level(value: str, where: str) -> str:
+    level = value.upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{where}: must be one of {', '.join(LOG_LEVELS)} (got {value!r})")
+    return level
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a YAML config file (None: every default)."""
+    if path is None:
+        return Config()
+    src = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: not valid YAML: {e}") from None
+    return config_from_dict(data, src)
+
+
+def log_level_number(name: str) -> int:
+    return int(getattr(logging, name))

@@ -1,0 +1,533 @@
+"""The lksmfs daemon: the engine's two kernel threads, the freezer hook and FUSE.
+
+Threads, as in mm/lksm.c:
+- crawler (ksm_crawld): `crawl(now)` under the engine lock, then waits on the condition
+  until the time it asked for or until something wakes it (a store, a hint, a scan end);
+- scanner (ksmd): `scan_batch()` under the lock while a scan is in progress, then sleeps
+  sleep_millisecs (cut short when the tunable changes), else waits on the condition;
+- freezer watcher: turns cgroup freezer transitions into `ksm.hint()` calls;
+- watchdog: WATCHDOG=1 to systemd while the engine threads are alive;
+- FUSE in the main thread, in the foreground.  libfuse owns SIGTERM/SIGINT/SIGHUP while
+  mounted: they end its loop and it unmounts; then the threads are stopped and we exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lksmfs.config import (
+    Config,
+    ConfigError,
+    check_log_level,
+    check_source,
+    load_config,
+    parse_set,
+)
+from lksmfs.sources.base import MemorySource, TaskId
+from lksmfs.sysfs.attrs import AttributeTable
+
+log = logging.getLogger("lksmfs.daemon")
+
+# A short GIL switch interval keeps `cat` fast while the scanner thread computes.
+SWITCH_INTERVAL_S = 0.0005
+# How long the scanner steps aside for a waiting sysfs writer before taking the lock again.
+WRITER_GRACE_S = 0.05
+JOIN_TIMEOUT_S = 10.0
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+
+
+# -- sd_notify without libsystemd ---------------------------------------------------
+
+
+def sd_notify(message: str, env: dict[str, str] | None = None) -> bool:
+    """Send `message` to $NOTIFY_SOCKET (AF_UNIX datagram; '@' = abstract). False if unset."""
+    environ = os.environ if env is None else env
+    addr = environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify(%s) failed: %s", message.replace("\n", " "), e)
+        return False
+
+
+def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
+    """Half of WATCHDOG_USEC in seconds, if the watchdog is enabled for this process."""
+    environ = os.environ if env is None else env
+    usec = environ.get("WATCHDOG_USEC")
+    pid = environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec), 1) / 2e6
+    except ValueError:
+        return None
+
+
+# -- stale mounts -------------------------------------------------------------------
+
+
+def _is_mountpoint(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == real:
+                return True
+    return False
+
+
+def _probe(path: str) -> None:
+    """Raise what the file system under `path` answers.  statfs always reaches a FUSE
+    daemon (stat may be served from the kernel's attribute cache for a second)."""
+    os.stat(path)
+    os.statvfs(path)
+
+
+def prepare_mountpoint(path: str) -> None:
+    """Create the directory; lazily unmount a dead FUSE mount left by a killed daemon.
+
+    A stale FUSE mount answers ENOTCONN; mounting over it would hide it but leave every
+    old `cd` into it broken, so it is detached first.  A live mount is refused.
+    """
+    try:
+        _probe(path)
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+        return
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s: stale mount (ENOTCONN), unmounting it", path)
+        for cmd in (
+            ["fusermount3", "-uz", path],
+            ["fusermount", "-uz", path],
+            ["umount", "-l", path],
+        ):
+            with contextlib.suppress(OSError):
+                if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
+                    break
+        _probe(path)  # raises if still dead
+    if not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, "mountpoint is not a directory", path)
+    if _is_mountpoint(path):
+        raise OSError(errno.EBUSY, "something is already mounted there (another lksmfs?)", path)
+
+
+# -- the engine lock ------------------------------------------------------------------
+
+
+class EngineLock:
+    """The kernel's ksm_thread_mutex, with a way for sysfs writers to cut in.
+
+    Python locks are not fair: a scanner that releases and re-takes the lock at full
+    speed (sleep_millisecs 0) can starve a waiting `echo`.  Writers entering through
+    `with engine_lock:` announce themselves, and the scanner steps aside for them.
+    """
+
+    def __init__(self) -> None:
+        self.raw = threading.Lock()
+        self._waiting = 0
+        self._count = threading.Lock()
+
+    def __enter__(self) -> EngineLock:
+        with self._count:
+            self._waiting += 1
+        try:
+            self.raw.acquire()
+        finally:
+            with self._count:
+                self._waiting -= 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.release()
+
+    def yield_to_waiters(self, grace_s: float = WRITER_GRACE_S) -> None:
+        deadline = time.monotonic() + grace_s
+        while self._waiting and time.monotonic() < deadline:
+            time.sleep(0.0002)
+
+
+def _block_signals() -> None:
+    """Only the main thread may take the signals libfuse handles (its loop waits there)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+# -- source and freezer wiring -----------------------------------------------------------
+
+
+def _scope(cfg: Config) -> Any:
+    from lksmfs.sources.scope import Scope
+
+    return Scope(
+        pids=set(cfg.scope.pids),
+        cgroups=list(cfg.scope.cgroups),
+        exclude_comms=set(cfg.scope.exclude_comms),
+    )
+
+
+def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
+    """The configured MemorySource and the way a hinted pid becomes a TaskId."""
+    if cfg.source == "procfs":
+        from lksmfs.sources.procfs import ProcfsSource
+
+        src = ProcfsSource("/proc", self_pid=os.getpid(), scope=_scope(cfg))
+        from lksmfs.sysfs.fuse import proc_task_id
+
+        return src, proc_task_id
+    from lksmfs.sources import simulated
+
+    workload = cfg.source.split(":", 1)[1]
+    sim = simulated.SimulatedSource.from_file(workload)
+
+    def resolve(pid: int) -> TaskId:
+        for task in sim.tasks():
+            if task.pid == pid:
+                return task
+        raise OSError(errno.ESRCH, "No such process")
+
+    return sim, resolve
+
+
+def make_freezer(cfg: Config, on_hint: Callable[[TaskId, bool], None]) -> Any | None:
+    """A FreezerWatcher over the configured roots, or None when disabled or unavailable."""
+    if not cfg.freezer.enabled or cfg.source != "procfs":
+        return None
+    try:
+        from lksmfs.freezer import FreezerWatcher
+    except ImportError:
+        log.warning("lksmfs.freezer not available: no frozen-task hints from the freezer")
+        return None
+    v1 = [r for r in (cfg.freezer.v1_root,) if r and os.path.isdir(r)]
+    v2 = [r for r in (cfg.freezer.v2_root,) if r and os.path.isdir(r)]
+    return FreezerWatcher(
+        on_hint,
+        v1_roots=v1,
+        v2_roots=v2,
+        treat_sigstop_as_frozen=cfg.freezer.treat_sigstop_as_frozen,
+        poll_interval=cfg.freezer.poll_interval_ms / 1000,
+        scope=_scope(cfg),
+        self_pid=os.getpid(),
+    )
+
+
+# -- the daemon -----------------------------------------------------------------------
+
+
+@dataclass
+class _Thread:
+    name: str
+    thread: threading.Thread
+
+
+class Daemon:
+    """One mount: engine, threads, FUSE.  `run()` blocks until unmounted or signalled."""
+
+    def __init__(
+        self,
+        config: Config,
+        mountpoint: str,
+        *,
+        source: MemorySource | None = None,
+        resolve_task: Callable[[int], TaskId] | None = None,
+    ) -> None:
+        from lksmfs.engine.ksm import Ksm
+        from lksmfs.sysfs.fuse import LksmOperations, proc_task_id
+
+        self.config = config
+        self.mountpoint = os.path.abspath(mountpoint)
+        if source is None:
+            source, resolve = make_source(config)
+            resolve_task = resolve_task or resolve
+        self.source = source
+        self.ksm = Ksm(source, filter_enabled=config.filter, self_pid=os.getpid())
+        self.lock = EngineLock()
+        self.cond = threading.Condition(self.lock.raw)
+        self._stop = threading.Event()
+        self._scanner_kick = threading.Event()
+        self.error: BaseException | None = None
+        self.table = AttributeTable(self.ksm, lock=self.lock, on_store=self._on_store)
+        self.ops = LksmOperations(
+            self.table,
+            engine_lock=self.lock,
+            resolve_task=resolve_task or proc_task_id,
+            on_hint=self.wake,
+            on_init=self._on_mounted,
+        )
+        self._threads: list[_Thread] = []
+        self.freezer: Any | None = None
+        self.apply_tunables()
+
+    # -- start values ----------------------------------------------------------------
+
+    def apply_tunables(self) -> None:
+        """Initial values go through AttributeTable.store: the same checks as `echo`."""
+        for name, value in self.config.tunables.items():
+            if name == "one_shot_scanning":
+                if value == 0:
+                    continue
+            elif name != "run" and getattr(self.ksm.tunables, name) == value:
+                continue
+            try:
+                self.table.store(name, f"{value}\n".encode())
+            except OSError as e:
+                raise ConfigError(
+                    f"tunables.{name}: refused by the engine: {e.strerror} (got {value})"
+                ) from None
+
+    # -- wake-ups ----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """wake_up(&ksm_crawl_wait) and ksm_thread_wait: something changed."""
+        with self.lock:
+            self.cond.notify_all()
+
+    def _on_store(self, name: str) -> None:
+        if name in ("sleep_millisecs", "run", "pages_to_scan", "scan_boost"):
+            self._scanner_kick.set()
+        self.wake()
+
+    def _on_hint(self, task: TaskId, frozen: bool) -> None:
+        """The freezer hook (freeze_task/__thaw_task -> lksm_hint)."""
+        log.info("freezer hint: %s %s", task, "frozen" if frozen else "thawed")
+        with self.lock:
+            self.ksm.hint(task, frozen)
+            self.cond.notify_all()
+
+    def _on_mounted(self) -> None:
+        try:
+            log.info("mounted at %s", self.mountpoint)
+            sd_notify(f"READY=1\nSTATUS=mounted at {self.mountpoint}\nMAINPID={os.getpid()}")
+        except Exception:  # init must never fail
+            log.exception("ready notification failed")
+
+    # -- threads -----------------------------------------------------------------------
+
+    def _fatal(self, what: str, exc: BaseException) -> None:
+        """An engine thread died: stop serving (systemd restarts us) rather than lie."""
+        log.critical("%s thread died", what, exc_info=exc)
+        if self.error is None:
+            self.error = exc
+        self._stop.set()
+        if not self._unmounting:
+            os.kill(os.getpid(), signal.SIGTERM)  # ends the FUSE loop in the main thread
+
+    def _crawler(self) -> None:
+        _block_signals()
+        try:
+            with self.cond:
+                while not self._stop.is_set():
+                    due = self.ksm.crawl(time.monotonic())
+                    self.cond.notify_all()  # a scan may have been prepared
+                    if self._stop.is_set():
+                        break
+                    timeout = None if due is None else max(0.0, due - time.monotonic())
+                    self.cond.wait(timeout)
+        except BaseException as e:  # noqa: BLE001 - report any engine failure
+            self._fatal("crawler", e)
+
+    def _scanner(self) -> None:
+        _block_signals()
+        try:
+            while not self._stop.is_set():
+                with self.cond:
+                    while not self._stop.is_set() and not self.ksm.scanner_should_run():
+                        self.cond.wait()
+                    if self._stop.is_set():
+                        break
+                    self._scanner_kick.clear()
+                    self.ksm.scan_batch()
+                    running = self.ksm.scanner_should_run()
+                    if not running:
+                        self.cond.notify_all()  # scan over: the crawler may have work
+                self.lock.yield_to_waiters()
+                if running:
+                    self._scanner_kick.wait(self.ksm.tunables.sleep_millisecs / 1000)
+        except BaseException as e:  # noqa: BLE001
+            self._fatal("scanner", e)
+
+    def _watchdog(self, interval: float) -> None:
+        _block_signals()
+        while not self._stop.wait(interval):
+            if all(t.thread.is_alive() for t in self._threads if t.name in ("crawler", "scanner")):
+                sd_notify("WATCHDOG=1")
+            else:
+                log.error("engine thread dead: not petting the watchdog")
+
+    def _start(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=f"lksm-{name}", daemon=True)
+        t.start()
+        self._threads.append(_Thread(name, t))
+
+    def engine_alive(self) -> bool:
+        return all(t.thread.is_alive() for t in self._threads if t.name in ("crawler", "scanner"))
+
+    def start_threads(self) -> None:
+        """Start every helper thread with libfuse's signals blocked: they inherit the mask,
+        so SIGTERM always reaches the main thread, where libfuse's loop waits for it."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            self._start("crawler", self._crawler)
+            self._start("scanner", self._scanner)
+            self.freezer = make_freezer(self.config, self._on_hint)
+            if self.freezer is not None:
+                self.freezer.start()
+            interval = watchdog_interval()
+            if interval is not None:
+                self._start("watchdog", self._watchdog, interval)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def stop_threads(self) -> None:
+        self._stop.set()
+        self._scanner_kick.set()
+        if self.freezer is not None:
+            with contextlib.suppress(Exception):
+                self.freezer.stop()
+        with self.cond:
+            self.cond.notify_all()
+        for t in self._threads:
+            t.thread.join(JOIN_TIMEOUT_S)
+            if t.thread.is_alive():
+                log.warning("%s thread did not stop within %.0f s", t.name, JOIN_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            self.source.close()
+
+    # -- run -----------------------------------------------------------------------------
+
+    _unmounting = False
+
+    def run(self) -> int:
+        """Mount and serve until unmounted or signalled; 0 on a clean stop."""
+        from lksmfs.sysfs.fuse import mount
+
+        prepare_mountpoint(self.mountpoint)
+        self.start_threads()
+        try:
+            mount(self.ops, self.mountpoint)
+        finally:
+            self._unmounting = True
+            sd_notify("STOPPING=1")
+            log.info("unmounted %s, stopping", self.mountpoint)
+            self.stop_threads()
+        return 0 if self.error is None else 1
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`lksmfs mount ...` (the lead wires this into lksmfs.cli)."""
+    p = subparsers.add_parser(
+        "mount",
+        help="run the daemon: the LKSM sysfs ABI at MOUNTPOINT",
+        description="Run LKSM in shadow mode over real processes and serve its sysfs files.",
+    )
+    _add_arguments(p)
+    p.set_defaults(func=run_mount)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--config", metavar="FILE", help="YAML config (see config/lksmfs.yaml)")
+    p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
+                   help="scan only these processes (repeatable)")
+    p.add_argument("--cgroup", action="append", default=[], metavar="DIR",
+                   help="scan only tasks of this cgroup directory (repeatable)")
+    p.add_argument("--exclude-comm", action="append", default=[], metavar="COMM",
+                   help="never scan processes with this comm (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="initial attribute value, checked like a write (repeatable)")
+    p.add_argument("--source", metavar="procfs|simulated:WORKLOAD.yaml")
+    p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
+    p.add_argument("--no-freezer", action="store_true", help="no hints from the cgroup freezer")
+    p.add_argument("--log-level", metavar="LEVEL")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config file, then the command line on top."""
+    cfg = load_config(args.config)
+    if args.pid:
+        if any(p <= 0 for p in args.pid):
+            raise ConfigError(f"--pid: must be positive (got {args.pid})")
+        cfg.scope.pids = list(args.pid)
+    if args.cgroup:
+        cfg.scope.cgroups = list(args.cgroup)
+    if args.exclude_comm:
+        cfg.scope.exclude_comms = list(args.exclude_comm)
+    for name, value in parse_set(args.set).items():
+        setattr(cfg.tunables, name, value)
+    if args.source:
+        cfg.source = check_source(args.source, "--source")
+    if args.no_filter:
+        cfg.filter = False
+    if getattr(args, "no_freezer", False):
+        cfg.freezer.enabled = False
+    if args.log_level:
+        cfg.log_level = check_log_level(args.log_level, "--log-level")
+    return cfg
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    """Entry point of `lksmfs mount`."""
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"lksmfs mount: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(  # force: the daemon's level comes from its config, not the CLI's
+        level=cfg.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s",
+        force=True,
+    )
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        daemon = Daemon(cfg, args.mountpoint)
+    except ConfigError as e:
+        print(f"lksmfs mount: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"lksmfs mount: {e}", file=sys.stderr)
+        return 1
+    try:
+        return daemon.run()
+    except OSError as e:
+        print(f"lksmfs mount: {args.mountpoint}: {e}", file=sys.stderr)
+        daemon.stop_threads()
+        return 1
+    except RuntimeError as e:  # fuse_main failed (mount refused)
+        print(f"lksmfs mount: {args.mountpoint}: FUSE failed: {e}", file=sys.stderr)
+        daemon.stop_threads()
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lksmfs.daemon MOUNTPOINT ...`: the mount command without the CLI."""
+    p = argparse.ArgumentParser(prog="lksmfs-mount")
+    _add_arguments(p)
+    return run_mount(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

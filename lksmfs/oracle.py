@@ -1,0 +1,715 @@
+"""The kernel's own KSM as an oracle for lksmfs (SPEC §5).
+
+The machine's kernel has KSM at /sys/kernel/mm/ksm and ``prctl(PR_SET_MEMORY_MERGE)``.  Stopped
+processes keep their memory still, so what the kernel's ksmd converges to on them is what an LKSM
+kernel would report for the same processes, and so what lksmfs must report in shadow mode.
+
+* `KernelKsm` drives /sys/kernel/mm/ksm and always puts it back as it found it.
+* `PatternProcess` is a stopped child (lksmfs/oracle_child.py) whose one anonymous mapping holds
+  pages written from a pattern spec, rewritable phase by phase.
+* `expected_counts` / `spec_groups` derive pages_shared/pages_sharing by hand from the patterns.
+
+What is compared, and why whole processes: PR_SET_MEMORY_MERGE makes *every* VMA of a child
+mergeable, so the kernel also merges the Python runtime's own anonymous pages (identical heap pages
+across children, zero-filled pages, ...).  The kernel only exposes global counters, so restricting
+its answer to the pattern mapping is impossible; lksmfs scans every anonymous page of the pids it is
+given, which is the same scope.  Hence the oracle compares whole-process numbers of both, with the
+same max_page_sharing.  The hand derivation then needs the runtime background: the pattern pages
+are written so they cannot collide with runtime contents (byte patterns other than 0 are never a
+whole runtime page; unique pages carry a magic header), and ``smaps``' per-VMA ``KSM:`` field gives
+the kernel's count of merged pages *inside the pattern mapping*, which is checked against the hand
+derivation on its own.  Zero pages are the one pattern that can join runtime pages (Python has
+zero-filled anonymous pages); tests account for that explicitly.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+PAGE_SIZE = 4096
+PR_SET_MEMORY_MERGE = 67
+LOCK_PATH = Path("/run/lock/lksmfs-kernel-ksm.lock")
+CHILD_PATH = Path(__file__).with_name("oracle_child.py")
+SAME_MAGIC = 0x6C6B736D_73616D65  # must match oracle_child.SAME_MAGIC ("lksmsame")
+
+# Settings whose value must be restored with care; everything else writable is restored as read.
+_RUN = "run"
+_NEEDS_NO_STABLE_NODES = ("max_page_sharing", "merge_across_nodes")
+_ADVISOR = "advisor_mode"
+
+Pattern = str | int
+Spec = Sequence[tuple[int, Pattern]]
+
+
+class OracleError(RuntimeError):
+    """The kernel oracle could not reach a trustworthy answer (timeout, foreign KSM users...)."""
+
+
+# ---------------------------------------------------------------- hand derivation (pure)
+
+
+def group_counts(n: int, max_page_sharing: int) -> tuple[int, int]:
+    """(pages_shared, pages_sharing) for `n` identical pages under ksm's max_page_sharing.
+
+    Each KSM page (stable node, or dup of a chain) carries at most `max_page_sharing` mappings.
+    Pages fill one KSM page at a time; a final lone page has nothing to merge with (its chain is
+    full, and the unstable tree holds no equal page), so it stays unshared.
+    """
+    if max_page_sharing < 2:
+        raise ValueError("max_page_sharing must be >= 2")
+    if n < 2:
+        return (0, 0)
+    full, rest = divmod(n, max_page_sharing)
+    shared = full + (1 if rest >= 2 else 0)
+    sharing = full * (max_page_sharing - 1) + (rest - 1 if rest >= 2 else 0)
+    return (shared, sharing)
+
+
+def expected_counts(groups: Iterable[int], max_page_sharing: int) -> tuple[int, int]:
+    """Sum of `group_counts` over groups of identical pages (sizes)."""
+    shared = sharing = 0
+    for n in groups:
+        s, g = group_counts(n, max_page_sharing)
+        shared += s
+        sharing += g
+    return (shared, sharing)
+
+
+GroupKey = int | tuple[str, int]
+
+
+def spec_groups(specs: Iterable[Spec]) -> dict[GroupKey, int]:
+    """Sizes of groups of identical pages across all `specs` (one per process).
+
+    Keys: a byte value for byte patterns ('zero' is byte 0); ('same', page index) for 'same'
+    pages, which equal the page at that index in every other process; 'unique' pages are in no
+    group.
+    """
+    groups: dict[GroupKey, int] = {}
+    for spec in specs:
+        index = 0
+        for count, pattern in spec:
+            if pattern == "same":
+                for i in range(index, index + count):
+                    groups[("same", i)] = groups.get(("same", i), 0) + 1
+            elif pattern != "unique" and count:
+                key = 0 if pattern == "zero" else _byte(pattern)
+                groups[key] = groups.get(key, 0) + count
+            index += count
+    return groups
+
+
+def pattern_page(key: GroupKey) -> bytes:
+    """The exact contents of a pattern page of group `key` (as the child writes it)."""
+    if isinstance(key, int):
+        return bytes([key]) * PAGE_SIZE
+    kind, index = key
+    if kind != "same":
+        raise ValueError(f"no fixed contents for {key!r}")
+    return struct.pack("<QQQQ", SAME_MAGIC, 0, index, 0).ljust(PAGE_SIZE, b"\0")
+
+
+def _byte(pattern: Pattern) -> int:
+    """A byte pattern as an int: 97, '0x61' or the one-character 'a'."""
+    if isinstance(pattern, int):
+        value = pattern
+    elif len(pattern) == 1:
+        value = ord(pattern)
+    else:
+        value = int(pattern, 0)
+    if not 0 <= value <= 255:
+        raise ValueError(f"byte pattern out of range: {pattern!r}")
+    return value
+
+
+def format_spec(spec: Spec) -> str:
+    """The child's command-line / stdin form: ``64:97,8:zero,4:unique``."""
+    parts = []
+    for count, pattern in spec:
+        if count < 0:
+            raise ValueError(f"negative count {count}")
+        if pattern in ("zero", "unique", "same"):
+            parts.append(f"{count}:{pattern}")
+        else:
+            parts.append(f"{count}:{_byte(pattern)}")
+    if not parts:
+        raise ValueError("empty spec")
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------- kernel KSM control
+
+
+@dataclass
+class Convergence:
+    """What `KernelKsm.converge` saw.
+
+    `counters` is the converged snapshot.  `wall_s` is the time from ``run=1`` until the scan at
+    whose end the final counters were first seen; `confirmed_s` until convergence was confirmed;
+    `scans3_s` until 3 full scans had completed (the work LKSM's 3 initial rounds do).
+    """
+
+    counters: dict[str, int]
+    wall_s: float
+    confirmed_s: float
+    scans3_s: float
+    full_scans: int
+    samples: list[tuple[int, float, tuple[int, ...]]] = field(default_factory=list)
+
+
+class KernelKsm:
+    """Context manager over /sys/kernel/mm/ksm: configure, converge, unmerge, always restore.
+
+    On entry it takes an exclusive flock (so two oracle users on the machine never interleave; the
+    counters are global) and saves every writable setting.  On exit it unmerges (``run=2``), waits
+    for pages_shared and pages_sharing to reach 0, stops (``run=0``) and writes the saved settings
+    back - the ones the kernel refuses while stable nodes exist (max_page_sharing,
+    merge_across_nodes: EBUSY) only after the unmerge, and advisor_mode last (with an advisor on,
+    pages_to_scan is not writable).
+    """
+
+    def __init__(self, path: Path = KSM_DIR, lock_path: Path = LOCK_PATH) -> None:
+        self.path = path
+        self.lock_path = lock_path
+        self.saved: dict[str, str] = {}
+        self._lock_fd: int | None = None
+
+    # -- availability
+
+    @classmethod
+    def available(cls, path: Path = KSM_DIR) -> tuple[bool, str]:
+        """(True, '') when the oracle can run here, else (False, why) for a pytest skip."""
+        if not path.is_dir():
+            return False, f"{path} absent: kernel built without CONFIG_KSM"
+        if os.geteuid() != 0:
+            return False, "kernel KSM oracle needs root (writes /sys/kernel/mm/ksm)"
+        if not os.access(path / _RUN, os.W_OK):
+            return False, f"{path}/run is not writable (read-only sysfs?)"
+        try:
+            with open(path / _RUN, "w") as f:  # rewrite the current value: a no-op probe
+                f.write((path / _RUN).read_text().strip())
+        except OSError as exc:
+            return False, f"cannot write {path}/run: {exc.strerror}"
+        if not Path("/proc/self/ksm_stat").exists():
+            return False, "no /proc/PID/ksm_stat: kernel too old for PR_SET_MEMORY_MERGE (< 6.4)"
+        return True, ""
+
+    # -- raw access
+
+    def read(self, name: str) -> int:
+        """An integer attribute."""
+        return int((self.path / name).read_text().split()[0])
+
+    def read_raw(self, name: str) -> str:
+        return (self.path / name).read_text().strip()
+
+    def write(self, name: str, value: int | str) -> None:
+        """Write one attribute; an OSError carries the kernel's errno (EBUSY, EINVAL)."""
+        fd = os.open(self.path / name, os.O_WRONLY)
+        try:
+            os.write(fd, f"{value}\n".encode())
+        finally:
+            os.close(fd)
+
+    def writable(self) -> list[str]:
+        """Names of the writable attributes (mode has the owner-write bit)."""
+        return sorted(p.name for p in self.path.iterdir() if p.stat().st_mode & 0o200)
+
+    def counters(self) -> dict[str, int]:
+        """Every read-only attribute, as ints (what the kernel reports right now)."""
+        out: dict[str, int] = {}
+        for p in sorted(self.path.iterdir()):
+            if p.stat().st_mode & 0o200:
+                continue
+            try:
+                out[p.name] = int(p.read_text().split()[0])
+            except (ValueError, IndexError, OSError):
+                continue
+        return out
+
+    # -- context management
+
+    def __enter__(self) -> KernelKsm:
+        self.path.stat()  # fail early when absent
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise OracleError(f"{self.lock_path} held by another oracle user") from None
+                time.sleep(0.05)
+        self._lock_fd = fd
+        try:
+            self.saved = {name: self._saved_form(name) for name in self.writable()}
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.restore()
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+    def _saved_form(self, name: str) -> str:
+        """The value to write back: advisor_mode reads ``[none] scan-time``, we want ``none``."""
+        raw = self.read_raw(name)
+        if "[" in raw:
+            return raw[raw.index("[") + 1 : raw.index("]")]
+        return raw
+
+    def restore(self) -> None:
+        """Unmerge, stop, then write every saved setting back; attempts every step, then raises."""
+        errors: list[str] = []
+        try:
+            self.unmerge()
+        except (OSError, OracleError) as exc:
+            errors.append(f"unmerge: {exc}")
+        try:
+            self.write(_RUN, 0)
+        except OSError as exc:
+            errors.append(f"run=0: {exc}")
+        if _ADVISOR in self.saved:
+            try:
+                self.write(_ADVISOR, "none")
+            except OSError as exc:
+                errors.append(f"{_ADVISOR}=none: {exc}")
+        for name, value in self.saved.items():
+            if name in (_RUN, _ADVISOR):
+                continue
+            if self._saved_form(name) == value:
+                continue
+            try:
+                self.write(name, value)
+            except OSError as exc:
+                errors.append(f"{name}={value}: {exc}")
+        if _ADVISOR in self.saved and self.saved[_ADVISOR] != "none":
+            try:
+                self.write(_ADVISOR, self.saved[_ADVISOR])
+            except OSError as exc:
+                errors.append(f"{_ADVISOR}: {exc}")
+        # run last: if it was merging before us, let it merge again.
+        if self.saved.get(_RUN, "0") != "0":
+            try:
+                self.write(_RUN, self.saved[_RUN])
+            except OSError as exc:
+                errors.append(f"run={self.saved[_RUN]}: {exc}")
+        if errors:
+            raise OracleError("could not fully restore /sys/kernel/mm/ksm: " + "; ".join(errors))
+
+    # -- operations
+
+    def unmerge(self, timeout_s: float = 120.0) -> None:
+        """``run=2`` then wait (deadline) until no KSM page is left, then ``run=0``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.write(_RUN, 2)  # synchronous in the kernel, but may be interrupted
+                break
+            except InterruptedError:
+                if time.monotonic() > deadline:
+                    raise
+        while True:
+            c = self.counters()
+            if c.get("pages_shared", 0) == 0 and c.get("pages_sharing", 0) == 0:
+                break
+            if time.monotonic() > deadline:
+                raise OracleError(f"unmerge did not finish in {timeout_s}s: {c}")
+            time.sleep(0.01)
+        self.write(_RUN, 0)
+
+    def configure(
+        self,
+        *,
+        pages_to_scan: int = 10000,
+        sleep_millisecs: int = 0,
+        max_page_sharing: int | None = None,
+        smart_scan: int = 0,
+        use_zero_pages: int = 0,
+        merge_across_nodes: int | None = None,
+    ) -> None:
+        """Stop KSM, unmerge (max_page_sharing needs no stable nodes), set the scanning knobs.
+
+        smart_scan=0 because smart scan skips pages that failed to merge before, so the number of
+        scans to converge would depend on history; the advisor is switched off because it
+        overrides pages_to_scan.
+        """
+        self.unmerge()
+        names = set(self.writable())
+        if _ADVISOR in names:
+            self.write(_ADVISOR, "none")
+        if max_page_sharing is not None and self.read("max_page_sharing") != max_page_sharing:
+            self.write("max_page_sharing", max_page_sharing)
+        if merge_across_nodes is not None and "merge_across_nodes" in names:
+            if self.read("merge_across_nodes") != merge_across_nodes:
+                self.write("merge_across_nodes", merge_across_nodes)
+        self.write("pages_to_scan", pages_to_scan)
+        self.write("sleep_millisecs", sleep_millisecs)
+        if "smart_scan" in names:
+            self.write("smart_scan", smart_scan)
+        self.write("use_zero_pages", use_zero_pages)
+
+    def converge(
+        self,
+        timeout_s: float = 120.0,
+        *,
+        min_scans: int = 3,
+        stable_scans: int = 2,
+        poll_s: float = 0.005,
+    ) -> Convergence:
+        """Start ksmd (``run=1``) and wait for convergence; returns the counters and timings.
+
+        Converged means: at least `min_scans` full scans completed since ``run=1`` (ksm's checksum
+        gate needs 2 visits before a page enters the unstable tree, a 3rd confirms), and the
+        tuple (pages_shared, pages_sharing, stable_node_chains, stable_node_dups) read at a
+        full-scan boundary (full_scans equal before and after the read) is identical at two
+        boundaries `stable_scans` or more full scans apart, with no different value seen in
+        between.  pages_unshared is left out: on stopped processes it was seen to flicker by one
+        page from scan to scan while nothing else moved.  ksmd is left running; call `unmerge`
+        (or leave the context) to undo the merges.
+        """
+        keys = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups")
+        start_scans = self.read("full_scans")
+        t0 = time.monotonic()
+        self.write(_RUN, 1)
+        deadline = t0 + timeout_s
+        samples: list[tuple[int, float, tuple[int, ...]]] = []
+        scans3_s: float | None = None
+        last_fs = start_scans
+        while True:
+            if time.monotonic() > deadline:
+                raise OracleError(
+                    f"kernel KSM did not converge in {timeout_s}s; samples={samples[-5:]}")
+            time.sleep(poll_s)
+            fs = self.read("full_scans")
+            if fs == last_fs:
+                continue
+            now = time.monotonic() - t0
+            c = self.counters()
+            if c["full_scans"] != fs:
+                continue  # a scan ended while reading: take the next boundary
+            last_fs = fs
+            done = fs - start_scans
+            if scans3_s is None and done >= 3:
+                scans3_s = now
+            if done < min_scans:
+                samples.append((fs, now, tuple(c.get(k, 0) for k in keys)))
+                continue
+            value = tuple(c.get(k, 0) for k in keys)
+            samples.append((fs, now, value))
+            # first sample of the current run of identical values
+            first = len(samples) - 1
+            while first > 0 and samples[first - 1][2] == value:
+                first -= 1
+            first_fs, first_t, _ = samples[first]
+            if first_fs - start_scans < min_scans:
+                # identical run starts before min_scans: convergence counts from min_scans
+                first_fs = max(first_fs, start_scans + min_scans)
+            if fs - first_fs >= stable_scans:
+                return Convergence(
+                    counters=c,
+                    wall_s=first_t,
+                    confirmed_s=now,
+                    scans3_s=scans3_s if scans3_s is not None else now,
+                    full_scans=done,
+                    samples=samples,
+                )
+
+    def foreign_mergeable(self, ours: Iterable[int]) -> list[int]:
+        """Pids, other than `ours`, whose memory the kernel's KSM may merge (skews counters)."""
+        mine = set(ours)
+        out = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) in mine:
+                continue
+            try:
+                text = Path(entry.path, "ksm_stat").read_text()
+            except OSError:
+                continue
+            if "ksm_mergeable: yes" in text or "ksm_merge_any: yes" in text:
+                out.append(int(entry.name))
+        return out
+
+
+# ---------------------------------------------------------------- pattern processes
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state of /proc/PID/stat ('' once the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return text[text.rindex(")") + 2]
+
+
+def wait_stopped(pid: int, timeout_s: float = 30.0) -> None:
+    """Wait (deadline) until `pid` is in state T (stopped by a signal)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = proc_state(pid)
+        if state == "T":
+            return
+        if state in ("", "Z", "X"):
+            raise OracleError(f"pattern child {pid} died (state {state!r})")
+        if time.monotonic() > deadline:
+            raise OracleError(f"pattern child {pid} not stopped after {timeout_s}s (state {state})")
+        time.sleep(0.002)
+
+
+def smaps_ksm_pages(pid: int, addr: int) -> int:
+    """The kernel's ``KSM:`` figure (merged pages) for the VMA starting at `addr`, in pages."""
+    text = Path(f"/proc/{pid}/smaps").read_text()
+    inside = False
+    for line in text.splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and not head.endswith(":"):
+            inside = int(head.split("-")[0], 16) == addr
+        elif inside and line.startswith("KSM:"):
+            return int(line.split()[1]) * 1024 // PAGE_SIZE
+    raise OracleError(f"no KSM: line for mapping {addr:#x} of pid {pid}")
+
+
+class PatternProcess:
+    """A stopped child whose one anonymous mapping holds pages written from `spec`.
+
+    The child is mergeable (PR_SET_MEMORY_MERGE), has THP disabled, has used >= `min_cpu_s` of CPU
+    (so LKSM's short-task rule does not skip it) and is stopped (state T) whenever this object
+    hands control back.
+    """
+
+    def __init__(
+        self, spec: Spec, *, min_cpu_s: float = 0.15, timeout_s: float = 60.0, wait: bool = True
+    ) -> None:
+        """Spawn the child; unless `wait` is False, wait until it is ready and stopped."""
+        self.spec: list[tuple[int, Pattern]] = list(spec)
+        self.timeout_s = timeout_s
+        self.proc = subprocess.Popen(
+            [sys.executable, "-S", str(CHILD_PATH), format_spec(self.spec), str(min_cpu_s)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        self.pid = self.proc.pid
+        self._buf = b""
+        self.phase = 0
+        self.addr = 0
+        self.npages = 0
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Read the child's ``ready`` line and wait until it has stopped itself."""
+        try:
+            words = self._readline().split()
+            if len(words) != 4 or words[0] != "ready":
+                raise OracleError(f"pattern child said {' '.join(words)!r}")
+            self.addr = int(words[2])
+            self.npages = int(words[3])
+            wait_stopped(self.pid, self.timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _readline(self) -> str:
+        """One line from the child's stdout, with a deadline (select, no blocking read)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + self.timeout_s
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OracleError(f"pattern child {self.pid}: no answer in {self.timeout_s}s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise OracleError(f"pattern child {self.pid} exited (rc={self.proc.poll()})")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def rewrite(self, spec: Spec) -> None:
+        """Run one phase: the child rewrites its pages per `spec` and stops again."""
+        new = list(spec)
+        if sum(c for c, _ in new) != self.npages:
+            got = sum(c for c, _ in new)
+            raise ValueError(f"phase spec has {got} pages, mapping {self.npages}")
+        assert self.proc.stdin is not None
+        wait_stopped(self.pid, self.timeout_s)
+        self.proc.stdin.write((format_spec(new) + "\n").encode())
+        os.kill(self.pid, signal.SIGCONT)
+        answer = self._readline()
+        if answer != f"done {self.phase + 1}":
+            raise OracleError(f"pattern child {self.pid} answered {answer!r}")
+        wait_stopped(self.pid, self.timeout_s)
+        self.phase += 1
+        self.spec = new
+
+    def ksm_pages(self) -> int:
+        """Pages of the pattern mapping the kernel has merged right now (smaps ``KSM:``)."""
+        return smaps_ksm_pages(self.pid, self.addr)
+
+    def close(self) -> None:
+        """Kill and reap; safe to call twice."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()  # SIGKILL works on a stopped process
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> PatternProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PatternGroup:
+    """Several pattern processes started together and closed together (always)."""
+
+    def __init__(
+        self, specs: Sequence[Spec], *, min_cpu_s: float = 0.15, timeout_s: float = 60.0
+    ) -> None:
+        self.procs: list[PatternProcess] = []
+        try:
+            for spec in specs:  # spawn all first: they fill their pages in parallel
+                self.procs.append(
+                    PatternProcess(spec, min_cpu_s=min_cpu_s, timeout_s=timeout_s, wait=False))
+            for proc in self.procs:
+                proc.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def rewrite(self, specs: Sequence[Spec]) -> None:
+        for proc, spec in zip(self.procs, specs, strict=True):
+            proc.rewrite(spec)
+
+    def ksm_pages(self) -> int:
+        return sum(p.ksm_pages() for p in self.procs)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.close()
+
+    def __enter__(self) -> PatternGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- a page census (hand check)
+
+_PM_PRESENT = 1 << 63
+_PM_FILE = 1 << 61  # file page or shared anonymous
+_PM_PFN = (1 << 55) - 1
+_KPF_ANON = 1 << 12
+_KPF_ZERO_PAGE = 1 << 24
+_SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
+
+
+def anon_page_census(
+    pids: Iterable[int], exclude: dict[int, tuple[int, int]] | None = None
+) -> dict[bytes, int]:
+    """Group the present anonymous pages of `pids` by content: digest -> number of pages.
+
+    A deliberately naive second opinion (pagemap present + not file, kpageflags ANON and not the
+    zero page, contents from /proc/PID/mem), used to derive by hand how many of the runtime's
+    pages can merge.  `exclude` maps pid -> (start, end) byte range left out (the pattern mapping).
+    Needs root (PFNs) and stopped processes (stable contents).
+    """
+    import hashlib
+
+    groups: dict[bytes, int] = {}
+    with open("/proc/kpageflags", "rb", buffering=0) as kpf:
+        for pid in pids:
+            skip = (exclude or {}).get(pid)
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            with (
+                open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm,
+                open(f"/proc/{pid}/mem", "rb", buffering=0) as mem,
+            ):
+                for line in maps:
+                    fields_ = line.split(maxsplit=5)
+                    start_s, end_s = fields_[0].split("-")
+                    start, end = int(start_s, 16), int(end_s, 16)
+                    path = fields_[5] if len(fields_) > 5 else ""
+                    if path in _SPECIAL or "r" not in fields_[1] or fields_[1][3] == "s":
+                        continue
+                    if skip is not None and start == skip[0]:
+                        continue
+                    npages = (end - start) // PAGE_SIZE
+                    entries = os.pread(pm.fileno(), npages * 8, (start // PAGE_SIZE) * 8)
+                    for i in range(len(entries) // 8):
+                        e = int.from_bytes(entries[i * 8 : i * 8 + 8], "little")
+                        if not e & _PM_PRESENT or e & _PM_FILE:
+                            continue
+                        pfn = e & _PM_PFN
+                        flags = int.from_bytes(os.pread(kpf.fileno(), 8, pfn * 8), "little")
+                        if not flags & _KPF_ANON or flags & _KPF_ZERO_PAGE:
+                            continue
+                        data = os.pread(mem.fileno(), PAGE_SIZE, start + i * PAGE_SIZE)
+                        key = hashlib.blake2b(data, digest_size=16).digest()
+                        groups[key] = groups.get(key, 0) + 1
+    return groups
+
+
+ZERO_DIGEST = __import__("hashlib").blake2b(bytes(PAGE_SIZE), digest_size=16).digest()
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m lksmfs.oracle child SPEC`` runs the child in-process (debugging aid)."""
+    if len(argv) >= 2 and argv[0] == "child":
+        os.execv(sys.executable, [sys.executable, "-S", str(CHILD_PATH), *argv[1:]])
+    print("usage: python -m lksmfs.oracle child SPEC [MIN_CPU_S]", file=sys.stderr)
+    return errno.EINVAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,0 +1,759 @@
+"""The procfs memory source: real processes, read-only, through /proc (SPEC section 4).
+
+Every kernel concept the engine asks about is answered from a /proc file:
+
+- tasks:      /proc/[0-9]*, minus kernel threads (PF_KTHREAD in stat) and the daemon itself
+- identity:   (pid, starttime) - stat field 22 - because pids are reused
+- VMAs:       /proc/PID/smaps (the maps lines plus `Anonymous:` and `VmFlags:`)
+- anon pages: /proc/PID/pagemap (present, PFN) + /proc/kpageflags (ANON, ZERO_PAGE)
+- contents:   pread on /proc/PID/mem, coalescing runs of pages into one big read
+
+Per-task files are opened relative to a directory fd on /proc/PID: once that directory
+is open it keeps naming the same process, so a pid that is reused later reads as
+ESRCH/ENOENT (ProcessGone) instead of silently switching to another process.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from lksmfs.sources.base import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    AccessDenied,
+    Mapping,
+    ProcessGone,
+    TaskId,
+    TaskStat,
+)
+from lksmfs.sources.scope import Scope
+
+__all__ = [
+    "ProcfsSource",
+    "StatFields",
+    "parse_stat",
+    "parse_maps",
+    "parse_smaps",
+    "read_task_id",
+    "PF_KTHREAD",
+]
+
+PF_KTHREAD = 0x00200000
+
+# /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PM_PFN_MASK = np.uint64((1 << 55) - 1)
+PM_FILE_OR_SHARED_ANON_BIT = 61
+PM_PRESENT_BIT = 63
+# /proc/kpageflags bits
+KPF_ANON_BIT = 12
+KPF_ZERO_PAGE_BIT = 24
+
+# VmFlags mnemonics of what ksm_join refuses: VM_SHARED, VM_PFNMAP, VM_IO,
+# VM_DONTEXPAND, VM_HUGETLB, VM_MIXEDMAP.
+UNMERGEABLE_VMFLAGS = frozenset({"sh", "pf", "io", "de", "ht", "mm"})
+# Kernel-provided special mappings: never anonymous user memory.
+SPECIAL_MAPPINGS = frozenset({"[vvar]", "[vdso]", "[vvar_vclock]", "[uprobes]", "[sigpage]"})
+# Not a VMA at all (the gate area is printed by maps but lives above TASK_SIZE).
+NOT_A_VMA = frozenset({"[vsyscall]"})
+
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH})
+_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+# pagemap is read in chunks so a huge reserved range (e.g. 64 GiB PROT_NONE) costs
+# bounded memory; 64 Ki entries = 512 KiB per read.
+_PAGEMAP_CHUNK = 1 << 16
+# Two PFN runs closer than this are fetched from kpageflags with one pread: reading a
+# few unneeded flags words is much cheaper than another syscall.
+_KPF_GAP = 64
+_DEFAULT_MAX_OPEN_TASKS = 16
+_AUTO_SELF = -1
+
+
+def _errno_to_exc(exc: OSError, what: str) -> Exception:
+    """Translate an OSError on a per-task file into the protocol's exceptions."""
+    if exc.errno in _GONE_ERRNOS:
+        return ProcessGone(f"{what}: {exc.strerror}")
+    if exc.errno in _DENIED_ERRNOS:
+        return AccessDenied(f"{what}: {exc.strerror}")
+    return exc
+
+
+def _read_all(path: str, dir_fd: int | None = None) -> bytes:
+    """Read a whole (/proc) file; /proc files must be read to EOF, size says nothing."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        chunks: list[bytes] = []
+        while True:
+            b = os.read(fd, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- parsers
+
+
+@dataclass(frozen=True)
+class StatFields:
+    """The /proc/PID/stat fields the engine and the watcher use (1-based field numbers)."""
+
+    pid: int  # 1
+    comm: str  # 2, without the parentheses
+    state: str  # 3
+    flags: int  # 9
+    minflt: int  # 10
+    majflt: int  # 12
+    utime: int  # 14, clock ticks
+    stime: int  # 15, clock ticks
+    starttime: int  # 22, clock ticks since boot
+
+    @property
+    def kthread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+
+def parse_stat(data: bytes) -> StatFields:
+    """Parse /proc/PID/stat.  comm may hold spaces and ')' so split at the LAST ')'."""
+    lp = data.find(b"(")
+    rp = data.rfind(b")")
+    if lp < 0 or rp < lp:
+        raise ValueError(f"malformed stat: {data[:80]!r}")
+    rest = data[rp + 1 :].split()
+    # rest[0] is field 3 (state): field N is rest[N - 3]
+    if len(rest) < 20:
+        raise ValueError(f"short stat: {data[:80]!r}")
+    return StatFields(
+        pid=int(data[:lp]),
+        comm=os.fsdecode(data[lp + 1 : rp]),
+        state=rest[0].decode("ascii", "replace"),
+        flags=int(rest[6]),
+        minflt=int(rest[7]),
+        majflt=int(rest[9]),
+        utime=int(rest[11]),
+        stime=int(rest[12]),
+        starttime=int(rest[19]),
+    )
+
+
+def _parse_vma_line(line: bytes) -> tuple[int, int, str, int, int, str] | None:
+    """One maps line -> (start, end, perms, dev, inode, path); None if it is not one."""
+    parts = line.split(None, 5)
+    if len(parts) < 5 or b"-" not in parts[0]:
+        return None
+    s, _, e = parts[0].partition(b"-")
+    try:
+        start = int(s, 16)
+        end = int(e, 16)
+        maj, _, mnr = parts[3].partition(b":")
+        dev = os.makedev(int(maj, 16), int(mnr, 16))
+        inode = int(parts[4])
+    except ValueError:
+        return None
+    path = os.fsdecode(parts[5].rstrip(b"\n")) if len(parts) == 6 else ""
+    return start, end, parts[1].decode("ascii", "replace"), dev, inode, path
+
+
+def _make_mapping(
+    fields: tuple[int, int, str, int, int, str], vmflags: frozenset[str] | None, anon_kb: int | None
+) -> Mapping | None:
+    """Build the Mapping ksm_join would see; None for things that are not VMAs."""
+    start, end, perms, dev, inode, path = fields
+    if path in NOT_A_VMA:
+        return None
+    mergeable = not (len(perms) > 3 and perms[3] == "s")
+    if vmflags is not None and vmflags & UNMERGEABLE_VMFLAGS:
+        mergeable = False
+    if path in SPECIAL_MAPPINGS:
+        mergeable = False
+    return Mapping(
+        start=start,
+        end=end,
+        perms=perms,
+        file=(dev, inode) if inode != 0 else None,
+        path=path,
+        mergeable=mergeable,
+        # without smaps we cannot know about anon_vma: assume there may be anon pages
+        has_anon=True if anon_kb is None else anon_kb > 0,
+    )
+
+
+def parse_maps(data: bytes) -> list[Mapping]:
+    """Parse /proc/PID/maps (no VmFlags: only perms decide mergeability)."""
+    out: list[Mapping] = []
+    for line in data.splitlines():
+        f = _parse_vma_line(line)
+        if f is None:
+            continue
+        m = _make_mapping(f, None, None)
+        if m is not None:
+            out.append(m)
+    return out
+
+
+def parse_smaps(data: bytes) -> list[Mapping]:
+    """Parse /proc/PID/smaps: maps header lines, each followed by `Key: value` lines."""
+    out: list[Mapping] = []
+    cur: tuple[int, int, str, int, int, str] | None = None
+    vmflags: frozenset[str] | None = None
+    anon_kb: int | None = None
+
+    def flush() -> None:
+        if cur is not None:
+            m = _make_mapping(cur, vmflags, anon_kb)
+            if m is not None:
+                out.append(m)
+
+    for line in data.splitlines():
+        head, _, _rest = line.partition(b" ")
+        if head.endswith(b":"):
+            if head == b"VmFlags:":
+                vmflags = frozenset(line[8:].decode("ascii", "replace").split())
+            elif head == b"Anonymous:":
+                try:
+                    anon_kb = int(line.split()[1])
+                except (IndexError, ValueError):
+                    anon_kb = None
+            continue
+        f = _parse_vma_line(line)
+        if f is None:
+            continue
+        flush()
+        cur, vmflags, anon_kb = f, None, None
+    flush()
+    return out
+
+
+def read_task_id(pid: int, proc_root: str = "/proc") -> tuple[TaskId, StatFields] | None:
+    """TaskId and stat of a pid right now, or None when it is gone/unreadable (for the watcher)."""
+    try:
+        st = parse_stat(_read_all(f"{proc_root}/{pid}/stat"))
+    except (OSError, ValueError):
+        return None
+    return TaskId(pid, st.starttime), st
+
+
+# ------------------------------------------------------------------------------ source
+
+
+class _TaskHandle:
+    """Open fds of one task being scanned: /proc/PID dir, mem, pagemap (opened lazily)."""
+
+    __slots__ = ("task", "dir_fd", "mem_fd", "pagemap_fd", "busy", "stat0")
+
+    def __init__(self, task: TaskId, dir_fd: int, stat0: StatFields | None = None) -> None:
+        self.task = task
+        self.dir_fd = dir_fd
+        self.mem_fd = -1
+        self.pagemap_fd = -1
+        self.busy = 0
+        # the stat read when the handle was opened: valid only during that same call
+        self.stat0 = stat0
+
+    def fd(self, name: str) -> int:
+        """The fd of `mem` or `pagemap`, opening it on first use."""
+        attr = "mem_fd" if name == "mem" else "pagemap_fd"
+        fd: int = getattr(self, attr)
+        if fd < 0:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
+            except OSError as e:
+                raise _errno_to_exc(e, f"{self.task} {name}") from e
+            setattr(self, attr, fd)
+        return fd
+
+    def close(self) -> None:
+        for attr in ("mem_fd", "pagemap_fd", "dir_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class ProcfsSource:
+    """MemorySource over /proc.  Read-only: it opens nothing for writing, ever.
+
+    Thread safety: calls for one task come from one thread at a time (protocol); the fd
+    cache is guarded by a lock and never closes a handle another thread is using; the
+    page buffer is per thread.
+    """
+
+    def __init__(
+        self,
+        proc_root: str = "/proc",
+        *,
+        self_pid: int | None = _AUTO_SELF,
+        scope: Scope | None = None,
+        log: logging.Logger | None = None,
+        max_open_tasks: int = _DEFAULT_MAX_OPEN_TASKS,
+    ) -> None:
+        """`self_pid` defaults to the calling process (resolved now, not at import time);
+        None skips nobody.  `max_open_tasks` bounds the per-task fd cache (3 fds each)."""
+        self.proc_root = proc_root.rstrip("/") or "/"
+        self.self_pid = os.getpid() if self_pid == _AUTO_SELF else self_pid
+        self.scope = scope
+        self.log = log or logging.getLogger("lksmfs.procfs")
+        self.max_open_tasks = max(1, max_open_tasks)
+        self._lock = threading.Lock()
+        self._handles: OrderedDict[TaskId, _TaskHandle] = OrderedDict()
+        self._kpf_fd: int | None = None
+        self._kpf_state = "unopened"  # unopened | open | unavailable
+        self._warned_fallback = False
+        self._tls = threading.local()
+        self._clk_tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        # set once present_anon had to use the pagemap-only approximation
+        self.fallback_used = False
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _path(self, *parts: object) -> str:
+        return "/".join([self.proc_root, *map(str, parts)])
+
+    def _open_dir(self, task: TaskId) -> tuple[int, StatFields]:
+        """Open /proc/PID and check that it is still the same process (start time)."""
+        try:
+            dfd = os.open(self._path(task.pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _errno_to_exc(e, f"{task}") from e
+        try:
+            st = self._stat_at(dfd, task)
+        except BaseException:
+            os.close(dfd)
+            raise
+        if st.starttime != task.start_time:
+            os.close(dfd)
+            raise ProcessGone(f"{task}: pid reused (start time now {st.starttime})")
+        return dfd, st
+
+    @staticmethod
+    def _stat_at(dfd: int, task: TaskId) -> StatFields:
+        try:
+            data = _read_all("stat", dir_fd=dfd)
+        except OSError as e:
+            raise _errno_to_exc(e, f"{task} stat") from e
+        if not data:
+            raise ProcessGone(f"{task}: empty stat")
+        try:
+            return parse_stat(data)
+        except ValueError as e:
+            raise ProcessGone(f"{task}: {e}") from e
+
+    def _acquire(self, task: TaskId, *, cache: bool) -> _TaskHandle:
+        """A handle for `task`: the cached one, or a new one (cached only if `cache`)."""
+        with self._lock:
+            h = self._handles.get(task)
+            if h is not None:
+                self._handles.move_to_end(task)
+                h.busy += 1
+                return h
+        h = _TaskHandle(task, *self._open_dir(task))
+        h.busy = 1
+        if not cache:
+            return h
+        with self._lock:
+            old = self._handles.get(task)
+            if old is not None:  # lost a race with another thread: use theirs
+                old.busy += 1
+                h.busy = 0
+                h.close()
+                return old
+            self._handles[task] = h
+            self._evict_locked()
+        return h
+
+    def _put(self, h: _TaskHandle) -> None:
+        with self._lock:
+            h.stat0 = None
+            h.busy -= 1
+            if h.busy <= 0 and self._handles.get(h.task) is not h:
+                h.close()  # not cached (or evicted/released while busy)
+            else:
+                self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        """Close least-recently-used idle handles beyond the bound."""
+        if len(self._handles) <= self.max_open_tasks:
+            return
+        for t in list(self._handles):
+            if len(self._handles) <= self.max_open_tasks:
+                break
+            h = self._handles[t]
+            if h.busy == 0:
+                del self._handles[t]
+                h.close()
+
+    def _drop(self, task: TaskId) -> None:
+        """Forget a cached handle (task gone): closed now, or by its last user."""
+        with self._lock:
+            h = self._handles.pop(task, None)
+            if h is not None and h.busy == 0:
+                h.close()
+
+    def _alive(self, h: _TaskHandle) -> bool:
+        """Is the task still there with an mm (not gone, not a zombie)?"""
+        try:
+            st = self._stat_at(h.dir_fd, h.task)
+        except (ProcessGone, AccessDenied):
+            return False
+        return st.state not in ("Z", "X", "x") and st.starttime == h.task.start_time
+
+    # -- MemorySource -------------------------------------------------------------
+
+    def tasks(self) -> list[TaskId]:
+        """Every user process in scope, in pid order (for_each_process)."""
+        allowed = self.scope.snapshot(self.proc_root) if self.scope is not None else None
+        out: list[TaskId] = []
+        try:
+            it = os.scandir(self.proc_root)
+        except OSError as e:
+            self.log.error("cannot list %s: %s", self.proc_root, e)
+            return out
+        with it:
+            pids = sorted(int(d.name) for d in it if d.name.isdigit())
+        for pid in pids:
+            if pid == self.self_pid:
+                continue
+            got = read_task_id(pid, self.proc_root)
+            if got is None:
+                continue
+            tid, st = got
+            if st.kthread:
+                continue
+            if allowed is not None and not allowed.allows(pid, st.comm):
+                continue
+            out.append(tid)
+        return out
+
+    def in_scope(self, pid: int, comm: str | None = None) -> bool:
+        """Does the scope admit this pid (the watcher filters hints with it)?"""
+        if pid == self.self_pid:
+            return False
+        if self.scope is None:
+            return True
+        return self.scope.allows_pid(pid, self.proc_root, comm=comm)
+
+    def stat(self, task: TaskId) -> TaskStat:
+        """comm, runtime (schedstat), faults (stat), RssAnon (status) of `task`."""
+        h = self._acquire(task, cache=False)
+        try:
+            st = h.stat0 if h.stat0 is not None else self._stat_at(h.dir_fd, task)
+            if st.starttime != task.start_time:
+                raise ProcessGone(f"{task}: pid reused")
+            runtime_ns = self._runtime_ns(h, st)
+            anon_pages = 0
+            try:
+                status = _read_all("status", dir_fd=h.dir_fd)
+            except OSError as e:
+                raise _errno_to_exc(e, f"{task} status") from e
+            for line in status.splitlines():
+                if line.startswith(b"RssAnon:"):
+                    anon_pages = int(line.split()[1]) * 1024 // PAGE_SIZE
+                    break
+            return TaskStat(
+                comm=st.comm,
+                runtime_ns=runtime_ns,
+                faults=st.minflt + st.majflt,
+                anon_pages=anon_pages,
+                kthread=st.kthread,
+            )
+        finally:
+            self._put(h)
+
+    def _runtime_ns(self, h: _TaskHandle, st: StatFields) -> int:
+        """sum_exec_runtime from schedstat; utime+stime ticks if schedstat is absent."""
+        try:
+            data = _read_all("schedstat", dir_fd=h.dir_fd)
+            return int(data.split()[0])
+        except OSError as e:
+            if e.errno in _GONE_ERRNOS and not self._alive(h):
+                raise ProcessGone(f"{h.task} schedstat") from e
+        except (IndexError, ValueError):
+            pass
+        return (st.utime + st.stime) * 1_000_000_000 // self._clk_tck
+
+    def mappings(self, task: TaskId) -> list[Mapping]:
+        """VMAs in address order, from one read of smaps (maps if smaps is missing)."""
+        h = self._acquire(task, cache=False)
+        try:
+            return self._mappings_at(h)
+        finally:
+            self._put(h)
+
+    def _mappings_at(self, h: _TaskHandle) -> list[Mapping]:
+        try:
+            return parse_smaps(_read_all("smaps", dir_fd=h.dir_fd))
+        except OSError as e:
+            if e.errno != errno.ENOENT or not self._alive(h):
+                raise _errno_to_exc(e, f"{h.task} smaps") from e
+        try:  # a kernel without smaps (CONFIG_PROC_PAGE_MONITOR=n): maps only
+            return parse_maps(_read_all("maps", dir_fd=h.dir_fd))
+        except OSError as e:
+            raise _errno_to_exc(e, f"{h.task} maps") from e
+
+    def _vma_ranges(self, h: _TaskHandle) -> list[tuple[int, int]]:
+        """Current [start_vpn, end_vpn) of every VMA (cheap maps re-read)."""
+        try:
+            data = _read_all("maps", dir_fd=h.dir_fd)
+        except OSError as e:
+            raise _errno_to_exc(e, f"{h.task} maps") from e
+        return [(m.start_vpn, m.end_vpn) for m in parse_maps(data)]
+
+    # -- pages --------------------------------------------------------------------
+
+    def _kpageflags(self) -> int | None:
+        """The shared /proc/kpageflags fd, or None if it cannot be read (no root)."""
+        if self._kpf_state == "unopened":
+            with self._lock:
+                if self._kpf_state == "unopened":
+                    try:
+                        self._kpf_fd = os.open(self._path("kpageflags"), os.O_RDONLY | os.O_CLOEXEC)
+                        self._kpf_state = "open"
+                    except OSError as e:
+                        self._kpf_state = "unavailable"
+                        self._warn_fallback(f"/proc/kpageflags unreadable ({e.strerror})")
+        return self._kpf_fd if self._kpf_state == "open" else None
+
+    def _warn_fallback(self, why: str) -> None:
+        self.fallback_used = True
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            self.log.warning(
+                "%s: approximating anonymous pages as present pages with pagemap bit 61 "
+                "clear (this counts the shared zero page as anonymous)",
+                why,
+            )
+
+    def _read_pagemap(self, h: _TaskHandle, start_vpn: int, end_vpn: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first_vpn, entries) chunks of the pagemap for [start_vpn, end_vpn)."""
+        fd = h.fd("pagemap")
+        vpn = start_vpn
+        while vpn < end_vpn:
+            n = min(_PAGEMAP_CHUNK, end_vpn - vpn)
+            try:
+                data = os.pread(fd, n * 8, vpn * 8)
+            except OSError as e:
+                if e.errno == errno.EIO or e.errno in _GONE_ERRNOS:
+                    if not self._alive(h):
+                        raise ProcessGone(f"{h.task} pagemap") from e
+                    return  # range vanished under us: nothing present there
+                raise _errno_to_exc(e, f"{h.task} pagemap") from e
+            if not data:
+                if not self._alive(h):
+                    raise ProcessGone(f"{h.task} pagemap")
+                return
+            usable = len(data) - len(data) % 8
+            yield vpn, np.frombuffer(data, dtype=np.uint64, count=usable // 8)
+            vpn += n
+
+    def _flags_of(self, kfd: int, pfns: np.ndarray) -> np.ndarray:
+        """kpageflags for each pfn, with one pread per cluster of nearby PFNs."""
+        out = np.zeros(len(pfns), dtype=np.uint64)
+        if len(pfns) == 0:
+            return out
+        order = np.argsort(pfns)
+        sp = pfns[order]  # sorted, duplicates kept (a KSM page mapped twice)
+        breaks = np.flatnonzero(np.diff(sp) > _KPF_GAP) + 1
+        starts = np.concatenate(([0], breaks))
+        ends = np.concatenate((breaks, [len(sp)]))
+        flags_sorted = np.zeros(len(sp), dtype=np.uint64)
+        for i0, i1 in zip(starts.tolist(), ends.tolist(), strict=True):
+            lo = int(sp[i0])
+            hi = int(sp[i1 - 1])
+            data = os.pread(kfd, (hi - lo + 1) * 8, lo * 8)
+            seg = np.frombuffer(data, dtype=np.uint64, count=len(data) // 8)
+            idx = (sp[i0:i1] - np.uint64(lo)).astype(np.intp)
+            ok = idx < len(seg)  # PFNs past the end of kpageflags: flags 0
+            if ok.all():
+                flags_sorted[i0:i1] = seg[idx]
+            else:
+                part = np.zeros(i1 - i0, dtype=np.uint64)
+                part[ok] = seg[idx[ok]]
+                flags_sorted[i0:i1] = part
+        out[order] = flags_sorted
+        return out
+
+    def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
+        """Sorted uint64 vpns in [start_vpn, end_vpn) that are present anonymous pages."""
+        empty = np.zeros(0, dtype=np.uint64)
+        if end_vpn <= start_vpn:
+            return empty
+        h = self._acquire(task, cache=True)
+        try:
+            out: list[np.ndarray] = []
+            for first, ent in self._read_pagemap(h, start_vpn, end_vpn):
+                present = np.flatnonzero(ent >> np.uint64(PM_PRESENT_BIT))
+                if len(present) == 0:
+                    continue
+                pe = ent[present]
+                vpns = present.astype(np.uint64) + np.uint64(first)
+                pfns = pe & PM_PFN_MASK
+                have_pfns = bool(pfns.any())
+                kfd = self._kpageflags() if have_pfns else None
+                fl: np.ndarray | None = None
+                if kfd is not None:
+                    try:
+                        fl = self._flags_of(kfd, pfns)
+                    except OSError as e:
+                        self._kpf_state = "unavailable"
+                        self._warn_fallback(f"/proc/kpageflags read failed ({e.strerror})")
+                elif not have_pfns:
+                    self._warn_fallback("page frame numbers read as 0 (no CAP_SYS_ADMIN?)")
+                if fl is None:
+                    file_or_shared = (pe >> np.uint64(PM_FILE_OR_SHARED_ANON_BIT)) & np.uint64(1)
+                    out.append(vpns[file_or_shared == 0])
+                    continue
+                anon = (fl >> np.uint64(KPF_ANON_BIT)) & np.uint64(1)
+                zero = (fl >> np.uint64(KPF_ZERO_PAGE_BIT)) & np.uint64(1)
+                out.append(vpns[(anon == 1) & (zero == 0)])
+            if not out:
+                return empty
+            return np.concatenate(out) if len(out) > 1 else out[0]
+        except ProcessGone:
+            self._drop(task)
+            raise
+        finally:
+            self._put(h)
+
+    def _buffer(self, nbytes: int) -> memoryview:
+        """This thread's reusable page buffer, at least `nbytes` long."""
+        buf: bytearray | None = getattr(self._tls, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            # a fresh bytearray: resizing the old one fails while a caller holds a view
+            size = max(nbytes, 2 * len(buf) if buf is not None else 0, 64 * PAGE_SIZE)
+            buf = bytearray(size)
+            self._tls.buf = buf
+        return memoryview(buf)
+
+    @property
+    def last_missing(self) -> np.ndarray:
+        """vpns this thread's last read_pages returned zero-filled (unmapped meanwhile)."""
+        got: np.ndarray | None = getattr(self._tls, "missing", None)
+        return got if got is not None else np.zeros(0, dtype=np.uint64)
+
+    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+        """Page contents from /proc/PID/mem: one preadv per run of consecutive vpns."""
+        v = np.asarray(vpns, dtype=np.uint64)
+        n = len(v)
+        mv = self._buffer(n * PAGE_SIZE)[: n * PAGE_SIZE]
+        self._tls.missing = None
+        if n == 0:
+            return mv
+        h = self._acquire(task, cache=True)
+        try:
+            fd = h.fd("mem")
+            if n == 1:
+                starts = np.zeros(1, dtype=np.intp)
+            else:
+                starts = np.concatenate(([0], np.flatnonzero(np.diff(v) != np.uint64(1)) + 1))
+            ends = np.concatenate((starts[1:], [n]))
+            missing: list[int] = []
+            ranges: list[tuple[int, int]] | None = None
+            for i0, i1 in zip(starts.tolist(), ends.tolist(), strict=True):
+                ranges = self._read_run(h, fd, mv, v, i0, i1, missing, ranges)
+            if missing:
+                self._tls.missing = np.array(missing, dtype=np.uint64)
+            return mv
+        except ProcessGone:
+            self._drop(task)
+            raise
+        finally:
+            self._put(h)
+
+    def _read_run(
+        self,
+        h: _TaskHandle,
+        fd: int,
+        mv: memoryview,
+        v: np.ndarray,
+        i0: int,
+        i1: int,
+        missing: list[int],
+        ranges: list[tuple[int, int]] | None,
+    ) -> list[tuple[int, int]] | None:
+        """Read pages v[i0:i1] (consecutive vpns) into mv; handle a mapping that vanished.
+
+        A short read or EIO means the page at that offset cannot be read: either the task
+        is exiting (ProcessGone) or that part of the address space was unmapped while we
+        looked.  Then maps is re-read (once per read_pages call) and pages no longer in any
+        VMA are zero-filled and recorded in `last_missing`; a page still mapped that cannot
+        be read twice in a row is treated the same way.
+        """
+        pos = i0 * PAGE_SIZE
+        end = i1 * PAGE_SIZE
+        addr = int(v[i0]) << PAGE_SHIFT
+        retried_at = -1
+        while pos < end:
+            try:
+                got = os.preadv(fd, [mv[pos:end]], addr)
+            except OSError as e:
+                if e.errno not in (errno.EIO, errno.EFAULT) and e.errno not in _GONE_ERRNOS:
+                    raise _errno_to_exc(e, f"{h.task} mem") from e
+                got = 0
+            if got > 0:
+                pos += got
+                addr += got
+                continue
+            # the page at `addr` is unreadable
+            if not self._alive(h):
+                raise ProcessGone(f"{h.task}: exited while its memory was read")
+            if ranges is None:
+                ranges = self._vma_ranges(h)
+                if not ranges:  # mm already torn down
+                    raise ProcessGone(f"{h.task}: no mappings left")
+            page_off = pos % PAGE_SIZE
+            page_start = pos - page_off
+            vpn = addr >> PAGE_SHIFT
+            mapped = any(a <= vpn < b for a, b in ranges)
+            if mapped and retried_at != page_start:
+                retried_at = page_start
+                continue  # one retry: the mapping may have just been replaced
+            mv[pos : page_start + PAGE_SIZE] = bytes(page_start + PAGE_SIZE - pos)
+            missing.append(vpn)
+            pos = page_start + PAGE_SIZE
+            addr = (vpn + 1) << PAGE_SHIFT
+        return ranges
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def release(self, task: TaskId) -> None:
+        """Close the task's fds (the engine dropped its mm_slot)."""
+        self._drop(task)
+
+    def open_tasks(self) -> int:
+        """How many tasks have cached fds (for tests and stats)."""
+        with self._lock:
+            return len(self._handles)
+
+    def close(self) -> None:
+        """Close every fd we hold."""
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+            kfd, self._kpf_fd = self._kpf_fd, None
+            if self._kpf_state == "open":
+                self._kpf_state = "unopened"
+        for h in handles:
+            h.close()
+        if kfd is not None:
+            try:
+                os.close(kfd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> ProcfsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

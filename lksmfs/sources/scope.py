@@ -1,0 +1,116 @@
+"""Scope narrowing: which processes the daemon may look at at all.
+
+LKSM scans every process (for_each_process).  A user-space daemon often should not:
+one app's cgroup, a handful of pids, everything but some noisy commands.  The scope
+is applied where tasks are enumerated (ProcfsSource.tasks) and where hints are made
+(the freezer watcher), so full scans, newcomers and frozen hints all agree.
+
+Rules: with neither `pids` nor `cgroups` every process is in; otherwise a process is in
+when its pid is listed OR it belongs to one of the cgroup directories (or a cgroup
+below one: a frozen app's helper cgroups are still the app).  `exclude_comms` then
+removes processes by comm (/proc/PID/comm, at most 15 characters as the kernel keeps).
+
+Cgroup membership is read from each directory's `cgroup.procs`, which exists in both
+cgroup v1 and v2, so the directory path can be given exactly as the user sees it
+(/sys/fs/cgroup/freezer/app1 or /sys/fs/cgroup/unified/app1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["Scope", "ScopeSnapshot", "cgroup_pids", "read_comm"]
+
+_log = logging.getLogger("lksmfs.scope")
+
+
+def cgroup_pids(cgroup_dir: str, *, recursive: bool = True) -> set[int]:
+    """Pids (thread-group ids) in a cgroup directory and, if `recursive`, its descendants.
+
+    A cgroup removed or unreadable mid-walk just contributes nothing.
+    """
+    out: set[int] = set()
+    stack = [cgroup_dir]
+    while stack:
+        d = stack.pop()
+        try:
+            with open(os.path.join(d, "cgroup.procs"), "rb") as f:
+                out.update(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+        if not recursive:
+            continue
+        try:
+            with os.scandir(d) as it:
+                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+        except OSError:
+            pass
+    return out
+
+
+def read_comm(pid: int, proc_root: str = "/proc") -> str | None:
+    """The task's comm (no trailing newline), or None if it is gone."""
+    try:
+        with open(f"{proc_root}/{pid}/comm", "rb") as f:
+            return os.fsdecode(f.read().rstrip(b"\n"))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class ScopeSnapshot:
+    """A scope with its cgroup membership read once: cheap per-pid checks for one pass."""
+
+    scope: Scope
+    members: frozenset[int] | None  # None: no inclusion list, everybody is in
+
+    def allows(self, pid: int, comm: str) -> bool:
+        if self.members is not None and pid not in self.members:
+            return False
+        return comm not in self.scope.exclude_comms
+
+
+@dataclass
+class Scope:
+    """Inclusion by pid or cgroup (union), then exclusion by comm; empty means everything."""
+
+    pids: set[int] = field(default_factory=set)
+    cgroups: list[str] = field(default_factory=list)
+    exclude_comms: set[str] = field(default_factory=set)
+
+    @property
+    def unrestricted(self) -> bool:
+        return not self.pids and not self.cgroups and not self.exclude_comms
+
+    def members(self) -> frozenset[int] | None:
+        """The pids an inclusion list admits right now; None when there is no list."""
+        if not self.pids and not self.cgroups:
+            return None
+        out = set(self.pids)
+        for d in self.cgroups:
+            if not os.path.isdir(d):
+                _log.debug("scope cgroup %s does not exist (yet)", d)
+                continue
+            out |= cgroup_pids(d)
+        return frozenset(out)
+
+    def snapshot(self, proc_root: str = "/proc") -> ScopeSnapshot:
+        """Read cgroup membership once, for checking many pids (a tasks() pass)."""
+        del proc_root  # membership comes from cgroup.procs, not from /proc
+        return ScopeSnapshot(self, self.members())
+
+    def allows(self, pid: int, comm: str, proc_root: str = "/proc") -> bool:
+        """Is process `pid` named `comm` in scope (reads cgroup membership now)?"""
+        return self.snapshot(proc_root).allows(pid, comm)
+
+    def allows_pid(self, pid: int, proc_root: str = "/proc", comm: str | None = None) -> bool:
+        """Like allows() but reads the comm itself when needed; a gone pid is out."""
+        if self.unrestricted:
+            return True
+        if comm is None and self.exclude_comms:
+            comm = read_comm(pid, proc_root)
+            if comm is None:
+                return False
+        return self.allows(pid, comm or "", proc_root)

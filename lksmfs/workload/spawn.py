@@ -1,0 +1,436 @@
+"""Real processes realising a workload: `lksmfs workload spawn` and `spawn_workload()`.
+
+Each instance (APP/K) is a child Python process (lksmfs.workload.child) that maps real
+library files, writes the workload's pages with the same content function as the
+simulated source, and then waits for commands.  Every instance lives in its own freezer
+cgroup ROOT/APP/K so that the daemon's freezer watcher sees real freezes.  Whatever
+happens (exception, SIGTERM, SIGINT), the children are killed and the cgroups and
+library files removed.
+
+    with spawn_workload(load_workload("config/workloads/small.yaml")) as procs:
+        procs.pids("viewer"); procs.freeze("viewer"); procs.rewrite("player", 0.5)
+        procs.advance_round(3)  # volatile pages + the timeline's events up to round 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lksmfs
+from lksmfs.sources.base import PAGE_SIZE, TaskId
+from lksmfs.workload.cgroups import Freezer
+from lksmfs.workload.schema import Event, Workload, WorkloadError, load_workload
+
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lksmfs.__file__)))
+
+
+class SpawnError(RuntimeError):
+    pass
+
+
+@dataclass
+class SpawnedInstance:
+    """One running child: identity, cgroup, and where its workload sections are mapped."""
+
+    name: str  # APP/K
+    app: str
+    index: int
+    proc: subprocess.Popen[bytes]
+    cgroup: str
+    sections: dict[str, tuple[int, int]] = field(default_factory=dict)  # sid -> (addr, npages)
+    start_time: int = 0  # /proc/PID/stat field 22
+    frozen: bool = False
+    alive: bool = True
+    pending: list[str] = field(default_factory=list)  # commands held back while frozen
+    _buf: bytes = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def task(self) -> TaskId:
+        return TaskId(self.pid, self.start_time)
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def readline(self, deadline: float) -> str:
+        """One line from the child, or SpawnError at the deadline or on its death."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SpawnError(f"{self.name} (pid {self.pid}): no answer in time")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    err = b""
+                    if self.proc.stderr is not None:
+                        with contextlib.suppress(OSError):
+                            err = self.proc.stderr.read() or b""
+                    raise SpawnError(f"{self.name} (pid {self.pid}) died: "
+                                     f"{err.decode(errors='replace').strip()[-2000:]}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def expect_ok(self, deadline: float) -> None:
+        line = self.readline(deadline)
+        if line != "ok":
+            raise SpawnError(f"{self.name}: unexpected answer {line!r}")
+
+    def page_address(self, sid: str, offset: int) -> int:
+        addr, npages = self.sections[sid]
+        if not 0 <= offset < npages:
+            raise IndexError(f"{sid} has {npages} pages")
+        return addr + offset * PAGE_SIZE
+
+
+def _start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+class SpawnedWorkload:
+    """The running processes of a workload.  Use spawn_workload() to get one."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        *,
+        cgroup_root: str | None = None,
+        lib_dir: str | None = None,
+        python: str = sys.executable,
+        timeout: float = 60.0,
+        burn_cap_ms: int = 200,
+    ) -> None:
+        self.workload = workload
+        self.timeout = timeout
+        self.round = 0
+        self.burn_cap_ms = burn_cap_ms
+        self._python = python
+        self._applied = 0
+        self._rewrites = 0
+        self._lock = threading.RLock()
+        self.instances: dict[str, SpawnedInstance] = {}
+        self._next_index = {a.name: 0 for a in workload.apps}
+        self.freezer = Freezer.open(cgroup_root)
+        self._own_lib_dir = lib_dir is None
+        self.lib_dir = lib_dir or tempfile.mkdtemp(prefix="lksmfs-libs-")
+        self.lib_files: dict[str, str] = {}
+        self._closed = False
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the library files and every initial instance (all built in parallel)."""
+        os.makedirs(self.lib_dir, exist_ok=True)
+        for lib in self.workload.libraries:
+            path = os.path.join(self.lib_dir, lib.name)
+            with open(path, "wb") as f:  # sparse: text, rodata, .data; .bss is anonymous
+                f.truncate((lib.text_pages + lib.rodata_pages + lib.data_pages) * PAGE_SIZE)
+            self.lib_files[lib.name] = path
+        todo = [a.name for a in self.workload.apps for _ in range(a.count)]
+        self._spawn_many(todo)
+
+    def close(self) -> None:
+        """Kill every child, remove cgroups and library files.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        insts = list(self.instances.values())
+        for inst in insts:  # a v1-frozen task cannot die until thawed
+            if inst.frozen:
+                with contextlib.suppress(OSError):
+                    self.freezer.thaw(inst.cgroup, timeout=5)
+                    inst.frozen = False
+        for inst in insts:
+            with contextlib.suppress(ProcessLookupError):
+                inst.proc.kill()
+        for inst in insts:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                inst.proc.wait(timeout=10)
+            for f in (inst.proc.stdin, inst.proc.stdout, inst.proc.stderr):
+                if f is not None:
+                    with contextlib.suppress(OSError):
+                        f.close()
+            inst.alive = False
+        self.freezer.remove_all()
+        for path in self.lib_files.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if self._own_lib_dir:
+            shutil.rmtree(self.lib_dir, ignore_errors=True)
+
+    def __enter__(self) -> SpawnedWorkload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def live(self, app: str | None = None) -> list[SpawnedInstance]:
+        return [i for i in self.instances.values()
+                if i.alive and (app is None or i.app == app)]
+
+    def pids(self, app: str | None = None) -> list[int]:
+        return [i.pid for i in self.live(app)]
+
+    def instance(self, name: str) -> SpawnedInstance:
+        return self.instances[name]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One record per live instance: what `--json` prints."""
+        return [{"app": i.app, "instance": i.name, "pid": i.pid, "start_time": i.start_time,
+                 "cgroup": i.cgroup} for i in self.live()]
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def freeze(self, target: str) -> None:
+        with self._lock:
+            for inst in self._targets(target):
+                if not inst.frozen:
+                    self.freezer.freeze(inst.cgroup, self.timeout)
+                    inst.frozen = True
+
+    def thaw(self, target: str) -> None:
+        """Thaw, then let the instance catch up on what it missed (pending rewrites, the
+        current round's volatile content), as the simulated source does."""
+        with self._lock:
+            for inst in self._targets(target):
+                if inst.frozen:
+                    self.freezer.thaw(inst.cgroup, self.timeout)
+                    inst.frozen = False
+                    inst.pending.append(f"round {self.round}")
+                    self._flush(inst)
+
+    def rewrite(self, target: str, fraction: float) -> None:
+        with self._lock:
+            self._rewrites += 1
+            for inst in self._targets(target):
+                inst.pending.append(f"rewrite {fraction!r} {self._rewrites}")
+                if not inst.frozen:
+                    self._flush(inst)
+
+    def kill(self, target: str) -> None:
+        """The instance(s) exit (SIGKILL, works on v2-frozen tasks; v1 ones are thawed)."""
+        with self._lock:
+            for inst in self._targets(target):
+                inst.proc.kill()
+                if inst.frozen and self.freezer.version == 1:
+                    self.freezer.thaw(inst.cgroup, self.timeout)
+                inst.proc.wait(timeout=self.timeout)
+                inst.alive = False
+                inst.frozen = False
+
+    def spawn(self, app: str, count: int = 1) -> list[SpawnedInstance]:
+        with self._lock:
+            if app not in self._next_index:
+                raise WorkloadError(f"{self.workload.path}: {app}: no such app")
+            return self._spawn_many([app] * count)
+
+    def advance_round(self, n: int) -> list[Event]:
+        """Running instances rewrite their volatile pages for round n, then the timeline's
+        events up to round n are applied; returns those events (one_shot ones are for the
+        caller to write to one_shot_scanning)."""
+        if n < self.round:
+            raise ValueError(f"round {n} is in the past (now {self.round})")
+        applied: list[Event] = []
+        with self._lock:
+            if n > self.round:
+                self.round = n
+                running = [i for i in self.live() if not i.frozen]
+                for inst in running:
+                    inst.pending.append(f"round {n}")
+                self._flush_many(running)
+            tl = self.workload.timeline
+            while self._applied < len(tl) and tl[self._applied].round <= n:
+                self.apply(tl[self._applied])
+                applied.append(tl[self._applied])
+                self._applied += 1
+        return applied
+
+    def apply(self, event: Event) -> None:
+        if event.action == "freeze":
+            self.freeze(event.target)
+        elif event.action == "thaw":
+            self.thaw(event.target)
+        elif event.action == "exit":
+            self.kill(event.target)
+        elif event.action == "spawn":
+            self.spawn(event.target, event.count)
+        elif event.action == "rewrite":
+            self.rewrite(event.target, event.fraction)
+        # one_shot: nothing to do to the processes
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _targets(self, target: str) -> list[SpawnedInstance]:
+        if "/" in target:
+            inst = self.instances.get(target)
+            if inst is None:
+                raise WorkloadError(f"{self.workload.path}: {target}: no such instance")
+            return [inst] if inst.alive else []
+        if target not in self._next_index:
+            raise WorkloadError(f"{self.workload.path}: {target}: no such app")
+        return self.live(target)
+
+    def _flush(self, inst: SpawnedInstance) -> None:
+        self._flush_many([inst])
+
+    def _flush_many(self, insts: list[SpawnedInstance]) -> None:
+        """Send every pending command, then wait for all the acks (children work in parallel)."""
+        counts = []
+        for inst in insts:
+            for cmd in inst.pending:
+                inst.send(cmd)
+            counts.append(len(inst.pending))
+            inst.pending.clear()
+        deadline = time.monotonic() + self.timeout
+        for inst, k in zip(insts, counts, strict=True):
+            for _ in range(k):
+                inst.expect_ok(deadline)
+
+    def _spawn_many(self, apps: list[str]) -> list[SpawnedInstance]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"]
+                                         if env.get("PYTHONPATH") else "")
+        started: list[SpawnedInstance] = []
+        for app_name in apps:
+            index = self._next_index[app_name]
+            self._next_index[app_name] = index + 1
+            name = f"{app_name}/{index}"
+            cg = self.freezer.group(app_name, str(index))
+            proc = subprocess.Popen(
+                [self._python, "-S", "-m", "lksmfs.workload.child"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=env, close_fds=True,
+            )
+            inst = SpawnedInstance(name, app_name, index, proc, cg)
+            self.instances[name] = inst
+            started.append(inst)
+            self.freezer.add(cg, proc.pid)  # before it builds anything
+            inst.start_time = _start_time(proc.pid)
+            app = self.workload.app(app_name)
+            init = {
+                "workload": self.workload.to_dict(apps=[app_name], timeline=False),
+                "app": app_name,
+                "index": index,
+                "round": self.round,
+                "libs": {n: self.lib_files[n] for n in app.libraries},
+                "burn_cap_ms": self.burn_cap_ms,
+            }
+            inst.send(json.dumps(init))
+        deadline = time.monotonic() + self.timeout
+        for inst in started:
+            line = inst.readline(deadline)
+            if not line.startswith("ready "):
+                raise SpawnError(f"{inst.name}: unexpected first line {line!r}")
+            info = json.loads(line[len("ready "):])
+            inst.sections = {sid: (int(a), int(n)) for sid, (a, n) in info["sections"].items()}
+        return started
+
+
+@contextlib.contextmanager
+def spawn_workload(
+    workload: Workload,
+    *,
+    cgroup_root: str | None = None,
+    lib_dir: str | None = None,
+    python: str = sys.executable,
+    timeout: float = 60.0,
+    burn_cap_ms: int = 200,
+) -> Iterator[SpawnedWorkload]:
+    """Start every initial instance of `workload`; on exit kill them and clean up, always."""
+    procs = SpawnedWorkload(workload, cgroup_root=cgroup_root, lib_dir=lib_dir, python=python,
+                            timeout=timeout, burn_cap_ms=burn_cap_ms)
+    try:
+        procs.start()
+        yield procs
+    finally:
+        procs.close()
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`lksmfs workload spawn WORKLOAD.yaml [--json] [--cgroup-root DIR] ...`"""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "spawn",
+        help="start real processes realising a workload file",
+        description="Start one process per workload instance, each in its own freezer cgroup "
+                    "(ROOT/APP/K), print their pids and keep them until SIGTERM/SIGINT, then "
+                    "kill them and remove the cgroups.",
+    )
+    p.add_argument("workload", metavar="WORKLOAD.yaml")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {app, instance, pid, start_time, cgroup}")
+    p.add_argument("--cgroup-root", metavar="DIR", default=None,
+                   help="cgroup to create the groups under (default: "
+                        "/sys/fs/cgroup/unified/lksmfs-workload, else the v1 freezer)")
+    p.add_argument("--lib-dir", metavar="DIR", default=None,
+                   help="where to create the library files (default: a fresh temp dir)")
+    p.add_argument("--round-interval", metavar="SECONDS", type=float, default=0.0,
+                   help="advance one round every SECONDS, applying the timeline (0: never)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        workload = load_workload(args.workload)
+    except WorkloadError as e:
+        print(f"lksmfs workload spawn: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with spawn_workload(workload, cgroup_root=args.cgroup_root, lib_dir=args.lib_dir) as p:
+            if args.json:
+                print(json.dumps(p.describe()), flush=True)
+            else:
+                for rec in p.describe():
+                    print(rec["pid"], flush=True)
+            interval = args.round_interval
+            next_round = time.monotonic() + interval
+            while not stop.is_set():
+                if interval > 0 and time.monotonic() >= next_round:
+                    for ev in p.advance_round(p.round + 1):
+                        print(f"round {p.round}: {ev.action} {ev.target or ev.mode}",
+                              file=sys.stderr, flush=True)
+                    next_round += interval
+                if not p.live():
+                    break
+                stop.wait(min(0.5, interval) if interval > 0 else 0.5)
+    except (SpawnError, OSError) as e:
+        print(f"lksmfs workload spawn: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0

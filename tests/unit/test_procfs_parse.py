@@ -1,0 +1,125 @@
+"""Parsers of /proc/PID/stat, maps and smaps on handcrafted text."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lksmfs.sources.procfs import PF_KTHREAD, parse_maps, parse_smaps, parse_stat
+
+
+def _stat(pid: int, comm: bytes, *, state: bytes = b"S", flags: int = 0x400100) -> bytes:
+    # fields 4..8, 9 flags, 10 minflt, 11 cminflt, 12 majflt, 13 cmajflt, 14 utime,
+    # 15 stime, 16..21, 22 starttime, then a few more
+    return b"%d (%s) %s 1 2 3 0 -1 %d 11 99 7 98 300 200 0 0 20 0 1 0 123456 1000 50 rest\n" % (pid, comm, state, flags)
+
+
+def test_stat_with_spaces_and_parens_in_comm() -> None:
+    st = parse_stat(_stat(4242, b"a) (b c) x"))
+    assert st.pid == 4242
+    assert st.comm == "a) (b c) x"
+    assert st.state == "S"
+    assert st.flags == 0x400100
+    assert (st.minflt, st.majflt) == (11, 7)
+    assert (st.utime, st.stime) == (300, 200)
+    assert st.starttime == 123456
+    assert not st.kthread
+
+
+def test_stat_kthread_flag() -> None:
+    st = parse_stat(_stat(2, b"kthreadd", flags=PF_KTHREAD | 0x40))
+    assert st.kthread
+
+
+def test_stat_non_utf8_comm_survives() -> None:
+    st = parse_stat(_stat(9, b"\xff\xfeodd"))
+    assert os.fsencode(st.comm) == b"\xff\xfeodd"
+
+
+@pytest.mark.parametrize("bad", [b"", b"12 noparens S 1", b"12 (x) S 1 2"])
+def test_stat_malformed_raises_value_error(bad: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_stat(bad)
+
+
+MAPS = b"""\
+00400000-00452000 r-xp 00000000 fd:01 1048602                            /usr/bin/my prog
+00651000-00652000 rw-p 00051000 fd:01 1048602                            /usr/bin/my prog
+00652000-00655000 rw-p 00000000 00:00 0\x20
+01a3f000-01a60000 rw-p 00000000 00:00 0                                  [heap]
+7f0000000000-7f0000001000 rw-s 00000000 00:05 4242                       /dev/zero (deleted)
+7f0000001000-7f0000002000 rw-p 00001000 103:02 77                        /tmp/lib.so (deleted)
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+7ffd00100000-7ffd00102000 r--p 00000000 00:00 0                          [vvar]
+7ffd00102000-7ffd00104000 r-xp 00000000 00:00 0                          [vdso]
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
+"""
+
+
+def test_maps_lines() -> None:
+    ms = parse_maps(MAPS)
+    assert [m.path for m in ms] == [
+        "/usr/bin/my prog",
+        "/usr/bin/my prog",
+        "",
+        "[heap]",
+        "/dev/zero (deleted)",
+        "/tmp/lib.so (deleted)",
+        "[stack]",
+        "[vvar]",
+        "[vdso]",
+    ]  # [vsyscall] is not a VMA
+    text, data, bss, heap, shm, deleted, stack, vvar, vdso = ms
+    assert (text.start, text.end, text.perms) == (0x400000, 0x452000, "r-xp")
+    assert text.file == (os.makedev(0xFD, 0x01), 1048602) and text.is_exec
+    assert data.file == text.file and not data.is_exec
+    assert bss.file is None and bss.path == "" and bss.npages == 3
+    assert heap.is_heap and heap.file is None
+    assert stack.is_stack
+    assert deleted.file == (os.makedev(0x103, 0x02), 77)
+    # MAP_SHARED (perm 's') and kernel special mappings are never mergeable
+    assert not shm.mergeable
+    assert not vvar.mergeable and not vdso.mergeable
+    assert all(m.mergeable for m in (text, data, bss, heap, deleted, stack))
+    # maps alone cannot tell whether a VMA has an anon_vma: assume it may
+    assert all(m.has_anon for m in ms)
+
+
+def _smaps_entry(head: str, anon_kb: int, vmflags: str) -> str:
+    return (
+        f"{head}\n"
+        "Size:                  8 kB\n"
+        "Rss:                   8 kB\n"
+        f"Anonymous:          {anon_kb} kB\n"
+        "THPeligible:    0\n"
+        f"VmFlags: {vmflags}\n"
+    )
+
+
+@pytest.mark.parametrize("flag", ["sh", "pf", "io", "de", "ht", "mm"])
+def test_smaps_vmflags_exclude(flag: str) -> None:
+    text = _smaps_entry("10000-12000 rw-p 00000000 00:00 0", 8, f"rd wr mr mw me ac {flag}")
+    (m,) = parse_smaps(text.encode())
+    assert not m.mergeable
+
+
+def test_smaps_mergeable_and_has_anon() -> None:
+    text = (
+        _smaps_entry("10000-12000 rw-p 00000000 00:00 0", 8, "rd wr mr mw me ac")
+        + _smaps_entry("12000-14000 rw-p 00000000 00:00 0   /x y (deleted)", 0, "rd wr mr mw me")
+        + _smaps_entry("14000-15000 r--p 00000000 00:00 0   [vvar]", 0, "rd mr pf io de dd")
+        + _smaps_entry("ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]", 0, "ex")
+    )
+    a, b, vvar = parse_smaps(text.encode())
+    assert (a.start, a.end, a.mergeable, a.has_anon) == (0x10000, 0x12000, True, True)
+    assert (b.path, b.mergeable, b.has_anon) == ("/x y (deleted)", True, False)
+    assert not vvar.mergeable
+
+
+def test_smaps_entry_without_vmflags_uses_perms_only() -> None:
+    text = "20000-21000 rw-s 00000000 00:01 5 /dev/shm/x\nAnonymous: 0 kB\n"
+    text += "21000-22000 rw-p 00000000 00:00 0\nAnonymous: 4 kB\n"
+    shared, priv = parse_smaps(text.encode())
+    assert not shared.mergeable and shared.file == (os.makedev(0, 1), 5)
+    assert priv.mergeable and priv.has_anon
