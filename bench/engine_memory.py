@@ -43,10 +43,12 @@ from lksmfs.oracle import PatternGroup
 def worker(pids: list[int], rounds: int, mps: int) -> dict[str, Any]:
     """Inside the fresh process: measure RSS around building the engine's state."""
     from lksmfs.engine.ksm import Ksm
+    from lksmfs.memtune import tune_allocator
     from lksmfs.sources.procfs import ProcfsSource
     from lksmfs.sources.scope import Scope
     from lksmfs.sysfs.attrs import AttributeTable
 
+    tune_allocator()  # as the `lksmfs` command does at start
     with ProcfsSource(scope=Scope(pids=set(pids))) as source:
         rss0 = vm_status_kib("VmRSS")
         hwm0 = vm_status_kib("VmHWM")

@@ -148,8 +148,8 @@ class Ksm:
         self._scan_started = False
         self._scan_begin = 0.0
         self._scan_pages_at_begin = 0
-        self._cur_parts: list[Rmap] = []
-        self._cur_part: Rmap | None = None
+        self._cur_new: Rmap | None = None  # the new rmap list of the slot being scanned
+        self._cur_valid = 0
         self._sync = False
 
         self._snapshot: dict[str, int] = {}
@@ -679,6 +679,8 @@ class Ksm:
         elif self.scan_mode == LKSM_SCAN_FULL:
             self.nr_full_scan += 1
         self.lksm_nr_merged = self.lksm_nr_broken = self.lksm_nr_scanned_slot = 0
+        # nothing reads this round's unstable tree once the scan is over: give it back
+        self.unstable = HashIndex()
         self.scan_mode = LKSM_SCAN_NONE
         if t.run & KSM_RUN_ONESHOT:
             t.one_shot_scanning = LKSM_SCAN_NONE
@@ -689,60 +691,83 @@ class Ksm:
 
     def _scan_slot(self, slot: MmSlot) -> Generator[int, None, None]:
         """Scan one mm_slot from its first VMA to its last, yielding pages scanned per
-        chunk (the scanner's cursor lives in this generator's frame)."""
+        chunk (the scanner's cursor lives in this generator's frame).
+
+        The pages to visit are listed first (VMA walk, present anonymous pages, zero
+        pages, the filter), so the slot's new rmap list is allocated once and filled in
+        place chunk by chunk.
+        """
         begin = self.clock()
-        task = slot.task
         old = slot.rmap
         pos = 0
-        parts: list[Rmap] = []
-        self._cur_parts = parts
+        filled = 0
+        new = Rmap()
         zero_kept: list[np.ndarray] = []
         prev_zero, slot.zero_vpns = slot.zero_vpns, slot.zero_vpns[:0]
-        filtering_allowed = self.filter_enabled and not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
         try:
-            maps = self.source.mappings(task)
-            cached = -1
-            for i, vma in enumerate(maps):
-                if not vma.mergeable or not vma.has_anon:
-                    continue
-                rid = UNKNOWN_REGION
-                if self.filter_enabled:
-                    rid = self.regions.find(maps, i, cached, self.crawl_round)
-                    cached = rid
-                vpns = self.source.present_anon(task, vma.start_vpn, vma.end_vpn)
-                if prev_zero.size:
-                    vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
-                if filtering_allowed and vpns.size and self.regions.use_filter(rid, self.scan_round):
-                    region = self.regions.get(rid)
-                    if region.filter_cnt > 0:
-                        offs = (vpns - np.uint64(vma.start_vpn)).astype(np.int64)
-                        vpns = vpns[region.filtered_offsets(offs)]
-                    else:
-                        vpns = vpns[:0]
+            plan = self._plan_slot(slot, prev_zero, zero_kept)
+            new = Rmap(sum(int(v.shape[0]) for _, _, v in plan))
+            if len(new):
+                new.vpn[:] = np.concatenate([v for _, _, v in plan])
+            self._cur_new = new
+            for vma_start, rid, vpns in plan:
                 k = 0
                 while k < vpns.shape[0]:
-                    n = max(1, min(CHUNK, self._budget))
-                    chunk = vpns[k : k + n]
+                    n = min(max(1, min(CHUNK, self._budget)), int(vpns.shape[0]) - k)
+                    self._cur_valid = filled + n
+                    pos = self._scan_chunk(slot, vma_start, rid, new.view(filled, filled + n), old, pos)
+                    filled += n
                     k += n
-                    pos = self._scan_chunk(slot, vma.start_vpn, rid, chunk, old, pos, parts)
                     self._publish()
-                    yield int(chunk.shape[0])
+                    yield n
         except _SourceError as e:
-            self._cur_part = None
-            self._remove_items(Rmap.concat(parts))
+            self._remove_items(new.view(0, filled))
             self._remove_items(old.take(slice(pos, None)))
             slot.rmap = Rmap()
             self.ksm_zero_pages -= int(prev_zero.shape[0])
             self._slot_gone(slot, e)
             return
+        finally:
+            self._cur_new = None
+            self._cur_valid = 0
         # remove_trailing_rmap_items()
         self._remove_items(old.take(slice(pos, None)))
-        slot.rmap = Rmap.concat(parts)
-        self._cur_parts = []
+        slot.rmap = new
         kept = np.concatenate(zero_kept) if zero_kept else prev_zero[:0]
         self.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
         slot.zero_vpns = np.union1d(kept, slot.zero_vpns)
         self._slot_done(slot, self.clock() - begin)
+
+    def _plan_slot(
+        self, slot: MmSlot, prev_zero: np.ndarray, zero_kept: list[np.ndarray]
+    ) -> list[tuple[int, int, np.ndarray]]:
+        """The walk of __scan_next_rmap_item()/lksm_find_next_vma(): for each mergeable
+        VMA with anonymous pages, its region and the pages to visit, filter applied."""
+        task = slot.task
+        filtering_allowed = self.filter_enabled and not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
+        maps = self.source.mappings(task)
+        plan: list[tuple[int, int, np.ndarray]] = []
+        cached = -1
+        for i, vma in enumerate(maps):
+            if not vma.mergeable or not vma.has_anon:
+                continue
+            rid = UNKNOWN_REGION
+            if self.filter_enabled:
+                rid = self.regions.find(maps, i, cached, self.crawl_round)
+                cached = rid
+            vpns = self.source.present_anon(task, vma.start_vpn, vma.end_vpn)
+            if prev_zero.size:
+                vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
+            if filtering_allowed and vpns.size and self.regions.use_filter(rid, self.scan_round):
+                region = self.regions.get(rid)
+                if region.filter_cnt > 0:
+                    offs = (vpns - np.uint64(vma.start_vpn)).astype(np.int64)
+                    vpns = vpns[region.filtered_offsets(offs)]
+                else:
+                    vpns = vpns[:0]
+            if vpns.size:
+                plan.append((vma.start_vpn, rid, vpns))
+        return plan
 
     def _slot_gone(self, slot: MmSlot, err: Exception) -> None:
         """The task exited (or shut us out) mid-scan: its items are gone, the slot goes
@@ -797,10 +822,10 @@ class Ksm:
 
     # -- one chunk: cmp_and_merge_page() over up to CHUNK pages --------------------
 
-    def _scan_chunk(
-        self, slot: MmSlot, vma_start: int, rid: int, vpns: np.ndarray, old: Rmap, pos: int,
-        parts: list[Rmap],
-    ) -> int:
+    def _scan_chunk(self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, old: Rmap, pos: int) -> int:
+        """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part`, a view of
+        the slot's new rmap list whose vpn column is already set."""
+        vpns = part.vpn
         n = int(vpns.shape[0])
         data: memoryview | bytes = self.source.read_pages(slot.task, vpns)
         lo, hi = digest_pages(data, n)
@@ -816,8 +841,6 @@ class Ksm:
         if not keep.all():
             self._remove_items(old.take(pos + np.flatnonzero(~keep)))
 
-        part = Rmap(n)
-        part.vpn = vpns.copy()
         part.region[:] = rid
         part.off[:] = (vpns - np.uint64(vma_start)).astype(np.uint32)
         if matched.any():
@@ -837,7 +860,6 @@ class Ksm:
             flags[~frozen] &= _NOT_FROZEN
         else:
             flags &= _NOT_FROZEN
-        self._cur_part = part
         self.pages_scanned += n
         slot.nr_scans += n
 
@@ -848,68 +870,183 @@ class Ksm:
         idx = np.flatnonzero(~stable_ok)
         if idx.size:
             self._cmp_and_merge_pages(slot, part, idx, lo, hi, data, vma_start, rid)
-        self._cur_part = None
-        parts.append(part)
         return end
 
     def _cmp_and_merge_pages(
         self, slot: MmSlot, part: Rmap, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray,
         data: memoryview | bytes, vma_start: int, rid: int,
     ) -> None:
-        """cmp_and_merge_page() for pages that are not unchanged KSM pages.
+        """cmp_and_merge_page() for the pages of a chunk that are not unchanged KSM pages.
 
-        Pages whose content matches nothing (no stable node, no unstable entry, no other
-        page of this chunk) cannot interact with any other page here, so they take the
-        vectorised path: out of their old tree, through the checksum gate, into the
-        unstable tree.  The rest go one by one, in address order.
+        The outcome for a page depends on other pages only through content it shares
+        with them.  So pages whose content no other page of this chunk has are settled
+        together, vectorised, by what they find in the trees as the chunk starts:
+        joining a stable node with room (J), passing or failing the checksum gate,
+        merging with their unstable tree partner after a byte comparison (M), or
+        entering the unstable tree.  What remains (duplicates within the chunk, broken
+        merges, chains, full nodes, zero pages) goes one page at a time, in address order.
         """
+        t = self.tunables
         flags = part.flags
         klo = normkey(lo[idx])
-        s_hit = self.stable.index.get_many(klo) != -1
-        u_hit = self.unstable.get_many(klo) != -1
+        sref = self.stable.index.get_many(klo)
+        uref = self.unstable.get_many(klo)
         _, inv, counts = np.unique(klo, return_inverse=True, return_counts=True)
         dup = counts[inv] > 1
         cur_seq = self.scan_round & SEQNR_MASK
         fl = flags[idx]
-        slow = (
-            s_hit | u_hit | dup
-            | ((fl & STABLE) != 0)
-            | (((fl & UNSTABLE) != 0) & (part.seq[idx] == cur_seq))
-        )
-        use_zero = bool(self.tunables.use_zero_pages)
-        if use_zero:
-            slow |= (lo[idx] == np.uint64(_ZERO_LO)) & (hi[idx] == np.uint64(_ZERO_HI))
+        old_stable = (fl & STABLE) != 0
+        slow = old_stable | (((fl & UNSTABLE) != 0) & (part.seq[idx] == cur_seq))
 
-        f = idx[~slow]
-        if f.size:
-            # remove_rmap_item_from_tree() for items left in last round's unstable tree
-            was = (flags[f] & UNSTABLE) != 0
-            self.pages_unshared -= int(np.count_nonzero(was))
-            flags[f] &= _NOT_UNSTABLE
-            new_ck = (hi[f] & _CKSUM_MASK).astype(np.uint32)
-            if self.scan_round < INITIAL_ROUND:
-                gated = (flags[f] & FROZEN) == 0
-                ok = ~gated | (part.cksum[f] == new_ck)
-                fail = ~ok
-                part.cksum[f[fail]] = new_ck[fail]
-                ins = f[ok]
-            else:
-                ins = f
-            if ins.size:
-                flags[ins] |= UNSTABLE
-                part.seq[ins] = cur_seq
-                part.region[ins] = rid
-                part.off[ins] = (part.vpn[ins] - np.uint64(vma_start)).astype(np.uint32)
-                refs = (np.int64(slot.sid) << _VPN_BITS) | part.vpn[ins].astype(np.int64)
-                self.unstable.put_many(normkey(lo[ins]), refs)
-                self.pages_unshared += int(ins.shape[0])
+        # J: stable_tree_search() finds a plain node with room
+        plain = sref >= 0
+        sn = np.where(plain, sref, 0)
+        join = plain & ~dup & ~slow & (self.stable.hi[sn] == hi[idx]) & (self.stable.nlen[sn] < t.max_page_sharing)
+        if old_stable.any() and join.any():
+            # a node losing a mapping here may go away first: keep the address order
+            join &= ~np.isin(sn, part.node[idx[old_stable]])
+        slow |= (sref != -1) & ~join
+        if join.any():
+            self._join_stable(slot, part, idx[join], sn[join], vma_start, rid)
 
-        s = idx[slow]
-        if s.size:
-            # later reads reuse the source's buffer: keep our own copy of these pages
-            data = bytes(data)
-            for i in s.tolist():
-                self._cmp_and_merge_page(slot, part, i, int(lo[i]), int(hi[i]), data, vma_start, rid)
+        rest = ~join & ~slow
+        if not rest.any():
+            self._merge_one_by_one(slot, part, idx[slow], lo, hi, data, vma_start, rid)
+            return
+        # remove_rmap_item_from_tree() for items left in last round's unstable tree
+        r = idx[rest]
+        was = (flags[r] & UNSTABLE) != 0
+        self.pages_unshared -= int(np.count_nonzero(was))
+        flags[r] &= _NOT_UNSTABLE
+        # the checksum gate: only during the initial rounds, never for frozen tasks
+        if self.scan_round < INITIAL_ROUND:
+            new_ck = (hi[idx] & _CKSUM_MASK).astype(np.uint32)
+            fail = rest & ((fl & FROZEN) == 0) & (part.cksum[idx] != new_ck)
+            part.cksum[idx[fail]] = new_ck[fail]
+            rest &= ~fail
+        if t.use_zero_pages:
+            zero = rest & (lo[idx] == np.uint64(_ZERO_LO)) & (hi[idx] == np.uint64(_ZERO_HI))
+            slow |= zero
+            rest &= ~zero
+        slow |= rest & dup
+        rest &= ~dup
+        # M: unstable_tree_search_insert() finds a partner; merged after memcmp
+        cand = rest & (uref >= 0)
+        if cand.any():
+            data = bytes(data)  # partner reads reuse the source's buffer
+            merged = self._merge_with_tree(slot, part, idx[cand], uref[cand], lo, hi, data, vma_start, rid)
+            sel = np.flatnonzero(cand)
+            slow[sel[~merged]] = True
+            rest[sel] = False
+        ins = idx[rest]
+        if ins.size:
+            flags[ins] |= UNSTABLE
+            part.seq[ins] = cur_seq
+            part.region[ins] = rid
+            part.off[ins] = (part.vpn[ins] - np.uint64(vma_start)).astype(np.uint32)
+            refs = (np.int64(slot.sid) << _VPN_BITS) | part.vpn[ins].astype(np.int64)
+            self.unstable.put_many(normkey(lo[ins]), refs)
+            self.pages_unshared += int(ins.shape[0])
+        self._merge_one_by_one(slot, part, idx[slow], lo, hi, data, vma_start, rid)
+
+    def _merge_one_by_one(
+        self, slot: MmSlot, part: Rmap, s: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+        data: memoryview | bytes, vma_start: int, rid: int,
+    ) -> None:
+        if not s.size:
+            return
+        # later reads reuse the source's buffer: keep our own copy of these pages
+        own = data if isinstance(data, bytes) else bytes(data)
+        for i in s.tolist():
+            self._cmp_and_merge_page(slot, part, i, int(lo[i]), int(hi[i]), own, vma_start, rid)
+
+    def _join_stable(
+        self, slot: MmSlot, part: Rmap, j: np.ndarray, nodes: np.ndarray, vma_start: int, rid: int
+    ) -> None:
+        """try_to_merge_with_ksm_page() + stable_tree_append() for pages joining distinct
+        nodes that have room."""
+        flags = part.flags
+        was = (flags[j] & UNSTABLE) != 0
+        self.pages_unshared -= int(np.count_nonzero(was))
+        flags[j] = (flags[j] & _NOT_UNSTABLE) | STABLE
+        part.node[j] = nodes
+        sharing = self.stable.append_many(nodes)
+        self.lksm_nr_merged += sharing
+        self.slot_nr_merged += sharing
+        if self.filter_enabled:
+            offs = (part.vpn[j] - np.uint64(vma_start)).astype(np.int64)
+            self.regions.account_merges(np.full(j.shape[0], rid), offs)
+
+    def _merge_with_tree(
+        self, slot: MmSlot, part: Rmap, m: np.ndarray, refs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+        data: memoryview | bytes, vma_start: int, rid: int,
+    ) -> np.ndarray:
+        """try_to_merge_two_pages() + stable_tree_insert() for pages whose unstable tree
+        partner is still there and still byte-for-byte equal.  Returns which merged."""
+        cur_seq = self.scan_round & SEQNR_MASK
+        k = int(m.shape[0])
+        ok = np.zeros(k, dtype=bool)
+        tblock = np.full(k, -1, dtype=np.int64)
+        tidx = np.full(k, -1, dtype=np.int64)
+        blocks: list[Rmap] = []
+        tsids = refs >> _VPN_BITS
+        tvpns = (refs & _VPN_MASK).astype(np.uint64)
+        mine = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
+        for tsid in np.unique(tsids).tolist():
+            sel = np.flatnonzero(tsids == tsid)
+            tslot = self._by_sid.get(int(tsid))
+            if tslot is None:
+                continue
+            blk = self._current_items() if tslot is slot else tslot.rmap
+            if len(blk):
+                pos = np.searchsorted(blk.vpn, tvpns[sel])
+                posc = np.minimum(pos, len(blk) - 1)
+                found = (pos < len(blk)) & (blk.vpn[posc] == tvpns[sel])
+                live = found & ((blk.flags[posc] & UNSTABLE) != 0) & (blk.seq[posc] == cur_seq)
+                blocks.append(blk)
+                tblock[sel[live]] = len(blocks) - 1
+                tidx[sel[live]] = posc[live]
+            got = sel[tblock[sel] >= 0]
+            if not got.size:
+                continue
+            # get_mergeable_page() + memcmp_pages(), one read for this partner process
+            order = np.argsort(tvpns[got], kind="stable")
+            got = got[order]
+            try:
+                theirs = np.frombuffer(
+                    bytes(self.source.read_pages(tslot.task, tvpns[got])), dtype=np.uint64
+                ).reshape(-1, PAGE_SIZE // 8)
+            except _SourceError:
+                continue
+            ok[got] = (theirs == mine[m[got]]).all(axis=1)
+        if not ok.any():
+            return ok
+        w = m[ok]
+        nids = self.stable.insert_many(lo[w], hi[w])
+        # the partners leave the unstable tree for the new KSM pages
+        self.pages_unshared -= int(w.shape[0])
+        for b in np.unique(tblock[ok]).tolist():
+            sel = ok & (tblock == b)
+            blk = blocks[b]
+            ti = tidx[sel]
+            blk.flags[ti] = (blk.flags[ti] & _NOT_UNSTABLE) | STABLE
+            blk.node[ti] = nids[sel[ok]]
+            if self.filter_enabled:
+                self.regions.account_merges(blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
+        self.stable.append_many(nids)
+        # and this page joins each
+        flags = part.flags
+        was = (flags[w] & UNSTABLE) != 0
+        self.pages_unshared -= int(np.count_nonzero(was))
+        flags[w] = (flags[w] & _NOT_UNSTABLE) | STABLE
+        part.node[w] = nids
+        sharing = self.stable.append_many(nids)
+        self.lksm_nr_merged += sharing
+        self.slot_nr_merged += sharing
+        if self.filter_enabled:
+            offs = (part.vpn[w] - np.uint64(vma_start)).astype(np.int64)
+            self.regions.account_merges(np.full(w.shape[0], rid), offs)
+        return ok
 
     def _cmp_and_merge_page(
         self, slot: MmSlot, part: Rmap, i: int, lo: int, hi: int, data: bytes, vma_start: int,
@@ -1002,19 +1139,15 @@ class Ksm:
         tslot = self._by_sid.get(tsid)
         if tslot is None:
             return None
-        blocks: list[Rmap]
-        if tslot is slot:
-            blocks = ([self._cur_part] if self._cur_part is not None else []) + self._cur_parts
-        else:
-            blocks = [tslot.rmap]
-        for b in blocks:
-            ti = b.find(tvpn)
-            if ti >= 0:
-                f = int(b.flags[ti])
-                if f & UNSTABLE and int(b.seq[ti]) == self.scan_round & SEQNR_MASK:
-                    return tslot, b, ti
-                return None
+        b = self._current_items() if tslot is slot else tslot.rmap
+        ti = b.find(tvpn)
+        if ti >= 0 and int(b.flags[ti]) & UNSTABLE and int(b.seq[ti]) == self.scan_round & SEQNR_MASK:
+            return tslot, b, ti
         return None
+
+    def _current_items(self) -> Rmap:
+        """The items of the slot being scanned that are valid so far (this chunk included)."""
+        return self._cur_new.view(0, self._cur_valid) if self._cur_new is not None else Rmap()
 
     def _read_page(self, slot: MmSlot, vpn: int) -> bytes | None:
         """get_mergeable_page() + the bytes for memcmp_pages()."""
@@ -1043,8 +1176,7 @@ class Ksm:
         """Every merge undone and every rmap item freed; slots stay registered."""
         self._gen = None
         self.cur = None
-        self._cur_part = None
-        self._cur_parts = []
+        self._cur_new = None
         for slot in list(self.slots.values()):
             slot.rmap = Rmap()
             slot.zero_vpns = slot.zero_vpns[:0]

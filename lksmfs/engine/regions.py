@@ -258,6 +258,18 @@ class RegionTable:
         region.merge_cnt += 1
         self.region_share[region.type] += 1
 
+    def account_merges(self, rids: np.ndarray, offsets: np.ndarray) -> None:
+        """account_merge() for many pages at once."""
+        for rid in np.unique(rids).tolist():
+            sel = rids == rid
+            region = self.get(int(rid))
+            if region.type in (RegionType.FILE1, RegionType.FILE2):
+                for off in offsets[sel].tolist():
+                    region.set_offset(int(off))
+            n = int(np.count_nonzero(sel))
+            region.merge_cnt += n
+            self.region_share[region.type] += n
+
     def use_filter(self, rid: int, scan_round: int) -> bool:
         region = self.get(rid)
         return (

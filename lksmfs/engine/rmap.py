@@ -59,7 +59,14 @@ class Rmap:
     def nbytes(self) -> int:
         return sum(getattr(self, c).nbytes for c in COLUMNS)
 
-    def take(self, idx: np.ndarray) -> Rmap:
+    def view(self, start: int, stop: int) -> Rmap:
+        """Items [start, stop) sharing this block's memory."""
+        out = Rmap.__new__(Rmap)
+        for c in COLUMNS:
+            setattr(out, c, getattr(self, c)[start:stop])
+        return out
+
+    def take(self, idx: np.ndarray | slice) -> Rmap:
         out = Rmap.__new__(Rmap)
         for c in COLUMNS:
             setattr(out, c, getattr(self, c)[idx])
@@ -78,7 +85,7 @@ class Rmap:
 
     def find(self, vpn: int) -> int:
         """Index of `vpn`, or -1."""
-        i = int(np.searchsorted(self.vpn, vpn))
+        i = int(np.searchsorted(self.vpn, np.uint64(vpn)))
         if i < len(self) and int(self.vpn[i]) == vpn:
             return i
         return -1

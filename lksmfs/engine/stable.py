@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lksmfs.engine.hashindex import HashIndex
+from lksmfs.engine.hashindex import HashIndex, normkey
 
 
 class _Grow:
@@ -134,6 +134,34 @@ class StableTree:
             self._chain.a[nid] = cid
             self.stable_node_dups += 1
         return nid
+
+    def insert_many(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """insert() for contents known to have no node yet (no index entry): plain nodes."""
+        k = int(lo.shape[0])
+        reuse = min(k, len(self._free))
+        ids = [self._free.pop() for _ in range(reuse)]
+        fresh = np.arange(self._next_id, self._next_id + (k - reuse), dtype=np.int64)
+        self._next_id += k - reuse
+        nids = np.concatenate([np.array(ids, dtype=np.int64), fresh])
+        for col in (self._lo, self._hi, self._len):
+            col.ensure(self._next_id)
+        self._chain.ensure(self._next_id, -1)
+        self._lo.a[nids] = lo
+        self._hi.a[nids] = hi
+        self._len.a[nids] = 0
+        self._chain.a[nids] = -1
+        self.index.put_many(normkey(lo), nids)
+        self.nr_nodes += k
+        return nids
+
+    def append_many(self, nids: np.ndarray) -> int:
+        """append() for distinct nodes; returns how many of the mappings are sharing ones."""
+        before = self._len.a[nids]
+        self._len.a[nids] = before + 1
+        first = int(np.count_nonzero(before == 0))
+        self.pages_shared += first
+        self.pages_sharing += int(nids.shape[0]) - first
+        return int(nids.shape[0]) - first
 
     def _alloc(self) -> int:
         if self._free:
