@@ -64,7 +64,10 @@ def scan_processes(
         scans = []
         t0 = time.perf_counter()
         for _ in range(rounds):
-            scans.append(ksm.full_scan())
+            rec = ksm.full_scan()
+            c = ksm.counters()
+            rec.update(pages_shared=c["pages_shared"], pages_sharing=c["pages_sharing"])
+            scans.append(rec)
         wall = time.perf_counter() - t0
         out = attribute_values(table)
         out["wall_s"] = wall
