@@ -1,0 +1,239 @@
+"""Helpers for live engine tests: drive a Ksm like the daemon does, count its per-range
+state, check its counters, and run small real children with known memory.
+
+Plain functions and context managers (test modules wrap them in their own fixtures):
+the test directories are not packages, and importing fixture functions confuses linters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+
+from lksmfs.engine.ksm import Ksm
+from lksmfs.engine.rmap import STABLE, UNSTABLE
+from lksmfs.sources.base import PAGE_SIZE, TaskId
+
+COUNTERS_NONNEG = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                   "rmap_items", "scanning_process", "ksm_zero_pages", "full_scans",
+                   "pages_scanned", "tasks_exited", "stable_node_chains", "stable_node_dups")
+
+
+def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.01) -> bool:
+    """Poll `pred` until truthy or the deadline; returns its last truthiness."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(pred())
+        time.sleep(interval)
+
+
+# -------------------------------------------------------------------- driving an engine --
+
+
+def settle(ksm: Ksm, now: float, lock: AbstractContextManager[object] | None = None,
+           batch: int = 1 << 20, limit: int = 10_000) -> float:
+    """Run crawler passes and scanner batches, as the daemon's two threads would, until
+    both are idle; time is virtual (the crawler's wake-up times are jumped to, never
+    slept).  Returns the virtual time reached."""
+    lk = lock if lock is not None else contextlib.nullcontext()
+    for _ in range(limit):
+        with lk:
+            nxt = ksm.crawl(now)
+            while ksm.scanner_should_run():
+                ksm.scan_batch(batch)
+            idle = nxt is None and not ksm.scan_state
+        if idle:
+            return now
+        if nxt is not None:
+            now = max(now, nxt)
+    raise AssertionError("crawler/scanner did not settle")
+
+
+# ----------------------------------------------------------------------- inspection --
+
+
+@dataclass(frozen=True)
+class RangeCounts:
+    """A slot's rmap items inside one address range, by tree."""
+
+    items: int
+    merged: int  # STABLE: mapped to a KSM page
+    unshared: int  # UNSTABLE: in this round's unstable tree
+
+
+def range_counts(ksm: Ksm, task: TaskId, vpn: int, npages: int) -> RangeCounts | None:
+    """Items of `task`'s slot in [vpn, vpn + npages), or None if it has no slot."""
+    slot = ksm.slots.get(task)
+    if slot is None:
+        return None
+    r = slot.rmap
+    sel = (r.vpn >= np.uint64(vpn)) & (r.vpn < np.uint64(vpn + npages))
+    fl = r.flags[sel]
+    return RangeCounts(int(np.count_nonzero(sel)), int(np.count_nonzero(fl & STABLE)),
+                       int(np.count_nonzero(fl & UNSTABLE)))
+
+
+def check_counters(ksm: Ksm, *, quiescent: bool) -> dict[str, int]:
+    """The published counters are sane: none negative, and every rmap item is in exactly
+    one of shared/sharing/unshared/volatile.  When no scan is in progress (`quiescent`),
+    they must also agree with the slots' own rmap columns: STABLE items are the pages
+    shared + sharing, UNSTABLE items the pages unshared, and rmap_items their total."""
+    c = ksm.counters()
+    for k in COUNTERS_NONNEG:
+        assert c[k] >= 0, (k, c)
+    assert c["rmap_items"] >= c["pages_shared"] + c["pages_sharing"] + c["pages_unshared"], c
+    assert c["rmap_items"] == (c["pages_shared"] + c["pages_sharing"] + c["pages_unshared"]
+                               + c["pages_volatile"]), c
+    if quiescent:
+        assert not ksm.scan_state
+        rmaps = [s.rmap for s in [*ksm.slots.values(), *ksm.remove_list]]
+        assert c["rmap_items"] == sum(len(r) for r in rmaps), c
+        assert c["pages_shared"] + c["pages_sharing"] == sum(
+            int(np.count_nonzero(r.flags & STABLE)) for r in rmaps), c
+        assert c["pages_unshared"] == sum(
+            int(np.count_nonzero(r.flags & UNSTABLE)) for r in rmaps), c
+        assert c["scanning_process"] == len(ksm.slots), c
+    return c
+
+
+def vm_rss_kib(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def task_of(pid: int) -> TaskId | None:
+    """(pid, start time) of a live pid, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return TaskId(pid, int(f.read().rsplit(")", 1)[1].split()[19]))
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def smaps_anon_pages(pid: int) -> int:
+    """Anonymous pages of the mappings KSM may scan (private, not [vdso]/[vvar]...), from
+    smaps' own `Anonymous:` lines: a count that does not go through the procfs source."""
+    total = 0
+    counted = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):
+                parts = line.split()
+                perms = parts[1]
+                path = parts[5] if len(parts) > 5 else ""
+                counted = perms[3] == "p" and path not in (
+                    "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[uprobes]")
+            elif head == "Anonymous:" and counted:
+                total += int(line.split()[1]) * 1024 // PAGE_SIZE
+            elif head == "VmFlags:" and counted and {"pf", "io", "de", "ht", "mm"} & set(
+                    line.split()[1:]):
+                raise AssertionError(f"unexpected special mapping in {pid}")
+    return total
+
+
+# ------------------------------------------------------------ a child with a .data area --
+
+# A Python child that maps `same + unique` pages of a real file MAP_PRIVATE and writes
+# every one (COW: anonymous pages in a file mapping, LKSM_FILTER's file_data region):
+# the first `same` pages hold one fixed pattern (they merge), the others random bytes
+# (they never merge).  Then it uses `cpu_ms` of CPU (the short-task rule), reports
+# {"pid", "addr"} and waits for stdin to close.
+_FILE_CHILD = r"""
+import ctypes, json, mmap, os, sys
+spec = json.loads(sys.argv[1])
+n = spec["same"] + spec["unique"]
+fd = os.open(spec["file"], os.O_RDONLY)
+m = mmap.mmap(fd, n * 4096, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+os.close(fd)
+for i in range(n):
+    m[i * 4096:(i + 1) * 4096] = b"\xa5" * 4096 if i < spec["same"] else os.urandom(4096)
+def runtime():
+    with open("/proc/self/schedstat") as f:
+        return int(f.read().split()[0])
+x = 0
+while runtime() < spec["cpu_ms"] * 1000000:
+    for i in range(20000):
+        x ^= i
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+print(json.dumps({"pid": os.getpid(), "addr": addr}), flush=True)
+sys.stdin.read()
+"""
+
+
+@dataclass
+class FileChild:
+    proc: subprocess.Popen[str]
+    pid: int
+    addr: int
+    npages: int
+
+    @property
+    def vpn(self) -> int:
+        return self.addr // PAGE_SIZE
+
+    @property
+    def task(self) -> TaskId:
+        t = task_of(self.pid)
+        assert t is not None, f"child {self.pid} is gone"
+        return t
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        for s in (self.proc.stdin, self.proc.stdout):
+            if s is not None:
+                s.close()
+
+
+@contextlib.contextmanager
+def file_children(path: str, same: int, unique: int,
+                  cpu_ms: int = 150) -> Iterator[Callable[[], FileChild]]:
+    """Factory of FileChild processes over `path` (created here, sized to fit); every
+    child is killed and reaped at the end, whatever happens."""
+    with open(path, "wb") as f:
+        f.truncate((same + unique) * PAGE_SIZE)
+    kids: list[FileChild] = []
+
+    def spawn() -> FileChild:
+        spec = {"file": path, "same": same, "unique": unique, "cpu_ms": cpu_ms}
+        p = subprocess.Popen([sys.executable, "-c", _FILE_CHILD, json.dumps(spec)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        kid = FileChild(p, p.pid, 0, same + unique)
+        kids.append(kid)
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError("file child died before reporting")
+        kid.addr = json.loads(line)["addr"]
+        return kid
+
+    try:
+        yield spawn
+    finally:
+        for k in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(k.pid, signal.SIGCONT)
+            k.stop()
