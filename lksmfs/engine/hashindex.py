@@ -120,18 +120,22 @@ class HashIndex:
 
     # -- scalar -------------------------------------------------------------------
 
-    def get(self, key: int) -> int:
-        key = _norm1(key)
+    def _slot_of(self, key: int) -> int:
+        """Position of a normalised key, or -1 (the probe stops at an empty slot)."""
         tk = self.keys
         mask = self.mask
         p = self._home1(key)
         while True:
             k = int(tk[p])
             if k == key:
-                return int(self.vals[p])
+                return p
             if k == 0:
                 return -1
             p = (p + 1) & mask
+
+    def get(self, key: int) -> int:
+        p = self._slot_of(_norm1(key))
+        return int(self.vals[p]) if p >= 0 else -1
 
     def put(self, key: int, val: int) -> None:
         """Insert or overwrite."""
@@ -160,22 +164,13 @@ class HashIndex:
 
     def delete(self, key: int, val: int | None = None) -> bool:
         """Remove `key` (only if it maps to `val`, when given)."""
-        key = _norm1(key)
-        tk = self.keys
-        mask = self.mask
-        p = self._home1(key)
-        while True:
-            k = int(tk[p])
-            if k == key:
-                if val is not None and int(self.vals[p]) != val:
-                    return False
-                tk[p] = TOMB
-                self.vals[p] = -1
-                self.used -= 1
-                return True
-            if k == 0:
-                return False
-            p = (p + 1) & mask
+        p = self._slot_of(_norm1(key))
+        if p < 0 or (val is not None and int(self.vals[p]) != val):
+            return False
+        self.keys[p] = TOMB
+        self.vals[p] = -1
+        self.used -= 1
+        return True
 
     def _reserve(self, extra: int) -> None:
         cap = self.mask + 1

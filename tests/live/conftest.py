@@ -13,27 +13,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from fuse_fixtures import Child, Mounts, skip_unless_fuse
+from waiting import wait_until  # noqa: F401  (re-exported to the tests)
 
 PAGE = 4096
 V1_FREEZER = "/sys/fs/cgroup/freezer"
 V2_ROOT = "/sys/fs/cgroup/unified"
-
-
-def wait_until(pred: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> bool:
-    """Poll `pred` until it is truthy or `timeout` passes; returns its last truthiness."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(pred())
-        time.sleep(interval)
 
 
 def require_root() -> None:
@@ -308,3 +298,18 @@ def live() -> LiveHelpers:
     """Helpers for live tests (root required)."""
     require_root()
     return LiveHelpers()
+
+
+@pytest.fixture
+def mounts() -> Iterator[Mounts]:
+    """Daemons mounted by the test, always unmounted."""
+    skip_unless_fuse()
+    with Mounts() as m:
+        yield m
+
+
+@pytest.fixture
+def child() -> Iterator[Child]:
+    """A live process with 64 pages for the daemon to scan."""
+    with Child(64) as c:
+        yield c

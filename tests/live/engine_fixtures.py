@@ -13,12 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
+from waiting import wait_until  # noqa: F401  (re-exported to the tests)
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.rmap import STABLE, UNSTABLE
@@ -27,17 +27,6 @@ from lksmfs.sources.base import PAGE_SIZE, TaskId
 COUNTERS_NONNEG = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                    "rmap_items", "scanning_process", "ksm_zero_pages", "full_scans",
                    "pages_scanned", "tasks_exited", "stable_node_chains", "stable_node_dups")
-
-
-def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.01) -> bool:
-    """Poll `pred` until truthy or the deadline; returns its last truthiness."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(pred())
-        time.sleep(interval)
 
 
 # -------------------------------------------------------------------- driving an engine --

@@ -16,11 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 import pytest
+from waiting import wait_until  # noqa: F401  (re-exported to the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -54,16 +55,6 @@ def skip_unless_fuse() -> None:
         import mfusepy  # noqa: F401
     except (ImportError, OSError) as e:
         pytest.skip(f"mfusepy/libfuse unavailable: {e}")
-
-
-def wait_until(pred: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(pred())
-        time.sleep(interval)
 
 
 def mounted_at(path: str | Path) -> bool:

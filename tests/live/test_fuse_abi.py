@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from fuse_fixtures import (
     mounted_at,
     read_attr,
     sh,
-    skip_unless_fuse,
     wait_until,
     write_attr,
 )
@@ -74,19 +72,6 @@ BAD = {
     "run": "9",
     "one_shot_scanning": "7",
 }
-
-
-@pytest.fixture
-def mounts() -> Iterator[Mounts]:
-    skip_unless_fuse()
-    with Mounts() as m:
-        yield m
-
-
-@pytest.fixture
-def child() -> Iterator[Child]:
-    with Child(64) as c:
-        yield c
 
 
 def idle_mount(mounts: Mounts, child: Child, *extra: str) -> Path:

@@ -6,11 +6,10 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fuse_fixtures import Child, Mounts, read_attr, sh, skip_unless_fuse, wait_until
+from fuse_fixtures import Child, Mounts, read_attr, sh, wait_until
 
 pytestmark = pytest.mark.live
 
@@ -29,13 +28,6 @@ FORMATS = {
 }
 READERS = 20
 WINDOW_S = 3.0
-
-
-@pytest.fixture
-def mounts() -> Iterator[Mounts]:
-    skip_unless_fuse()
-    with Mounts() as m:
-        yield m
 
 
 def reader(mp: Path, names: list[str], stop: float, out: list[str], bad: list[str]) -> None:

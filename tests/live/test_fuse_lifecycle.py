@@ -20,24 +20,10 @@ from fuse_fixtures import (
     mounted_at,
     read_attr,
     sh,
-    skip_unless_fuse,
     wait_until,
 )
 
 pytestmark = pytest.mark.live
-
-
-@pytest.fixture
-def mounts() -> Iterator[Mounts]:
-    skip_unless_fuse()
-    with Mounts() as m:
-        yield m
-
-
-@pytest.fixture
-def child() -> Iterator[Child]:
-    with Child(64) as c:
-        yield c
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
