@@ -50,6 +50,7 @@ PF_KTHREAD = 0x00200000
 
 # /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
 PM_PFN_MASK = np.uint64((1 << 55) - 1)
+PM_MMAP_EXCLUSIVE_BIT = 56  # mapped by this process only: never the (huge) zero page
 PM_FILE_OR_SHARED_ANON_BIT = 61
 PM_PRESENT_BIT = 63
 # /proc/kpageflags bits
@@ -598,6 +599,21 @@ class ProcfsSource:
                     continue
                 pe = ent[present]
                 vpns = present.astype(np.uint64) + np.uint64(first)
+                # PM_FILE is set exactly for mapped pages that are not PageAnon, and an
+                # exclusively mapped page without it is an anonymous page (the zero pages
+                # are never exclusive): only the rest needs /proc/kpageflags
+                not_file = ((pe >> np.uint64(PM_FILE_OR_SHARED_ANON_BIT)) & np.uint64(1)) == 0
+                excl = ((pe >> np.uint64(PM_MMAP_EXCLUSIVE_BIT)) & np.uint64(1)) == 1
+                sure = not_file & excl
+                if sure.all():
+                    out.append(vpns)
+                    continue
+                if sure.any():
+                    out.append(vpns[sure])
+                    check = not_file & ~excl
+                    pe, vpns = pe[check], vpns[check]
+                    if not len(pe):
+                        continue
                 pfns = pe & PM_PFN_MASK
                 have_pfns = bool(pfns.any())
                 kfd = self._kpageflags() if have_pfns else None
@@ -619,7 +635,7 @@ class ProcfsSource:
                 out.append(vpns[(anon == 1) & (zero == 0)])
             if not out:
                 return empty
-            return np.concatenate(out) if len(out) > 1 else out[0]
+            return np.sort(np.concatenate(out)) if len(out) > 1 else out[0]
         except ProcessGone:
             self._drop(task)
             raise
@@ -730,6 +746,11 @@ class ProcfsSource:
     def release(self, task: TaskId) -> None:
         """Close the task's fds (the engine dropped its mm_slot)."""
         self._drop(task)
+
+    @property
+    def kpageflags_open(self) -> bool:
+        """Whether /proc/kpageflags is open (only once some page needed a lookup)."""
+        return self._kpf_fd is not None
 
     def open_tasks(self) -> int:
         """How many tasks have cached fds (for tests and stats)."""

@@ -184,10 +184,12 @@ def test_fds_back_to_baseline_after_release_and_close(spawn_mem_child: SpawnFn, 
             v = s.present_anon(t, c.private_vpn, c.private_vpn + 3)
             s.read_pages(t, v)
         assert s.open_tasks() == 3
-        # per task: /proc/PID dir, pagemap, mem; plus one shared kpageflags
-        assert live.open_fd_count() == base + 3 * 3 + 1
+        # per task: /proc/PID dir, pagemap, mem; kpageflags is not needed: every page
+        # here is an exclusively mapped anonymous page
+        assert not s.kpageflags_open
+        assert live.open_fd_count() == base + 3 * 3
         s.release(_tid(kids[0].pid))
-        assert live.open_fd_count() == base + 2 * 3 + 1
+        assert live.open_fd_count() == base + 2 * 3
     finally:
         s.close()
     assert live.open_fd_count() == base

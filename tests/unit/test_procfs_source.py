@@ -20,6 +20,7 @@ from lksmfs.sources.scope import Scope
 PRESENT = 1 << 63
 SWAPPED = 1 << 62
 FILE_OR_SHARED = 1 << 61
+EXCLUSIVE = 1 << 56
 KPF_ANON = 1 << 12
 KPF_KSM = 1 << 21
 KPF_ZERO = 1 << 24
@@ -244,6 +245,38 @@ def test_present_anon_pagemap_and_kpageflags(fake: FakeProc) -> None:
         # beyond the end of the pagemap file: nothing present, no error
         assert s.present_anon(t, V0 + 100, V0 + 200).tolist() == []
         assert not s.fallback_used
+
+
+def test_exclusive_anon_pages_need_no_kpageflags(fake: FakeProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exclusively mapped and not PM_FILE: anonymous without asking kpageflags; only the
+    shared mappings (a KSM page, the zero page) are looked up."""
+    t = fake.task(100)
+    fake.pagemap(
+        100,
+        V0,
+        [
+            _entry(50, EXCLUSIVE),  # +0 anon, mapped once: kept, no lookup
+            _entry(60, EXCLUSIVE, FILE_OR_SHARED),  # +1 a page cache page mapped once: not anon
+            _entry(7),  # +2 the zero page (never exclusive): looked up, dropped
+            _entry(5),  # +3 a KSM page (shared): looked up, kept
+            _entry(51, EXCLUSIVE),  # +4 anon: kept
+        ],
+    )
+    # kpageflags deliberately calls 50 and 51 file pages: they must not be consulted
+    fake.kpageflags({5: KPF_ANON | KPF_KSM, 7: KPF_ZERO, 50: 0, 51: 0}, npfn=100)
+    looked: list[int] = []
+    real = os.pread
+
+    def counting(fd: int, n: int, off: int) -> bytes:
+        looked.append(fd)
+        return real(fd, n, off)
+
+    with _src(fake) as s:
+        monkeypatch.setattr(os, "pread", counting)
+        got = s.present_anon(t, V0, V0 + 5)
+        kfd = s._kpf_fd
+    assert got.tolist() == [V0 + 0, V0 + 3, V0 + 4]
+    assert looked.count(kfd) == 1  # PFNs 5 and 7 in one read
 
 
 def test_kpageflags_reads_are_grouped(fake: FakeProc, monkeypatch: pytest.MonkeyPatch) -> None:
