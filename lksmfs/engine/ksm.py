@@ -252,8 +252,11 @@ class Ksm:
             self._phase = _INITIAL
             self._next_fscan = now
         if self._phase == _INITIAL:
-            # initial loop: initial_round full scans, crawler_sleep apart
-            if t.run & KSM_RUN_MERGE and not self.scan_state and now >= self._next_fscan:
+            # initial loop: initial_round full scans, crawler_sleep apart.  Merging turned
+            # off meanwhile: sleep until a store wakes us (the seed's loop would spin)
+            if not t.run & KSM_RUN_MERGE:
+                return None
+            if not self.scan_state and now >= self._next_fscan:
                 if self.prepare_full_scan(now) > 0:
                     self._wake_scanner()
                 self._next_fscan = now + CRAWLER_SLEEP_S
@@ -315,12 +318,14 @@ class Ksm:
             return self._partial_at
         else:
             return min(self._next_fscan, now + CRAWLER_SLEEP_S)
+        self._publish()
         if nr_added > 0:
             self._wake_scanner()
-        else:
-            self._nothing_to_scan()
-        self._publish()
-        return now + CRAWLER_SLEEP_S if self.scan_state else min(self._next_fscan, now + CRAWLER_SLEEP_S)
+            return now + CRAWLER_SLEEP_S
+        # nothing to scan: wait for events rather than prepare again at once (a
+        # full_scan_interval of 0 with no process would make the seed's loop spin)
+        self._nothing_to_scan()
+        return now + CRAWLER_SLEEP_S
 
     def _nothing_to_scan(self) -> None:
         """The scanner, finding nothing to run, frees what exited before it sleeps."""

@@ -173,3 +173,38 @@ def test_run_0_stops_and_keeps_merges() -> None:
     assert ksm.crawl(clock.now) is None
     assert not ksm.scanner_should_run()
     assert table.show("pages_sharing") == before == b"2\n"
+
+
+def test_run_0_during_the_initial_rounds_puts_the_crawler_to_sleep() -> None:
+    src = FakeSource()
+    three(src)
+    clock = VirtualClock()
+    ksm = Ksm(src, clock=clock)
+    table = AttributeTable(ksm)
+    table.store("run", b"8\n")
+    ksm.crawl(clock.now)  # the first initial full scan is prepared
+    while ksm.scanner_should_run():
+        ksm.scan_batch()
+    table.store("run", b"0\n")
+    clock.now += 5
+    assert ksm.crawl(clock.now) is None  # no busy loop: it waits for a store
+    assert table.show("full_scans") == b"1\n"
+    table.store("run", b"8\n")  # and picks up where it was
+    drive_until_idle(ksm, clock)
+    assert table.show("full_scans") == b"3\n"
+
+
+def test_periodic_crawler_with_nothing_to_scan_does_not_spin() -> None:
+    clock = VirtualClock()
+    ksm = Ksm(FakeSource(), clock=clock)
+    table = AttributeTable(ksm)
+    table.store("run", b"1\n")
+    for _ in range(4):  # the initial rounds find nobody
+        due = ksm.crawl(clock.now)
+        clock.now = max(clock.now, due if due is not None else clock.now)
+    table.store("full_scan_interval", b"0\n")
+    for _ in range(3):
+        due = ksm.crawl(clock.now)
+        assert due is not None and due >= clock.now + 1.0  # crawler_sleep, not "now"
+        clock.now = due
+    assert table.show("full_scans") == b"0\n"
