@@ -197,3 +197,43 @@ def test_lksmfs_matches_kernel(kernel_ksm: KernelKsm, scenario: str, mps: int) -
     for i, r in enumerate(results):
         assert r.kernel == r.expected, f"phase {i}: kernel {r.kernel} != hand {r.expected}"
         assert r.lksmfs == r.kernel, f"phase {i}: lksmfs {r.lksmfs} != kernel {r.kernel}"
+
+
+# use_zero_pages=1: zero-filled pages go to the zero page (ksm_zero_pages), outside the
+# stable tree.  By hand: ksm_zero_pages = every zero-filled anonymous page (the pattern's
+# 16 + 16 plus the runtime's own, from the census); pages_shared/pages_sharing = the
+# max_page_sharing rule over every other content group.
+ZERO_SPECS = (
+    ((32, "a"), (16, "zero"), (16, "same")),
+    ((32, "a"), (16, "b"), (16, "same")),
+    ((48, "b"), (16, "zero")),
+)
+
+
+@pytest.mark.parametrize("mps", [1000, 3])
+def test_lksmfs_matches_kernel_with_use_zero_pages(kernel_ksm: KernelKsm, mps: int) -> None:
+    from lksmfs.scan import scan_processes
+
+    zero_key = _digest(bytes(4096))
+    kernel_ksm.configure(max_page_sharing=mps, use_zero_pages=1)
+    with PatternGroup(ZERO_SPECS) as group:
+        assert not kernel_ksm.foreign_mergeable(group.pids)
+        runtime = anon_page_census(group.pids, {p.pid: (p.addr, 0) for p in group.procs})
+        combined = dict(runtime)
+        for gkey, count in spec_groups(ZERO_SPECS).items():
+            key = _digest(pattern_page(gkey))
+            combined[key] = combined.get(key, 0) + count
+        zero_pages = combined.pop(zero_key, 0)
+        assert zero_pages >= 32
+        expected = (*expected_counts(combined.values(), mps), zero_pages)
+
+        c = kernel_ksm.converge(timeout_s=60).counters
+        kernel = (c["pages_shared"], c["pages_sharing"], c["ksm_zero_pages"])
+        kernel_ksm.unmerge()
+        lk = scan_processes(
+            pids=group.pids, rounds=3, settings={"max_page_sharing": mps, "use_zero_pages": 1},
+            filter_enabled=False,
+        )
+        lksmfs = (lk["pages_shared"], lk["pages_sharing"], lk["ksm_zero_pages"])
+    assert kernel == expected, f"kernel {kernel} != hand {expected}"
+    assert lksmfs == kernel, f"lksmfs {lksmfs} != kernel {kernel}"
