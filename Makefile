@@ -28,6 +28,7 @@ run: setup
 
 test: setup
 	$(VENV)/bin/ruff check lksmfs tests bench scripts
+	$(VENV)/bin/mypy --ignore-missing-imports lksmfs
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 unit: setup
@@ -38,6 +39,7 @@ live: setup
 
 lint: setup
 	$(VENV)/bin/ruff check lksmfs tests bench scripts
+	$(VENV)/bin/mypy --ignore-missing-imports lksmfs
 
 bench: setup
 	$(PY) bench/scan_throughput.py

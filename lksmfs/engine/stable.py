@@ -23,7 +23,7 @@ class _Grow:
     __slots__ = ("a",)
 
     def __init__(self, dtype: type, fill: int = 0) -> None:
-        self.a = np.full(1024, fill, dtype=dtype)
+        self.a: np.ndarray = np.full(1024, fill, dtype=dtype)
 
     def ensure(self, n: int, fill: int = 0) -> None:
         if n > self.a.shape[0]:

@@ -166,7 +166,7 @@ class SimulatedSource:
         buf = self._buffer(n)
         np.bitwise_xor(keys[:, None], _TABLE[None, :], out=buf)
         buf[keys == 0] = 0
-        return memoryview(buf.reshape(-1).view(np.uint8))
+        return memoryview(buf.reshape(-1).view(np.uint8).data)
 
     def release(self, task: TaskId) -> None:
         """Nothing is held per task."""

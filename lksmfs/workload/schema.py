@@ -282,7 +282,7 @@ def _app(c: _Checker, raw: Any, key: str, libs: dict[str, Library]) -> App:
         anon_raw = [anon_raw]
     if not isinstance(anon_raw, list):
         raise c.fail(f"{key}.anon", "expected a list of {pages, share, zero, name}")
-    anon = []
+    anon: list[Section] = []
     for i, a in enumerate(anon_raw):
         s = _section(c, a, f"{key}.anon[{i}]", named=True, lo=1)
         if not s.name:
