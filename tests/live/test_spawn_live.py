@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from lksmfs.sources.simulated import SimulatedSource
 from lksmfs.workload.cgroups import CgroupError, Freezer
@@ -26,6 +27,11 @@ SMALL = str(Path(__file__).resolve().parents[2] / "config" / "workloads" / "smal
 FOO, BAR = "libfoo.so.1", "libbar.so.2"
 KPF_ANON = 1 << 12
 FROZEN_WCHANS = {"do_freezer_trap", "get_signal", "__refrigerator"}
+
+
+def _wchan(pid: int) -> str:
+    with open(f"/proc/{pid}/wchan") as f:
+        return f.read()
 
 
 def _cgroup_root(tag: str) -> str:
@@ -155,8 +161,8 @@ def test_spawn_small_layout_contents_freeze_and_cleanup() -> None:
                                    else "freezer.state")) as f:
                 text = f.read()
             assert ("frozen 1" in text) if procs.freezer.version == 2 else text.strip() == "FROZEN"
-            with open(f"/proc/{i.pid}/wchan") as f:
-                assert f.read() in FROZEN_WCHANS
+            # wchan reads "0" while the task is briefly on a runqueue: wait for the trap
+            assert wait_until(lambda i=i: _wchan(i.pid) in FROZEN_WCHANS, 5.0), _wchan(i.pid)
             assert procs.freezer.procs(i.cgroup) == [i.pid] or procs.freezer.version == 1
         # a frozen app's rewrite waits for the thaw (as in the simulated source)
         v0 = procs.instance("viewer/0")
