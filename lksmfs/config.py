@@ -59,22 +59,9 @@ class ConfigError(Exception):
 
 
 @dataclass
-class TunablesConfig:
-    """Initial values of the writable attributes (SPEC §1 defaults).
-
-    `one_shot_scanning` 0 means "no request at start"; 1 or 2 queues one.
-    """
-
-    run: int = 0
-    pages_to_scan: int = 100
-    sleep_millisecs: int = 20
-    scan_boost: int = 100
-    full_scan_interval: int = 100
-    one_shot_scanning: int = 0
-    max_page_sharing: int = 256
-    stable_node_chains_prune_millisecs: int = 2000
-    use_zero_pages: int = 0
-    merge_across_nodes: int = 1
+class TunablesConfig(Tunables):
+    """Initial values of the writable attributes: the engine's own fields and defaults
+    (SPEC §1).  `one_shot_scanning` 0 means "no request at start"; 1 or 2 queues one."""
 
     def items(self) -> list[tuple[str, int]]:
         """(name, value) in application order."""

@@ -226,3 +226,19 @@ def file_children(path: str, same: int, unique: int,
             with contextlib.suppress(ProcessLookupError):
                 os.kill(k.pid, signal.SIGCONT)
             k.stop()
+
+
+def workload_cgroup_root(name: str) -> str:
+    """A fresh cgroup root for a spawned workload, beside the default one (v2, else the
+    v1 freezer); skips where there is no root or no freezer."""
+    import pytest
+
+    from lksmfs.workload.cgroups import CgroupError, Freezer
+
+    if os.geteuid() != 0:
+        pytest.skip("live test needs root (cgroups, /proc/PID/mem)")
+    try:
+        default = Freezer.open()
+    except CgroupError as e:
+        pytest.skip(f"no freezer cgroup: {e}")
+    return os.path.join(os.path.dirname(default.root), f"{name}-{os.getpid()}")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fixtures import range_counts
+from engine_fixtures import range_counts, workload_cgroup_root
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.sources.base import MemorySource, TaskId
@@ -46,7 +46,6 @@ from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
 from lksmfs.sources.simulated import SimulatedSource
 from lksmfs.sysfs.attrs import AttributeTable
-from lksmfs.workload.cgroups import CgroupError, Freezer
 from lksmfs.workload.schema import load_workload
 from lksmfs.workload.spawn import spawn_workload
 
@@ -146,13 +145,7 @@ def _engine(source: MemorySource, self_pid: int | None) -> Ksm:
 
 
 def _cgroup_root(tag: str) -> str:
-    if os.geteuid() != 0:
-        pytest.skip("live test needs root (cgroups, /proc/PID/mem)")
-    try:
-        default = Freezer.open()
-    except CgroupError as e:
-        pytest.skip(f"no freezer cgroup: {e}")
-    return os.path.join(os.path.dirname(default.root), f"lksmfs-cross-{tag}-{os.getpid()}")
+    return workload_cgroup_root(f"lksmfs-cross-{tag}")
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_fixtures import workload_cgroup_root
 from waiting import wait_until
 
 from lksmfs.sources.simulated import SimulatedSource
-from lksmfs.workload.cgroups import CgroupError, Freezer
 from lksmfs.workload.model import page_bytes
 from lksmfs.workload.schema import load_workload
 from lksmfs.workload.spawn import SpawnedWorkload, spawn_workload
@@ -35,13 +35,7 @@ def _wchan(pid: int) -> str:
 
 
 def _cgroup_root(tag: str) -> str:
-    if os.geteuid() != 0:
-        pytest.skip("live test needs root (cgroups, /proc/PID/mem)")
-    try:
-        default = Freezer.open()
-    except CgroupError as e:
-        pytest.skip(f"no freezer cgroup: {e}")
-    return os.path.join(os.path.dirname(default.root), f"lksmfs-spawn-test-{tag}-{os.getpid()}")
+    return workload_cgroup_root(f"lksmfs-spawn-test-{tag}")
 
 
 def _maps(pid: int) -> list[tuple[int, int, str, int, str, int, str]]:
