@@ -100,6 +100,7 @@ class Ksm:
 
         self.stable = StableTree()
         self.unstable = HashIndex()  # root_unstable_tree, rebuilt every round
+        self._unstable_hint = 0  # entries the last round's tree ended with
         self.regions = RegionTable()
 
         self.slots: dict[TaskId, MmSlot] = {}  # mm_slots_hash / ksm_mm_head.mm_list
@@ -651,7 +652,8 @@ class Ksm:
         tree; then lksm_get_unscanned_mm_slot()."""
         if self.scan_round < self.crawl_round:
             self.scan_round = self.crawl_round
-            self.unstable.clear()
+            # sized like the last round's tree: no rehashing while it fills again
+            self.unstable = HashIndex(max(1024, self._unstable_hint))
             self._maybe_prune_chains()
         slot = self.scan_list.pop_first()
         if slot is None:
@@ -685,6 +687,7 @@ class Ksm:
             self.nr_full_scan += 1
         self.lksm_nr_merged = self.lksm_nr_broken = self.lksm_nr_scanned_slot = 0
         # nothing reads this round's unstable tree once the scan is over: give it back
+        self._unstable_hint = len(self.unstable)
         self.unstable = HashIndex()
         self.scan_mode = LKSM_SCAN_NONE
         if t.run & KSM_RUN_ONESHOT:
