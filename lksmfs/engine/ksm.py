@@ -1074,8 +1074,6 @@ class Ksm:
                 self.slot_nr_broken += 1
             flags &= ~int(STABLE)
             part.node[i] = -1
-            if kn >= 0 and self.stable.nlen[kn] == 0:
-                kn = self.stable.search(lo, hi, t.max_page_sharing)
         elif flags & UNSTABLE:
             self.pages_unshared -= 1
             flags &= ~int(UNSTABLE)

@@ -11,6 +11,7 @@ offsets.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -250,25 +251,22 @@ class RegionTable:
     # -- accounting ---------------------------------------------------------------
 
     def account_merge(self, rid: int, offset: int) -> None:
-        """stable_tree_append_region(): record the offset in a file region's filter and
-        count the merge by region type."""
-        region = self.get(rid)
-        if region.type in (RegionType.FILE1, RegionType.FILE2):
-            region.set_offset(offset)
-        region.merge_cnt += 1
-        self.region_share[region.type] += 1
+        """stable_tree_append_region() for one page."""
+        self._account(self.get(rid), (offset,), 1)
 
     def account_merges(self, rids: np.ndarray, offsets: np.ndarray) -> None:
-        """account_merge() for many pages at once."""
+        """stable_tree_append_region() for many pages at once."""
         for rid in np.unique(rids).tolist():
             sel = rids == rid
-            region = self.get(int(rid))
-            if region.type in (RegionType.FILE1, RegionType.FILE2):
-                for off in offsets[sel].tolist():
-                    region.set_offset(int(off))
-            n = int(np.count_nonzero(sel))
-            region.merge_cnt += n
-            self.region_share[region.type] += n
+            self._account(self.get(int(rid)), offsets[sel].tolist(), int(np.count_nonzero(sel)))
+
+    def _account(self, region: Region, offsets: Iterable[int], n: int) -> None:
+        """Record the offsets in a file region's filter and count the merges by type."""
+        if region.type in (RegionType.FILE1, RegionType.FILE2):
+            for off in offsets:
+                region.set_offset(int(off))
+        region.merge_cnt += n
+        self.region_share[region.type] += n
 
     def use_filter(self, rid: int, scan_round: int) -> bool:
         region = self.get(rid)
@@ -306,7 +304,3 @@ class RegionTable:
 
     def share(self) -> dict[str, int]:
         return {REGION_TYPE_STR[t]: self.region_share[t] for t in RegionType}
-
-    def clear_share(self) -> None:
-        for t in RegionType:
-            self.region_share[t] = 0

@@ -72,17 +72,6 @@ class Rmap:
             setattr(out, c, getattr(self, c)[idx])
         return out
 
-    @staticmethod
-    def concat(parts: list[Rmap]) -> Rmap:
-        if not parts:
-            return Rmap()
-        if len(parts) == 1:
-            return parts[0]
-        out = Rmap.__new__(Rmap)
-        for c in COLUMNS:
-            setattr(out, c, np.concatenate([getattr(p, c) for p in parts]))
-        return out
-
     def find(self, vpn: int) -> int:
         """Index of `vpn`, or -1."""
         i = int(np.searchsorted(self.vpn, np.uint64(vpn)))

@@ -98,14 +98,6 @@ class StableTree:
                 best, best_len = nid, n
         return best
 
-    def contains(self, lo: int, hi: int) -> bool:
-        ref = self.index.get(lo)
-        if ref == -1:
-            return False
-        if ref >= 0:
-            return int(self._hi.a[ref]) == hi
-        return any(int(self._hi.a[n]) == hi for n in self.chains[-ref - 2])
-
     def insert(self, lo: int, hi: int) -> int:
         """stable_tree_insert(): a new node with no mapping yet; chains it when a node with
         the same content exists already (they are all full, or search would have found one)."""
@@ -196,13 +188,6 @@ class StableTree:
         self.pages_shared -= 1
         self._free_node(nid)
         return False
-
-    def remove_many(self, nids: np.ndarray) -> int:
-        """Vectorised remove() for a batch of mappings; returns the sharing ones removed."""
-        broken = 0
-        for nid in nids.tolist():
-            broken += self.remove(nid)
-        return broken
 
     def _free_node(self, nid: int) -> None:
         lo = int(self._lo.a[nid])
