@@ -24,14 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "live"))
 
 from fuse_fixtures import Child, Mounts, read_attr, wait_until  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
+from lksmfs.system.proc import CLK_TCK as TICK  # noqa: E402
+from lksmfs.system.proc import read_stat  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (fields 14 and 15 of /proc/PID/stat), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # fields[0] is field 3 (state)
+    return read_stat(pid).cpu_ns / 1e9
 
 
 def write_attr(mp: Path, name: str, value: str) -> None:

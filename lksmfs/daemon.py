@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -38,8 +37,9 @@ from lksmfs.config import (
 )
 from lksmfs.sources.base import MemorySource, TaskId
 from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.system.mounts import is_mountpoint, lazy_unmount
 
-log = logging.getLogger("lksmfs.daemon")
+log = logging.getLogger(__name__)
 
 # A short GIL switch interval keeps `cat` fast while the scanner thread computes.
 SWITCH_INTERVAL_S = 0.0005
@@ -86,16 +86,6 @@ def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
 # -- stale mounts -------------------------------------------------------------------
 
 
-def _is_mountpoint(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
-            if mp == real:
-                return True
-    return False
-
-
 def _probe(path: str) -> None:
     """Raise what the file system under `path` answers.  statfs always reaches a FUSE
     daemon (stat may be served from the kernel's attribute cache for a second)."""
@@ -118,18 +108,11 @@ def prepare_mountpoint(path: str) -> None:
         if e.errno != errno.ENOTCONN:
             raise
         log.warning("%s: stale mount (ENOTCONN), unmounting it", path)
-        for cmd in (
-            ["fusermount3", "-uz", path],
-            ["fusermount", "-uz", path],
-            ["umount", "-l", path],
-        ):
-            with contextlib.suppress(OSError):
-                if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
-                    break
+        lazy_unmount(path)
         _probe(path)  # raises if still dead
     if not os.path.isdir(path):
         raise NotADirectoryError(errno.ENOTDIR, "mountpoint is not a directory", path)
-    if _is_mountpoint(path):
+    if is_mountpoint(path):
         raise OSError(errno.EBUSY, "something is already mounted there (another lksmfs?)", path)
 
 

@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from lksmfs.sources.base import TaskId
-from lksmfs.sources.procfs import StatFields, read_task_id
 from lksmfs.sources.scope import Scope, ScopeSnapshot
+from lksmfs.system import cgroups
+from lksmfs.system.proc import PROC_ROOT, StatFields, TaskId, pids, try_stat
 
-__all__ = ["FreezerWatcher", "discover_cgroup_roots", "Hint"]
+__all__ = ["FreezerWatcher", "Hint"]
 
 Hint = Callable[[TaskId, bool], None]
 
@@ -45,53 +45,6 @@ _EVENT = struct.Struct("iIII")
 _SIGSTOP_KEY = "<sigstop>"
 _MAX_KEPT_FDS = 512  # beyond this many groups, state files are opened per read
 _AUTO_SELF = -1
-
-
-def _unescape_mount(s: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    if "\\" not in s:
-        return s
-    out: list[str] = []
-    i = 0
-    while i < len(s):
-        if s[i] == "\\" and i + 4 <= len(s) and s[i + 1 : i + 4].isdigit():
-            out.append(chr(int(s[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def discover_cgroup_roots(mountinfo: str = "/proc/self/mountinfo") -> tuple[list[str], list[str]]:
-    """(v1 freezer mount points, cgroup2 mount points), one per hierarchy."""
-    v1: list[str] = []
-    v2: list[str] = []
-    seen: set[str] = set()
-    try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return v1, v2
-    for line in lines:
-        pre, sep, post = line.partition(" - ")
-        if not sep:
-            continue
-        a = pre.split()
-        b = post.split()
-        if len(a) < 5 or len(b) < 3:
-            continue
-        devno, mnt = a[2], _unescape_mount(a[4])
-        fstype, opts = b[0], b[2].split(",")
-        if devno in seen:  # bind mounts of the same hierarchy
-            continue
-        if fstype == "cgroup" and "freezer" in opts:
-            v1.append(mnt)
-            seen.add(devno)
-        elif fstype == "cgroup2":
-            v2.append(mnt)
-            seen.add(devno)
-    return v1, v2
 
 
 class _Inotify:
@@ -159,7 +112,7 @@ class _Group:
 
     @property
     def state_file(self) -> str:
-        return os.path.join(self.path, "cgroup.events" if self.v2 else "freezer.state")
+        return cgroups.state_file(self.path, self.v2)
 
 
 class _GroupGone(Exception):
@@ -179,7 +132,7 @@ class FreezerWatcher:
         *,
         v1_roots: Iterable[str] | None = None,
         v2_roots: Iterable[str] | None = None,
-        proc_root: str = "/proc",
+        proc_root: str = PROC_ROOT,
         treat_sigstop_as_frozen: bool = False,
         poll_interval: float = 0.05,
         rewalk_interval: float = 1.0,
@@ -198,7 +151,7 @@ class FreezerWatcher:
         self.on_hint = on_hint
         self.proc_root = proc_root.rstrip("/") or "/"
         if v1_roots is None or v2_roots is None:
-            auto_v1, auto_v2 = discover_cgroup_roots(f"{self.proc_root}/self/mountinfo")
+            auto_v1, auto_v2 = cgroups.discover(f"{self.proc_root}/self/mountinfo")
         self.v1_roots = list(v1_roots) if v1_roots is not None else auto_v1
         self.v2_roots = list(v2_roots) if v2_roots is not None else auto_v2
         self.treat_sigstop_as_frozen = treat_sigstop_as_frozen
@@ -209,7 +162,7 @@ class FreezerWatcher:
         self.self_pid = os.getpid() if self_pid == _AUTO_SELF else self_pid
         self.report_initial = report_initial
         self.use_inotify = use_inotify
-        self.log = log or logging.getLogger("lksmfs.freezer")
+        self.log = log or logging.getLogger(__name__)
 
         self._lock = threading.Lock()
         self._groups: dict[str, _Group] = {}
@@ -376,7 +329,7 @@ class FreezerWatcher:
         found: dict[str, bool] = {}
         for roots, v2 in ((self.v1_roots, False), (self.v2_roots, True)):
             for root in roots:
-                for d in self._subdirs(root):
+                for d in cgroups.subgroups(root):
                     found.setdefault(d, v2)
         for path in list(self._groups):
             if path not in found:
@@ -390,26 +343,6 @@ class FreezerWatcher:
                 self._refresh(g, hints, initial=not self._walked_once)
             elif g.frozen:
                 self._resync_members(g, hints)
-
-    @staticmethod
-    def _subdirs(root: str) -> list[str]:
-        """Every cgroup below `root` (not root itself: the root cgroup cannot freeze)."""
-        out: list[str] = []
-        stack = [root]
-        while stack:
-            d = stack.pop()
-            try:
-                with os.scandir(d) as it:
-                    for e in it:
-                        try:
-                            if e.is_dir(follow_symlinks=False):
-                                out.append(e.path)
-                                stack.append(e.path)
-                        except OSError:
-                            pass
-            except OSError:  # removed mid-walk
-                pass
-        return out
 
     def _add_group(self, g: _Group) -> bool:
         """Open the group's state file (and inotify watch for v2); False if not a cgroup."""
@@ -460,12 +393,7 @@ class FreezerWatcher:
                     data = f.read(256)
         except OSError as e:
             raise _GroupGone(g.path) from e
-        if g.v2:
-            for line in data.splitlines():
-                if line.startswith(b"frozen "):
-                    return line[7:].strip() == b"1"
-            return False
-        return data.strip() == b"FROZEN"
+        return cgroups.parse_state(data, g.v2) == cgroups.FROZEN
 
     def _refresh(self, g: _Group, hints: list[tuple[TaskId, bool]], *, initial: bool = False) -> None:
         """Read the group's state and hint its tasks on a transition."""
@@ -498,29 +426,22 @@ class FreezerWatcher:
 
     def _group_tasks(self, g: _Group) -> set[TaskId]:
         """Tasks in the cgroup that we may hint (not us, not kthreads, in scope)."""
-        try:
-            with open(os.path.join(g.path, "cgroup.procs"), "rb") as f:
-                pids = [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            return set()
-        return {t for t in (self._task(pid) for pid in pids) if t is not None}
+        members = (self._task(pid) for pid in cgroups.procs(g.path))
+        return {t for t in members if t is not None}
 
-    def _task(self, pid: int, got: tuple[TaskId, StatFields] | None = None) -> TaskId | None:
+    def _task(self, pid: int, st: StatFields | None = None) -> TaskId | None:
         if pid == self.self_pid:
             return None
-        if got is None:
-            got = read_task_id(pid, self.proc_root)
-        if got is None:
-            return None
-        tid, st = got
-        if st.kthread:
+        if st is None:
+            st = try_stat(pid, self.proc_root)
+        if st is None or st.kthread:
             return None
         if self.scope is not None and not self.scope.unrestricted:
             if self._scope_snap is None:
-                self._scope_snap = self.scope.snapshot(self.proc_root)
+                self._scope_snap = self.scope.snapshot()
             if not self._scope_snap.allows(pid, st.comm):
                 return None
-        return tid
+        return st.task_id
 
     # -- reference-counted hints ----------------------------------------------------
 
@@ -539,8 +460,8 @@ class FreezerWatcher:
         if keys:
             return
         del self._frozen_by[t]
-        got = read_task_id(t.pid, self.proc_root)
-        if got is not None and got[0] == t:  # a dead task needs no thaw: ksm_exit handles it
+        st = try_stat(t.pid, self.proc_root)
+        if st is not None and st.task_id == t:  # a dead task needs no thaw: ksm_exit handles it
             hints.append((t, False))
 
     # -- SIGSTOP ------------------------------------------------------------------
@@ -549,15 +470,14 @@ class FreezerWatcher:
         """Tasks in state T count as frozen: their memory is as still as a frozen one's."""
         stopped: set[TaskId] = set()
         try:
-            with os.scandir(self.proc_root) as it:
-                pids = [int(e.name) for e in it if e.name.isdigit()]
+            listed = pids(self.proc_root)
         except OSError:
             return
-        for pid in pids:
-            got = read_task_id(pid, self.proc_root)
-            if got is None or got[1].state != "T":
+        for pid in listed:
+            st = try_stat(pid, self.proc_root)
+            if st is None or st.state != "T":
                 continue
-            t = self._task(pid, got)
+            t = self._task(pid, st)
             if t is not None:
                 stopped.add(t)
         before = {t for t, k in self._frozen_by.items() if _SIGSTOP_KEY in k}

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from lksmfs.system.proc import state as proc_state
+
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 PAGE_SIZE = 4096
 PR_SET_MEMORY_MERGE = 67
@@ -461,15 +463,6 @@ class KernelKsm:
 
 
 # ---------------------------------------------------------------- pattern processes
-
-
-def proc_state(pid: int) -> str:
-    """The one-letter state of /proc/PID/stat ('' once the process is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return text[text.rindex(")") + 2]
 
 
 def wait_stopped(pid: int, timeout_s: float = 30.0) -> None:

@@ -49,13 +49,15 @@ from lksmfs.sources.procfs import ProcfsSource  # noqa: E402
 from lksmfs.sources.scope import Scope  # noqa: E402
 from lksmfs.sources.simulated import ExpectedSharing, SimulatedSource  # noqa: E402
 from lksmfs.sysfs.attrs import AttributeTable  # noqa: E402
+from lksmfs.system import cgroups  # noqa: E402
+from lksmfs.system.mounts import is_mountpoint, lazy_unmount  # noqa: E402
+from lksmfs.system.proc import AccessDenied, ProcessGone  # noqa: E402
+from lksmfs.system.proc import rss_anon_pages as task_rss_anon_pages  # noqa: E402
 from lksmfs.workload.schema import Workload, WorkloadError, load_workload  # noqa: E402
 from lksmfs.workload.spawn import SpawnedWorkload, SpawnError, spawn_workload  # noqa: E402
 
 DEFAULT_WORKLOAD = os.path.join(REPO, "config", "workloads", "tizen-tv.yaml")
 EMU = os.path.join(REPO, "scripts", "resourced-emu.sh")
-V2_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
-V1_FREEZER = "/sys/fs/cgroup/freezer"
 INITIAL_ROUND = 3
 PR_SET_PDEATHSIG = 1
 REGION_BIRTH_ROUND = 0  # see filter_state()
@@ -97,12 +99,6 @@ def wait_for(what: str, pred: Callable[[], object], timeout: float, interval: fl
 # -- the daemon -------------------------------------------------------------------------------
 
 
-def _mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
 def _die_with_parent() -> None:
     """In the daemon child: SIGTERM when the demo dies, even by SIGKILL (no stray mount)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -129,7 +125,7 @@ def mounted_daemon(mountpoint: str, cgroup: str, settings: dict[str, int],
             if proc.poll() is not None:
                 raise DemoError(f"the daemon exited with status {proc.returncode}:\n"
                                 + _tail(log_path))
-            return _mounted(mountpoint) and os.path.exists(os.path.join(mountpoint, "run"))
+            return is_mountpoint(mountpoint) and os.path.exists(os.path.join(mountpoint, "run"))
 
         wait_for("the daemon to mount", up, timeout)
         yield proc
@@ -141,12 +137,7 @@ def mounted_daemon(mountpoint: str, cgroup: str, settings: dict[str, int],
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        for cmd2 in (["fusermount3", "-uz", mountpoint], ["fusermount", "-uz", mountpoint],
-                     ["umount", "-l", mountpoint]):
-            if not _mounted(mountpoint):
-                break
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(cmd2, capture_output=True, check=False, timeout=10)
+        lazy_unmount(mountpoint)
 
 
 def _tail(path: str, n: int = 20) -> str:
@@ -305,10 +296,8 @@ def model_expectation(workload: Workload, frozen_app: str) -> ExpectedSharing:
 def rss_anon_pages(pids: list[int]) -> int:
     total = 0
     for pid in pids:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1]) // 4
+        with contextlib.suppress(ProcessGone, AccessDenied):
+            total += task_rss_anon_pages(pid)
     return total
 
 
@@ -470,18 +459,14 @@ def pick_app(workload: Workload, wanted: str | None) -> str:
 def cgroup_root(tag: str) -> str:
     """A fresh group under cgroup v2 (else the v1 freezer), named for this run: the tests of
     other engineers use lksmfs-workload concurrently."""
-    for mnt in V2_ROOTS:
-        if os.path.exists(os.path.join(mnt, "cgroup.controllers")):
-            return os.path.join(mnt, tag)
-    return os.path.join(V1_FREEZER, tag)
+    return os.path.join(cgroups.default_hierarchy()[0], tag)
 
 
 def thaw_group(path: str) -> None:
     """Thaw the app's group if the emulator left it frozen (an interrupted run): frozen v1
     tasks cannot die, and a thawed group is what spawn's cleanup expects."""
-    for name, value in (("cgroup.freeze", "0"), ("freezer.state", "THAWED")):
-        with contextlib.suppress(OSError), open(os.path.join(path, name), "w") as f:
-            f.write(value)
+    with contextlib.suppress(OSError):
+        cgroups.request(path, cgroups.is_v2(path), False)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,27 +13,19 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+# defined with the /proc knowledge they stand for; the engine imports them from here
+from lksmfs.system.proc import PAGE_SHIFT, PAGE_SIZE, AccessDenied, ProcessGone, TaskId
 
-
-class ProcessGone(Exception):
-    """The task exited (ENOENT/ESRCH/EIO while reading): the engine takes ksm_exit's path."""
-
-
-class AccessDenied(Exception):
-    """The task exists but may not be read (EACCES/EPERM): the engine skips and counts it."""
-
-
-@dataclass(frozen=True, order=True)
-class TaskId:
-    """Task identity: pid *and* start time (/proc/PID/stat field 22), since pids are reused."""
-
-    pid: int
-    start_time: int
-
-    def __str__(self) -> str:
-        return f"{self.pid}@{self.start_time}"
+__all__ = [
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "AccessDenied",
+    "Mapping",
+    "MemorySource",
+    "ProcessGone",
+    "TaskId",
+    "TaskStat",
+]
 
 
 @dataclass(frozen=True)

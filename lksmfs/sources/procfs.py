@@ -21,32 +21,22 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
-from lksmfs.sources.base import (
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    AccessDenied,
-    Mapping,
-    ProcessGone,
-    TaskId,
-    TaskStat,
-)
+from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.sources.scope import Scope
+from lksmfs.system.proc import (
+    GONE_ERRNOS,
+    PROC_ROOT,
+    StatFields,
+    TaskDir,
+    as_task_error,
+    read_all,
+    try_stat,
+)
 
-__all__ = [
-    "ProcfsSource",
-    "StatFields",
-    "parse_stat",
-    "parse_maps",
-    "parse_smaps",
-    "read_task_id",
-    "PF_KTHREAD",
-]
-
-PF_KTHREAD = 0x00200000
+__all__ = ["ProcfsSource", "parse_maps", "parse_smaps"]
 
 # /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
 PM_PFN_MASK = np.uint64((1 << 55) - 1)
@@ -65,8 +55,6 @@ SPECIAL_MAPPINGS = frozenset({"[vvar]", "[vdso]", "[vvar_vclock]", "[uprobes]", 
 # Not a VMA at all (the gate area is printed by maps but lives above TASK_SIZE).
 NOT_A_VMA = frozenset({"[vsyscall]"})
 
-_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH})
-_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 # pagemap is read in chunks so a huge reserved range (e.g. 64 GiB PROT_NONE) costs
 # bounded memory; 64 Ki entries = 512 KiB per read.
 _PAGEMAP_CHUNK = 1 << 16
@@ -77,73 +65,7 @@ _DEFAULT_MAX_OPEN_TASKS = 16
 _AUTO_SELF = -1
 
 
-def _errno_to_exc(exc: OSError, what: str) -> Exception:
-    """Translate an OSError on a per-task file into the protocol's exceptions."""
-    if exc.errno in _GONE_ERRNOS:
-        return ProcessGone(f"{what}: {exc.strerror}")
-    if exc.errno in _DENIED_ERRNOS:
-        return AccessDenied(f"{what}: {exc.strerror}")
-    return exc
-
-
-def _read_all(path: str, dir_fd: int | None = None) -> bytes:
-    """Read a whole (/proc) file; /proc files must be read to EOF, size says nothing."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        chunks: list[bytes] = []
-        while True:
-            b = os.read(fd, 1 << 16)
-            if not b:
-                break
-            chunks.append(b)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------------------- parsers
-
-
-@dataclass(frozen=True)
-class StatFields:
-    """The /proc/PID/stat fields the engine and the watcher use (1-based field numbers)."""
-
-    pid: int  # 1
-    comm: str  # 2, without the parentheses
-    state: str  # 3
-    flags: int  # 9
-    minflt: int  # 10
-    majflt: int  # 12
-    utime: int  # 14, clock ticks
-    stime: int  # 15, clock ticks
-    starttime: int  # 22, clock ticks since boot
-
-    @property
-    def kthread(self) -> bool:
-        return bool(self.flags & PF_KTHREAD)
-
-
-def parse_stat(data: bytes) -> StatFields:
-    """Parse /proc/PID/stat.  comm may hold spaces and ')' so split at the LAST ')'."""
-    lp = data.find(b"(")
-    rp = data.rfind(b")")
-    if lp < 0 or rp < lp:
-        raise ValueError(f"malformed stat: {data[:80]!r}")
-    rest = data[rp + 1 :].split()
-    # rest[0] is field 3 (state): field N is rest[N - 3]
-    if len(rest) < 20:
-        raise ValueError(f"short stat: {data[:80]!r}")
-    return StatFields(
-        pid=int(data[:lp]),
-        comm=os.fsdecode(data[lp + 1 : rp]),
-        state=rest[0].decode("ascii", "replace"),
-        flags=int(rest[6]),
-        minflt=int(rest[7]),
-        majflt=int(rest[9]),
-        utime=int(rest[11]),
-        stime=int(rest[12]),
-        starttime=int(rest[19]),
-    )
 
 
 def _parse_vma_line(line: bytes) -> tuple[int, int, str, int, int, str] | None:
@@ -234,26 +156,17 @@ def parse_smaps(data: bytes) -> list[Mapping]:
     return out
 
 
-def read_task_id(pid: int, proc_root: str = "/proc") -> tuple[TaskId, StatFields] | None:
-    """TaskId and stat of a pid right now, or None when it is gone/unreadable (for the watcher)."""
-    try:
-        st = parse_stat(_read_all(f"{proc_root}/{pid}/stat"))
-    except (OSError, ValueError):
-        return None
-    return TaskId(pid, st.starttime), st
-
-
 # ------------------------------------------------------------------------------ source
 
 
 class _TaskHandle:
-    """Open fds of one task being scanned: /proc/PID dir, mem, pagemap (opened lazily)."""
+    """Open fds of one task being scanned: its /proc/PID dir, mem, pagemap (opened lazily)."""
 
-    __slots__ = ("task", "dir_fd", "mem_fd", "pagemap_fd", "busy", "stat0")
+    __slots__ = ("task", "dir", "mem_fd", "pagemap_fd", "busy", "stat0")
 
-    def __init__(self, task: TaskId, dir_fd: int, stat0: StatFields | None = None) -> None:
-        self.task = task
-        self.dir_fd = dir_fd
+    def __init__(self, task_dir: TaskDir, stat0: StatFields | None = None) -> None:
+        self.task = task_dir.task
+        self.dir = task_dir
         self.mem_fd = -1
         self.pagemap_fd = -1
         self.busy = 0
@@ -265,15 +178,12 @@ class _TaskHandle:
         attr = "mem_fd" if name == "mem" else "pagemap_fd"
         fd: int = getattr(self, attr)
         if fd < 0:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dir_fd)
-            except OSError as e:
-                raise _errno_to_exc(e, f"{self.task} {name}") from e
+            fd = self.dir.open_file(name)
             setattr(self, attr, fd)
         return fd
 
     def close(self) -> None:
-        for attr in ("mem_fd", "pagemap_fd", "dir_fd"):
+        for attr in ("mem_fd", "pagemap_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 setattr(self, attr, -1)
@@ -281,6 +191,7 @@ class _TaskHandle:
                     os.close(fd)
                 except OSError:
                     pass
+        self.dir.close()
 
 
 class ProcfsSource:
@@ -293,7 +204,7 @@ class ProcfsSource:
 
     def __init__(
         self,
-        proc_root: str = "/proc",
+        proc_root: str = PROC_ROOT,
         *,
         self_pid: int | None = _AUTO_SELF,
         scope: Scope | None = None,
@@ -305,7 +216,7 @@ class ProcfsSource:
         self.proc_root = proc_root.rstrip("/") or "/"
         self.self_pid = os.getpid() if self_pid == _AUTO_SELF else self_pid
         self.scope = scope
-        self.log = log or logging.getLogger("lksmfs.procfs")
+        self.log = log or logging.getLogger(__name__)
         self.max_open_tasks = max(1, max_open_tasks)
         self._lock = threading.Lock()
         self._handles: OrderedDict[TaskId, _TaskHandle] = OrderedDict()
@@ -313,7 +224,6 @@ class ProcfsSource:
         self._kpf_state = "unopened"  # unopened | open | unavailable
         self._warned_fallback = False
         self._tls = threading.local()
-        self._clk_tck = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         # set once present_anon had to use the pagemap-only approximation
         self.fallback_used = False
 
@@ -321,35 +231,6 @@ class ProcfsSource:
 
     def _path(self, *parts: object) -> str:
         return "/".join([self.proc_root, *map(str, parts)])
-
-    def _open_dir(self, task: TaskId) -> tuple[int, StatFields]:
-        """Open /proc/PID and check that it is still the same process (start time)."""
-        try:
-            dfd = os.open(self._path(task.pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise _errno_to_exc(e, f"{task}") from e
-        try:
-            st = self._stat_at(dfd, task)
-        except BaseException:
-            os.close(dfd)
-            raise
-        if st.starttime != task.start_time:
-            os.close(dfd)
-            raise ProcessGone(f"{task}: pid reused (start time now {st.starttime})")
-        return dfd, st
-
-    @staticmethod
-    def _stat_at(dfd: int, task: TaskId) -> StatFields:
-        try:
-            data = _read_all("stat", dir_fd=dfd)
-        except OSError as e:
-            raise _errno_to_exc(e, f"{task} stat") from e
-        if not data:
-            raise ProcessGone(f"{task}: empty stat")
-        try:
-            return parse_stat(data)
-        except ValueError as e:
-            raise ProcessGone(f"{task}: {e}") from e
 
     def _acquire(self, task: TaskId, *, cache: bool) -> _TaskHandle:
         """A handle for `task`: the cached one, or a new one (cached only if `cache`)."""
@@ -359,7 +240,7 @@ class ProcfsSource:
                 self._handles.move_to_end(task)
                 h.busy += 1
                 return h
-        h = _TaskHandle(task, *self._open_dir(task))
+        h = _TaskHandle(*TaskDir.open(task, self.proc_root))
         h.busy = 1
         if not cache:
             return h
@@ -402,19 +283,11 @@ class ProcfsSource:
             if h is not None and h.busy == 0:
                 h.close()
 
-    def _alive(self, h: _TaskHandle) -> bool:
-        """Is the task still there with an mm (not gone, not a zombie)?"""
-        try:
-            st = self._stat_at(h.dir_fd, h.task)
-        except (ProcessGone, AccessDenied):
-            return False
-        return st.state not in ("Z", "X", "x") and st.starttime == h.task.start_time
-
     # -- MemorySource -------------------------------------------------------------
 
     def tasks(self) -> list[TaskId]:
         """Every user process in scope, in pid order (for_each_process)."""
-        allowed = self.scope.snapshot(self.proc_root) if self.scope is not None else None
+        allowed = self.scope.snapshot() if self.scope is not None else None
         out: list[TaskId] = []
         try:
             it = os.scandir(self.proc_root)
@@ -426,15 +299,12 @@ class ProcfsSource:
         for pid in pids:
             if pid == self.self_pid:
                 continue
-            got = read_task_id(pid, self.proc_root)
-            if got is None:
-                continue
-            tid, st = got
-            if st.kthread:
+            st = try_stat(pid, self.proc_root)
+            if st is None or st.kthread:
                 continue
             if allowed is not None and not allowed.allows(pid, st.comm):
                 continue
-            out.append(tid)
+            out.append(st.task_id)
         return out
 
     def in_scope(self, pid: int, comm: str | None = None) -> bool:
@@ -449,40 +319,19 @@ class ProcfsSource:
         """comm, runtime (schedstat), faults (stat), RssAnon (status) of `task`."""
         h = self._acquire(task, cache=False)
         try:
-            st = h.stat0 if h.stat0 is not None else self._stat_at(h.dir_fd, task)
+            st = h.stat0 if h.stat0 is not None else h.dir.stat()
             if st.starttime != task.start_time:
                 raise ProcessGone(f"{task}: pid reused")
-            runtime_ns = self._runtime_ns(h, st)
-            anon_pages = 0
-            try:
-                status = _read_all("status", dir_fd=h.dir_fd)
-            except OSError as e:
-                raise _errno_to_exc(e, f"{task} status") from e
-            for line in status.splitlines():
-                if line.startswith(b"RssAnon:"):
-                    anon_pages = int(line.split()[1]) * 1024 // PAGE_SIZE
-                    break
+            runtime_ns = h.dir.runtime_ns(st)
             return TaskStat(
                 comm=st.comm,
                 runtime_ns=runtime_ns,
                 faults=st.minflt + st.majflt,
-                anon_pages=anon_pages,
+                anon_pages=h.dir.rss_anon_pages(),
                 kthread=st.kthread,
             )
         finally:
             self._put(h)
-
-    def _runtime_ns(self, h: _TaskHandle, st: StatFields) -> int:
-        """sum_exec_runtime from schedstat; utime+stime ticks if schedstat is absent."""
-        try:
-            data = _read_all("schedstat", dir_fd=h.dir_fd)
-            return int(data.split()[0])
-        except OSError as e:
-            if e.errno in _GONE_ERRNOS and not self._alive(h):
-                raise ProcessGone(f"{h.task} schedstat") from e
-        except (IndexError, ValueError):
-            pass
-        return (st.utime + st.stime) * 1_000_000_000 // self._clk_tck
 
     def mappings(self, task: TaskId) -> list[Mapping]:
         """VMAs in address order, from one read of smaps (maps if smaps is missing)."""
@@ -494,22 +343,16 @@ class ProcfsSource:
 
     def _mappings_at(self, h: _TaskHandle) -> list[Mapping]:
         try:
-            return parse_smaps(_read_all("smaps", dir_fd=h.dir_fd))
+            return parse_smaps(read_all("smaps", dir_fd=h.dir.fd))
         except OSError as e:
-            if e.errno != errno.ENOENT or not self._alive(h):
-                raise _errno_to_exc(e, f"{h.task} smaps") from e
-        try:  # a kernel without smaps (CONFIG_PROC_PAGE_MONITOR=n): maps only
-            return parse_maps(_read_all("maps", dir_fd=h.dir_fd))
-        except OSError as e:
-            raise _errno_to_exc(e, f"{h.task} maps") from e
+            if e.errno != errno.ENOENT or not h.dir.alive():
+                raise as_task_error(e, f"{h.task} smaps") from e
+        # a kernel without smaps (CONFIG_PROC_PAGE_MONITOR=n): maps only
+        return parse_maps(h.dir.read("maps"))
 
     def _vma_ranges(self, h: _TaskHandle) -> list[tuple[int, int]]:
         """Current [start_vpn, end_vpn) of every VMA (cheap maps re-read)."""
-        try:
-            data = _read_all("maps", dir_fd=h.dir_fd)
-        except OSError as e:
-            raise _errno_to_exc(e, f"{h.task} maps") from e
-        return [(m.start_vpn, m.end_vpn) for m in parse_maps(data)]
+        return [(m.start_vpn, m.end_vpn) for m in parse_maps(h.dir.read("maps"))]
 
     # -- pages --------------------------------------------------------------------
 
@@ -545,13 +388,13 @@ class ProcfsSource:
             try:
                 data = os.pread(fd, n * 8, vpn * 8)
             except OSError as e:
-                if e.errno == errno.EIO or e.errno in _GONE_ERRNOS:
-                    if not self._alive(h):
+                if e.errno == errno.EIO or e.errno in GONE_ERRNOS:
+                    if not h.dir.alive():
                         raise ProcessGone(f"{h.task} pagemap") from e
                     return  # range vanished under us: nothing present there
-                raise _errno_to_exc(e, f"{h.task} pagemap") from e
+                raise as_task_error(e, f"{h.task} pagemap") from e
             if not data:
-                if not self._alive(h):
+                if not h.dir.alive():
                     raise ProcessGone(f"{h.task} pagemap")
                 return
             usable = len(data) - len(data) % 8
@@ -714,15 +557,15 @@ class ProcfsSource:
             try:
                 got = os.preadv(fd, [mv[pos:end]], addr)
             except OSError as e:
-                if e.errno not in (errno.EIO, errno.EFAULT) and e.errno not in _GONE_ERRNOS:
-                    raise _errno_to_exc(e, f"{h.task} mem") from e
+                if e.errno not in (errno.EIO, errno.EFAULT) and e.errno not in GONE_ERRNOS:
+                    raise as_task_error(e, f"{h.task} mem") from e
                 got = 0
             if got > 0:
                 pos += got
                 addr += got
                 continue
             # the page at `addr` is unreadable
-            if not self._alive(h):
+            if not h.dir.alive():
                 raise ProcessGone(f"{h.task}: exited while its memory was read")
             if ranges is None:
                 ranges = self._vma_ranges(h)

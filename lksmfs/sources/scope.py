@@ -21,42 +21,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["Scope", "ScopeSnapshot", "cgroup_pids", "read_comm"]
+from lksmfs.system.cgroups import cgroup_pids
+from lksmfs.system.proc import PROC_ROOT, read_comm
 
-_log = logging.getLogger("lksmfs.scope")
+__all__ = ["Scope", "ScopeSnapshot"]
 
-
-def cgroup_pids(cgroup_dir: str, *, recursive: bool = True) -> set[int]:
-    """Pids (thread-group ids) in a cgroup directory and, if `recursive`, its descendants.
-
-    A cgroup removed or unreadable mid-walk just contributes nothing.
-    """
-    out: set[int] = set()
-    stack = [cgroup_dir]
-    while stack:
-        d = stack.pop()
-        try:
-            with open(os.path.join(d, "cgroup.procs"), "rb") as f:
-                out.update(int(x) for x in f.read().split())
-        except (OSError, ValueError):
-            pass
-        if not recursive:
-            continue
-        try:
-            with os.scandir(d) as it:
-                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
-        except OSError:
-            pass
-    return out
-
-
-def read_comm(pid: int, proc_root: str = "/proc") -> str | None:
-    """The task's comm (no trailing newline), or None if it is gone."""
-    try:
-        with open(f"{proc_root}/{pid}/comm", "rb") as f:
-            return os.fsdecode(f.read().rstrip(b"\n"))
-    except OSError:
-        return None
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,16 +66,15 @@ class Scope:
             out |= cgroup_pids(d)
         return frozenset(out)
 
-    def snapshot(self, proc_root: str = "/proc") -> ScopeSnapshot:
+    def snapshot(self) -> ScopeSnapshot:
         """Read cgroup membership once, for checking many pids (a tasks() pass)."""
-        del proc_root  # membership comes from cgroup.procs, not from /proc
         return ScopeSnapshot(self, self.members())
 
-    def allows(self, pid: int, comm: str, proc_root: str = "/proc") -> bool:
+    def allows(self, pid: int, comm: str) -> bool:
         """Is process `pid` named `comm` in scope (reads cgroup membership now)?"""
-        return self.snapshot(proc_root).allows(pid, comm)
+        return self.snapshot().allows(pid, comm)
 
-    def allows_pid(self, pid: int, proc_root: str = "/proc", comm: str | None = None) -> bool:
+    def allows_pid(self, pid: int, proc_root: str = PROC_ROOT, comm: str | None = None) -> bool:
         """Like allows() but reads the comm itself when needed; a gone pid is out."""
         if self.unrestricted:
             return True
@@ -113,4 +82,4 @@ class Scope:
             comm = read_comm(pid, proc_root)
             if comm is None:
                 return False
-        return self.allows(pid, comm or "", proc_root)
+        return self.allows(pid, comm or "")

@@ -36,8 +36,8 @@ try:
 except ImportError:  # pragma: no cover - fusepy fallback
     import fuse  # type: ignore[no-redef]
 
-from lksmfs.sources.base import TaskId
 from lksmfs.sysfs.attrs import MAX_WRITE, AttributeTable
+from lksmfs.system.proc import PROC_ROOT, AccessDenied, ProcessGone, TaskId, task_id
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,14 @@ def parse_hint(data: bytes) -> tuple[int, bool]:
     raise OSError(errno.EINVAL, "hint: state must be 'frozen' or 'thawed'")
 
 
-def proc_task_id(pid: int, proc_root: str = "/proc") -> TaskId:
-    """TaskId of a live pid from /proc/PID/stat (start time is field 22); ESRCH if gone."""
+def proc_task_id(pid: int, proc_root: str = PROC_ROOT) -> TaskId:
+    """TaskId of a live pid (a hinted one); ESRCH if gone, as the kernel's find_get_pid."""
     try:
-        with open(f"{proc_root}/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+        return task_id(pid, proc_root)
+    except ProcessGone:
         raise OSError(errno.ESRCH, "No such process") from None
-    # comm may contain spaces and parentheses: fields resume after the last ')'
-    rest = raw[raw.rindex(b")") + 2 :].split()
-    return TaskId(pid, int(rest[22 - 3]))
+    except AccessDenied:
+        raise OSError(errno.EACCES, "Permission denied") from None
 
 
 class _OpenFile:

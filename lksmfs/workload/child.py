@@ -29,6 +29,7 @@ import random
 import sys
 from typing import Any
 
+from lksmfs.system.proc import runtime_ns
 from lksmfs.workload.model import PAGE_SIZE, InstanceModel, page_bytes
 from lksmfs.workload.schema import parse_workload
 
@@ -175,18 +176,13 @@ class Child:
         threshold (100 ms) matters, so a 60 s daemon need not burn a minute."""
         want = min(self.model.app.cpu_ms, self.burn_cap_ms) * 1_000_000
         x = 0
-        while _runtime_ns() < want:
+        while runtime_ns() < want:
             for i in range(20000):
                 x ^= i
         del x
 
     def layout(self) -> dict[str, list[int]]:
         return {sid: [self.addr[sid], self.model.sections[sid].npages] for sid in self.addr}
-
-
-def _runtime_ns() -> int:
-    with open("/proc/self/schedstat") as f:
-        return int(f.read().split()[0])
 
 
 def main() -> int:

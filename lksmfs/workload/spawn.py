@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lksmfs
-from lksmfs.sources.base import PAGE_SIZE, TaskId
-from lksmfs.workload.cgroups import Freezer
+from lksmfs.system.cgroups import Freezer, default_hierarchy
+from lksmfs.system.proc import PAGE_SIZE, ProcessGone, TaskId, task_id
 from lksmfs.workload.schema import Event, Workload, WorkloadError, load_workload
 
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lksmfs.__file__)))
+ROOT_NAME = "lksmfs-workload"  # the default cgroup root, under the default hierarchy
 
 
 class SpawnError(RuntimeError):
@@ -105,11 +106,6 @@ class SpawnedInstance:
         return addr + offset * PAGE_SIZE
 
 
-def _start_time(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
-
-
 class SpawnedWorkload:
     """The running processes of a workload.  Use spawn_workload() to get one."""
 
@@ -133,7 +129,7 @@ class SpawnedWorkload:
         self._lock = threading.RLock()
         self.instances: dict[str, SpawnedInstance] = {}
         self._next_index = {a.name: 0 for a in workload.apps}
-        self.freezer = Freezer.open(cgroup_root)
+        self.freezer = Freezer.open(cgroup_root or os.path.join(default_hierarchy()[0], ROOT_NAME))
         self._own_lib_dir = lib_dir is None
         self.lib_dir = lib_dir or tempfile.mkdtemp(prefix="lksmfs-libs-")
         self.lib_files: dict[str, str] = {}
@@ -237,7 +233,7 @@ class SpawnedWorkload:
         with self._lock:
             for inst in self._targets(target):
                 inst.proc.kill()
-                if inst.frozen and self.freezer.version == 1:
+                if inst.frozen and not self.freezer.v2:
                     self.freezer.thaw(inst.cgroup, self.timeout)
                 inst.proc.wait(timeout=self.timeout)
                 inst.alive = False
@@ -330,7 +326,10 @@ class SpawnedWorkload:
             self.instances[name] = inst
             started.append(inst)
             self.freezer.add(cg, proc.pid)  # before it builds anything
-            inst.start_time = _start_time(proc.pid)
+            try:
+                inst.start_time = task_id(proc.pid).start_time
+            except ProcessGone as e:
+                raise SpawnError(f"{name} died at start: {e}") from None
             app = self.workload.app(app_name)
             init = {
                 "workload": self.workload.to_dict(apps=[app_name], timeline=False),

@@ -21,9 +21,11 @@ import pytest
 from fuse_fixtures import Child, Mounts, skip_unless_fuse
 from waiting import wait_until  # noqa: F401  (re-exported to the tests)
 
+from lksmfs.system import cgroups
+
 PAGE = 4096
-V1_FREEZER = "/sys/fs/cgroup/freezer"
-V2_ROOT = "/sys/fs/cgroup/unified"
+V1_FREEZER = cgroups.V1_FREEZER
+V2_ROOT = cgroups.V2_MOUNTS[0]
 
 
 def require_root() -> None:
@@ -176,92 +178,46 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
-def _pids(group: str) -> list[int]:
-    try:
-        with open(os.path.join(group, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def _remove_cgroup(path: str, root: str, thaw: Callable[[str], None]) -> None:
-    """Thaw, move every task out to `root`, remove (deepest first), with a deadline."""
-    if not os.path.isdir(path):
-        return
-    dirs = [d for d, _, _ in os.walk(path)]
-    for d in dirs:
-        try:
-            thaw(d)
-        except OSError:
-            pass
-    for d in reversed(dirs):
-        for pid in _pids(d):
-            try:
-                _write(os.path.join(root, "cgroup.procs"), str(pid))
-            except OSError:
-                pass
-        wait_until(lambda d=d: not os.path.isdir(d) or _try_rmdir(d), timeout=5.0)
-
-
-def _try_rmdir(d: str) -> bool:
-    try:
-        os.rmdir(d)
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-
-
 CgroupFactory = Callable[[], str]
 
 
-@pytest.fixture
-def v1_freezer_cgroup() -> Iterator[CgroupFactory]:
-    """Factory of fresh cgroup v1 freezer groups; every one is thawed and removed."""
+def _cgroup_factory(root: str, v2: bool) -> Iterator[CgroupFactory]:
+    """Fresh groups lksmfs-test-XXXX under `root`; each one, with whatever a test left in
+    it, is thawed, emptied into `root` and removed at the end."""
     require_root()
-    if not os.path.exists(os.path.join(V1_FREEZER, "cgroup.procs")):
-        pytest.skip(f"no cgroup v1 freezer hierarchy at {V1_FREEZER}")
+    if not os.path.exists(os.path.join(root, "cgroup.procs")):
+        pytest.skip(f"no cgroup {'v2' if v2 else 'v1 freezer'} hierarchy at {root}")
     made: list[str] = []
 
     def make() -> str:
-        path = os.path.join(V1_FREEZER, f"lksmfs-test-{uuid.uuid4().hex[:10]}")
+        path = os.path.join(root, f"lksmfs-test-{uuid.uuid4().hex[:10]}")
         os.mkdir(path)
         made.append(path)
-        return path
-
-    try:
-        yield make
-    finally:
-        for p in made:
-            _remove_cgroup(p, V1_FREEZER, lambda d: _write(f"{d}/freezer.state", "THAWED"))
-
-
-@pytest.fixture
-def v2_cgroup() -> Iterator[CgroupFactory]:
-    """Factory of fresh cgroup v2 groups (cgroup.freeze capable); removed at the end."""
-    require_root()
-    if not os.path.exists(os.path.join(V2_ROOT, "cgroup.procs")):
-        pytest.skip(f"no cgroup v2 hierarchy at {V2_ROOT}")
-    made: list[str] = []
-
-    def make() -> str:
-        path = os.path.join(V2_ROOT, f"lksmfs-test-{uuid.uuid4().hex[:10]}")
-        os.mkdir(path)
-        made.append(path)
-        if not os.path.exists(os.path.join(path, "cgroup.freeze")):
+        if v2 and not os.path.exists(os.path.join(path, "cgroup.freeze")):
             pytest.skip("cgroup v2 without cgroup.freeze")
         return path
 
     try:
         yield make
     finally:
-        for p in made:
-            _remove_cgroup(p, V2_ROOT, lambda d: _write(f"{d}/cgroup.freeze", "0"))
+        left = [g for p in made for g in cgroups.remove_tree(p, v2, evacuate_to=root, timeout=5.0)]
+        assert not left, f"cgroups left behind: {left}"
+
+
+@pytest.fixture
+def v1_freezer_cgroup() -> Iterator[CgroupFactory]:
+    """Factory of fresh cgroup v1 freezer groups; every one is thawed and removed."""
+    yield from _cgroup_factory(V1_FREEZER, False)
+
+
+@pytest.fixture
+def v2_cgroup() -> Iterator[CgroupFactory]:
+    """Factory of fresh cgroup v2 groups (cgroup.freeze capable); removed at the end."""
+    yield from _cgroup_factory(V2_ROOT, True)
 
 
 def move_to_cgroup(group: str, pid: int) -> None:
-    _write(os.path.join(group, "cgroup.procs"), str(pid))
+    cgroups.attach(group, pid)
 
 
 def open_fd_count() -> int:

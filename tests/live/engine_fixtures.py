@@ -23,6 +23,7 @@ from waiting import wait_until  # noqa: F401  (re-exported to the tests)
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.rmap import STABLE, UNSTABLE
 from lksmfs.sources.base import PAGE_SIZE, TaskId
+from lksmfs.system.proc import try_stat
 
 COUNTERS_NONNEG = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                    "rmap_items", "scanning_process", "ksm_zero_pages", "full_scans",
@@ -112,11 +113,8 @@ def open_fd_count() -> int:
 
 def task_of(pid: int) -> TaskId | None:
     """(pid, start time) of a live pid, None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return TaskId(pid, int(f.read().rsplit(")", 1)[1].split()[19]))
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-        return None
+    st = try_stat(pid)
+    return st.task_id if st is not None else None
 
 
 def smaps_anon_pages(pid: int) -> int:
@@ -233,12 +231,12 @@ def workload_cgroup_root(name: str) -> str:
     v1 freezer); skips where there is no root or no freezer."""
     import pytest
 
-    from lksmfs.workload.cgroups import CgroupError, Freezer
+    from lksmfs.system.cgroups import CgroupError, default_hierarchy
 
     if os.geteuid() != 0:
         pytest.skip("live test needs root (cgroups, /proc/PID/mem)")
     try:
-        default = Freezer.open()
+        hierarchy, _ = default_hierarchy()
     except CgroupError as e:
         pytest.skip(f"no freezer cgroup: {e}")
-    return os.path.join(os.path.dirname(default.root), f"{name}-{os.getpid()}")
+    return os.path.join(hierarchy, f"{name}-{os.getpid()}")

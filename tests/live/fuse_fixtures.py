@@ -23,6 +23,8 @@ from types import TracebackType
 import pytest
 from waiting import wait_until  # noqa: F401  (re-exported to the tests)
 
+from lksmfs.system.mounts import is_mountpoint, lazy_unmount
+
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -59,18 +61,11 @@ def skip_unless_fuse() -> None:
 
 def mounted_at(path: str | Path) -> bool:
     """Is something mounted exactly at `path` (works for dead FUSE mounts too)?"""
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+    return is_mountpoint(str(path))
 
 
 def detach(path: str | Path) -> None:
-    for cmd in (["fusermount3", "-uz", str(path)], ["fusermount", "-uz", str(path)],
-                ["umount", "-l", str(path)]):
-        if not mounted_at(path):
-            return
-        with contextlib.suppress(OSError):
-            subprocess.run(cmd, capture_output=True, check=False, timeout=10)
+    lazy_unmount(str(path))
 
 
 @contextlib.contextmanager

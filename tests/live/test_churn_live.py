@@ -31,6 +31,7 @@ from lksmfs.engine.params import KSM_RUN_ONESHOT, LKSM_SCAN_FULL, LKSM_SCAN_NONE
 from lksmfs.sources.base import TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
+from lksmfs.system.cgroups import procs as _procs
 
 pytestmark = pytest.mark.live
 
@@ -119,14 +120,6 @@ def zygote(live: Any, v2_cgroup: Callable[[], str]) -> Iterator[tuple[Zygote, st
             if s is not None:
                 s.close()
         wait_until(lambda: not _procs(g), 5.0)
-
-
-def _procs(g: str) -> list[int]:
-    try:
-        with open(os.path.join(g, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
 
 
 def _kill(pid: int, task: TaskId) -> None:

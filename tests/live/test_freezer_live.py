@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from lksmfs.freezer import FreezerWatcher, discover_cgroup_roots
+from lksmfs.freezer import FreezerWatcher
 from lksmfs.sources.base import TaskId
-from lksmfs.sources.procfs import read_task_id
 from lksmfs.sources.scope import Scope
+from lksmfs.system.cgroups import discover
+from lksmfs.system.proc import task_id
 
 pytestmark = pytest.mark.live
 
@@ -40,9 +41,7 @@ class Recorder:
 
 
 def _tid(pid: int) -> TaskId:
-    got = read_task_id(pid)
-    assert got is not None
-    return got[0]
+    return task_id(pid)
 
 
 @pytest.fixture
@@ -65,7 +64,7 @@ def watch(live: Any) -> Iterator[Callable[..., tuple[FreezerWatcher, Recorder]]]
 
 
 def test_discovers_the_machines_hierarchies(live: Any) -> None:
-    v1, v2 = discover_cgroup_roots()
+    v1, v2 = discover()
     if not os.path.exists(os.path.join(live.v1_freezer, "freezer.state")) and not v1:
         pytest.skip("no v1 freezer mounted")
     assert live.v1_freezer in v1

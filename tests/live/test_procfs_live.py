@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from lksmfs.sources.base import PAGE_SIZE, MemorySource, ProcessGone, TaskId
-from lksmfs.sources.procfs import ProcfsSource, read_task_id
+from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
+from lksmfs.system.proc import state, task_id
 
 pytestmark = pytest.mark.live
 
@@ -23,9 +24,7 @@ CgroupFactory = Callable[[], str]
 
 
 def _tid(pid: int) -> TaskId:
-    got = read_task_id(pid)
-    assert got is not None
-    return got[0]
+    return task_id(pid)
 
 
 @pytest.fixture
@@ -139,7 +138,7 @@ def test_zombie_gives_process_gone(src: ProcfsSource, spawn_mem_child: SpawnFn, 
     src.present_anon(t, c.private_vpn, c.private_vpn + 1)
     c.proc.kill()  # not reaped: a zombie with no mm
     assert live.wait_until(
-        lambda: read_task_id(c.pid) is None or read_task_id(c.pid)[1].state == "Z"
+        lambda: state(c.pid) in ("", "Z")
     )
     with pytest.raises(ProcessGone):
         src.read_pages(t, np.array([c.private_vpn], dtype=np.uint64))

@@ -17,6 +17,7 @@ from engine_fixtures import workload_cgroup_root
 from waiting import wait_until
 
 from lksmfs.sources.simulated import SimulatedSource
+from lksmfs.system.proc import runtime_ns, try_stat
 from lksmfs.workload.model import page_bytes
 from lksmfs.workload.schema import load_workload
 from lksmfs.workload.spawn import SpawnedWorkload, spawn_workload
@@ -71,11 +72,8 @@ def _anon_present(pid: int, addr: int, npages: int) -> list[bool]:
 
 
 def _gone(pid: int, start_time: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19]) != start_time
-    except FileNotFoundError:
-        return True
+    st = try_stat(pid)
+    return st is None or st.starttime != start_time
 
 
 def _sim_pages(sim: SimulatedSource, name: str, sid: str) -> list[bytes]:
@@ -139,10 +137,8 @@ def test_spawn_small_layout_contents_freeze_and_cleanup() -> None:
         same = [o for o in range(4) if len({p[o] for p in pages}) == 1]
         assert len(same) == 3 and sum(pages[0][o] == bytes(4096) for o in same) == 1
         # the short task stayed short, the others passed 100 ms of CPU
-        with open(f"/proc/{procs.instance('widget/0').pid}/schedstat") as f:
-            assert int(f.read().split()[0]) < 100_000_000
-        with open(f"/proc/{procs.instance('player/0').pid}/schedstat") as f:
-            assert int(f.read().split()[0]) >= 100_000_000
+        assert runtime_ns(procs.instance("widget/0").pid) < 100_000_000
+        assert runtime_ns(procs.instance("player/0").pid) >= 100_000_000
 
         # freeze an app: its cgroups report frozen, its tasks sit in the freezer
         viewers = procs.live("viewer")

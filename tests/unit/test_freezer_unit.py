@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lksmfs.freezer import FreezerWatcher, discover_cgroup_roots
+from lksmfs.freezer import FreezerWatcher
 from lksmfs.sources.base import TaskId
 from lksmfs.sources.scope import Scope
-
-PF_KTHREAD = 0x00200000
+from lksmfs.system.proc import PF_KTHREAD
 
 
 class Tree:
@@ -80,21 +79,6 @@ def _watcher(tree: Tree, rec: Rec, **kw: object) -> FreezerWatcher:
         use_inotify=False,
         **kw,  # type: ignore[arg-type]
     )
-
-
-def test_discover_roots_from_mountinfo(tmp_path: Path) -> None:
-    mi = tmp_path / "mountinfo"
-    mi.write_text(
-        "22 1 0:20 / /proc rw - proc proc rw\n"
-        "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
-        "37 31 0:34 / /sys/fs/cgroup/cpu,freezer rw shared:9 - cgroup cgroup rw,cpu,freezer\n"
-        "90 31 0:34 / /mnt/again rw - cgroup cgroup rw,cpu,freezer\n"  # bind: same hierarchy
-        "41 31 0:38 / /sys/fs/cgroup/my\\040unified rw - cgroup2 cgroup2 rw,nsdelegate\n"
-    )
-    v1, v2 = discover_cgroup_roots(str(mi))
-    assert v1 == ["/sys/fs/cgroup/cpu,freezer"]
-    assert v2 == ["/sys/fs/cgroup/my unified"]
-    assert discover_cgroup_roots(str(tmp_path / "missing")) == ([], [])
 
 
 def test_v1_transitions(tree: Tree) -> None:

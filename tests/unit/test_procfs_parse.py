@@ -1,4 +1,4 @@
-"""Parsers of /proc/PID/stat, maps and smaps on handcrafted text."""
+"""Parsers of /proc/PID/maps and smaps on handcrafted text."""
 
 from __future__ import annotations
 
@@ -6,42 +6,7 @@ import os
 
 import pytest
 
-from lksmfs.sources.procfs import PF_KTHREAD, parse_maps, parse_smaps, parse_stat
-
-
-def _stat(pid: int, comm: bytes, *, state: bytes = b"S", flags: int = 0x400100) -> bytes:
-    # fields 4..8, 9 flags, 10 minflt, 11 cminflt, 12 majflt, 13 cmajflt, 14 utime,
-    # 15 stime, 16..21, 22 starttime, then a few more
-    return b"%d (%s) %s 1 2 3 0 -1 %d 11 99 7 98 300 200 0 0 20 0 1 0 123456 1000 50 rest\n" % (pid, comm, state, flags)
-
-
-def test_stat_with_spaces_and_parens_in_comm() -> None:
-    st = parse_stat(_stat(4242, b"a) (b c) x"))
-    assert st.pid == 4242
-    assert st.comm == "a) (b c) x"
-    assert st.state == "S"
-    assert st.flags == 0x400100
-    assert (st.minflt, st.majflt) == (11, 7)
-    assert (st.utime, st.stime) == (300, 200)
-    assert st.starttime == 123456
-    assert not st.kthread
-
-
-def test_stat_kthread_flag() -> None:
-    st = parse_stat(_stat(2, b"kthreadd", flags=PF_KTHREAD | 0x40))
-    assert st.kthread
-
-
-def test_stat_non_utf8_comm_survives() -> None:
-    st = parse_stat(_stat(9, b"\xff\xfeodd"))
-    assert os.fsencode(st.comm) == b"\xff\xfeodd"
-
-
-@pytest.mark.parametrize("bad", [b"", b"12 noparens S 1", b"12 (x) S 1 2"])
-def test_stat_malformed_raises_value_error(bad: bytes) -> None:
-    with pytest.raises(ValueError):
-        parse_stat(bad)
-
+from lksmfs.sources.procfs import parse_maps, parse_smaps
 
 MAPS = b"""\
 00400000-00452000 r-xp 00000000 fd:01 1048602                            /usr/bin/my prog

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -13,9 +12,10 @@ import numpy as np
 import pytest
 
 from lksmfs.sources import procfs as procfs_mod
-from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone, TaskId
-from lksmfs.sources.procfs import PF_KTHREAD, ProcfsSource
+from lksmfs.sources.base import PAGE_SIZE, ProcessGone, TaskId
+from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
+from lksmfs.system.proc import PF_KTHREAD
 
 PRESENT = 1 << 63
 SWAPPED = 1 << 62
@@ -160,16 +160,6 @@ def test_start_time_mismatch_is_process_gone(fake: FakeProc) -> None:
         with pytest.raises(ProcessGone):
             s.stat(TaskId(12345, 1))  # no such pid at all
         assert s.open_tasks() == 0
-
-
-def test_errno_mapping() -> None:
-    conv = procfs_mod._errno_to_exc
-    assert isinstance(conv(OSError(errno.ESRCH, "x"), "t"), ProcessGone)
-    assert isinstance(conv(OSError(errno.ENOENT, "x"), "t"), ProcessGone)
-    assert isinstance(conv(OSError(errno.EACCES, "x"), "t"), AccessDenied)
-    assert isinstance(conv(OSError(errno.EPERM, "x"), "t"), AccessDenied)
-    other = OSError(errno.EINVAL, "x")
-    assert conv(other, "t") is other
 
 
 # --------------------------------------------------------------------------- mappings

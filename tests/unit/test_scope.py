@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lksmfs.sources.scope import Scope, cgroup_pids, read_comm
+from lksmfs.sources.scope import Scope
+from lksmfs.system.cgroups import cgroup_pids
+from lksmfs.system.proc import read_comm
 
 
 @pytest.fixture
