@@ -27,7 +27,7 @@ run: setup
 	$(PY) scripts/demo.py
 
 test: setup
-	$(VENV)/bin/ruff check lksmfs tests bench scripts
+	$(VENV)/bin/ruff check lksmfs testkit tests bench scripts
 	$(VENV)/bin/mypy --ignore-missing-imports lksmfs
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
@@ -38,14 +38,16 @@ live: setup
 	$(PY) -m pytest -q tests/live
 
 lint: setup
-	$(VENV)/bin/ruff check lksmfs tests bench scripts
+	$(VENV)/bin/ruff check lksmfs testkit tests bench scripts
 	$(VENV)/bin/mypy --ignore-missing-imports lksmfs
 
+# benches run from the repository root, where `bench` and `testkit` are importable
 bench: setup
-	$(PY) bench/scan_throughput.py
-	$(PY) bench/filter_effect.py
-	$(PY) bench/engine_memory.py
-	$(PY) bench/attr_latency.py
+	$(PY) -m bench.scan_throughput
+	$(PY) -m bench.filter_effect
+	$(PY) -m bench.engine_memory
+	$(PY) -m bench.attr_latency
+	$(PY) -m bench.idle_cost
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,7 +6,7 @@ fork) many times: first with run=0 (idle), then with run=1, pages_to_scan 10000,
 sleep_millisecs 0 (the scanner never rests).  Prints p50/p99/max per phase.
 Target: p99 <= 5 ms during the scan.  Needs root and FUSE.
 
-    python bench/attr_latency.py [--children 3] [--mib 256] [--samples 3000]
+    python -m bench.attr_latency [--children 3] [--mib 256] [--samples 3000]
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "live"))
-
-from fuse_fixtures import Child, Mounts, read_attr, wait_until  # noqa: E402
+from lksmfs.system.waiting import wait_until
+from testkit.memproc import filled
+from testkit.mount import Mounts, read_attr
 
 
 def sample(mp: Path, name: str, n: int) -> list[float]:
@@ -51,7 +51,7 @@ def main() -> int:
         print("needs root", file=sys.stderr)
         return 2
     npages = args.mib * 256
-    children = [Child(npages, 0x10 + i) for i in range(args.children)]
+    children = [filled(npages, 0x10 + i) for i in range(args.children)]
     try:
         with Mounts() as m:
             pids = [a for c in children for a in ("--pid", str(c.pid))]

@@ -10,12 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# benches are run as scripts (python bench/x.py): make `bench.common` and `lksmfs` importable
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from lksmfs.oracle import PAGE_SIZE, Spec, expected_counts, spec_groups  # noqa: E402
+from lksmfs.system.proc import PAGE_SIZE
+from testkit.patterns import Spec, expected_counts, spec_groups
 
 MIB = 1 << 20
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -98,14 +94,6 @@ def lksmfs_scan(
     )
     counters.setdefault("wall_s", time.monotonic() - t0)
     return counters, ""
-
-
-def vm_status_kib(field: str = "VmRSS", pid: int | str = "self") -> int:
-    """A /proc/PID/status figure in KiB (VmRSS, VmHWM, RssAnon...)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def fmt(value: object) -> str:

@@ -1,9 +1,9 @@
 """Engine memory: RSS growth of a process running the LKSM engine, per tracked page.
 
-    sudo .venv/bin/python bench/engine_memory.py [--sizes 64M,256M,1G,4G] [--procs 4]
+    sudo .venv/bin/python -m bench.engine_memory [--sizes 64M,256M,1G,4G] [--procs 4]
                                                  [--share 0.5] [--rounds 3] [--json]
 
-For each size, N stopped pattern processes (lksmfs/oracle_child.py, `share` of their pages equal
+For each size, N stopped pattern processes (testkit/memchild.py, `share` of their pages equal
 across processes, the rest unique) hold SIZE bytes; then a *fresh* worker process (this script with
 ``--worker``) imports everything, opens a ProcfsSource scoped to those pids, reads VmRSS, builds
 the engine state with `rounds` full scans (Ksm.full_scan, filter off), and reads VmRSS/VmHWM
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from typing import Any
 
-from common import (
+from bench.common import (
     check_memory,
     dump_json,
     human,
@@ -34,10 +33,10 @@ from common import (
     parse_sizes,
     print_table,
     require_root,
-    vm_status_kib,
 )
-
-from lksmfs.oracle import PatternGroup
+from lksmfs.system.proc import status_kib
+from testkit import REPO
+from testkit.memproc import PatternGroup
 
 
 def worker(pids: list[int], rounds: int, mps: int) -> dict[str, Any]:
@@ -50,8 +49,8 @@ def worker(pids: list[int], rounds: int, mps: int) -> dict[str, Any]:
 
     tune_allocator()  # as the `lksmfs` command does at start
     with ProcfsSource(scope=Scope(pids=set(pids))) as source:
-        rss0 = vm_status_kib("VmRSS")
-        hwm0 = vm_status_kib("VmHWM")
+        rss0 = status_kib("VmRSS")
+        hwm0 = status_kib("VmHWM")
         ksm = Ksm(source, filter_enabled=False, self_pid=source.self_pid)
         AttributeTable(ksm).store("max_page_sharing", f"{mps}\n".encode())
         scan_s = []
@@ -59,8 +58,8 @@ def worker(pids: list[int], rounds: int, mps: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             ksm.full_scan()
             scan_s.append(time.perf_counter() - t0)
-        rss1 = vm_status_kib("VmRSS")
-        hwm1 = vm_status_kib("VmHWM")
+        rss1 = status_kib("VmRSS")
+        hwm1 = status_kib("VmHWM")
         c = ksm.counters()
         rmap = int(c.get("rmap_items") or (
             c["pages_shared"] + c["pages_sharing"] + c["pages_unshared"] + c["pages_volatile"]))
@@ -81,10 +80,10 @@ def bench_size(size: int, procs: int, share: float, rounds: int, mps: int) -> di
     specs = make_specs(size, procs, share)
     with PatternGroup(specs, timeout_s=600) as group:
         out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--worker",
+            [sys.executable, "-m", "bench.engine_memory", "--worker",
              "--pids", ",".join(map(str, group.pids)),
              "--rounds", str(rounds), "--max-page-sharing", str(mps)],
-            check=True, capture_output=True, text=True,
+            check=True, capture_output=True, text=True, cwd=REPO,
         )
     res: dict[str, Any] = json.loads(out.stdout)
     rmap = res["rmap_items"] or 1

@@ -7,7 +7,7 @@ at the first scan, so from scan 6 on).  The seed claims up to 46% less scanning 
 the expense of somewhat sharing chances"; targets: >= 46% fewer pages scanned per mature
 full scan, >= 90% of pages_sharing kept.  Deterministic (virtual clock, simulated memory).
 
-    python bench/filter_effect.py [WORKLOAD] [--rounds N] [--json]
+    python -m bench.filter_effect [WORKLOAD] [--rounds N] [--json]
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+from lksmfs.engine.regions import LKSM_REGION_MATURE
+from lksmfs.simulate import simulate
+from lksmfs.workload.schema import load_workload
+from testkit import REPO
 
-from lksmfs.engine.regions import LKSM_REGION_MATURE  # noqa: E402
-from lksmfs.simulate import simulate  # noqa: E402
-from lksmfs.workload.schema import load_workload  # noqa: E402
-
-DEFAULT_WORKLOAD = _ROOT / "config" / "workloads" / "tizen-tv.yaml"
+DEFAULT_WORKLOAD = REPO / "config" / "workloads" / "tizen-tv.yaml"
 TARGET_SCAN_CUT = 0.46
 TARGET_SHARING_KEPT = 0.90
 

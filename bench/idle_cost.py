@@ -7,7 +7,7 @@ full scans (full_scans == 3), then samples the daemon's utime+stime from /proc/P
 over an idle window.  Runs twice: with the cgroup freezer watcher (which polls cgroups)
 and with --no-freezer, so its share is visible.  Needs root and FUSE.
 
-    python bench/idle_cost.py [--children 3] [--seconds 10] [--json]
+    python -m bench.idle_cost [--children 3] [--seconds 10] [--json]
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "live"))
-
-from fuse_fixtures import Child, Mounts, read_attr, wait_until  # noqa: E402
-
-from lksmfs.system.proc import CLK_TCK as TICK  # noqa: E402
-from lksmfs.system.proc import read_stat  # noqa: E402
+from lksmfs.system.proc import CLK_TCK as TICK
+from lksmfs.system.proc import read_stat
+from lksmfs.system.waiting import wait_until
+from testkit.memproc import filled
+from testkit.mount import Mounts, read_attr
 
 
 def cpu_seconds(pid: int) -> float:
@@ -50,8 +49,10 @@ def measure(pids: list[int], seconds: float, freezer: bool) -> dict[str, Any]:
         d = m.start(*args)
         mp = d.mountpoint
         write_attr(mp, "run", "8")
-        if not wait_until(lambda: int(read_attr(mp, "full_scans")) >= 3, 60, 0.1):
-            raise RuntimeError(f"initial scans did not finish:\n{d.log()}")
+        try:
+            wait_until(lambda: int(read_attr(mp, "full_scans")) >= 3, 60, 0.1)
+        except TimeoutError as e:
+            raise RuntimeError(f"{e}:\n{d.log()}") from None
         time.sleep(0.5)  # let the last scan's bookkeeping settle before the window opens
         scans_before = int(read_attr(mp, "full_scans"))
         c0, t0 = cpu_seconds(d.proc.pid), time.monotonic()
@@ -78,7 +79,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
-    children = [Child(256, 0x20 + i) for i in range(args.children)]  # 1 MiB each, sleeping
+    children = [filled(256, 0x20 + i) for i in range(args.children)]  # 1 MiB each, sleeping
     try:
         pids = [c.pid for c in children]
         results = [measure(pids, args.seconds, freezer) for freezer in (True, False)]

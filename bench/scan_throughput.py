@@ -1,9 +1,9 @@
 """Scan throughput: lksmfs cold full scans vs the kernel's KSM converging on the same processes.
 
-    sudo .venv/bin/python bench/scan_throughput.py [--sizes 256M,1G] [--procs 4] [--share 0.5]
+    sudo .venv/bin/python -m bench.scan_throughput [--sizes 256M,1G] [--procs 4] [--share 0.5]
                                                    [--max-page-sharing 256] [--json]
 
-For each size, N stopped pattern processes (lksmfs/oracle_child.py) hold SIZE bytes in total; a
+For each size, N stopped pattern processes (testkit/memchild.py) hold SIZE bytes in total; a
 `share` fraction of each process's pages equal the same pages in the others, the rest is unique.
 Measured on the same stopped processes:
 
@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from common import (
+from bench.common import (
     MIB,
     check_memory,
     dump_json,
@@ -36,8 +36,8 @@ from common import (
     print_table,
     require_root,
 )
-
-from lksmfs.oracle import KernelKsm, PatternGroup
+from testkit.kernel_ksm import KernelKsm
+from testkit.memproc import PatternGroup
 
 
 def bench_size(size: int, procs: int, share: float, mps: int, timeout_s: float) -> dict[str, Any]:

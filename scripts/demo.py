@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -53,6 +53,7 @@ from lksmfs.system import cgroups  # noqa: E402
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount  # noqa: E402
 from lksmfs.system.proc import AccessDenied, ProcessGone  # noqa: E402
 from lksmfs.system.proc import rss_anon_pages as task_rss_anon_pages  # noqa: E402
+from lksmfs.system.waiting import wait_until  # noqa: E402
 from lksmfs.workload.schema import Workload, WorkloadError, load_workload  # noqa: E402
 from lksmfs.workload.spawn import SpawnedWorkload, SpawnError, spawn_workload  # noqa: E402
 
@@ -87,15 +88,6 @@ def say(msg: str) -> None:
 T0 = time.monotonic()
 
 
-def wait_for(what: str, pred: Callable[[], object], timeout: float, interval: float = 0.02) -> None:
-    """Poll `pred` until it holds; DemoError at the deadline (never sleep-and-hope)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
 # -- the daemon -------------------------------------------------------------------------------
 
 
@@ -127,7 +119,7 @@ def mounted_daemon(mountpoint: str, cgroup: str, settings: dict[str, int],
                                 + _tail(log_path))
             return is_mountpoint(mountpoint) and os.path.exists(os.path.join(mountpoint, "run"))
 
-        wait_for("the daemon to mount", up, timeout)
+        wait_until(up, timeout, 0.02, what="the daemon to mount")
         yield proc
     finally:
         if proc.poll() is None:
@@ -367,10 +359,10 @@ def extra_full_scan(mountpoint: str, timeout: float) -> dict[str, Any]:
                 return False
             raise
 
-    wait_for("one_shot_scanning to accept 2", request, timeout)
-    wait_for("the full scan to finish",
-             lambda: read_attr(mountpoint, "one_shot_scanning") == "0"
-             and int(read_attr(mountpoint, "full_scans")) > before, timeout)
+    wait_until(request, timeout, 0.02, what="one_shot_scanning to accept 2")
+    wait_until(lambda: read_attr(mountpoint, "one_shot_scanning") == "0"
+               and int(read_attr(mountpoint, "full_scans")) > before, timeout, 0.02,
+               what="the full scan to finish")
     return snapshot(mountpoint)
 
 

@@ -4,7 +4,7 @@
 - stat:      comm, state, PF_KTHREAD, fault counts, utime/stime (one parser: comm may
              hold spaces and ')', so fields resume after the LAST ')')
 - schedstat: se.sum_exec_runtime, the CPU time LKSM's short-task rule looks at
-- status:    RssAnon (get_mm_counter(mm, MM_ANONPAGES))
+- status:    RssAnon (get_mm_counter(mm, MM_ANONPAGES)), VmRSS, VmHWM
 - comm:      the task's name, at most 15 characters
 
 Errors: an OSError on a task's file becomes ProcessGone (ENOENT, ESRCH, and EIO where
@@ -160,12 +160,19 @@ def parse_schedstat(data: bytes) -> int:
     return int(data.split()[0])
 
 
+def parse_status_kib(data: bytes, field: str) -> int | None:
+    """A `Field:   N kB` line of /proc/PID/status (VmRSS, VmHWM, RssAnon...) in KiB;
+    None when the task has no such line (a kernel thread has no mm)."""
+    key = field.encode() + b":"
+    for line in data.splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    return None
+
+
 def parse_rss_anon(data: bytes) -> int:
     """RssAnon of /proc/PID/status in pages (0 for a task without an mm: no such line)."""
-    for line in data.splitlines():
-        if line.startswith(b"RssAnon:"):
-            return int(line.split()[1]) * 1024 // PAGE_SIZE
-    return 0
+    return (parse_status_kib(data, "RssAnon") or 0) * 1024 // PAGE_SIZE
 
 
 # ----------------------------------------------------------------- by pid, not pinned
@@ -211,6 +218,15 @@ def runtime_ns(pid: int | str = "self", proc_root: str = PROC_ROOT) -> int:
     """se.sum_exec_runtime of a task (schedstat), in ns."""
     with wrap_exceptions(f"{pid} schedstat"):
         return parse_schedstat(read_all(f"{proc_root}/{pid}/schedstat"))
+
+
+def status_kib(field: str, pid: int | str = "self", proc_root: str = PROC_ROOT) -> int:
+    """A /proc/PID/status figure in KiB (VmRSS, VmHWM, RssAnon...); KeyError if absent."""
+    with wrap_exceptions(f"{pid} status"):
+        got = parse_status_kib(read_all(f"{proc_root}/{pid}/status"), field)
+    if got is None:
+        raise KeyError(field)
+    return got
 
 
 def rss_anon_pages(pid: int | str, proc_root: str = PROC_ROOT) -> int:

@@ -2,28 +2,29 @@
 
 Everything here cleans up after itself even when a test fails: children are killed and
 reaped, cgroups are thawed, emptied and removed.  Tests reach the helpers through
-fixtures (`live`, `spawn_mem_child`, ...), not by importing this module: the test
-directories are not packages, so `conftest` is not a reliable import name.
+fixtures (`live`, `spawn_mem_child`, ...) or import them from testkit, never from this
+module (`conftest` is not a reliable import name).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
-from fuse_fixtures import Child, Mounts, skip_unless_fuse
-from waiting import wait_until  # noqa: F401  (re-exported to the tests)
 
 from lksmfs.system import cgroups
+from lksmfs.system.proc import PAGE_SIZE
+from lksmfs.system.waiting import wait_until
+from testkit.engine import open_fd_count
+from testkit.memproc import MemProcess, filled
+from testkit.mount import Mounts, skip_unless_fuse
+from testkit.patterns import Region, byte_runs
 
-PAGE = 4096
 V1_FREEZER = cgroups.V1_FREEZER
 V2_ROOT = cgroups.V2_MOUNTS[0]
 
@@ -33,80 +34,18 @@ def require_root() -> None:
         pytest.skip("live test needs root (reads other processes' /proc/PID/mem)")
 
 
-# A child that maps memory with known contents, reports the addresses as one JSON line
-# and then waits for stdin to close.  Spec (argv[1], JSON):
-#   private: list of byte values, one page each, written into a MAP_PRIVATE|ANON region
-#   zero:    pages after them that are only read (so they map the shared zero page)
-#   untouched: pages after those that are never touched (not present)
-#   shared:  byte values written into a MAP_SHARED|ANON region (must never be scanned)
-#   comm:    name to set in /proc/self/comm
-_CHILD = r"""
-import json, mmap, os, sys, ctypes
-spec = json.loads(sys.argv[1])
-with open("/proc/self/comm", "w") as f:
-    f.write(spec["comm"])
-priv_n = len(spec["private"]) + spec["zero"] + spec["untouched"]
-priv = mmap.mmap(-1, max(priv_n, 1) * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-# no THP: a huge page would make untouched neighbours present, the zero page huge
-priv.madvise(mmap.MADV_NOHUGEPAGE)
-for i, b in enumerate(spec["private"]):
-    priv[i * 4096:(i + 1) * 4096] = bytes([b]) * 4096
-z = 0
-for i in range(len(spec["private"]), len(spec["private"]) + spec["zero"]):
-    z += priv[i * 4096]
-sh_n = len(spec["shared"])
-shared = mmap.mmap(-1, max(sh_n, 1) * 4096, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-for i, b in enumerate(spec["shared"]):
-    shared[i * 4096:(i + 1) * 4096] = bytes([b]) * 4096
-addr = lambda m: ctypes.addressof(ctypes.c_char.from_buffer(m))
-print(json.dumps({"pid": os.getpid(), "private": addr(priv), "shared": addr(shared),
-                  "zero_sum": z}), flush=True)
-sys.stdin.read()
-"""
-
-
-@dataclass
-class MemChild:
-    """A running child with known memory; `private`/`shared` are region start addresses."""
-
-    proc: subprocess.Popen[str]
-    pid: int
-    private: int
-    shared: int
-    spec: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def private_vpn(self) -> int:
-        return self.private // PAGE
-
-    @property
-    def shared_vpn(self) -> int:
-        return self.shared // PAGE
-
-    def stop(self) -> None:
-        """Kill and reap (idempotent)."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for s in (self.proc.stdin, self.proc.stdout):
-            if s is not None:
-                s.close()
-
-
-SpawnFn = Callable[..., MemChild]
+SpawnFn = Callable[..., MemProcess]
 
 
 @pytest.fixture
 def spawn_mem_child() -> Iterator[SpawnFn]:
-    """Factory: spawn_mem_child(private=[..], zero=1, untouched=1, shared=[..], comm=..)."""
+    """Factory: spawn_mem_child(private=[..], zero=1, untouched=1, shared=[..], comm=..):
+    region "private" (MAP_PRIVATE|ANON) holds one page per byte value of `private`, then
+    `zero` pages that are only read (they map the shared zero page), then `untouched`
+    pages (not present); region "shared" (MAP_SHARED|ANON, never scanned) one page per
+    byte value of `shared`."""
     require_root()
-    children: list[MemChild] = []
+    children: list[MemProcess] = []
 
     def spawn(
         private: list[int] | None = None,
@@ -115,36 +54,21 @@ def spawn_mem_child() -> Iterator[SpawnFn]:
         untouched: int = 0,
         shared: list[int] | None = None,
         comm: str = "lksmfs-child",
-    ) -> MemChild:
-        spec: dict[str, object] = {
-            "private": private or [],
-            "zero": zero,
-            "untouched": untouched,
-            "shared": shared or [],
-            "comm": comm,
-        }
-        p = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, json.dumps(spec)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        child = MemChild(p, p.pid, 0, 0, spec)
+    ) -> MemProcess:
+        pages = [*byte_runs(private or []), (zero, "read"), (untouched, "untouched")]
+        child = MemProcess(Region("private", [p for p in pages if p[0]] or [(1, "untouched")]),
+                           Region("shared", byte_runs(shared or []) or [(1, "untouched")],
+                                  kind="shared"),
+                           comm=comm, wait=False)
         children.append(child)
-        assert p.stdout is not None
-        line = p.stdout.readline()
-        if not line:
-            child.stop()
-            raise RuntimeError("memory child died before reporting")
-        info = json.loads(line)
-        child.pid, child.private, child.shared = info["pid"], info["private"], info["shared"]
+        child.wait_ready()
         return child
 
     try:
         yield spawn
     finally:
         for c in children:
-            c.stop()
+            c.close()
 
 
 @pytest.fixture
@@ -220,20 +144,17 @@ def move_to_cgroup(group: str, pid: int) -> None:
     cgroups.attach(group, pid)
 
 
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @dataclass(frozen=True)
 class LiveHelpers:
     """Plain helpers handed to tests by the `live` fixture."""
 
-    page: int = PAGE
+    page: int = PAGE_SIZE
     v1_freezer: str = V1_FREEZER
     v2_root: str = V2_ROOT
 
     @staticmethod
-    def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> bool:
+    def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> object:
+        """The condition's truthy value; TimeoutError saying what was awaited."""
         return wait_until(pred, timeout)
 
     @staticmethod
@@ -265,7 +186,7 @@ def mounts() -> Iterator[Mounts]:
 
 
 @pytest.fixture
-def child() -> Iterator[Child]:
-    """A live process with 64 pages for the daemon to scan."""
-    with Child(64) as c:
+def child() -> Iterator[MemProcess]:
+    """A live process with 64 identical pages for the daemon to scan."""
+    with filled(64) as c:
         yield c

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from engine_fixtures import check_counters, open_fd_count, settle, task_of, vm_rss_kib, wait_until
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_RUN_ONESHOT, LKSM_SCAN_FULL, LKSM_SCAN_NONE, LKSM_SCAN_PARTIAL
@@ -32,6 +31,9 @@ from lksmfs.sources.base import TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
 from lksmfs.system.cgroups import procs as _procs
+from lksmfs.system.proc import status_kib
+from lksmfs.system.waiting import wait_until
+from testkit.engine import check_counters, open_fd_count, settle, task_of
 
 pytestmark = pytest.mark.live
 
@@ -126,7 +128,7 @@ def _kill(pid: int, task: TaskId) -> None:
     """SIGKILL and wait (deadline) until the process is gone (auto-reaped)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: task_of(pid) != task, 5.0), f"{task} survived SIGKILL"
+    wait_until(lambda: task_of(pid) != task, 5.0, what=f"{task} to die of SIGKILL")
 
 
 @dataclass
@@ -162,7 +164,7 @@ def test_churn_leaves_nothing_behind(zygote: tuple[Zygote, str], source: ProcfsS
     ksm.set_run(KSM_RUN_ONESHOT)
     vnow = settle(ksm, 0.0)  # the 3 initial full scans, survivors only: buffers warmed up
     assert zyg in ksm.slots
-    rss0 = vm_rss_kib()
+    rss0 = status_kib("VmRSS")
 
     alive: dict[int, Churner] = {}
     registered: set[TaskId] = set()  # churn tasks the engine ever registered
@@ -249,7 +251,7 @@ def test_churn_leaves_nothing_behind(zygote: tuple[Zygote, str], source: ProcfsS
     assert mid_scan_kills >= 1
 
     # every churn process is gone; one more full scan
-    assert wait_until(lambda: set(_procs(g)) == {zyg.pid, keeper.pid}, 5.0)
+    wait_until(lambda: set(_procs(g)) == {zyg.pid, keeper.pid}, 5.0)
     vnow = settle(ksm, vnow)
     assert ksm.request_one_shot(LKSM_SCAN_FULL)
     settle(ksm, vnow)
@@ -272,4 +274,4 @@ def test_churn_leaves_nothing_behind(zygote: tuple[Zygote, str], source: ProcfsS
     # 8 MiB leaves room for allocator slack, while holding on to the contents of even
     # two of the ~30 registered processes (~700 pages, 2.8 MiB each) would exceed it.
     # (Leaked rmap items or slots are caught exactly by the checks above.)
-    assert vm_rss_kib() - rss0 <= RSS_BOUND_KIB
+    assert status_kib("VmRSS") - rss0 <= RSS_BOUND_KIB

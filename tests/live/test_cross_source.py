@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fixtures import range_counts, workload_cgroup_root
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.sources.base import MemorySource, TaskId
@@ -48,6 +47,7 @@ from lksmfs.sources.simulated import SimulatedSource
 from lksmfs.sysfs.attrs import AttributeTable
 from lksmfs.workload.schema import load_workload
 from lksmfs.workload.spawn import spawn_workload
+from testkit.engine import range_counts, workload_cgroup_root
 
 pytestmark = pytest.mark.live
 

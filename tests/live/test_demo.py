@@ -26,7 +26,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from fuse_fixtures import REPO, mounted_at, skip_unless_fuse
+
+from testkit import REPO
+from testkit.mount import mounted_at, skip_unless_fuse
 
 pytestmark = pytest.mark.live
 

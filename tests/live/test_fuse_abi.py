@@ -13,16 +13,10 @@ import re
 from pathlib import Path
 
 import pytest
-from fuse_fixtures import (
-    NOBODY,
-    Child,
-    Mounts,
-    mounted_at,
-    read_attr,
-    sh,
-    wait_until,
-    write_attr,
-)
+
+from lksmfs.system.waiting import wait_until
+from testkit.memproc import MemProcess, filled
+from testkit.mount import NOBODY, Mounts, mounted_at, read_attr, sh, write_attr
 
 pytestmark = pytest.mark.live
 
@@ -74,12 +68,12 @@ BAD = {
 }
 
 
-def idle_mount(mounts: Mounts, child: Child, *extra: str) -> Path:
+def idle_mount(mounts: Mounts, child: MemProcess, *extra: str) -> Path:
     """A daemon that never scans (run=0) over the child."""
     return mounts.start("--pid", str(child.pid), "--set", "run=0", *extra).mountpoint
 
 
-def test_listing_modes_and_owner(mounts: Mounts, child: Child) -> None:
+def test_listing_modes_and_owner(mounts: Mounts, child: MemProcess) -> None:
     mp = idle_mount(mounts, child)
     names = set(os.listdir(mp))
     assert names == {*DEFAULTS, *COUNTERS, "region_share", "hint", "proc"}
@@ -92,14 +86,14 @@ def test_listing_modes_and_owner(mounts: Mounts, child: Child) -> None:
     assert os.stat(mp / "proc").st_mode & 0o777 == 0o555
 
 
-def test_no_filter_has_no_region_files(mounts: Mounts, child: Child) -> None:
+def test_no_filter_has_no_region_files(mounts: Mounts, child: MemProcess) -> None:
     mp = idle_mount(mounts, child, "--no-filter")
     names = set(os.listdir(mp))
     assert "region_share" not in names and "nr_regions" not in names
     assert "pages_sharing" in names
 
 
-def test_every_file_reads_with_cat(mounts: Mounts, child: Child) -> None:
+def test_every_file_reads_with_cat(mounts: Mounts, child: MemProcess) -> None:
     mp = idle_mount(mounts, child)
     for name, value in DEFAULTS.items():
         r = sh(f"cat {name}", cwd=mp)
@@ -111,7 +105,7 @@ def test_every_file_reads_with_cat(mounts: Mounts, child: Child) -> None:
     assert (r.returncode, r.stdout, r.stderr) == (0, REGION_SHARE + "\n", "")
 
 
-def test_good_writes_read_back(mounts: Mounts, child: Child) -> None:
+def test_good_writes_read_back(mounts: Mounts, child: MemProcess) -> None:
     """Every writable file in turn; after each write exactly that file has changed."""
     mp = idle_mount(mounts, child)
     expected = dict(DEFAULTS)
@@ -123,7 +117,7 @@ def test_good_writes_read_back(mounts: Mounts, child: Child) -> None:
         assert {k: read_attr(mp, k).strip() for k in DEFAULTS} == expected, name
 
 
-def test_bad_writes_fail_and_change_nothing(mounts: Mounts, child: Child) -> None:
+def test_bad_writes_fail_and_change_nothing(mounts: Mounts, child: MemProcess) -> None:
     mp = idle_mount(mounts, child)
     for name, value in BAD.items():
         r = sh(f"echo {value} > {name}", cwd=mp, shell="bash")
@@ -136,7 +130,7 @@ def test_bad_writes_fail_and_change_nothing(mounts: Mounts, child: Child) -> Non
 
 
 def test_one_shot_7_is_invalid_and_pending_request_refuses_another(
-    mounts: Mounts, child: Child
+    mounts: Mounts, child: MemProcess
 ) -> None:
     mp = idle_mount(mounts, child)  # run=0: nothing consumes a request
     r = sh("echo 7 > one_shot_scanning", cwd=mp, shell="bash")
@@ -151,7 +145,7 @@ def test_one_shot_7_is_invalid_and_pending_request_refuses_another(
     assert read_attr(mp, "one_shot_scanning") == "1\n"
 
 
-def test_errnos_of_max_page_sharing_and_big_writes(mounts: Mounts, child: Child) -> None:
+def test_errnos_of_max_page_sharing_and_big_writes(mounts: Mounts, child: MemProcess) -> None:
     mp = idle_mount(mounts, child)
     r = sh("echo 2147483648 > max_page_sharing", cwd=mp, shell="bash")
     assert r.returncode == 1 and "Numerical result out of range" in r.stderr  # kstrtoint
@@ -166,13 +160,11 @@ def test_run_8_reads_back_8_and_scans(mounts: Mounts) -> None:
     identical pages: a group of n identical pages is 1 KSM page shared n-1 more times,
     so pages_sharing >= 199 and the child's merging_pages >= 200 (other equal pages of
     the interpreter may merge too: lower bounds)."""
-    with Child(200) as c:
+    with filled(200) as c:
         mp = mounts.start("--pid", str(c.pid), "--set", "pages_to_scan=5000").mountpoint
         assert sh("echo 8 > run", cwd=mp).returncode == 0
         assert read_attr(mp, "run") == "8\n"
-        assert wait_until(lambda: int(read_attr(mp, "full_scans")) >= 3, 30), read_attr(
-            mp, "full_scans"
-        )
+        wait_until(lambda: int(read_attr(mp, "full_scans")) >= 3, 30)
         assert int(read_attr(mp, "pages_sharing")) >= 199
         assert int(read_attr(mp, "pages_shared")) >= 1
         assert read_attr(mp, "scanning_process") == "1\n"
@@ -192,11 +184,11 @@ def test_run_8_reads_back_8_and_scans(mounts: Mounts) -> None:
         # a full one-shot scan: accepted, pending, then back to 0 with one more full scan
         before = int(read_attr(mp, "full_scans"))
         assert sh("echo 2 > one_shot_scanning", cwd=mp).returncode == 0
-        assert wait_until(lambda: read_attr(mp, "one_shot_scanning") == "0\n", 30)
+        wait_until(lambda: read_attr(mp, "one_shot_scanning") == "0\n", 30)
         assert int(read_attr(mp, "full_scans")) == before + 1
 
 
-def test_hint_file(mounts: Mounts, child: Child) -> None:
+def test_hint_file(mounts: Mounts, child: MemProcess) -> None:
     d = mounts.start("--pid", str(child.pid), "--set", "run=0")
     mp = d.mountpoint
     assert sh(f"echo '{child.pid} frozen' > hint", cwd=mp).returncode == 0
@@ -213,7 +205,7 @@ def test_hint_file(mounts: Mounts, child: Child) -> None:
     assert d.proc.poll() is None
 
 
-def test_nobody_reads_but_cannot_write(mounts: Mounts, child: Child) -> None:
+def test_nobody_reads_but_cannot_write(mounts: Mounts, child: MemProcess) -> None:
     mp = idle_mount(mounts, child)
     r = sh("cat run pages_sharing region_share", cwd=mp, user=NOBODY)
     assert (r.returncode, r.stdout, r.stderr) == (0, f"0\n0\n{REGION_SHARE}\n", "")
@@ -226,7 +218,7 @@ def test_nobody_reads_but_cannot_write(mounts: Mounts, child: Child) -> None:
     assert read_attr(mp, "pages_to_scan") == "100\n"
 
 
-def test_second_daemon_on_a_live_mount_is_refused(mounts: Mounts, child: Child) -> None:
+def test_second_daemon_on_a_live_mount_is_refused(mounts: Mounts, child: MemProcess) -> None:
     d = mounts.start("--pid", str(child.pid))
     second = mounts.start("--pid", str(child.pid), wait=False)
     assert second.proc.wait(20) == 1
@@ -234,7 +226,7 @@ def test_second_daemon_on_a_live_mount_is_refused(mounts: Mounts, child: Child) 
     assert d.proc.poll() is None and read_attr(d.mountpoint, "run") == "0\n"
 
 
-def test_bad_set_fails_before_mounting(mounts: Mounts, child: Child) -> None:
+def test_bad_set_fails_before_mounting(mounts: Mounts, child: MemProcess) -> None:
     d = mounts.start("--pid", str(child.pid), "--set", "scan_boost=5", wait=False)
     assert d.proc.wait(20) == 2
     assert "--set scan_boost=5: must be 100..10000 (got 5)" in d.log()
@@ -242,9 +234,9 @@ def test_bad_set_fails_before_mounting(mounts: Mounts, child: Child) -> None:
 
 
 def test_region_share_format_after_scan(mounts: Mounts) -> None:
-    with Child(50) as c:
+    with filled(50) as c:
         mp = mounts.start("--pid", str(c.pid), "--set", "run=1").mountpoint
-        assert wait_until(lambda: int(read_attr(mp, "full_scans")) >= 1, 30)
+        wait_until(lambda: int(read_attr(mp, "full_scans")) >= 1, 30)
         text = read_attr(mp, "region_share")
         assert re.fullmatch(
             r"heap:\d+ stack:0 file_data:\d+ file_bss:\d+ conflicted:\d+\n", text

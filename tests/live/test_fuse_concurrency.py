@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fuse_fixtures import Child, Mounts, read_attr, sh, wait_until
+
+from lksmfs.system.waiting import wait_until
+from testkit.memproc import filled
+from testkit.mount import Mounts, read_attr, sh
 
 pytestmark = pytest.mark.live
 
@@ -54,13 +57,13 @@ def reader(mp: Path, names: list[str], stop: float, out: list[str], bad: list[st
 
 
 def test_twenty_readers_during_full_speed_scan(mounts: Mounts) -> None:
-    with Child(12000, 0x11) as a, Child(12000, 0x22) as b:
+    with filled(12000, 0x11) as a, filled(12000, 0x22) as b:
         d = mounts.start(
             "--pid", str(a.pid), "--pid", str(b.pid),
             "--set", "pages_to_scan=10000", "--set", "sleep_millisecs=0", "--set", "run=1",
         )
         mp = d.mountpoint
-        assert wait_until(lambda: int(read_attr(mp, "pages_scanned")) > 0, 20)
+        wait_until(lambda: int(read_attr(mp, "pages_scanned")) > 0, 20)
         scanned_before = int(read_attr(mp, "pages_scanned"))
         names = list(FORMATS)
         stop = time.monotonic() + WINDOW_S

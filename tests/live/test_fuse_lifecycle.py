@@ -9,34 +9,31 @@ import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fuse_fixtures import (
-    REPO,
-    Child,
-    Mounts,
-    mounted_at,
-    read_attr,
-    sh,
-    wait_until,
-)
+
+from lksmfs.system import cgroups
+from lksmfs.system.waiting import wait_until
+from testkit import REPO
+from testkit.memproc import MemProcess
+from testkit.mount import Mounts, mounted_at, read_attr, sh
 
 pytestmark = pytest.mark.live
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_unmounts_and_exits_0(mounts: Mounts, child: Child, sig: int) -> None:
+def test_signal_unmounts_and_exits_0(mounts: Mounts, child: MemProcess, sig: int) -> None:
     d = mounts.start("--pid", str(child.pid), "--set", "run=1", "--set", "sleep_millisecs=0")
-    assert wait_until(lambda: int(read_attr(d.mountpoint, "pages_scanned")) > 0, 20)
+    wait_until(lambda: int(read_attr(d.mountpoint, "pages_scanned")) > 0, 20)
     d.proc.send_signal(sig)
     assert d.proc.wait(20) == 0, d.log()
     assert not mounted_at(d.mountpoint)
     assert "Traceback" not in d.log()
 
 
-def test_stale_mount_is_cleared_at_start(mounts: Mounts, child: Child) -> None:
+def test_stale_mount_is_cleared_at_start(mounts: Mounts, child: MemProcess) -> None:
     d = mounts.start("--pid", str(child.pid))
     d.proc.kill()
     d.proc.wait(10)
@@ -52,7 +49,7 @@ def test_stale_mount_is_cleared_at_start(mounts: Mounts, child: Child) -> None:
     assert not mounted_at(again.mountpoint)
 
 
-def test_sd_notify_ready_watchdog_stopping(mounts: Mounts, child: Child) -> None:
+def test_sd_notify_ready_watchdog_stopping(mounts: Mounts, child: MemProcess) -> None:
     name = f"lksmfs-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("\0" + name)  # an abstract socket, as systemd may hand out ("@...")
@@ -77,31 +74,15 @@ def test_sd_notify_ready_watchdog_stopping(mounts: Mounts, child: Child) -> None
         assert d.proc.wait(20) == 0
 
 
-def _cgroup_v1_freezer() -> Path | None:
-    root = Path("/sys/fs/cgroup/freezer")
-    return root if (root / "cgroup.procs").exists() else None
-
-
 @pytest.fixture
-def app_cgroup(child: Child) -> Iterator[Path]:
-    root = _cgroup_v1_freezer()
-    if root is None:
-        pytest.skip("no cgroup v1 freezer at /sys/fs/cgroup/freezer")
-    cg = root / f"lksmfs-test-{uuid.uuid4().hex[:8]}"
-    cg.mkdir()
-    try:
-        (cg / "cgroup.procs").write_text(str(child.pid))
-        yield cg
-    finally:
-        (cg / "freezer.state").write_text("THAWED")
-        wait_until(lambda: (cg / "freezer.state").read_text().strip() == "THAWED", 10)
-        for pid in (cg / "cgroup.procs").read_text().split():
-            with open(root / "cgroup.procs", "w") as f:
-                f.write(pid)
-        cg.rmdir()
+def app_cgroup(child: MemProcess, v1_freezer_cgroup: Callable[[], str]) -> Path:
+    """The child alone in a fresh v1 freezer group (thawed, emptied, removed at the end)."""
+    cg = Path(v1_freezer_cgroup())
+    cgroups.attach(str(cg), child.pid)
+    return cg
 
 
-def test_resourced_emulator_with_dash(mounts: Mounts, child: Child, app_cgroup: Path) -> None:
+def test_resourced_emulator_with_dash(mounts: Mounts, child: MemProcess, app_cgroup: Path) -> None:
     """The client only echoes and cats.  Its app is the child (64 identical pages)."""
     d = mounts.start("--pid", str(child.pid), "--set", "pages_to_scan=2000")
     env = dict(os.environ, DEADLINE="30")
@@ -125,7 +106,7 @@ def test_resourced_emulator_with_dash(mounts: Mounts, child: Child, app_cgroup: 
     assert f"freezer hint: {child.pid}@" in log and "frozen" in log, log
 
 
-def test_resourced_emulator_misses_a_deadline(mounts: Mounts, child: Child) -> None:
+def test_resourced_emulator_misses_a_deadline(mounts: Mounts, child: MemProcess) -> None:
     """With pages_to_scan 1 and sleep 10 s the boot scans cannot finish in 2 s: exit 1."""
     d = mounts.start(
         "--pid", str(child.pid), "--set", "pages_to_scan=1", "--set", "sleep_millisecs=10000"

@@ -24,9 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fuse_fixtures import Child, Mounts, read_attr, skip_unless_fuse, write_attr
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
+from testkit.memproc import filled
+from testkit.mount import Mounts, read_attr, skip_unless_fuse, write_attr
 
 pytestmark = pytest.mark.live
 
@@ -186,7 +188,7 @@ NAMES = st.sampled_from(sorted(DEFAULTS))
 @pytest.fixture(scope="module")
 def mount() -> Iterator[tuple[Path, Mounts]]:
     skip_unless_fuse()
-    with Mounts() as m, Child(16) as c:
+    with Mounts() as m, filled(16) as c:
         d = m.start("--pid", str(c.pid), "--set", "run=0", "--no-freezer")
         yield d.mountpoint, m
 

@@ -10,7 +10,7 @@ For every phase three numbers must agree on pages_shared / pages_sharing:
 
 Whole processes are compared, not the pattern mapping alone: PR_SET_MEMORY_MERGE makes the
 runtime's pages mergeable too and the kernel only has global counters; lksmfs scans every anonymous
-page of the given pids, so both see the same scope (see lksmfs/oracle.py).
+page of the given pids, so both see the same scope (see testkit/kernel_ksm.py).
 """
 
 from __future__ import annotations
@@ -21,15 +21,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from lksmfs.oracle import (
-    KernelKsm,
-    PatternGroup,
-    Spec,
-    anon_page_census,
-    expected_counts,
-    pattern_page,
-    spec_groups,
-)
+from lksmfs.scan import scan_processes
+from testkit.kernel_ksm import KernelKsm, anon_page_census
+from testkit.memproc import PATTERN, PatternGroup
+from testkit.patterns import Spec, expected_counts, pattern_page, spec_groups
 
 pytestmark = pytest.mark.live
 
@@ -120,9 +115,6 @@ def run_phases(
     k: KernelKsm, phases: tuple[Phase, ...], mps: int, with_lksmfs: bool
 ) -> list[PhaseResult]:
     """Start the children, and for each phase: census, kernel to convergence, unmerge, lksmfs."""
-    scan_processes = None
-    if with_lksmfs:
-        from lksmfs.scan import scan_processes  # noqa: PLC0415 - optional until it lands
     k.configure(max_page_sharing=mps, use_zero_pages=0)
     results = []
     with PatternGroup(phases[0].specs) as group:
@@ -131,7 +123,7 @@ def run_phases(
         for i, phase in enumerate(phases):
             if i:
                 group.rewrite(phase.specs)
-            runtime = anon_page_census(group.pids, {p.pid: (p.addr, 0) for p in group.procs})
+            runtime = anon_page_census(group.pids, {p.pid: (p.addr(PATTERN), 0) for p in group.procs})
             combined = dict(runtime)
             pattern_sizes = spec_groups(phase.specs)
             for gkey, count in pattern_sizes.items():
@@ -151,7 +143,7 @@ def run_phases(
             ksm_pages = group.ksm_pages()
             k.unmerge()
             lk = None
-            if scan_processes is not None:
+            if with_lksmfs:
                 c = scan_processes(
                     pids=group.pids,
                     rounds=3,
@@ -188,10 +180,6 @@ def test_background_is_small_and_merges(kernel_ksm: KernelKsm) -> None:
 @pytest.mark.parametrize(("scenario", "mps"), CASES, ids=[f"{s}-mps{m}" for s, m in CASES])
 def test_lksmfs_matches_kernel(kernel_ksm: KernelKsm, scenario: str, mps: int) -> None:
     """lksmfs over the same stopped pids reports the kernel's pages_shared/pages_sharing."""
-    try:
-        import lksmfs.scan  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"lksmfs.scan.scan_processes not available yet: {exc}")
     phases = SCENARIOS[scenario]
     results = run_phases(kernel_ksm, phases, mps, with_lksmfs=True)
     for i, r in enumerate(results):
@@ -212,13 +200,11 @@ ZERO_SPECS = (
 
 @pytest.mark.parametrize("mps", [1000, 3])
 def test_lksmfs_matches_kernel_with_use_zero_pages(kernel_ksm: KernelKsm, mps: int) -> None:
-    from lksmfs.scan import scan_processes
-
     zero_key = _digest(bytes(4096))
     kernel_ksm.configure(max_page_sharing=mps, use_zero_pages=1)
     with PatternGroup(ZERO_SPECS) as group:
         assert not kernel_ksm.foreign_mergeable(group.pids)
-        runtime = anon_page_census(group.pids, {p.pid: (p.addr, 0) for p in group.procs})
+        runtime = anon_page_census(group.pids, {p.pid: (p.addr(PATTERN), 0) for p in group.procs})
         combined = dict(runtime)
         for gkey, count in spec_groups(ZERO_SPECS).items():
             key = _digest(pattern_page(gkey))

@@ -69,13 +69,13 @@ def test_present_anon_counts_exactly_written_private_pages(
     # 6 written pages, 2 read-only-touched (zero page), 3 never touched; 2 shared pages
     c = spawn_mem_child([1, 2, 3, 4, 5, 6], zero=2, untouched=3, shared=[9, 9])
     t = _tid(c.pid)
-    v0 = c.private_vpn
+    v0 = c.vpn("private")
     got = src.present_anon(t, v0, v0 + 11)
     assert got.dtype == np.uint64
     assert got.tolist() == list(range(v0, v0 + 6))
     assert not src.fallback_used  # the zero pages were told apart by kpageflags
     # the MAP_SHARED region is present memory but not anonymous private memory
-    assert src.present_anon(t, c.shared_vpn, c.shared_vpn + 2).tolist() == []
+    assert src.present_anon(t, c.vpn("shared"), c.vpn("shared") + 2).tolist() == []
 
 
 def test_mappings_mark_shared_unmergeable(src: ProcfsSource, spawn_mem_child: SpawnFn) -> None:
@@ -83,8 +83,8 @@ def test_mappings_mark_shared_unmergeable(src: ProcfsSource, spawn_mem_child: Sp
     maps = src.mappings(_tid(c.pid))
     starts = [m.start for m in maps]
     assert starts == sorted(starts)
-    priv = [m for m in maps if m.start <= c.private < m.end]
-    shared = [m for m in maps if m.start <= c.shared < m.end]
+    priv = [m for m in maps if m.start <= c.addr("private") < m.end]
+    shared = [m for m in maps if m.start <= c.addr("shared") < m.end]
     assert len(priv) == 1 and len(shared) == 1
     assert priv[0].mergeable and priv[0].has_anon and priv[0].file is None
     assert shared[0].perms[3] == "s" and not shared[0].mergeable
@@ -99,7 +99,7 @@ def test_read_pages_returns_written_bytes(src: ProcfsSource, spawn_mem_child: Sp
     pattern = [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]
     c = spawn_mem_child(pattern)
     t = _tid(c.pid)
-    v0 = c.private_vpn
+    v0 = c.vpn("private")
     # runs [0,1,2] [5] [7] and an out-of-order page: coalesced reads, order preserved
     idx = [0, 1, 2, 5, 7, 3]
     vpns = np.array([v0 + i for i in idx], dtype=np.uint64)
@@ -118,13 +118,13 @@ def test_pid_reuse_and_dead_child_give_process_gone(
     with pytest.raises(ProcessGone):  # same pid, another start time: another process
         src.stat(TaskId(t.pid, t.start_time + 1))
     # open fds on it first, then let it die and be reaped
-    assert len(src.present_anon(t, c.private_vpn, c.private_vpn + 2)) == 2
-    c.stop()
-    vpns = np.array([c.private_vpn], dtype=np.uint64)
+    assert len(src.present_anon(t, c.vpn("private"), c.vpn("private") + 2)) == 2
+    c.close()
+    vpns = np.array([c.vpn("private")], dtype=np.uint64)
     with pytest.raises(ProcessGone):
         src.read_pages(t, vpns)
     with pytest.raises(ProcessGone):
-        src.present_anon(t, c.private_vpn, c.private_vpn + 2)
+        src.present_anon(t, c.vpn("private"), c.vpn("private") + 2)
     with pytest.raises(ProcessGone):
         src.mappings(t)
     with pytest.raises(ProcessGone):
@@ -135,13 +135,13 @@ def test_pid_reuse_and_dead_child_give_process_gone(
 def test_zombie_gives_process_gone(src: ProcfsSource, spawn_mem_child: SpawnFn, live: Any) -> None:
     c = spawn_mem_child([1])
     t = _tid(c.pid)
-    src.present_anon(t, c.private_vpn, c.private_vpn + 1)
+    src.present_anon(t, c.vpn("private"), c.vpn("private") + 1)
     c.proc.kill()  # not reaped: a zombie with no mm
-    assert live.wait_until(
+    live.wait_until(
         lambda: state(c.pid) in ("", "Z")
     )
     with pytest.raises(ProcessGone):
-        src.read_pages(t, np.array([c.private_vpn], dtype=np.uint64))
+        src.read_pages(t, np.array([c.vpn("private")], dtype=np.uint64))
 
 
 def test_child_exiting_mid_read_gives_process_gone(
@@ -150,7 +150,7 @@ def test_child_exiting_mid_read_gives_process_gone(
     n = 4096  # 16 MiB: many reads, so the kill lands while we are reading
     c = spawn_mem_child([i % 200 + 1 for i in range(n)])
     t = _tid(c.pid)
-    vpns = src.present_anon(t, c.private_vpn, c.private_vpn + n)
+    vpns = src.present_anon(t, c.vpn("private"), c.vpn("private") + n)
     assert len(vpns) == n
     started = threading.Event()
 
@@ -180,7 +180,7 @@ def test_fds_back_to_baseline_after_release_and_close(spawn_mem_child: SpawnFn, 
     try:
         for c in kids:
             t = _tid(c.pid)
-            v = s.present_anon(t, c.private_vpn, c.private_vpn + 3)
+            v = s.present_anon(t, c.vpn("private"), c.vpn("private") + 3)
             s.read_pages(t, v)
         assert s.open_tasks() == 3
         # per task: /proc/PID dir, pagemap, mem; kpageflags is not needed: every page
@@ -200,7 +200,7 @@ def test_fd_cache_is_bounded(spawn_mem_child: SpawnFn, live: Any) -> None:
     s = ProcfsSource(max_open_tasks=2)
     try:
         for c in kids:
-            s.read_pages(_tid(c.pid), np.array([c.private_vpn], dtype=np.uint64))
+            s.read_pages(_tid(c.pid), np.array([c.vpn("private")], dtype=np.uint64))
         assert s.open_tasks() == 2
         assert live.open_fd_count() == base + 2 * 2  # dir + mem each; kpageflags never opened
     finally:

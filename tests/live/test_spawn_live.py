@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_fixtures import workload_cgroup_root
-from waiting import wait_until
 
 from lksmfs.sources.simulated import SimulatedSource
 from lksmfs.system.proc import runtime_ns, try_stat
+from lksmfs.system.waiting import wait_until
 from lksmfs.workload.model import page_bytes
 from lksmfs.workload.schema import load_workload
 from lksmfs.workload.spawn import SpawnedWorkload, spawn_workload
+from testkit.engine import workload_cgroup_root
 
 pytestmark = pytest.mark.live
 
@@ -152,7 +152,8 @@ def test_spawn_small_layout_contents_freeze_and_cleanup() -> None:
                 text = f.read()
             assert ("frozen 1" in text) if procs.freezer.version == 2 else text.strip() == "FROZEN"
             # wchan reads "0" while the task is briefly on a runqueue: wait for the trap
-            assert wait_until(lambda i=i: _wchan(i.pid) in FROZEN_WCHANS, 5.0), _wchan(i.pid)
+            wait_until(lambda i=i: _wchan(i.pid) in FROZEN_WCHANS, 5.0,
+                       what=f"{i.name}'s wchan to reach the freezer's trap")
             assert procs.freezer.procs(i.cgroup) == [i.pid] or procs.freezer.version == 1
         # a frozen app's rewrite waits for the thaw (as in the simulated source)
         v0 = procs.instance("viewer/0")

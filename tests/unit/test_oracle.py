@@ -1,4 +1,5 @@
-"""Pure parts of the kernel-KSM oracle: the hand-derivation rules and the child's spec language."""
+"""Pure parts of the test kit's page patterns: the hand-derivation rules and the child's spec
+language (testkit/patterns.py, testkit/memchild.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import os
 
 import pytest
 
-from lksmfs import oracle_child
-from lksmfs.oracle import (
-    PAGE_SIZE,
+from testkit import memchild
+from testkit.patterns import (
+    byte_runs,
     expected_counts,
-    format_spec,
     group_counts,
     pattern_page,
     spec_groups,
 )
+from testkit.patterns import format_pages as format_spec
+
+PAGE_SIZE = memchild.PAGE_SIZE
 
 
 @pytest.mark.parametrize(
@@ -62,7 +65,7 @@ def test_format_spec_roundtrips_through_child_parser() -> None:
     spec = [(64, "a"), (8, "zero"), (4, "unique"), (2, "same"), (1, 255)]
     text = format_spec(spec)
     assert text == "64:97,8:zero,4:unique,2:same,1:255"
-    assert oracle_child.parse_spec(text) == [
+    assert memchild.parse_pages(text) == [
         (64, 97), (8, "zero"), (4, "unique"), (2, "same"), (1, 255),
     ]
 
@@ -70,7 +73,7 @@ def test_format_spec_roundtrips_through_child_parser() -> None:
 @pytest.mark.parametrize("bad", ["1:256", "-1:a", "3:nope"])
 def test_child_parser_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
-        oracle_child.parse_spec(bad)
+        memchild.parse_pages(bad)
 
 
 def test_format_spec_rejects_bad_bytes() -> None:
@@ -86,7 +89,7 @@ def test_child_writes_what_pattern_page_predicts() -> None:
     npages = 6
     buf = (ctypes.c_char * (npages * PAGE_SIZE))()
     addr = ctypes.addressof(buf)
-    oracle_child.write_pages(addr, [(2, 7), (2, "same"), (2, "unique")], phase=1)
+    memchild.write_pages(addr, [(2, 7), (2, "same"), (2, "unique")], phase=1)
     data = bytes(buf)
     pages = [data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(npages)]
     assert pages[0] == pages[1] == pattern_page(7)
@@ -96,3 +99,23 @@ def test_child_writes_what_pattern_page_predicts() -> None:
     assert pages[4] != pages[5]
     assert int.from_bytes(pages[4][8:16], "little") == os.getpid()
     assert pattern_page(0) == bytes(PAGE_SIZE)
+
+
+def test_other_patterns_are_in_no_group() -> None:
+    """'read' pages map the shared zero page and 'untouched' ones are not present: neither
+    is an anonymous page KSM could merge; 'zero' pages are written zeros (byte 0)."""
+    specs = [[(3, "read"), (2, "untouched"), (1, "zero")], [(4, "read"), (1, 0)]]
+    assert spec_groups(specs) == {0: 2}
+    assert byte_runs([7, 7, 1, 7]) == [(2, 7), (1, 1), (1, 7)]
+    assert format_spec([(3, "read"), (2, "untouched")]) == "3:read,2:untouched"
+
+
+def test_child_leaves_read_and_untouched_pages_as_they_were() -> None:
+    npages = 4
+    buf = (ctypes.c_char * (npages * PAGE_SIZE)).from_buffer(bytearray(b"\x55" * npages * PAGE_SIZE))
+    memchild.write_pages(ctypes.addressof(buf), [(1, "zero"), (1, "read"), (1, "untouched"), (1, 9)],
+                         phase=0)
+    data = bytes(buf)
+    assert data[:PAGE_SIZE] == bytes(PAGE_SIZE)
+    assert data[PAGE_SIZE:3 * PAGE_SIZE] == b"\x55" * (2 * PAGE_SIZE)  # read, never written
+    assert data[3 * PAGE_SIZE:] == b"\x09" * PAGE_SIZE

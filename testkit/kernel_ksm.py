@@ -5,9 +5,10 @@ processes keep their memory still, so what the kernel's ksmd converges to on the
 kernel would report for the same processes, and so what lksmfs must report in shadow mode.
 
 * `KernelKsm` drives /sys/kernel/mm/ksm and always puts it back as it found it.
-* `PatternProcess` is a stopped child (lksmfs/oracle_child.py) whose one anonymous mapping holds
-  pages written from a pattern spec, rewritable phase by phase.
-* `expected_counts` / `spec_groups` derive pages_shared/pages_sharing by hand from the patterns.
+* testkit.memproc.PatternGroup: stopped children (testkit/memchild.py) whose one anonymous
+  mapping holds pages written from a pattern spec, rewritable phase by phase.
+* testkit.patterns.expected_counts / spec_groups derive pages_shared/pages_sharing by hand.
+* `anon_page_census` groups the other anonymous pages of those children by content.
 
 What is compared, and why whole processes: PR_SET_MEMORY_MERGE makes *every* VMA of a child
 mergeable, so the kernel also merges the Python runtime's own anonymous pages (identical heap pages
@@ -24,135 +25,27 @@ zero-filled anonymous pages); tests account for that explicitly.
 
 from __future__ import annotations
 
-import errno
 import fcntl
+import hashlib
 import os
-import select
-import signal
-import struct
-import subprocess
-import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from lksmfs.system.proc import state as proc_state
+from lksmfs.system.proc import PAGE_SIZE
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
-PAGE_SIZE = 4096
-PR_SET_MEMORY_MERGE = 67
 LOCK_PATH = Path("/run/lock/lksmfs-kernel-ksm.lock")
-CHILD_PATH = Path(__file__).with_name("oracle_child.py")
-SAME_MAGIC = 0x6C6B736D_73616D65  # must match oracle_child.SAME_MAGIC ("lksmsame")
 
 # Settings whose value must be restored with care; everything else writable is restored as read.
 _RUN = "run"
-_NEEDS_NO_STABLE_NODES = ("max_page_sharing", "merge_across_nodes")
 _ADVISOR = "advisor_mode"
-
-Pattern = str | int
-Spec = Sequence[tuple[int, Pattern]]
 
 
 class OracleError(RuntimeError):
     """The kernel oracle could not reach a trustworthy answer (timeout, foreign KSM users...)."""
-
-
-# ---------------------------------------------------------------- hand derivation (pure)
-
-
-def group_counts(n: int, max_page_sharing: int) -> tuple[int, int]:
-    """(pages_shared, pages_sharing) for `n` identical pages under ksm's max_page_sharing.
-
-    Each KSM page (stable node, or dup of a chain) carries at most `max_page_sharing` mappings.
-    Pages fill one KSM page at a time; a final lone page has nothing to merge with (its chain is
-    full, and the unstable tree holds no equal page), so it stays unshared.
-    """
-    if max_page_sharing < 2:
-        raise ValueError("max_page_sharing must be >= 2")
-    if n < 2:
-        return (0, 0)
-    full, rest = divmod(n, max_page_sharing)
-    shared = full + (1 if rest >= 2 else 0)
-    sharing = full * (max_page_sharing - 1) + (rest - 1 if rest >= 2 else 0)
-    return (shared, sharing)
-
-
-def expected_counts(groups: Iterable[int], max_page_sharing: int) -> tuple[int, int]:
-    """Sum of `group_counts` over groups of identical pages (sizes)."""
-    shared = sharing = 0
-    for n in groups:
-        s, g = group_counts(n, max_page_sharing)
-        shared += s
-        sharing += g
-    return (shared, sharing)
-
-
-GroupKey = int | tuple[str, int]
-
-
-def spec_groups(specs: Iterable[Spec]) -> dict[GroupKey, int]:
-    """Sizes of groups of identical pages across all `specs` (one per process).
-
-    Keys: a byte value for byte patterns ('zero' is byte 0); ('same', page index) for 'same'
-    pages, which equal the page at that index in every other process; 'unique' pages are in no
-    group.
-    """
-    groups: dict[GroupKey, int] = {}
-    for spec in specs:
-        index = 0
-        for count, pattern in spec:
-            if pattern == "same":
-                for i in range(index, index + count):
-                    groups[("same", i)] = groups.get(("same", i), 0) + 1
-            elif pattern != "unique" and count:
-                key = 0 if pattern == "zero" else _byte(pattern)
-                groups[key] = groups.get(key, 0) + count
-            index += count
-    return groups
-
-
-def pattern_page(key: GroupKey) -> bytes:
-    """The exact contents of a pattern page of group `key` (as the child writes it)."""
-    if isinstance(key, int):
-        return bytes([key]) * PAGE_SIZE
-    kind, index = key
-    if kind != "same":
-        raise ValueError(f"no fixed contents for {key!r}")
-    return struct.pack("<QQQQ", SAME_MAGIC, 0, index, 0).ljust(PAGE_SIZE, b"\0")
-
-
-def _byte(pattern: Pattern) -> int:
-    """A byte pattern as an int: 97, '0x61' or the one-character 'a'."""
-    if isinstance(pattern, int):
-        value = pattern
-    elif len(pattern) == 1:
-        value = ord(pattern)
-    else:
-        value = int(pattern, 0)
-    if not 0 <= value <= 255:
-        raise ValueError(f"byte pattern out of range: {pattern!r}")
-    return value
-
-
-def format_spec(spec: Spec) -> str:
-    """The child's command-line / stdin form: ``64:97,8:zero,4:unique``."""
-    parts = []
-    for count, pattern in spec:
-        if count < 0:
-            raise ValueError(f"negative count {count}")
-        if pattern in ("zero", "unique", "same"):
-            parts.append(f"{count}:{pattern}")
-        else:
-            parts.append(f"{count}:{_byte(pattern)}")
-    if not parts:
-        raise ValueError("empty spec")
-    return ",".join(parts)
-
-
-# ---------------------------------------------------------------- kernel KSM control
 
 
 @dataclass
@@ -462,181 +355,6 @@ class KernelKsm:
         return out
 
 
-# ---------------------------------------------------------------- pattern processes
-
-
-def wait_stopped(pid: int, timeout_s: float = 30.0) -> None:
-    """Wait (deadline) until `pid` is in state T (stopped by a signal)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        state = proc_state(pid)
-        if state == "T":
-            return
-        if state in ("", "Z", "X"):
-            raise OracleError(f"pattern child {pid} died (state {state!r})")
-        if time.monotonic() > deadline:
-            raise OracleError(f"pattern child {pid} not stopped after {timeout_s}s (state {state})")
-        time.sleep(0.002)
-
-
-def smaps_ksm_pages(pid: int, addr: int) -> int:
-    """The kernel's ``KSM:`` figure (merged pages) for the VMA starting at `addr`, in pages."""
-    text = Path(f"/proc/{pid}/smaps").read_text()
-    inside = False
-    for line in text.splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and not head.endswith(":"):
-            inside = int(head.split("-")[0], 16) == addr
-        elif inside and line.startswith("KSM:"):
-            return int(line.split()[1]) * 1024 // PAGE_SIZE
-    raise OracleError(f"no KSM: line for mapping {addr:#x} of pid {pid}")
-
-
-class PatternProcess:
-    """A stopped child whose one anonymous mapping holds pages written from `spec`.
-
-    The child is mergeable (PR_SET_MEMORY_MERGE), has THP disabled, has used >= `min_cpu_s` of CPU
-    (so LKSM's short-task rule does not skip it) and is stopped (state T) whenever this object
-    hands control back.
-    """
-
-    def __init__(
-        self, spec: Spec, *, min_cpu_s: float = 0.15, timeout_s: float = 60.0, wait: bool = True
-    ) -> None:
-        """Spawn the child; unless `wait` is False, wait until it is ready and stopped."""
-        self.spec: list[tuple[int, Pattern]] = list(spec)
-        self.timeout_s = timeout_s
-        self.proc = subprocess.Popen(
-            [sys.executable, "-S", str(CHILD_PATH), format_spec(self.spec), str(min_cpu_s)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-        )
-        self.pid = self.proc.pid
-        self._buf = b""
-        self.phase = 0
-        self.addr = 0
-        self.npages = 0
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self) -> None:
-        """Read the child's ``ready`` line and wait until it has stopped itself."""
-        try:
-            words = self._readline().split()
-            if len(words) != 4 or words[0] != "ready":
-                raise OracleError(f"pattern child said {' '.join(words)!r}")
-            self.addr = int(words[2])
-            self.npages = int(words[3])
-            wait_stopped(self.pid, self.timeout_s)
-        except BaseException:
-            self.close()
-            raise
-
-    def _readline(self) -> str:
-        """One line from the child's stdout, with a deadline (select, no blocking read)."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + self.timeout_s
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise OracleError(f"pattern child {self.pid}: no answer in {self.timeout_s}s")
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise OracleError(f"pattern child {self.pid} exited (rc={self.proc.poll()})")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
-
-    def rewrite(self, spec: Spec) -> None:
-        """Run one phase: the child rewrites its pages per `spec` and stops again."""
-        new = list(spec)
-        if sum(c for c, _ in new) != self.npages:
-            got = sum(c for c, _ in new)
-            raise ValueError(f"phase spec has {got} pages, mapping {self.npages}")
-        assert self.proc.stdin is not None
-        wait_stopped(self.pid, self.timeout_s)
-        self.proc.stdin.write((format_spec(new) + "\n").encode())
-        os.kill(self.pid, signal.SIGCONT)
-        answer = self._readline()
-        if answer != f"done {self.phase + 1}":
-            raise OracleError(f"pattern child {self.pid} answered {answer!r}")
-        wait_stopped(self.pid, self.timeout_s)
-        self.phase += 1
-        self.spec = new
-
-    def ksm_pages(self) -> int:
-        """Pages of the pattern mapping the kernel has merged right now (smaps ``KSM:``)."""
-        return smaps_ksm_pages(self.pid, self.addr)
-
-    def close(self) -> None:
-        """Kill and reap; safe to call twice."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.kill()  # SIGKILL works on a stopped process
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
-
-    def __enter__(self) -> PatternProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class PatternGroup:
-    """Several pattern processes started together and closed together (always)."""
-
-    def __init__(
-        self, specs: Sequence[Spec], *, min_cpu_s: float = 0.15, timeout_s: float = 60.0
-    ) -> None:
-        self.procs: list[PatternProcess] = []
-        try:
-            for spec in specs:  # spawn all first: they fill their pages in parallel
-                self.procs.append(
-                    PatternProcess(spec, min_cpu_s=min_cpu_s, timeout_s=timeout_s, wait=False))
-            for proc in self.procs:
-                proc.wait_ready()
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
-
-    def rewrite(self, specs: Sequence[Spec]) -> None:
-        for proc, spec in zip(self.procs, specs, strict=True):
-            proc.rewrite(spec)
-
-    def ksm_pages(self) -> int:
-        return sum(p.ksm_pages() for p in self.procs)
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.close()
-
-    def __enter__(self) -> PatternGroup:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 # ---------------------------------------------------------------- a page census (hand check)
 
 _PM_PRESENT = 1 << 63
@@ -657,8 +375,6 @@ def anon_page_census(
     pages can merge.  `exclude` maps pid -> (start, end) byte range left out (the pattern mapping).
     Needs root (PFNs) and stopped processes (stable contents).
     """
-    import hashlib
-
     groups: dict[bytes, int] = {}
     with open("/proc/kpageflags", "rb", buffering=0) as kpf:
         for pid in pids:
@@ -691,18 +407,3 @@ def anon_page_census(
                         key = hashlib.blake2b(data, digest_size=16).digest()
                         groups[key] = groups.get(key, 0) + 1
     return groups
-
-
-ZERO_DIGEST = __import__("hashlib").blake2b(bytes(PAGE_SIZE), digest_size=16).digest()
-
-
-def _main(argv: list[str]) -> int:
-    """``python -m lksmfs.oracle child SPEC`` runs the child in-process (debugging aid)."""
-    if len(argv) >= 2 and argv[0] == "child":
-        os.execv(sys.executable, [sys.executable, "-S", str(CHILD_PATH), *argv[1:]])
-    print("usage: python -m lksmfs.oracle child SPEC [MIN_CPU_S]", file=sys.stderr)
-    return errno.EINVAL
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))

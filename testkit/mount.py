@@ -1,9 +1,9 @@
-"""Helpers for the live FUSE tests: a real daemon subprocess on a real mount, real children.
+"""A real daemon subprocess on a real FUSE mount, for live tests and benches.
 
 Everything started here is stopped by the context managers even when a test fails:
-daemons get SIGTERM (then SIGKILL), mounts left behind are lazily detached, children are
-killed and reaped.  Test modules wrap these in their own small fixtures (importing a
-fixture function into a test module confuses linters).
+daemons get SIGTERM (then SIGKILL), mounts left behind are lazily detached.  Test modules
+wrap these in their own small fixtures (importing a fixture function into a test module
+confuses linters).  The processes a daemon scans come from testkit.memproc.
 """
 
 from __future__ import annotations
@@ -20,52 +20,39 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-import pytest
-from waiting import wait_until  # noqa: F401  (re-exported to the tests)
-
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount
+from lksmfs.system.waiting import wait_until
+from testkit import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
-# The child: N page-aligned pages of one byte value (an identical group of N pages),
-# then enough CPU time not to be a "short task" (< 100 ms), then it waits for stdin EOF.
-_CHILD = r"""
-import mmap, sys, time
-n, value = int(sys.argv[1]), int(sys.argv[2])
-m = mmap.mmap(-1, max(n, 1) * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-m.madvise(mmap.MADV_NOHUGEPAGE)
-page = bytes([value]) * 4096
-for i in range(n):
-    m[i * 4096:(i + 1) * 4096] = page
-t = time.process_time()
-while time.process_time() - t < 0.15:
-    pass
-print("ready", flush=True)
-sys.stdin.read()
-"""
 
-
-def skip_unless_fuse() -> None:
+def fuse_unavailable() -> str | None:
+    """Why a FUSE daemon cannot be mounted here, or None when it can."""
     if os.geteuid() != 0:
-        pytest.skip("live FUSE test needs root")
+        return "live FUSE test needs root"
     if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
+        return "no /dev/fuse"
     if not (shutil.which("fusermount3") or shutil.which("fusermount")):
-        pytest.skip("no fusermount/fusermount3")
+        return "no fusermount/fusermount3"
     try:
         import mfusepy  # noqa: F401
     except (ImportError, OSError) as e:
-        pytest.skip(f"mfusepy/libfuse unavailable: {e}")
+        return f"mfusepy/libfuse unavailable: {e}"
+    return None
+
+
+def skip_unless_fuse() -> None:
+    import pytest
+
+    why = fuse_unavailable()
+    if why is not None:
+        pytest.skip(why)
 
 
 def mounted_at(path: str | Path) -> bool:
     """Is something mounted exactly at `path` (works for dead FUSE mounts too)?"""
     return is_mountpoint(str(path))
-
-
-def detach(path: str | Path) -> None:
-    lazy_unmount(str(path))
 
 
 @contextlib.contextmanager
@@ -77,43 +64,8 @@ def public_tmpdir() -> Iterator[Path]:
         yield d
     finally:
         for sub in d.iterdir() if d.exists() else []:
-            if mounted_at(sub):
-                detach(sub)
+            lazy_unmount(str(sub))
         shutil.rmtree(d, ignore_errors=True)
-
-
-class Child:
-    """A real process holding `npages` identical page-aligned pages of byte `value`."""
-
-    def __init__(self, npages: int, value: int = 0x5A) -> None:
-        self.npages = npages
-        self.proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", _CHILD, str(npages), str(value)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if line.strip() != "ready":
-            self.close()
-            raise RuntimeError(f"child did not start: {line!r}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        with contextlib.suppress(Exception):
-            self.proc.communicate(timeout=10)
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Daemon:
@@ -149,11 +101,13 @@ class Daemon:
             return False
 
     def wait_mounted(self, timeout: float = 20.0) -> None:
-        wait_until(lambda: self.proc.poll() is not None or self.serving(), timeout)
+        try:
+            wait_until(lambda: self.proc.poll() is not None or self.serving(), timeout,
+                       what=f"the daemon to serve {self.mountpoint}")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}:\n{self.log()}") from None
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
-        if not self.serving():
-            raise AssertionError(f"not mounted within {timeout} s:\n{self.log()}")
 
     def terminate(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; SIGKILL if it does not go.  Returns the exit status."""
@@ -170,8 +124,7 @@ class Daemon:
         """Always leaves no process and no mount behind."""
         with contextlib.suppress(Exception):
             self.terminate()
-        if mounted_at(self.mountpoint):
-            detach(self.mountpoint)
+        lazy_unmount(str(self.mountpoint))
         self._log.close()
 
 

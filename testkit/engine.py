@@ -1,29 +1,26 @@
 """Helpers for live engine tests: drive a Ksm like the daemon does, count its per-range
-state, check its counters, and run small real children with known memory.
+state, check its counters, and real children with a file's .data pages.
 
 Plain functions and context managers (test modules wrap them in their own fixtures):
-the test directories are not packages, and importing fixture functions confuses linters.
+importing fixture functions confuses linters.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
-from waiting import wait_until  # noqa: F401  (re-exported to the tests)
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.rmap import STABLE, UNSTABLE
 from lksmfs.sources.base import PAGE_SIZE, TaskId
 from lksmfs.system.proc import try_stat
+from testkit.memproc import MemProcess
+from testkit.patterns import Region
 
 COUNTERS_NONNEG = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                    "rmap_items", "scanning_process", "ksm_zero_pages", "full_scans",
@@ -99,14 +96,6 @@ def check_counters(ksm: Ksm, *, quiescent: bool) -> dict[str, int]:
     return c
 
 
-def vm_rss_kib(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -141,89 +130,32 @@ def smaps_anon_pages(pid: int) -> int:
 
 # ------------------------------------------------------------ a child with a .data area --
 
-# A Python child that maps `same + unique` pages of a real file MAP_PRIVATE and writes
-# every one (COW: anonymous pages in a file mapping, LKSM_FILTER's file_data region):
-# the first `same` pages hold one fixed pattern (they merge), the others random bytes
-# (they never merge).  Then it uses `cpu_ms` of CPU (the short-task rule), reports
-# {"pid", "addr"} and waits for stdin to close.
-_FILE_CHILD = r"""
-import ctypes, json, mmap, os, sys
-spec = json.loads(sys.argv[1])
-n = spec["same"] + spec["unique"]
-fd = os.open(spec["file"], os.O_RDONLY)
-m = mmap.mmap(fd, n * 4096, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-os.close(fd)
-for i in range(n):
-    m[i * 4096:(i + 1) * 4096] = b"\xa5" * 4096 if i < spec["same"] else os.urandom(4096)
-def runtime():
-    with open("/proc/self/schedstat") as f:
-        return int(f.read().split()[0])
-x = 0
-while runtime() < spec["cpu_ms"] * 1000000:
-    for i in range(20000):
-        x ^= i
-addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-print(json.dumps({"pid": os.getpid(), "addr": addr}), flush=True)
-sys.stdin.read()
-"""
-
-
-@dataclass
-class FileChild:
-    proc: subprocess.Popen[str]
-    pid: int
-    addr: int
-    npages: int
-
-    @property
-    def vpn(self) -> int:
-        return self.addr // PAGE_SIZE
-
-    @property
-    def task(self) -> TaskId:
-        t = task_of(self.pid)
-        assert t is not None, f"child {self.pid} is gone"
-        return t
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        for s in (self.proc.stdin, self.proc.stdout):
-            if s is not None:
-                s.close()
-
 
 @contextlib.contextmanager
 def file_children(path: str, same: int, unique: int,
-                  cpu_ms: int = 150) -> Iterator[Callable[[], FileChild]]:
-    """Factory of FileChild processes over `path` (created here, sized to fit); every
-    child is killed and reaped at the end, whatever happens."""
+                  cpu_ms: int = 150) -> Iterator[Callable[[], MemProcess]]:
+    """Factory of processes that map `same + unique` pages of the file `path` (created
+    here, sized to fit) MAP_PRIVATE and write every one (COW: anonymous pages in a file
+    mapping, LKSM_FILTER's file_data region), region "data": the first `same` pages hold
+    one fixed byte (they merge), the others `unique` pages (they never merge).  Each has
+    used `cpu_ms` of CPU (the short-task rule); all are killed at the end, whatever
+    happens."""
     with open(path, "wb") as f:
         f.truncate((same + unique) * PAGE_SIZE)
-    kids: list[FileChild] = []
+    kids: list[MemProcess] = []
+    region = Region("data", [(same, 0xA5), (unique, "unique")], kind="file", file=path)
 
-    def spawn() -> FileChild:
-        spec = {"file": path, "same": same, "unique": unique, "cpu_ms": cpu_ms}
-        p = subprocess.Popen([sys.executable, "-c", _FILE_CHILD, json.dumps(spec)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        kid = FileChild(p, p.pid, 0, same + unique)
+    def spawn() -> MemProcess:
+        kid = MemProcess(region, cpu_ms=cpu_ms, wait=False)
         kids.append(kid)
-        assert p.stdout is not None
-        line = p.stdout.readline()
-        if not line:
-            raise RuntimeError("file child died before reporting")
-        kid.addr = json.loads(line)["addr"]
+        kid.wait_ready()
         return kid
 
     try:
         yield spawn
     finally:
         for k in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(k.pid, signal.SIGCONT)
-            k.stop()
+            k.close()
 
 
 def workload_cgroup_root(name: str) -> str:

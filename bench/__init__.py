@@ -1,0 +1,1 @@
+"""Benchmarks: one module each, run from the repository root as `python -m bench.NAME`."""
