@@ -178,7 +178,7 @@ def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
         from lksmfs.sysfs.fuse import proc_task_id
 
         return src, proc_task_id
-    from lksmfs.sources import simulated
+    from lksmfs.workload import simulated
 
     workload = cfg.source.split(":", 1)[1]
     sim = simulated.SimulatedSource.from_file(workload)

@@ -54,7 +54,7 @@ def simulate(
 ) -> list[dict[str, Any]]:
     """Run the workload; one record per scan the engine performed."""
     from lksmfs.scan import apply_settings, attribute_values
-    from lksmfs.sources.simulated import SimulatedSource
+    from lksmfs.workload.simulated import SimulatedSource
 
     source = SimulatedSource.from_file(workload_path)
     clock = VirtualClock()

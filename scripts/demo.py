@@ -47,7 +47,6 @@ from lksmfs.engine.regions import LKSM_REGION_MATURE  # noqa: E402
 from lksmfs.sources.base import PAGE_SHIFT, Mapping, TaskId, TaskStat  # noqa: E402
 from lksmfs.sources.procfs import ProcfsSource  # noqa: E402
 from lksmfs.sources.scope import Scope  # noqa: E402
-from lksmfs.sources.simulated import ExpectedSharing, SimulatedSource  # noqa: E402
 from lksmfs.sysfs.attrs import AttributeTable  # noqa: E402
 from lksmfs.system import cgroups  # noqa: E402
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount  # noqa: E402
@@ -55,6 +54,7 @@ from lksmfs.system.proc import AccessDenied, ProcessGone  # noqa: E402
 from lksmfs.system.proc import rss_anon_pages as task_rss_anon_pages  # noqa: E402
 from lksmfs.system.waiting import wait_until  # noqa: E402
 from lksmfs.workload.schema import Workload, WorkloadError, load_workload  # noqa: E402
+from lksmfs.workload.simulated import ExpectedSharing, SimulatedSource  # noqa: E402
 from lksmfs.workload.spawn import SpawnedWorkload, SpawnError, spawn_workload  # noqa: E402
 
 DEFAULT_WORKLOAD = os.path.join(REPO, "config", "workloads", "tizen-tv.yaml")

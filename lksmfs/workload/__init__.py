@@ -3,7 +3,7 @@
 - schema: the file format (load_workload, Workload, WorkloadError)
 - model: the content function both realisations share
 - spawn: real child processes in freezer cgroups (spawn_workload, `lksmfs workload spawn`)
-The simulated MemorySource is lksmfs.sources.simulated.SimulatedSource.
+The simulated MemorySource is lksmfs.workload.simulated.SimulatedSource.
 """
 
 from lksmfs.workload.schema import (

@@ -26,14 +26,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lksmfs
 from lksmfs.system.cgroups import Freezer, default_hierarchy
 from lksmfs.system.proc import PAGE_SIZE, ProcessGone, TaskId, task_id
-from lksmfs.workload.schema import Event, Workload, WorkloadError, load_workload
+from lksmfs.workload.schema import Workload, WorkloadError, load_workload
+from lksmfs.workload.timeline import Change, NewRound, Rewrite, TimelinePlayer
 
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lksmfs.__file__)))
 ROOT_NAME = "lksmfs-workload"  # the default cgroup root, under the default hierarchy
@@ -56,7 +57,7 @@ class SpawnedInstance:
     start_time: int = 0  # /proc/PID/stat field 22
     frozen: bool = False
     alive: bool = True
-    pending: list[str] = field(default_factory=list)  # commands held back while frozen
+    pending: list[Rewrite] = field(default_factory=list)  # held back while frozen
     _buf: bytes = b""
 
     @property
@@ -99,15 +100,12 @@ class SpawnedInstance:
         if line != "ok":
             raise SpawnError(f"{self.name}: unexpected answer {line!r}")
 
-    def page_address(self, sid: str, offset: int) -> int:
-        addr, npages = self.sections[sid]
-        if not 0 <= offset < npages:
-            raise IndexError(f"{sid} has {npages} pages")
-        return addr + offset * PAGE_SIZE
 
+class SpawnedWorkload(TimelinePlayer[SpawnedInstance]):
+    """The running processes of a workload.  Use spawn_workload() to get one.
 
-class SpawnedWorkload:
-    """The running processes of a workload.  Use spawn_workload() to get one."""
+    Rounds and events are played by lksmfs.workload.timeline, as for the simulated
+    source; here a freeze is a cgroup freeze and a page change a command to the child."""
 
     def __init__(
         self,
@@ -119,16 +117,10 @@ class SpawnedWorkload:
         timeout: float = 60.0,
         burn_cap_ms: int = 200,
     ) -> None:
-        self.workload = workload
+        super().__init__(workload)
         self.timeout = timeout
-        self.round = 0
         self.burn_cap_ms = burn_cap_ms
         self._python = python
-        self._applied = 0
-        self._rewrites = 0
-        self._lock = threading.RLock()
-        self.instances: dict[str, SpawnedInstance] = {}
-        self._next_index = {a.name: 0 for a in workload.apps}
         self.freezer = Freezer.open(cgroup_root or os.path.join(default_hierarchy()[0], ROOT_NAME))
         self._own_lib_dir = lib_dir is None
         self.lib_dir = lib_dir or tempfile.mkdtemp(prefix="lksmfs-libs-")
@@ -145,15 +137,14 @@ class SpawnedWorkload:
             with open(path, "wb") as f:  # sparse: text, rodata, .data; .bss is anonymous
                 f.truncate((lib.text_pages + lib.rodata_pages + lib.data_pages) * PAGE_SIZE)
             self.lib_files[lib.name] = path
-        todo = [a.name for a in self.workload.apps for _ in range(a.count)]
-        self._spawn_many(todo)
+        self._spawn_initial()
 
     def close(self) -> None:
         """Kill every child, remove cgroups and library files.  Idempotent."""
         if self._closed:
             return
         self._closed = True
-        insts = list(self.instances.values())
+        insts = list(self._instances.values())
         for inst in insts:  # a v1-frozen task cannot die until thawed
             if inst.frozen:
                 with contextlib.suppress(OSError):
@@ -185,136 +176,56 @@ class SpawnedWorkload:
 
     # -- inspection -------------------------------------------------------------------------
 
-    def live(self, app: str | None = None) -> list[SpawnedInstance]:
-        return [i for i in self.instances.values()
-                if i.alive and (app is None or i.app == app)]
+    @property
+    def instances(self) -> dict[str, SpawnedInstance]:
+        """Every instance ever started (APP/K -> instance), in spawn order."""
+        return self._instances
 
     def pids(self, app: str | None = None) -> list[int]:
         return [i.pid for i in self.live(app)]
 
     def instance(self, name: str) -> SpawnedInstance:
-        return self.instances[name]
+        return self._instances[name]
 
     def describe(self) -> list[dict[str, Any]]:
         """One record per live instance: what `--json` prints."""
         return [{"app": i.app, "instance": i.name, "pid": i.pid, "start_time": i.start_time,
                  "cgroup": i.cgroup} for i in self.live()]
 
-    # -- actions ----------------------------------------------------------------------------
+    # -- timeline hooks (the player is lksmfs.workload.timeline) ----------------------------
 
-    def freeze(self, target: str) -> None:
-        with self._lock:
-            for inst in self._targets(target):
-                if not inst.frozen:
-                    self.freezer.freeze(inst.cgroup, self.timeout)
-                    inst.frozen = True
+    def _freeze(self, inst: SpawnedInstance) -> None:
+        self.freezer.freeze(inst.cgroup, self.timeout)
 
-    def thaw(self, target: str) -> None:
-        """Thaw, then let the instance catch up on what it missed (pending rewrites, the
-        current round's volatile content), as the simulated source does."""
-        with self._lock:
-            for inst in self._targets(target):
-                if inst.frozen:
-                    self.freezer.thaw(inst.cgroup, self.timeout)
-                    inst.frozen = False
-                    inst.pending.append(f"round {self.round}")
-                    self._flush(inst)
+    def _thaw(self, inst: SpawnedInstance) -> None:
+        self.freezer.thaw(inst.cgroup, self.timeout)
 
-    def rewrite(self, target: str, fraction: float) -> None:
-        with self._lock:
-            self._rewrites += 1
-            for inst in self._targets(target):
-                inst.pending.append(f"rewrite {fraction!r} {self._rewrites}")
-                if not inst.frozen:
-                    self._flush(inst)
+    def _exit(self, inst: SpawnedInstance) -> None:
+        """SIGKILL works on a v2-frozen task; a v1-frozen one must be thawed to die."""
+        inst.proc.kill()
+        if inst.frozen and not self.freezer.v2:
+            self.freezer.thaw(inst.cgroup, self.timeout)
+        inst.proc.wait(timeout=self.timeout)
 
-    def kill(self, target: str) -> None:
-        """The instance(s) exit (SIGKILL, works on v2-frozen tasks; v1 ones are thawed)."""
-        with self._lock:
-            for inst in self._targets(target):
-                inst.proc.kill()
-                if inst.frozen and not self.freezer.v2:
-                    self.freezer.thaw(inst.cgroup, self.timeout)
-                inst.proc.wait(timeout=self.timeout)
-                inst.alive = False
-                inst.frozen = False
-
-    def spawn(self, app: str, count: int = 1) -> list[SpawnedInstance]:
-        with self._lock:
-            if app not in self._next_index:
-                raise WorkloadError(f"{self.workload.path}: {app}: no such app")
-            return self._spawn_many([app] * count)
-
-    def advance_round(self, n: int) -> list[Event]:
-        """Running instances rewrite their volatile pages for round n, then the timeline's
-        events up to round n are applied; returns those events (one_shot ones are for the
-        caller to write to one_shot_scanning)."""
-        if n < self.round:
-            raise ValueError(f"round {n} is in the past (now {self.round})")
-        applied: list[Event] = []
-        with self._lock:
-            if n > self.round:
-                self.round = n
-                running = [i for i in self.live() if not i.frozen]
-                for inst in running:
-                    inst.pending.append(f"round {n}")
-                self._flush_many(running)
-            tl = self.workload.timeline
-            while self._applied < len(tl) and tl[self._applied].round <= n:
-                self.apply(tl[self._applied])
-                applied.append(tl[self._applied])
-                self._applied += 1
-        return applied
-
-    def apply(self, event: Event) -> None:
-        if event.action == "freeze":
-            self.freeze(event.target)
-        elif event.action == "thaw":
-            self.thaw(event.target)
-        elif event.action == "exit":
-            self.kill(event.target)
-        elif event.action == "spawn":
-            self.spawn(event.target, event.count)
-        elif event.action == "rewrite":
-            self.rewrite(event.target, event.fraction)
-        # one_shot: nothing to do to the processes
-
-    # -- internals --------------------------------------------------------------------------
-
-    def _targets(self, target: str) -> list[SpawnedInstance]:
-        if "/" in target:
-            inst = self.instances.get(target)
-            if inst is None:
-                raise WorkloadError(f"{self.workload.path}: {target}: no such instance")
-            return [inst] if inst.alive else []
-        if target not in self._next_index:
-            raise WorkloadError(f"{self.workload.path}: {target}: no such app")
-        return self.live(target)
-
-    def _flush(self, inst: SpawnedInstance) -> None:
-        self._flush_many([inst])
-
-    def _flush_many(self, insts: list[SpawnedInstance]) -> None:
-        """Send every pending command, then wait for all the acks (children work in parallel)."""
-        counts = []
-        for inst in insts:
-            for cmd in inst.pending:
-                inst.send(cmd)
-            counts.append(len(inst.pending))
-            inst.pending.clear()
+    def _update(self, updates: Sequence[tuple[SpawnedInstance, Sequence[Change]]]) -> None:
+        """Send every command, then wait for all the acks (children work in parallel)."""
+        for inst, changes in updates:
+            for change in changes:
+                inst.send(f"round {change.round}" if isinstance(change, NewRound)
+                          else f"rewrite {change.fraction!r} {change.number}")
         deadline = time.monotonic() + self.timeout
-        for inst, k in zip(insts, counts, strict=True):
-            for _ in range(k):
+        for inst, changes in updates:
+            for _ in changes:
                 inst.expect_ok(deadline)
 
-    def _spawn_many(self, apps: list[str]) -> list[SpawnedInstance]:
+    def _start(self, names: Sequence[tuple[str, int]]) -> list[SpawnedInstance]:
+        """Start the children, then wait for each to report its layout (they build their
+        memory in parallel)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"]
                                          if env.get("PYTHONPATH") else "")
         started: list[SpawnedInstance] = []
-        for app_name in apps:
-            index = self._next_index[app_name]
-            self._next_index[app_name] = index + 1
+        for app_name, index in names:
             name = f"{app_name}/{index}"
             cg = self.freezer.group(app_name, str(index))
             proc = subprocess.Popen(
@@ -323,7 +234,7 @@ class SpawnedWorkload:
                 env=env, close_fds=True,
             )
             inst = SpawnedInstance(name, app_name, index, proc, cg)
-            self.instances[name] = inst
+            self._instances[name] = inst
             started.append(inst)
             self.freezer.add(cg, proc.pid)  # before it builds anything
             try:
@@ -419,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
             next_round = time.monotonic() + interval
             while not stop.is_set():
                 if interval > 0 and time.monotonic() >= next_round:
-                    for ev in p.advance_round(p.round + 1):
+                    for ev in p.advance_round(p.round + 1).events:
                         print(f"round {p.round}: {ev.action} {ev.target or ev.mode}",
                               file=sys.stderr, flush=True)
                     next_round += interval

@@ -43,9 +43,9 @@ from lksmfs.engine.ksm import Ksm
 from lksmfs.sources.base import MemorySource, TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
-from lksmfs.sources.simulated import SimulatedSource
 from lksmfs.sysfs.attrs import AttributeTable
 from lksmfs.workload.schema import load_workload
+from lksmfs.workload.simulated import SimulatedSource
 from lksmfs.workload.spawn import spawn_workload
 from testkit.engine import range_counts, workload_cgroup_root
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from lksmfs.sources.simulated import SimulatedSource
 from lksmfs.system.proc import runtime_ns, try_stat
 from lksmfs.system.waiting import wait_until
 from lksmfs.workload.model import page_bytes
 from lksmfs.workload.schema import load_workload
+from lksmfs.workload.simulated import SimulatedSource
 from lksmfs.workload.spawn import SpawnedWorkload, spawn_workload
 from testkit.engine import workload_cgroup_root
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from lksmfs.sources.base import MemorySource, ProcessGone
-from lksmfs.sources.simulated import SimulatedSource
 from lksmfs.workload.model import page_bytes
 from lksmfs.workload.schema import load_workload
+from lksmfs.workload.simulated import SimulatedSource
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "workloads"
 FOO, BAR = "libfoo.so.1", "libbar.so.2"

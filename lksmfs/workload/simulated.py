@@ -16,44 +16,30 @@ the real spawned children use.  Layout of one instance, in address order:
 
 Every workload page is present and anonymous (zero pages are written with zeros, so they
 are anonymous too); nothing else is.  The timeline is driven with `advance_round(n)` or
-`apply(event)`, which return what the daemon must tell the engine (freeze/thaw hints,
-one-shot requests).  `expected_sharing()` is an independent oracle: what a KSM with
-unlimited max_page_sharing and no filter would reach on the current contents.
+`apply(event)` (lksmfs.workload.timeline, shared with the real spawner), which return
+what the daemon must tell the engine (freeze/thaw hints, one-shot requests).
+`expected_sharing()` is an independent oracle: what a KSM with unlimited
+max_page_sharing and no filter would reach on the current contents.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, Mapping, ProcessGone, TaskId, TaskStat
+from lksmfs.engine.params import KSM_SHORT_TASK_TIME_MS
+from lksmfs.sources.base import PAGE_SHIFT, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.workload.model import KINDS, PAGE_TABLE, WORDS, InstanceModel, aslr_seed
-from lksmfs.workload.schema import Event, Workload, WorkloadError, load_workload
+from lksmfs.workload.schema import Workload, load_workload
+from lksmfs.workload.timeline import Change, Effects, NewRound, Rewrite, TimelinePlayer
 
-SHORT_TASK_MS = 100  # the LKSM short-task rule, for expected_sharing(skip_short=True)
 SIM_DEV = (8 << 8) | 1  # every simulated file lives on "sda1"
 FIRST_PID = 1000
 _TABLE = np.array(PAGE_TABLE, dtype=np.uint64)
-
-
-@dataclass
-class Effects:
-    """What applying events produced, for the daemon to pass on to the engine."""
-
-    hints: list[tuple[TaskId, bool]] = field(default_factory=list)  # ksm.hint(task, frozen)
-    one_shot: list[int] = field(default_factory=list)  # ksm.request_one_shot(mode)
-    spawned: list[TaskId] = field(default_factory=list)
-    exited: list[TaskId] = field(default_factory=list)  # the engine sees ProcessGone
-
-    def extend(self, other: Effects) -> None:
-        self.hints += other.hints
-        self.one_shot += other.one_shot
-        self.spawned += other.spawned
-        self.exited += other.exited
 
 
 @dataclass(frozen=True)
@@ -93,7 +79,7 @@ class SimInstance:
     runtime_ns: int
     frozen: bool = False
     alive: bool = True
-    pending_rewrites: list[tuple[float, int]] = field(default_factory=list)
+    pending: list[Rewrite] = field(default_factory=list)
 
     def refresh(self, changed: dict[str, list[int]]) -> None:
         for sid, offs in changed.items():
@@ -102,28 +88,26 @@ class SimInstance:
             for off in offs:
                 self.keys[lo + off] = self.model.key(sec, off)
 
+    def play(self, change: Change) -> None:
+        """The model's pages after `change`, and the key of each page that changed."""
+        if isinstance(change, NewRound):
+            self.refresh(self.model.set_round(change.round))
+        else:
+            self.refresh(self.model.rewrite(change.fraction, change.number))
 
-class SimulatedSource:
+
+class SimulatedSource(TimelinePlayer[SimInstance]):
     """MemorySource over a workload; thread-safe (one lock for state, per-thread page buffers)."""
 
     def __init__(self, workload: Workload) -> None:
-        self.workload = workload
-        self.round = 0
-        self._applied = 0  # timeline events applied so far
+        super().__init__(workload)
         self._next_pid = FIRST_PID
-        self._rewrites = 0
-        self._lock = threading.RLock()
         self._local = threading.local()
-        self._instances: dict[str, SimInstance] = {}
         self._by_task: dict[TaskId, SimInstance] = {}
-        self._next_index: dict[str, int] = {}
         names = sorted({lib.name for lib in workload.libraries})
         self._lib_ino = {n: 200001 + i for i, n in enumerate(names)}
         self._bin_ino = {a.name: 300001 + i for i, a in enumerate(workload.apps)}
-        for app in workload.apps:
-            self._next_index[app.name] = 0
-            for _ in range(app.count):
-                self._spawn(app.name)
+        self._spawn_initial()
 
     @classmethod
     def from_file(cls, path: str) -> SimulatedSource:
@@ -199,69 +183,15 @@ class SimulatedSource:
         """(dev, inode) of a simulated library file."""
         return (SIM_DEV, self._lib_ino[lib])
 
-    # -- timeline -------------------------------------------------------------------------
+    # -- timeline hooks (the player is lksmfs.workload.timeline) ---------------------------
 
-    def advance_round(self, n: int) -> Effects:
-        """Go to round n: volatile pages of running instances are rewritten for every round
-        passed, then the timeline events with round <= n not yet applied are applied."""
-        if n < self.round:
-            raise ValueError(f"round {n} is in the past (now {self.round})")
-        eff = Effects()
-        with self._lock:
-            if n > self.round:
-                self.round = n
-                for inst in self._instances.values():
-                    if inst.alive and not inst.frozen:
-                        inst.refresh(inst.model.set_round(n))
-            tl = self.workload.timeline
-            while self._applied < len(tl) and tl[self._applied].round <= n:
-                eff.extend(self.apply(tl[self._applied]))
-                self._applied += 1
-        return eff
+    def _start(self, names: Sequence[tuple[str, int]]) -> list[SimInstance]:
+        return [self._new_instance(app, index) for app, index in names]
 
-    def apply(self, event: Event) -> Effects:
-        """Apply one event now (whatever its round)."""
-        with self._lock:
-            if event.action == "one_shot":
-                return Effects(one_shot=[event.mode])
-            if event.action == "spawn":
-                return Effects(spawned=[self._spawn(event.target).task
-                                        for _ in range(event.count)])
-            targets = self._targets(event.target)
-            eff = Effects()
-            for inst in targets:
-                if event.action == "freeze" and not inst.frozen:
-                    inst.frozen = True
-                    eff.hints.append((inst.task, True))
-                elif event.action == "thaw" and inst.frozen:
-                    inst.frozen = False
-                    eff.hints.append((inst.task, False))
-                    self._catch_up(inst)
-                elif event.action == "exit":
-                    inst.alive = False
-                    eff.exited.append(inst.task)
-            if event.action == "rewrite":
-                self._rewrites += 1
-                for inst in targets:
-                    inst.pending_rewrites.append((event.fraction, self._rewrites))
-                    if not inst.frozen:
-                        self._catch_up(inst)
-            return eff
-
-    def freeze(self, target: str) -> Effects:
-        return self.apply(Event(self.round, "freeze", target))
-
-    def thaw(self, target: str) -> Effects:
-        return self.apply(Event(self.round, "thaw", target))
-
-    def exit(self, target: str) -> Effects:
-        return self.apply(Event(self.round, "exit", target))
-
-    def spawn(self, app: str, count: int = 1) -> Effects:
-        return self.apply(Event(self.round, "spawn", app, count=count))
-
-    def rewrite(self, target: str, fraction: float) -> Effects:
-        return self.apply(Event(self.round, "rewrite", target, fraction=fraction))
+    def _update(self, updates: Sequence[tuple[SimInstance, Sequence[Change]]]) -> None:
+        for inst, changes in updates:
+            for change in changes:
+                inst.play(change)
 
     # -- the oracle -------------------------------------------------------------------------
 
@@ -282,7 +212,7 @@ class SimulatedSource:
             kinds = tuple(kinds)
             per_kind: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
             for inst in chosen:
-                if not inst.alive or (skip_short and inst.runtime_ns < SHORT_TASK_MS * 10**6):
+                if not inst.alive or (skip_short and inst.runtime_ns < KSM_SHORT_TASK_TIME_MS * 10**6):
                     continue
                 for sid, (lo, hi) in inst.section_slice.items():
                     kind = inst.model.sections[sid].kind
@@ -327,28 +257,8 @@ class SimulatedSource:
             self._local.buf = buf
         return buf[:n]
 
-    def _targets(self, target: str) -> list[SimInstance]:
-        if "/" in target:
-            inst = self._instances.get(target)
-            if inst is None:
-                raise WorkloadError(f"{self.workload.path}: {target}: no such instance")
-            return [inst] if inst.alive else []
-        if target not in self._next_index:
-            raise WorkloadError(f"{self.workload.path}: {target}: no such app")
-        return [i for i in self._instances.values() if i.app == target and i.alive]
-
-    def _catch_up(self, inst: SimInstance) -> None:
-        """A thawed (or running) instance does what it could not while frozen: pending
-        rewrites, and volatile pages catch up with the current round."""
-        for fraction, number in inst.pending_rewrites:
-            inst.refresh(inst.model.rewrite(fraction, number))
-        inst.pending_rewrites.clear()
-        inst.refresh(inst.model.set_round(self.round))
-
-    def _spawn(self, app_name: str) -> SimInstance:
+    def _new_instance(self, app_name: str, index: int) -> SimInstance:
         app = self.workload.app(app_name)
-        index = self._next_index[app_name]
-        self._next_index[app_name] = index + 1
         name = f"{app_name}/{index}"
         model = InstanceModel(self.workload, app, index)
         model.vol_round = self.round
@@ -432,4 +342,4 @@ class SimulatedSource:
         return maps, starts
 
 
-__all__ = ["Effects", "ExpectedSharing", "PAGE_SIZE", "Sharing", "SimInstance", "SimulatedSource"]
+__all__ = ["Effects", "ExpectedSharing", "Sharing", "SimInstance", "SimulatedSource"]
