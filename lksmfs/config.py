@@ -135,14 +135,14 @@ class _DryRunKsm:
 
 
 def _writable_names() -> list[str]:
-    table = AttributeTable(_DryRunKsm())  # type: ignore[arg-type]
+    table = AttributeTable(_DryRunKsm())
     return [n for n in table.names() if table.writable(n)]
 
 
 def validate_tunable(name: str, raw: str | int, where: str) -> int:
     """The value `echo RAW > NAME` would store, or ConfigError("WHERE: reason (got RAW)")."""
     dry = _DryRunKsm()
-    table = AttributeTable(dry)  # type: ignore[arg-type]
+    table = AttributeTable(dry)
     if name not in table:
         known = ", ".join(sorted(_writable_names()))
         raise ConfigError(f"{where}: unknown attribute (writable ones: {known})")

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from lksmfs.engine.params import (
     KSM_RUN_ONESHOT,
     LKSM_SCAN_FULL,
     LKSM_SCAN_PARTIAL,
     UINT_MAX,
+    Tunables,
 )
 from lksmfs.sysfs.kstrto import ParseError, kstrtobool, kstrtoint, kstrtoul
-
-if TYPE_CHECKING:
-    from lksmfs.engine.ksm import Ksm
 
 # kernfs refuses a single write larger than atomic_write_len (PAGE_SIZE) with E2BIG
 MAX_WRITE = 4096
@@ -41,11 +39,37 @@ class Attr:
     store: Callable[[bytes], None] | None = None
 
 
+class AttributeEngine(Protocol):
+    """What the attribute files read and write of an engine: the facade of
+    lksmfs.engine.Ksm, and of the stand-ins that validate values without one."""
+
+    @property
+    def tunables(self) -> Tunables: ...
+
+    @property
+    def filter_enabled(self) -> bool: ...
+
+    def counters(self) -> Mapping[str, int]: ...
+
+    def region_share(self) -> Mapping[str, int]: ...
+
+    def has_stable_nodes(self) -> bool: ...
+
+    def set_tunable(self, name: str, value: int) -> None: ...
+
+    def set_run(self, flags: int) -> None: ...
+
+    def request_one_shot(self, mode: int) -> bool: ...
+
+
+E_co = TypeVar("E_co", bound=AttributeEngine, covariant=True)
+
+
 def _einval() -> OSError:
     return OSError(errno.EINVAL, "Invalid argument")
 
 
-class AttributeTable:
+class AttributeTable(Generic[E_co]):
     """Every attribute file, in the order ksm_attrs[] lists them.
 
     `lock` serialises stores against the engine threads (the kernel's ksm_thread_mutex);
@@ -56,7 +80,7 @@ class AttributeTable:
 
     def __init__(
         self,
-        ksm: Ksm,
+        ksm: E_co,
         lock: AbstractContextManager[object] | None = None,
         on_store: Callable[[str], None] | None = None,
     ) -> None:

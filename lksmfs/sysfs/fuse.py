@@ -27,16 +27,16 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 try:
     import mfusepy as fuse
 except ImportError:  # pragma: no cover - fusepy fallback
     import fuse  # type: ignore[no-redef]
 
-from lksmfs.sysfs.attrs import MAX_WRITE, AttributeTable
+from lksmfs.sysfs.attrs import MAX_WRITE, AttributeEngine, AttributeTable
 from lksmfs.system.proc import PROC_ROOT, AccessDenied, ProcessGone, TaskId, task_id
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,14 @@ def proc_task_id(pid: int, proc_root: str = PROC_ROOT) -> TaskId:
         raise OSError(errno.EACCES, "Permission denied") from None
 
 
+class FuseEngine(AttributeEngine, Protocol):
+    """The engine surface of the lksmfs extensions: the hint file and proc/PID/."""
+
+    def hint(self, task: TaskId, frozen: bool) -> None: ...
+
+    def per_process(self) -> Sequence[Mapping[str, Any]]: ...
+
+
 class _OpenFile:
     __slots__ = ("path", "text")
 
@@ -122,7 +130,7 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
 
     def __init__(
         self,
-        table: AttributeTable,
+        table: AttributeTable[FuseEngine],
         *,
         engine_lock: AbstractContextManager[Any] | None = None,
         resolve_task: Callable[[int], TaskId] = proc_task_id,
@@ -138,12 +146,12 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
         self._files: dict[int, _OpenFile] = {}
         self._fh = itertools.count(1)
         self._time_ns = time.time_ns()
-        self._pp_cache: tuple[float, dict[str, dict[str, Any]]] = (-1.0, {})
+        self._pp_cache: tuple[float, dict[str, Mapping[str, Any]]] = (-1.0, {})
         self._pp_lock = threading.Lock()
 
     # -- namespace -----------------------------------------------------------------
 
-    def _per_process(self) -> dict[str, dict[str, Any]]:
+    def _per_process(self) -> dict[str, Mapping[str, Any]]:
         """pid -> newest slot of that pid, from a short-lived snapshot."""
         now = time.monotonic()
         with self._pp_lock:
@@ -152,7 +160,7 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
                 return cached
             with self._lock:
                 rows = self.ksm.per_process()
-            by_pid: dict[str, dict[str, Any]] = {}
+            by_pid: dict[str, Mapping[str, Any]] = {}
             for row in rows:
                 key = str(row["pid"])
                 old = by_pid.get(key)

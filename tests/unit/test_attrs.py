@@ -74,7 +74,7 @@ class RecordingKsm:
 
 def table(**kw: Any) -> tuple[AttributeTable, RecordingKsm]:
     ksm = RecordingKsm(**kw)
-    return AttributeTable(ksm), ksm  # type: ignore[arg-type]
+    return AttributeTable(ksm), ksm
 
 
 def refused(t: AttributeTable, name: str, data: bytes) -> int:
@@ -304,7 +304,7 @@ def test_store_takes_lock_and_wakes_only_on_success() -> None:
     ksm = RecordingKsm()
     lock = CountingLock()
     woken: list[str] = []
-    t = AttributeTable(ksm, lock=lock, on_store=woken.append)  # type: ignore[arg-type]
+    t = AttributeTable(ksm, lock=lock, on_store=woken.append)
     t.store("sleep_millisecs", b"0\n")
     assert lock.entered == 1 and woken == ["sleep_millisecs"]
     with pytest.raises(OSError):

@@ -65,7 +65,7 @@ class StandIn:
 def ops() -> tuple[Any, StandIn]:
     ksm = StandIn()
     o = LksmOperations(
-        AttributeTable(ksm),  # type: ignore[arg-type]
+        AttributeTable(ksm),
         resolve_task=lambda pid: TaskId(pid, 99),
     )
     return o, ksm
