@@ -1,17 +1,15 @@
 """Daemon configuration: a YAML file, then command-line overrides.
 
 Every tunable value is validated by the *same* code that validates a write to the
-mounted file (AttributeTable.store), run against a dry-run engine, so a value that
-`echo VALUE > FILE` would refuse is refused at start too, with the file, the key and
-the reason in the message.  Unknown keys are errors: a typo must not silently fall
-back to a default.
+mounted file (lksmfs.sysfs.attrs.check_setting: AttributeTable.store on a dry-run
+engine), so a value that `echo VALUE > FILE` would refuse is refused at start too, with
+the file, the key and the reason in the message.  Unknown keys are errors: a typo must
+not silently fall back to a default.
 """
 
 from __future__ import annotations
 
-import errno
-import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,42 +17,12 @@ from typing import Any
 import yaml
 
 from lksmfs.engine.params import Tunables
-from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.sysfs.attrs import SETTING_ORDER, SettingError, check_setting
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-# Writable attributes in the order they are applied at start: every plain tunable
-# first, then `run` (the threads start scanning with the final values), then a
-# one-shot request, which only makes sense once the mode is set.
-TUNABLE_ORDER = (
-    "pages_to_scan",
-    "sleep_millisecs",
-    "scan_boost",
-    "full_scan_interval",
-    "max_page_sharing",
-    "stable_node_chains_prune_millisecs",
-    "use_zero_pages",
-    "merge_across_nodes",
-    "run",
-    "one_shot_scanning",
-)
 
-# Human words for what the store path refuses (it only says EINVAL/ERANGE/EBUSY).
-_RULES = {
-    "run": "must be an integer 0..8 (0 stop, 1 merge, 2 unmerge, 8 one-shot)",
-    "pages_to_scan": "must be an unsigned integer <= 4294967295",
-    "sleep_millisecs": "must be an unsigned integer <= 4294967295",
-    "full_scan_interval": "must be an unsigned integer <= 4294967295",
-    "stable_node_chains_prune_millisecs": "must be an unsigned integer <= 4294967295",
-    "scan_boost": "must be 100..10000",
-    "max_page_sharing": "must be an integer >= 2",
-    "use_zero_pages": "must be 0 or 1",
-    "merge_across_nodes": "must be 0 or 1",
-    "one_shot_scanning": "must be 0 (no request), 1 (partial) or 2 (full)",
-}
-
-
-class ConfigError(Exception):
+class ConfigError(SettingError):
     """A bad configuration: the message names where (file, key) and why."""
 
 
@@ -65,7 +33,7 @@ class TunablesConfig(Tunables):
 
     def items(self) -> list[tuple[str, int]]:
         """(name, value) in application order."""
-        return [(name, getattr(self, name)) for name in TUNABLE_ORDER]
+        return [(name, getattr(self, name)) for name in SETTING_ORDER]
 
 
 @dataclass
@@ -96,84 +64,6 @@ class Config:
     freezer: FreezerConfig = field(default_factory=FreezerConfig)
     source: str = "procfs"  # or "simulated:WORKLOAD.yaml"
     log_level: str = "INFO"
-
-
-# -- validation through the attribute store path -----------------------------------
-
-
-class _DryRunKsm:
-    """Just enough of the engine for AttributeTable.store to validate a value.
-
-    It records what the store would have applied instead of applying it, so config
-    checking needs neither the engine nor a memory source.
-    """
-
-    filter_enabled = True
-
-    def __init__(self) -> None:
-        self.tunables = Tunables()
-        self.applied: dict[str, int] = {}
-
-    def set_tunable(self, name: str, value: int) -> None:
-        self.applied[name] = value
-
-    def set_run(self, flags: int) -> None:
-        self.applied["run"] = flags
-
-    def request_one_shot(self, mode: int) -> bool:
-        self.applied["one_shot_scanning"] = mode
-        return True
-
-    def has_stable_nodes(self) -> bool:
-        return False
-
-    def counters(self) -> dict[str, int]:
-        return {}
-
-    def region_share(self) -> dict[str, int]:
-        return {}
-
-
-def _writable_names() -> list[str]:
-    table = AttributeTable(_DryRunKsm())
-    return [n for n in table.names() if table.writable(n)]
-
-
-def validate_tunable(name: str, raw: str | int, where: str) -> int:
-    """The value `echo RAW > NAME` would store, or ConfigError("WHERE: reason (got RAW)")."""
-    dry = _DryRunKsm()
-    table = AttributeTable(dry)
-    if name not in table:
-        known = ", ".join(sorted(_writable_names()))
-        raise ConfigError(f"{where}: unknown attribute (writable ones: {known})")
-    if not table.writable(name):
-        raise ConfigError(f"{where}: read-only attribute")
-    if isinstance(raw, bool):
-        raise ConfigError(f"{where}: {_RULES.get(name, 'must be an integer')} (got {raw})")
-    if name == "one_shot_scanning" and str(raw).strip() == "0":
-        return 0  # "no request": the file itself refuses 0, the config means "nothing"
-    text = str(raw)
-    try:
-        table.store(name, text.encode("utf-8", "surrogateescape") + b"\n")
-    except OSError as e:
-        reason = _RULES.get(name, "invalid value")
-        if e.errno == errno.ERANGE:
-            reason += ", out of range"
-        raise ConfigError(f"{where}: {reason} (got {text})") from None
-    # an unchanged value is accepted without a call (max_page_sharing, merge_across_nodes)
-    return dry.applied.get(name, getattr(dry.tunables, name))
-
-
-def parse_set(items: Iterable[str]) -> dict[str, int]:
-    """`--set NAME=VALUE ...` -> {name: value}, each checked as a write to NAME would be."""
-    out: dict[str, int] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ConfigError(f"--set {item}: expected NAME=VALUE")
-        out[name] = validate_tunable(name, value.strip(), f"--set {item}")
-    return out
 
 
 # -- loading -------------------------------------------------------------------
@@ -221,8 +111,10 @@ def config_from_dict(data: Any, src: str = "<config>") -> Config:
     tun = _section(data.get("tunables"), "tunables", src)
     _check_keys(tun, TunablesConfig, f"{src}: tunables.")
     for name, raw in tun.items():
-        value = validate_tunable(name, raw, f"{src}: tunables.{name}")
-        setattr(cfg.tunables, name, value)
+        try:
+            setattr(cfg.tunables, name, check_setting(name, raw, f"{src}: tunables.{name}"))
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
 
     if "filter" in data:
         cfg.filter = _expect(data["filter"], bool, "true or false", f"{src}: filter")
@@ -296,6 +188,3 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"{src}: not valid YAML: {e}") from None
     return config_from_dict(data, src)
 
-
-def log_level_number(name: str) -> int:
-    return int(getattr(logging, name))

@@ -27,16 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lksmfs.config import (
-    Config,
-    ConfigError,
-    check_log_level,
-    check_source,
-    load_config,
-    parse_set,
-)
+from lksmfs.config import Config, ConfigError, check_log_level, check_source, load_config
 from lksmfs.sources.base import MemorySource, TaskId
-from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount
 
 log = logging.getLogger(__name__)
@@ -265,18 +258,7 @@ class Daemon:
 
     def apply_tunables(self) -> None:
         """Initial values go through AttributeTable.store: the same checks as `echo`."""
-        for name, value in self.config.tunables.items():
-            if name == "one_shot_scanning":
-                if value == 0:
-                    continue
-            elif name != "run" and getattr(self.ksm.tunables, name) == value:
-                continue
-            try:
-                self.table.store(name, f"{value}\n".encode())
-            except OSError as e:
-                raise ConfigError(
-                    f"tunables.{name}: refused by the engine: {e.strerror} (got {value})"
-                ) from None
+        apply_settings(self.table, dict(self.config.tunables.items()), lambda name: f"tunables.{name}")
 
     # -- wake-ups ----------------------------------------------------------------------
 
@@ -476,7 +458,7 @@ def run_mount(args: argparse.Namespace) -> int:
     """Entry point of `lksmfs mount`."""
     try:
         cfg = config_from_args(args)
-    except ConfigError as e:
+    except SettingError as e:  # ConfigError too
         print(f"lksmfs mount: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(  # force: the daemon's level comes from its config, not the CLI's
@@ -487,7 +469,7 @@ def run_mount(args: argparse.Namespace) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         daemon = Daemon(cfg, args.mountpoint)
-    except ConfigError as e:
+    except SettingError as e:
         print(f"lksmfs mount: {e}", file=sys.stderr)
         return 2
     except OSError as e:

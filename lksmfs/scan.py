@@ -10,35 +10,12 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import INITIAL_ROUND
-from lksmfs.sysfs.attrs import AttributeTable
-
-
-def attribute_values(table: AttributeTable) -> dict[str, Any]:
-    """Every attribute file's value as `cat` would show it, parsed: ints, and
-    region_share as an object."""
-    out: dict[str, Any] = {}
-    for name in table.names():
-        text = table.show(name).decode().strip()
-        if name == "region_share":
-            out[name] = {k: int(v) for k, v in (kv.split(":") for kv in text.split())}
-        else:
-            out[name] = int(text)
-    return out
-
-
-def apply_settings(table: AttributeTable, settings: dict[str, int | str]) -> None:
-    """Initial attribute values, through the same validation as a write to the file."""
-    for name, value in settings.items():
-        if name not in table or not table.writable(name):
-            raise ValueError(f"{name}: not a writable attribute")
-        try:
-            table.store(name, f"{value}\n".encode())
-        except OSError as e:
-            raise ValueError(f"{name}={value}: rejected ({e.strerror})") from None
+from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 
 
 def scan_processes(
@@ -47,12 +24,13 @@ def scan_processes(
     cgroups: list[str] | None = None,
     exclude_comms: list[str] | None = None,
     rounds: int = INITIAL_ROUND,
-    settings: dict[str, int | str] | None = None,
+    settings: Mapping[str, int | str] | None = None,
     filter_enabled: bool = True,
     proc_root: str = "/proc",
 ) -> dict[str, Any]:
     """Run `rounds` full scans over the processes in scope and return the attribute
-    values plus `wall_s` (time spent in the scans) and `scans` (one entry per scan)."""
+    values plus `wall_s` (time spent in the scans) and `scans` (one entry per scan).
+    `settings` are initial attribute values (SettingError if one is refused)."""
     from lksmfs.sources.procfs import ProcfsSource
     from lksmfs.sources.scope import Scope
 
@@ -69,23 +47,12 @@ def scan_processes(
             rec.update(pages_shared=c["pages_shared"], pages_sharing=c["pages_sharing"])
             scans.append(rec)
         wall = time.perf_counter() - t0
-        out = attribute_values(table)
+        out: dict[str, Any] = dict(table.values())
         out["wall_s"] = wall
         out["scans"] = scans
         out["tasks_exited"] = ksm.counters()["tasks_exited"]
         out["tasks_denied"] = ksm.counters()["tasks_denied"]
         return out
-
-
-def parse_set(items: list[str]) -> dict[str, int | str]:
-    """NAME=VALUE pairs from the command line."""
-    out: dict[str, int | str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--set {item!r}: expected NAME=VALUE")
-        out[name.strip()] = value.strip()
-    return out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -111,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             settings=settings,
             filter_enabled=not args.no_filter,
         )
-    except ValueError as e:
+    except SettingError as e:
         print(f"lksmfs scan: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import LKSM_SCAN_FULL, LKSM_SCAN_PARTIAL
-from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 
 MODE_NAMES = {LKSM_SCAN_PARTIAL: "partial", LKSM_SCAN_FULL: "full"}
 
@@ -50,10 +51,9 @@ def drive_until_idle(ksm: Ksm, clock: VirtualClock, on_scan: Any = None, max_ste
 
 def simulate(
     workload_path: str, *, rounds: int | None = None, filter_enabled: bool = True,
-    settings: dict[str, int | str] | None = None,
+    settings: Mapping[str, int | str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the workload; one record per scan the engine performed."""
-    from lksmfs.scan import apply_settings, attribute_values
     from lksmfs.workload.simulated import SimulatedSource
 
     source = SimulatedSource.from_file(workload_path)
@@ -65,7 +65,7 @@ def simulate(
     current_round = [0]
 
     def on_scan() -> None:
-        rec = attribute_values(table)
+        rec: dict[str, Any] = dict(table.values())
         s = ksm.last_scan
         rec.update(
             round=current_round[0],
@@ -106,14 +106,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from lksmfs.scan import parse_set
     from lksmfs.workload.schema import WorkloadError
 
     try:
         records = simulate(
             args.workload, rounds=args.rounds, filter_enabled=not args.no_filter, settings=parse_set(args.set)
         )
-    except (WorkloadError, ValueError, OSError) as e:
+    except (WorkloadError, SettingError, OSError) as e:
         print(f"lksmfs simulate: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -4,13 +4,18 @@ This is the whole ABI of /sys/kernel/mm/ksm on an LKSM kernel (SPEC §1), withou
 the FUSE adapter (lksmfs.sysfs.fuse) is a thin layer over `AttributeTable`, and the
 unit tests call it directly.  Every store either applies completely or raises
 `OSError(errno)` having changed nothing, as the *_store() functions of mm/lksm.c do.
+
+Initial values (a config file's `tunables:`, `--set NAME=VALUE` of every command) take
+the same path: `check_setting` runs the store against a dry-run engine, `apply_settings`
+checks them all and then stores them, so a value `echo` would refuse is refused at
+start, naming where it came from and why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -26,6 +31,7 @@ from lksmfs.sysfs.kstrto import ParseError, kstrtobool, kstrtoint, kstrtoul
 
 # kernfs refuses a single write larger than atomic_write_len (PAGE_SIZE) with E2BIG
 MAX_WRITE = 4096
+REGIONS = ("heap", "stack", "file_data", "file_bss", "conflicted")  # region_share's order
 
 RW = 0o644
 RO = 0o444
@@ -148,6 +154,18 @@ class AttributeTable(Generic[E_co]):
     def show(self, name: str) -> bytes:
         return self._get(name).show().encode()
 
+    def values(self) -> dict[str, int | dict[str, int]]:
+        """Every file's value as `cat` would show it, parsed: ints, and region_share as
+        {region: pages}."""
+        out: dict[str, int | dict[str, int]] = {}
+        for name in self.names():
+            text = self.show(name).decode().strip()
+            if name == "region_share":
+                out[name] = {k: int(v) for k, v in (kv.split(":") for kv in text.split())}
+            else:
+                out[name] = int(text)
+        return out
+
     def store(self, name: str, data: bytes) -> int:
         """Apply one write() of `data`; returns the byte count consumed (all of it)."""
         attr = self._get(name)
@@ -250,4 +268,137 @@ class AttributeTable(Generic[E_co]):
 
     def _region_share_show(self) -> str:
         rs = self.ksm.region_share()
-        return " ".join(f"{k}:{rs[k]}" for k in ("heap", "stack", "file_data", "file_bss", "conflicted")) + "\n"
+        return " ".join(f"{k}:{rs[k]}" for k in REGIONS) + "\n"
+
+
+# -- initial values ----------------------------------------------------------------------
+
+# Writable attributes in the order initial values are applied: every plain tunable first,
+# then `run` (the threads start scanning with the final values), then a one-shot request,
+# which only makes sense once the mode is set.
+SETTING_ORDER = (
+    "pages_to_scan",
+    "sleep_millisecs",
+    "scan_boost",
+    "full_scan_interval",
+    "max_page_sharing",
+    "stable_node_chains_prune_millisecs",
+    "use_zero_pages",
+    "merge_across_nodes",
+    "run",
+    "one_shot_scanning",
+)
+
+# Human words for what the stores refuse (they only say EINVAL/ERANGE/EBUSY).
+_RULES = {
+    "run": "must be an integer 0..8 (0 stop, 1 merge, 2 unmerge, 8 one-shot)",
+    "pages_to_scan": "must be an unsigned integer <= 4294967295",
+    "sleep_millisecs": "must be an unsigned integer <= 4294967295",
+    "full_scan_interval": "must be an unsigned integer <= 4294967295",
+    "stable_node_chains_prune_millisecs": "must be an unsigned integer <= 4294967295",
+    "scan_boost": "must be 100..10000",
+    "max_page_sharing": "must be an integer >= 2",
+    "use_zero_pages": "must be 0 or 1",
+    "merge_across_nodes": "must be 0 or 1",
+    "one_shot_scanning": "must be 0 (no request), 1 (partial) or 2 (full)",
+}
+
+
+class SettingError(ValueError):
+    """A refused initial value: the message says where it came from, why, and the value."""
+
+
+class DryRunEngine:
+    """Just enough of an engine for the stores to validate a value: it records what a
+    store would apply instead of applying it (no engine, no memory source needed)."""
+
+    filter_enabled = True
+
+    def __init__(self) -> None:
+        self.tunables = Tunables()
+        self.applied: dict[str, int] = {}
+
+    def set_tunable(self, name: str, value: int) -> None:
+        self.applied[name] = value
+
+    def set_run(self, flags: int) -> None:
+        self.applied["run"] = flags
+
+    def request_one_shot(self, mode: int) -> bool:
+        self.applied["one_shot_scanning"] = mode
+        return True
+
+    def has_stable_nodes(self) -> bool:
+        return False
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def region_share(self) -> dict[str, int]:
+        return {}
+
+
+def writable_names() -> list[str]:
+    """The writable attribute files, in the table's order."""
+    table = AttributeTable(DryRunEngine())
+    return [n for n in table.names() if table.writable(n)]
+
+
+def check_setting(name: str, raw: str | int, where: str) -> int:
+    """The value `echo RAW > NAME` would store, or SettingError("WHERE: reason (got RAW)").
+    `one_shot_scanning` 0 means "no request" (the file itself refuses 0)."""
+    dry = DryRunEngine()
+    table = AttributeTable(dry)
+    if name not in table or not table.writable(name):
+        what = "unknown attribute" if name not in table else "read-only attribute"
+        raise SettingError(f"{where}: {what} (writable ones: {', '.join(sorted(writable_names()))})")
+    if isinstance(raw, bool):
+        raise SettingError(f"{where}: {_RULES.get(name, 'must be an integer')} (got {raw})")
+    if name == "one_shot_scanning" and str(raw).strip() == "0":
+        return 0
+    text = str(raw)
+    try:
+        table.store(name, text.encode("utf-8", "surrogateescape") + b"\n")
+    except OSError as e:
+        reason = _RULES.get(name, "invalid value")
+        if e.errno == errno.ERANGE:
+            reason += ", out of range"
+        raise SettingError(f"{where}: {reason} (got {text})") from None
+    # an unchanged value is accepted without a call (max_page_sharing, merge_across_nodes)
+    return dry.applied.get(name, getattr(dry.tunables, name))
+
+
+def parse_set(items: Iterable[str]) -> dict[str, int]:
+    """`--set NAME=VALUE ...` -> {name: value}, each checked as a write to NAME would be."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise SettingError(f"--set {item}: expected NAME=VALUE")
+        out[name] = check_setting(name, value.strip(), f"--set {item}")
+    return out
+
+
+def apply_settings(
+    table: AttributeTable[AttributeEngine],
+    values: Mapping[str, int | str],
+    where: Callable[[str], str] = str,
+) -> None:
+    """Store initial values through the table, exactly as `echo VALUE > NAME` would, in
+    SETTING_ORDER.  Every value is checked first (a bad one raises SettingError before
+    anything is stored); one_shot_scanning 0 is no request, and a value the engine
+    already has is not stored again.  `where(name)` says where a value came from."""
+    for name in values:
+        if name not in SETTING_ORDER:
+            check_setting(name, values[name], where(name))  # raises: unknown or read-only
+    checked = {n: check_setting(n, values[n], where(n)) for n in SETTING_ORDER if n in values}
+    for name, value in checked.items():
+        if name == "one_shot_scanning" and value == 0:
+            continue
+        if name != "run" and getattr(table.ksm.tunables, name) == value:
+            continue
+        try:
+            table.store(name, f"{value}\n".encode())
+        except OSError as e:
+            raise SettingError(f"{where(name)}: refused by the engine: {e.strerror} (got {value})") from None

@@ -1,4 +1,4 @@
-"""Config loading and --set parsing: unknown keys and bad values fail naming file, key, reason."""
+"""Config loading: unknown keys and bad values fail naming file, key and reason."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lksmfs.config import (
-    Config,
-    ConfigError,
-    config_from_dict,
-    load_config,
-    parse_set,
-    validate_tunable,
-)
+from lksmfs.config import Config, ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,43 +87,6 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text("tunables: [unclosed\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)
-
-
-def test_parse_set_goes_through_the_store_rules() -> None:
-    assert parse_set(["run=8", "pages_to_scan=10000", "sleep_millisecs=0"]) == {
-        "run": 8,
-        "pages_to_scan": 10000,
-        "sleep_millisecs": 0,
-    }
-    assert parse_set(["use_zero_pages=y", "merge_across_nodes=0", "one_shot_scanning=2"]) == {
-        "use_zero_pages": 1,
-        "merge_across_nodes": 0,
-        "one_shot_scanning": 2,
-    }
-    assert parse_set([]) == {}
-
-
-@pytest.mark.parametrize(
-    ("item", "message"),
-    [
-        ("run", "--set run: expected NAME=VALUE"),
-        ("=3", "--set =3: expected NAME=VALUE"),
-        ("run=9", "--set run=9: must be an integer 0..8"),
-        ("scan_boost=99", "--set scan_boost=99: must be 100..10000 (got 99)"),
-        ("pages_sharing=1", "--set pages_sharing=1: read-only attribute"),
-        ("bogus=1", "--set bogus=1: unknown attribute"),
-        ("pages_to_scan=1e3", "--set pages_to_scan=1e3: must be an unsigned integer"),
-    ],
-)
-def test_parse_set_errors(item: str, message: str) -> None:
-    with pytest.raises(ConfigError) as ei:
-        parse_set([item])
-    assert message in str(ei.value)
-
-
-def test_validate_one_shot_zero_means_no_request() -> None:
-    assert validate_tunable("one_shot_scanning", 0, "w") == 0
-    assert validate_tunable("max_page_sharing", 256, "w") == 256  # unchanged value kept
 
 
 def test_command_line_overrides_file(tmp_path: Path) -> None:
