@@ -34,14 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                 g = top.add_parser(group, help=f"{group} commands")
                 groups[group] = g.add_subparsers(dest=f"{group}_command", required=True)
             sub = groups[group]
-        try:
-            module = importlib.import_module(name)
-        except ImportError as e:  # a subcommand whose optional dependency is missing
-            logging.getLogger("lksmfs").debug("subcommand %s unavailable: %s", name, e)
-            continue
-        add = getattr(module, "add_parser", None)
-        if add is not None:
-            add(sub)
+        # every dependency is mandatory: a module that fails to import is a bug, said loudly
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

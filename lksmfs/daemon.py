@@ -28,9 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lksmfs.config import Config, ConfigError, check_log_level, check_source, load_config
+from lksmfs.engine.ksm import Ksm
+from lksmfs.freezer import FreezerWatcher
 from lksmfs.sources.base import MemorySource, TaskId
+from lksmfs.sources.procfs import ProcfsSource
+from lksmfs.sources.scope import Scope
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount
+from lksmfs.workload.simulated import SimulatedSource
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +157,7 @@ def _block_signals() -> None:
 # -- source and freezer wiring -----------------------------------------------------------
 
 
-def _scope(cfg: Config) -> Any:
-    from lksmfs.sources.scope import Scope
-
+def _scope(cfg: Config) -> Scope:
     return Scope(
         pids=set(cfg.scope.pids),
         cgroups=list(cfg.scope.cgroups),
@@ -165,16 +168,10 @@ def _scope(cfg: Config) -> Any:
 def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
     """The configured MemorySource and the way a hinted pid becomes a TaskId."""
     if cfg.source == "procfs":
-        from lksmfs.sources.procfs import ProcfsSource
+        from lksmfs.sysfs.fuse import proc_task_id  # mfusepy loads libfuse: mount only
 
-        src = ProcfsSource("/proc", self_pid=os.getpid(), scope=_scope(cfg))
-        from lksmfs.sysfs.fuse import proc_task_id
-
-        return src, proc_task_id
-    from lksmfs.workload import simulated
-
-    workload = cfg.source.split(":", 1)[1]
-    sim = simulated.SimulatedSource.from_file(workload)
+        return ProcfsSource(self_pid=os.getpid(), scope=_scope(cfg)), proc_task_id
+    sim = SimulatedSource.from_file(cfg.source.split(":", 1)[1])
 
     def resolve(pid: int) -> TaskId:
         for task in sim.tasks():
@@ -185,14 +182,9 @@ def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
     return sim, resolve
 
 
-def make_freezer(cfg: Config, on_hint: Callable[[TaskId, bool], None]) -> Any | None:
-    """A FreezerWatcher over the configured roots, or None when disabled or unavailable."""
+def make_freezer(cfg: Config, on_hint: Callable[[TaskId, bool], None]) -> FreezerWatcher | None:
+    """A FreezerWatcher over the configured roots, or None when disabled."""
     if not cfg.freezer.enabled or cfg.source != "procfs":
-        return None
-    try:
-        from lksmfs.freezer import FreezerWatcher
-    except ImportError:
-        log.warning("lksmfs.freezer not available: no frozen-task hints from the freezer")
         return None
     v1 = [r for r in (cfg.freezer.v1_root,) if r and os.path.isdir(r)]
     v2 = [r for r in (cfg.freezer.v2_root,) if r and os.path.isdir(r)]
@@ -227,8 +219,7 @@ class Daemon:
         source: MemorySource | None = None,
         resolve_task: Callable[[int], TaskId] | None = None,
     ) -> None:
-        from lksmfs.engine.ksm import Ksm
-        from lksmfs.sysfs.fuse import LksmOperations, proc_task_id
+        from lksmfs.sysfs.fuse import LksmOperations, proc_task_id  # mfusepy loads libfuse
 
         self.config = config
         self.mountpoint = os.path.abspath(mountpoint)
@@ -251,7 +242,7 @@ class Daemon:
             on_init=self._on_mounted,
         )
         self._threads: list[_Thread] = []
-        self.freezer: Any | None = None
+        self.freezer: FreezerWatcher | None = None
         self.apply_tunables()
 
     # -- start values ----------------------------------------------------------------
@@ -334,7 +325,7 @@ class Daemon:
     def _watchdog(self, interval: float) -> None:
         _block_signals()
         while not self._stop.wait(interval):
-            if all(t.thread.is_alive() for t in self._threads if t.name in ("crawler", "scanner")):
+            if self.engine_alive():
                 sd_notify("WATCHDOG=1")
             else:
                 log.error("engine thread dead: not petting the watchdog")
@@ -345,6 +336,7 @@ class Daemon:
         self._threads.append(_Thread(name, t))
 
     def engine_alive(self) -> bool:
+        """Are the crawler and the scanner still running (what the watchdog vouches for)?"""
         return all(t.thread.is_alive() for t in self._threads if t.name in ("crawler", "scanner"))
 
     def start_threads(self) -> None:
@@ -402,7 +394,7 @@ class Daemon:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`lksmfs mount ...` (the lead wires this into lksmfs.cli)."""
+    """`lksmfs mount MOUNTPOINT ...`"""
     p = subparsers.add_parser(
         "mount",
         help="run the daemon: the LKSM sysfs ABI at MOUNTPOINT",

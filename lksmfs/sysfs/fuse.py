@@ -27,7 +27,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol, TypeVar
 
@@ -302,11 +302,6 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
     @guarded
     def init(self, path: str) -> None:
         self._on_init()
-
-    def iter_files(self) -> Iterator[str]:
-        """Top-level file names (for callers that want the list without FUSE)."""
-        yield from self.table.names()
-        yield HINT
 
 
 def mount(

@@ -51,13 +51,6 @@ def kstrtoul(buf: bytes) -> int:
     return kstrtoull(buf)
 
 
-def kstrtouint(buf: bytes) -> int:
-    value = kstrtoull(buf)
-    if value > 2**32 - 1:
-        raise ParseError(errno.ERANGE)
-    return value
-
-
 def kstrtoll(buf: bytes) -> int:
     s = _cstring(buf)
     if s[:1] == b"-":
