@@ -15,6 +15,7 @@ from typing import Any
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import INITIAL_ROUND
+from lksmfs.sources.base import PAGE_SIZE
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             f"scan {i}: {s['slots_scanned']} processes, {s['pages_scanned']} pages, "
             f"{s['merged']} merged, {s['broken']} broken, {s['wall_s']:.3f} s"
         )
-    mib = out["pages_sharing"] * 4096 / 2**20
+    mib = out["pages_sharing"] * PAGE_SIZE / 2**20
     print(f"pages_shared {out['pages_shared']}  pages_sharing {out['pages_sharing']} ({mib:.1f} MiB saved)")
     print(f"pages_unshared {out['pages_unshared']}  pages_volatile {out['pages_volatile']}")
     if "region_share" in out:

@@ -59,7 +59,7 @@ from typing import Any
 
 PR_SET_THP_DISABLE = 41
 PR_SET_MEMORY_MERGE = 67
-PAGE_SIZE = 4096
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # the machine's (run by path: no lksmfs import here)
 PROT_READ, PROT_WRITE = 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 UNIQUE_MAGIC = 0x6C6B736D_6F72636C  # "lksmorcl"

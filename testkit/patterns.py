@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from testkit.memchild import PAGE_SIZE, SAME_MAGIC, WORDS, header
+from lksmfs.system.proc import PAGE_SIZE
+from testkit.memchild import SAME_MAGIC, WORDS, header
 
 Pattern = str | int
 Pages = Sequence[tuple[int, Pattern]]

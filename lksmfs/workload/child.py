@@ -29,8 +29,8 @@ import random
 import sys
 from typing import Any
 
-from lksmfs.system.proc import runtime_ns
-from lksmfs.workload.model import PAGE_SIZE, InstanceModel, page_bytes
+from lksmfs.system.proc import PAGE_SIZE, runtime_ns
+from lksmfs.workload.model import InstanceModel, page_bytes
 from lksmfs.workload.schema import parse_workload
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4

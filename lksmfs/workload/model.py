@@ -29,9 +29,9 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
+from lksmfs.system.proc import PAGE_SIZE
 from lksmfs.workload.schema import App, Library, Section, Workload
 
-PAGE_SIZE = 4096
 WORDS = PAGE_SIZE // 8
 MASK = (1 << 64) - 1
 

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from lksmfs.system.proc import PAGE_SIZE
 from testkit import memchild
 from testkit.patterns import (
     byte_runs,
@@ -17,8 +18,6 @@ from testkit.patterns import (
     spec_groups,
 )
 from testkit.patterns import format_pages as format_spec
-
-PAGE_SIZE = memchild.PAGE_SIZE
 
 
 @pytest.mark.parametrize(
