@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from lksmfs.system.waiting import wait_until
+from lksmfs.tables import print_table
 from testkit.memproc import filled
 from testkit.mount import Mounts, read_attr
 
@@ -35,10 +36,11 @@ def sample(mp: Path, name: str, n: int) -> list[float]:
     return out
 
 
-def row(label: str, xs: list[float]) -> str:
+def row(label: str, xs: list[float]) -> list[object]:
+    """label, samples, p50, p99 and max in ms."""
     xs = sorted(xs)
     p = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1000  # noqa: E731
-    return f"{label:<28} {len(xs):>7} {p(0.5):>8.3f} {p(0.99):>8.3f} {xs[-1] * 1000:>8.3f}"
+    return [label, len(xs), p(0.5), p(0.99), xs[-1] * 1000]
 
 
 def main() -> int:
@@ -72,9 +74,8 @@ def main() -> int:
             scanned = int(read_attr(mp, "pages_scanned")) - before
             print(f"children: {args.children} x {args.mib} MiB; scanner: {scanned} pages in "
                   f"{elapsed:.2f} s during the busy phase ({scanned / elapsed:.0f} pages/s)")
-            print(f"{'phase':<28} {'samples':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-            print(row("idle (run=0)", idle))
-            print(row("full-speed scan (run=1)", busy))
+            print_table(["phase", "samples", "p50 ms", "p99 ms", "max ms"],
+                        [row("idle (run=0)", idle), row("full-speed scan (run=1)", busy)], align="<")
             busy_p99 = sorted(busy)[int(0.99 * len(busy))] * 1000
             print(f"target p99 <= 5 ms during the scan: {'met' if busy_p99 <= 5 else 'MISSED'}")
             if scanned == 0:

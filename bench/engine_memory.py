@@ -31,10 +31,10 @@ from bench.common import (
     human,
     make_specs,
     parse_sizes,
-    print_table,
     require_root,
 )
 from lksmfs.system.proc import status_kib
+from lksmfs.tables import print_table
 from testkit import REPO
 from testkit.memproc import PatternGroup
 

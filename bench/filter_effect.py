@@ -61,8 +61,8 @@ def main() -> int:
     args = ap.parse_args()
     last = max((e.round for e in load_workload(args.workload).timeline), default=0)
     rounds = args.rounds if args.rounds is not None else last + 4
-    on = summarise(simulate(args.workload, rounds=rounds, filter_enabled=True), last)
-    off = summarise(simulate(args.workload, rounds=rounds, filter_enabled=False), last)
+    on = summarise(simulate(args.workload, rounds=rounds, filter_enabled=True).scans, last)
+    off = summarise(simulate(args.workload, rounds=rounds, filter_enabled=False).scans, last)
     cut = 1 - on["scanned_per_mature_full_scan"] / off["scanned_per_mature_full_scan"]
     kept = on["pages_sharing"] / off["pages_sharing"] if off["pages_sharing"] else 1.0
     steady_cut = None

@@ -23,6 +23,7 @@ from typing import Any
 from lksmfs.system.proc import CLK_TCK as TICK
 from lksmfs.system.proc import read_stat
 from lksmfs.system.waiting import wait_until
+from lksmfs.tables import print_table
 from testkit.memproc import filled
 from testkit.mount import Mounts, read_attr
 
@@ -91,11 +92,9 @@ def main() -> int:
         return 0
     print(f"daemon idle in one-shot mode (run=8, 3 initial full scans done), "
           f"{args.children} sleeping children, clock tick {1000 / TICK:.0f} ms")
-    print(f"{'freezer watcher':<20} {'window s':>9} {'cpu s':>7} {'cpu %':>7} {'scans':>6}")
-    for r in results:
-        label = "on" if r["freezer"] else "off (--no-freezer)"
-        print(f"{label:<20} {r['seconds']:>9.2f} {r['cpu_s']:>7.2f} {r['cpu_percent']:>7.2f} "
-              f"{r['full_scans_during']:>6}")
+    print_table(["freezer watcher", "window s", "cpu s", "cpu %", "scans"],
+                [["on" if r["freezer"] else "off (--no-freezer)", r["seconds"], r["cpu_s"],
+                  r["cpu_percent"], r["full_scans_during"]] for r in results], align="<")
     worst = max(r["cpu_percent"] for r in results)
     print(f"target ~0% (no busy polling): worst {worst:.2f}% -> {'met' if worst < 1 else 'MISSED'}")
     return 0

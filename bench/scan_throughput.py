@@ -33,9 +33,10 @@ from bench.common import (
     make_specs,
     parse_sizes,
     pattern_expected,
-    print_table,
     require_root,
 )
+from lksmfs.system.proc import PAGE_SIZE
+from lksmfs.tables import print_table
 from testkit.kernel_ksm import KernelKsm
 from testkit.memproc import PatternGroup
 
@@ -79,7 +80,7 @@ def bench_size(size: int, procs: int, share: float, mps: int, timeout_s: float) 
                 "pages": scanned // rounds,
                 "scan_s": [round(float(x["wall_s"]), 4) for x in counters.get("scans", [])],
                 "pages_per_s": scanned / wall if wall else None,
-                "mb_per_s": scanned * 4096 / MIB / wall if wall else None,
+                "mb_per_s": scanned * PAGE_SIZE / MIB / wall if wall else None,
                 "pages_shared": counters.get("pages_shared"),
                 "pages_sharing": counters.get("pages_sharing"),
             }

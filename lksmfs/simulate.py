@@ -5,6 +5,10 @@ virtual clock: its initial full scans, then one step per timeline round.  A roun
 applies that round's events (freeze/thaw hints reach the engine as the freezer hook
 would, exits are found by the crawler), then performs the one_shot requests of the
 round; a round with none gets the periodic full scan.
+
+Every figure of every scan is the same on every run (simulated memory, virtual clock);
+the wall time the scans took is the one thing that is not, so it is kept apart: in
+`Simulation.wall_s`, and on stderr rather than stdout.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import LKSM_SCAN_FULL, LKSM_SCAN_PARTIAL
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
+from lksmfs.tables import print_table
 
 MODE_NAMES = {LKSM_SCAN_PARTIAL: "partial", LKSM_SCAN_FULL: "full"}
 
@@ -49,10 +54,19 @@ def drive_until_idle(ksm: Ksm, clock: VirtualClock, on_scan: Any = None, max_ste
     raise RuntimeError("engine did not go idle")
 
 
+@dataclass
+class Simulation:
+    """One run: the deterministic figures of each scan, and apart from them the wall
+    time each scan took (the same order)."""
+
+    scans: list[dict[str, Any]]
+    wall_s: list[float]
+
+
 def simulate(
     workload_path: str, *, rounds: int | None = None, filter_enabled: bool = True,
     settings: Mapping[str, int | str] | None = None,
-) -> list[dict[str, Any]]:
+) -> Simulation:
     """Run the workload; one record per scan the engine performed."""
     from lksmfs.workload.simulated import SimulatedSource
 
@@ -61,7 +75,7 @@ def simulate(
     ksm = Ksm(source, filter_enabled=filter_enabled, clock=clock)
     table = AttributeTable(ksm)
     apply_settings(table, settings or {})
-    records: list[dict[str, Any]] = []
+    run = Simulation([], [])
     current_round = [0]
 
     def on_scan() -> None:
@@ -74,9 +88,9 @@ def simulate(
             scanned=s["pages_scanned"],
             merged=s["merged"],
             broken=s["broken"],
-            wall_s=s["wall_s"],
         )
-        records.append(rec)
+        run.scans.append(rec)
+        run.wall_s.append(float(s["wall_s"]))
 
     table.store("run", b"8\n")
     drive_until_idle(ksm, clock, on_scan)  # the initial rounds
@@ -92,7 +106,7 @@ def simulate(
             ksm.request_one_shot(mode)
             drive_until_idle(ksm, clock, on_scan)
     source.close()
-    return records
+    return run
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -102,6 +116,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="initial attribute value")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per scan")
+    p.epilog = "stdout is the same on every run; the wall time the scans took goes to stderr."
     p.set_defaults(func=run)
 
 
@@ -109,23 +124,24 @@ def run(args: argparse.Namespace) -> int:
     from lksmfs.workload.schema import WorkloadError
 
     try:
-        records = simulate(
+        sim = simulate(
             args.workload, rounds=args.rounds, filter_enabled=not args.no_filter, settings=parse_set(args.set)
         )
     except (WorkloadError, SettingError, OSError) as e:
         print(f"lksmfs simulate: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(records))
-        return 0
-    cols = ("round", "mode", "slots", "scanned", "merged", "broken", "shared", "sharing", "unshared", "volatile", "ms")
-    print(" ".join(f"{c:>8}" for c in cols) + "  region_share")
-    for r in records:
-        vals = (
-            r["round"], r["mode"], r["slots_scanned"], r["scanned"], r["merged"], r["broken"],
-            r["pages_shared"], r["pages_sharing"], r["pages_unshared"], r["pages_volatile"],
-            f"{r['wall_s'] * 1000:.1f}",
+        print(json.dumps(sim.scans))
+    else:
+        print_table(
+            ("round", "mode", "slots", "scanned", "merged", "broken", "shared", "sharing", "unshared",
+             "volatile", "region_share"),
+            [(r["round"], r["mode"], r["slots_scanned"], r["scanned"], r["merged"], r["broken"],
+              r["pages_shared"], r["pages_sharing"], r["pages_unshared"], r["pages_volatile"],
+              " ".join(f"{k}:{v}" for k, v in r.get("region_share", {}).items())) for r in sim.scans],
+            align=">>>>>>>>>><",
         )
-        share = " ".join(f"{k}:{v}" for k, v in r.get("region_share", {}).items())
-        print(" ".join(f"{v:>8}" for v in vals) + "  " + share)
+    total = sum(sim.wall_s)
+    print(f"wall time: {len(sim.wall_s)} scans in {total:.3f} s (slowest {max(sim.wall_s, default=0) * 1000:.1f} ms)",
+          file=sys.stderr)
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from lksmfs.engine.params import KSM_SHORT_TASK_TIME_MS
 from lksmfs.simulate import simulate
 from lksmfs.workload.model import SHARED, ZERO, InstanceModel
 from lksmfs.workload.schema import load_workload
@@ -31,7 +32,6 @@ from lksmfs.workload.schema import load_workload
 TIZEN = str(Path(__file__).resolve().parents[2] / "config" / "workloads" / "tizen-tv.yaml")
 ROUND = 4
 MAX_PAGE_SHARING = 256  # the default: a content shared by n pages needs ceil(n/256) KSM pages
-SHORT_TASK_MS = 100
 
 
 def filter_words(npages: int) -> int:
@@ -43,7 +43,7 @@ def scanned_instances() -> list[InstanceModel]:
     w = load_workload(TIZEN)
     assert all(e.action not in ("spawn", "exit", "rewrite") for e in w.timeline if e.round <= ROUND)
     return [InstanceModel(w, app, k) for app in w.apps for k in range(app.count)
-            if app.cpu_ms >= SHORT_TASK_MS]
+            if app.cpu_ms >= KSM_SHORT_TASK_TIME_MS]
 
 
 @functools.cache
@@ -77,7 +77,7 @@ def derived_bounds() -> tuple[int, int, int]:
 
 @pytest.fixture(scope="module")
 def round_scan() -> dict:
-    records = simulate(TIZEN, rounds=ROUND, filter_enabled=True)
+    records = simulate(TIZEN, rounds=ROUND, filter_enabled=True).scans
     last = records[-1]
     assert (last["round"], last["mode"]) == (ROUND, "full")
     assert len(records) >= 6  # its scan round is past maturity
