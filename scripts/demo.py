@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -36,31 +35,27 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-import numpy as np
+from lksmfs.engine.ksm import Ksm
+from lksmfs.engine.params import INITIAL_ROUND
+from lksmfs.engine.regions import LKSM_REGION_MATURE
+from lksmfs.mounted import MountedDaemon, read_attr
+from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE
+from lksmfs.sources.procfs import ProcfsSource
+from lksmfs.sources.ranges import RangeFilteredSource
+from lksmfs.sources.scope import Scope
+from lksmfs.sysfs.attrs import AttributeTable, apply_settings
+from lksmfs.system import cgroups
+from lksmfs.system.proc import AccessDenied, ProcessGone
+from lksmfs.system.proc import rss_anon_pages as task_rss_anon_pages
+from lksmfs.system.waiting import wait_until
+from lksmfs.tables import print_table
+from lksmfs.workload.schema import Workload, WorkloadError, load_workload
+from lksmfs.workload.simulated import ExpectedSharing, SimulatedSource
+from lksmfs.workload.spawn import SpawnedWorkload, spawn_workload
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as `python scripts/demo.py` from anywhere
-    sys.path.insert(0, REPO)
-
-from lksmfs.engine.ksm import Ksm  # noqa: E402
-from lksmfs.engine.regions import LKSM_REGION_MATURE  # noqa: E402
-from lksmfs.sources.base import PAGE_SHIFT, Mapping, TaskId, TaskStat  # noqa: E402
-from lksmfs.sources.procfs import ProcfsSource  # noqa: E402
-from lksmfs.sources.scope import Scope  # noqa: E402
-from lksmfs.sysfs.attrs import AttributeTable  # noqa: E402
-from lksmfs.system import cgroups  # noqa: E402
-from lksmfs.system.mounts import is_mountpoint, lazy_unmount  # noqa: E402
-from lksmfs.system.proc import AccessDenied, ProcessGone  # noqa: E402
-from lksmfs.system.proc import rss_anon_pages as task_rss_anon_pages  # noqa: E402
-from lksmfs.system.waiting import wait_until  # noqa: E402
-from lksmfs.workload.schema import Workload, WorkloadError, load_workload  # noqa: E402
-from lksmfs.workload.simulated import ExpectedSharing, SimulatedSource  # noqa: E402
-from lksmfs.workload.spawn import SpawnedWorkload, SpawnError, spawn_workload  # noqa: E402
-
 DEFAULT_WORKLOAD = os.path.join(REPO, "config", "workloads", "tizen-tv.yaml")
 EMU = os.path.join(REPO, "scripts", "resourced-emu.sh")
-INITIAL_ROUND = 3
-PR_SET_PDEATHSIG = 1
 REGION_BIRTH_ROUND = 0  # see filter_state()
 MATURE_FROM = REGION_BIRTH_ROUND + LKSM_REGION_MATURE + 1
 # the attributes read at every step boundary
@@ -91,65 +86,24 @@ T0 = time.monotonic()
 # -- the daemon -------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the daemon child: SIGTERM when the demo dies, even by SIGKILL (no stray mount)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
 @contextlib.contextmanager
 def mounted_daemon(mountpoint: str, cgroup: str, settings: dict[str, int],
-                   log_path: str, timeout: float) -> Iterator[subprocess.Popen[bytes]]:
-    """`lksmfs mount MOUNTPOINT --cgroup CGROUP`; SIGTERM (then SIGKILL, then a lazy
-    unmount) on the way out, whatever happened."""
-    cmd = [sys.executable, "-m", "lksmfs.cli", "mount", mountpoint, "--cgroup", cgroup]
-    for name, value in settings.items():
-        cmd += ["--set", f"{name}={value}"]
+                   log_path: str, timeout: float) -> Iterator[MountedDaemon]:
+    """`lksmfs mount MOUNTPOINT --cgroup CGROUP`, in a session of its own (Ctrl-C reaches
+    the demo, which stops it in order); stopped and unmounted on the way out, whatever
+    happened."""
     os.makedirs(mountpoint, exist_ok=True)
-    with open(log_path, "wb") as log:
-        # its own session: the terminal's Ctrl-C reaches the demo, which stops it in order
-        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise DemoError(f"the daemon exited with status {proc.returncode}:\n"
-                                + _tail(log_path))
-            return is_mountpoint(mountpoint) and os.path.exists(os.path.join(mountpoint, "run"))
-
-        wait_until(up, timeout, 0.02, what="the daemon to mount")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        lazy_unmount(mountpoint)
-
-
-def _tail(path: str, n: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
-def read_attr(mountpoint: str, name: str) -> str:
-    with open(os.path.join(mountpoint, name)) as f:
-        return f.read().strip()
+    args = ["--cgroup", cgroup, *(a for n, v in settings.items() for a in ("--set", f"{n}={v}"))]
+    with MountedDaemon(mountpoint, args, log_path, own_session=True) as daemon:
+        daemon.wait_serving(timeout)
+        yield daemon
 
 
 def snapshot(mountpoint: str) -> dict[str, Any]:
     snap: dict[str, Any] = {}
     for name in SNAP_ATTRS:
         try:
-            text = read_attr(mountpoint, name)
+            text = read_attr(mountpoint, name).strip()
         except FileNotFoundError:  # no LKSM_FILTER: no region files
             continue
         if name == "region_share":
@@ -218,40 +172,6 @@ class ReportGate:
 # -- the workload's own pages, measured ---------------------------------------------------------
 
 
-class WorkloadPages:
-    """A MemorySource over real processes that only shows the workload's section pages
-    (each child's libraries, heap, stack, anon pools): the Python runtime is left out."""
-
-    def __init__(self, inner: ProcfsSource, ranges: dict[int, list[tuple[int, int]]]) -> None:
-        self.inner = inner
-        self.ranges = ranges  # pid -> [(start_vpn, end_vpn)]
-
-    def tasks(self) -> list[TaskId]:
-        return [t for t in self.inner.tasks() if t.pid in self.ranges]
-
-    def stat(self, task: TaskId) -> TaskStat:
-        return self.inner.stat(task)
-
-    def mappings(self, task: TaskId) -> list[Mapping]:
-        return self.inner.mappings(task)
-
-    def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
-        vpns = self.inner.present_anon(task, start_vpn, end_vpn)
-        keep = np.zeros(len(vpns), dtype=bool)
-        for lo, hi in self.ranges.get(task.pid, []):
-            keep |= (vpns >= np.uint64(lo)) & (vpns < np.uint64(hi))
-        return vpns[keep]
-
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
-        return self.inner.read_pages(task, vpns)
-
-    def release(self, task: TaskId) -> None:
-        self.inner.release(task)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def measure_workload_pages(procs: SpawnedWorkload) -> dict[str, Any]:
     """The engine, in this process, over the workload's own pages of the live children:
     3 full scans (LKSM's initial rounds: every merge is done by then), no filter, no
@@ -260,11 +180,10 @@ def measure_workload_pages(procs: SpawnedWorkload) -> dict[str, Any]:
     for inst in procs.live():
         ranges[inst.pid] = [(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + n)
                             for addr, n in inst.sections.values()]
-    inner = ProcfsSource("/proc", scope=Scope(pids=set(ranges)))
-    src = WorkloadPages(inner, ranges)
+    src = RangeFilteredSource(ProcfsSource(scope=Scope(pids=set(ranges))), ranges)
     try:
         ksm = Ksm(src, filter_enabled=False, self_pid=os.getpid())
-        AttributeTable(ksm).store("max_page_sharing", b"1000000000\n")
+        apply_settings(AttributeTable(ksm), {"max_page_sharing": 1_000_000_000})
         t = time.perf_counter()
         scans = [ksm.full_scan() for _ in range(INITIAL_ROUND)]
         c = ksm.counters()
@@ -360,7 +279,7 @@ def extra_full_scan(mountpoint: str, timeout: float) -> dict[str, Any]:
             raise
 
     wait_until(request, timeout, 0.02, what="one_shot_scanning to accept 2")
-    wait_until(lambda: read_attr(mountpoint, "one_shot_scanning") == "0"
+    wait_until(lambda: read_attr(mountpoint, "one_shot_scanning") == "0\n"
                and int(read_attr(mountpoint, "full_scans")) > before, timeout, 0.02,
                what="the full scan to finish")
     return snapshot(mountpoint)
@@ -401,28 +320,25 @@ def filter_state(step: Step) -> str:
 
 
 def mib(pages: int) -> str:
-    return f"{pages * 4096 / 2**20:.1f}"
+    return f"{pages * PAGE_SIZE / 2**20:.1f}"
 
 
-def print_table(steps: list[Step], app: str) -> None:
-    head = (f"{'step':<11} {'rounds':<7} {'filter':<8} {'scanned':>8} {'sharing':>8} {'MiB':>6} "
-            f"{'shared':>6} {'full':>4}  {'heap':>6} {'f_data':>6} {'f_bss':>6} {'confl':>5}")
+def print_steps(steps: list[Step], app: str) -> None:
     print()
     print(f"Steps (background app: {app}; 'scanned' = pages_scanned delta of the step; "
           f"'sharing' = pages_sharing after it)")
-    print(head)
-    print("-" * len(head))
+    rows = []
     for s in steps:
         rounds = (f"{s.scans[0][1]}-{s.scans[-1][1]}" if len(s.scans) > 1
                   else str(s.scans[0][1]) if s.scans else "-")
         if s.scans and s.scans[0][0] == "partial":
             rounds += "p"
         rs = s.snap.get("region_share", {})
-        cells = " ".join(f"{rs.get(k, 0):>{w}}" for k, w in zip(REGION_KEYS, (6, 6, 6, 5),
-                                                                strict=True))
-        print(f"{s.name:<11} {rounds:<7} {filter_state(s):<8} {s.pages_scanned:>8} "
-              f"{s.snap['pages_sharing']:>8} {mib(s.snap['pages_sharing']):>6} "
-              f"{s.snap['pages_shared']:>6} {s.snap['full_scans']:>4}  {cells}")
+        rows.append([s.name, rounds, filter_state(s), s.pages_scanned, s.snap["pages_sharing"],
+                     mib(s.snap["pages_sharing"]), s.snap["pages_shared"], s.snap["full_scans"],
+                     *(rs.get(k, 0) for k in REGION_KEYS)])
+    print_table(["step", "rounds", "filter", "scanned", "sharing", "MiB", "shared", "full",
+                 "heap", "f_data", "f_bss", "confl"], rows, align="<<<")
     print("rounds: LKSM crawl rounds (p = partial scan); region_share columns are cumulative merges"
           " (stack:0 always, as in the seed)")
 
@@ -446,19 +362,6 @@ def pick_app(workload: Workload, wanted: str | None) -> str:
     if not names:
         raise DemoError("the workload has no app to send to the background")
     return names[0]
-
-
-def cgroup_root(tag: str) -> str:
-    """A fresh group under cgroup v2 (else the v1 freezer), named for this run: the tests of
-    other engineers use lksmfs-workload concurrently."""
-    return os.path.join(cgroups.default_hierarchy()[0], tag)
-
-
-def thaw_group(path: str) -> None:
-    """Thaw the app's group if the emulator left it frozen (an interrupted run): frozen v1
-    tasks cannot die, and a thawed group is what spawn's cleanup expects."""
-    with contextlib.suppress(OSError):
-        cgroups.request(path, cgroups.is_v2(path), False)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -489,11 +392,13 @@ def demo(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
     tag = f"lksmfs-demo-{os.getpid()}"
 
     say(f"spawning {os.path.relpath(args.workload, REPO)} as real processes ...")
-    procs = stack.enter_context(spawn_workload(workload, cgroup_root=cgroup_root(tag),
+    # a root named for this run: others may use lksmfs-workload at the same time
+    procs = stack.enter_context(spawn_workload(workload, cgroup_root=cgroups.default_root(tag),
                                                lib_dir=os.path.join(tmp, "libs"),
                                                timeout=args.timeout))
     app_cg = os.path.join(procs.freezer.root, app)
-    stack.callback(thaw_group, app_cg)
+    # if the emulator left the app frozen (an interrupted run): thawed, it can die
+    stack.callback(cgroups.thaw_quietly, app_cg)
     pids = procs.pids()
     say(f"{len(pids)} processes in {procs.freezer.root} (cgroup v{procs.freezer.version}), "
         f"{rss_anon_pages(pids)} anonymous pages (RssAnon) in all")
@@ -522,7 +427,7 @@ def demo(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
     rss = rss_anon_pages(procs.pids())
     rss_scanned = rss_anon_pages(own["pids"])  # short tasks are never scanned
 
-    print_table(steps, app)
+    print_steps(steps, app)
     final = steps[-1].snap
     learning = per_full_scan(steps, "learning")
     mature = per_full_scan(steps, "mature")
@@ -598,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"\ndemo.py: {e} received: cleaning up", file=sys.stderr, flush=True)
         status = 128 + e.signum
-    except (DemoError, SpawnError, WorkloadError, OSError) as e:
+    except (RuntimeError, WorkloadError, OSError) as e:  # DemoError, SpawnError too
         print(f"\ndemo.py: error: {e}", file=sys.stderr, flush=True)
     finally:
         cleaning = True

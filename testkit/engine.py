@@ -163,12 +163,11 @@ def workload_cgroup_root(name: str) -> str:
     v1 freezer); skips where there is no root or no freezer."""
     import pytest
 
-    from lksmfs.system.cgroups import CgroupError, default_hierarchy
+    from lksmfs.system.cgroups import CgroupError, default_root
 
     if os.geteuid() != 0:
         pytest.skip("live test needs root (cgroups, /proc/PID/mem)")
     try:
-        hierarchy, _ = default_hierarchy()
+        return default_root(f"{name}-{os.getpid()}")
     except CgroupError as e:
         pytest.skip(f"no freezer cgroup: {e}")
-    return os.path.join(hierarchy, f"{name}-{os.getpid()}")

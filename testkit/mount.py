@@ -11,18 +11,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from lksmfs.mounted import MountedDaemon, read_attr
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount
-from lksmfs.system.waiting import wait_until
-from testkit import REPO
+
+__all__ = ["NOBODY", "Daemon", "Mounts", "fuse_unavailable", "mounted_at", "public_tmpdir",
+           "read_attr", "sh", "skip_unless_fuse", "write_attr"]
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -68,64 +68,18 @@ def public_tmpdir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-class Daemon:
-    """`python -m lksmfs.cli mount MOUNTPOINT ARGS...` as a subprocess, output to a log file."""
+class Daemon(MountedDaemon):
+    """A daemon of a test, its log next to its mountpoint."""
 
     def __init__(self, mountpoint: Path, args: list[str], env: dict[str, str] | None = None):
-        self.mountpoint = mountpoint
-        self.log_path = mountpoint.parent / f"{mountpoint.name}.{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lksmfs.cli", "mount", str(mountpoint), *args],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-        )
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def serving(self) -> bool:
-        """A live mount answers readdir (stat/lookup may come from the kernel's cache,
-        even on a dead mount, for a second)."""
-        if not mounted_at(self.mountpoint):
-            return False
-        try:
-            return "run" in os.listdir(self.mountpoint)
-        except OSError:
-            return False
+        super().__init__(mountpoint, args, mountpoint.parent / f"{mountpoint.name}.{time.monotonic_ns()}.log",
+                         env=env)
 
     def wait_mounted(self, timeout: float = 20.0) -> None:
         try:
-            wait_until(lambda: self.proc.poll() is not None or self.serving(), timeout,
-                       what=f"the daemon to serve {self.mountpoint}")
-        except TimeoutError as e:
-            raise AssertionError(f"{e}:\n{self.log()}") from None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; SIGKILL if it does not go.  Returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-    def stop(self) -> None:
-        """Always leaves no process and no mount behind."""
-        with contextlib.suppress(Exception):
-            self.terminate()
-        lazy_unmount(str(self.mountpoint))
-        self._log.close()
+            self.wait_serving(timeout)
+        except RuntimeError as e:
+            raise AssertionError(str(e)) from None
 
 
 class Mounts:
@@ -184,18 +138,6 @@ def sh(
         timeout=timeout,
         check=False,
     )
-
-
-def read_attr(mount: Path, name: str) -> str:
-    """open/read/close, like `cat`, without a process."""
-    fd = os.open(mount / name, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks).decode()
-    finally:
-        os.close(fd)
 
 
 def write_attr(mount: Path, name: str, data: bytes) -> int:

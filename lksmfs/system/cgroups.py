@@ -84,6 +84,11 @@ def default_hierarchy() -> tuple[str, bool]:
     raise CgroupError(errno.ENOENT, "no cgroup v2 hierarchy and no v1 freezer")
 
 
+def default_root(name: str) -> str:
+    """A group NAME under default_hierarchy()'s root (not created here)."""
+    return os.path.join(default_hierarchy()[0], name)
+
+
 # --------------------------------------------------------------------------- membership
 
 
@@ -178,6 +183,13 @@ def thaw(group: str, v2: bool, timeout: float = 10.0) -> None:
     request(group, v2, False)
     wait_until(lambda: read_state(group, v2) == THAWED, timeout, 0.001, max_interval=0.05,
                what=f"{group} to be thawed")
+
+
+def thaw_quietly(group: str) -> None:
+    """Ask a group of either hierarchy to thaw, if it still exists; for cleanup paths,
+    where nothing may raise (frozen v1 tasks cannot die, and a gone group is fine)."""
+    with contextlib.suppress(OSError):
+        request(group, is_v2(group), False)
 
 
 # ------------------------------------------------------------------------------ removal

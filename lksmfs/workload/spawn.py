@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lksmfs
-from lksmfs.system.cgroups import Freezer, default_hierarchy
+from lksmfs.system.cgroups import Freezer, default_root
 from lksmfs.system.proc import PAGE_SIZE, ProcessGone, TaskId, task_id
 from lksmfs.workload.schema import Workload, WorkloadError, load_workload
 from lksmfs.workload.timeline import Change, NewRound, Rewrite, TimelinePlayer
@@ -121,7 +121,7 @@ class SpawnedWorkload(TimelinePlayer[SpawnedInstance]):
         self.timeout = timeout
         self.burn_cap_ms = burn_cap_ms
         self._python = python
-        self.freezer = Freezer.open(cgroup_root or os.path.join(default_hierarchy()[0], ROOT_NAME))
+        self.freezer = Freezer.open(cgroup_root or default_root(ROOT_NAME))
         self._own_lib_dir = lib_dir is None
         self.lib_dir = lib_dir or tempfile.mkdtemp(prefix="lksmfs-libs-")
         self.lib_files: dict[str, str] = {}
