@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", dest="global_log_level", default="WARNING", metavar="LEVEL",
                         help="DEBUG, INFO, WARNING (default), ERROR")
     top = parser.add_subparsers(dest="command", required=True)
-    groups: dict[str, argparse._SubParsersAction] = {}  # type: ignore[type-arg]
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
     for entry in _COMMANDS:
         group, name = entry if isinstance(entry, tuple) else (None, entry)
         sub = top

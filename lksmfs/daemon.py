@@ -395,7 +395,7 @@ class Daemon:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """`lksmfs mount MOUNTPOINT ...`"""
-    p = subparsers.add_parser(
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "mount",
         help="run the daemon: the LKSM sysfs ABI at MOUNTPOINT",
         description="Run LKSM in shadow mode over real processes and serve its sysfs files.",

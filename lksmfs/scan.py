@@ -56,7 +56,7 @@ def scan_processes(
         return out
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("scan", help="scan real processes in the foreground and print the counters")
     p.add_argument("--pid", type=int, action="append", default=[], help="scan this pid (repeatable)")
     p.add_argument("--cgroup", action="append", default=[], help="scan the processes of this cgroup dir")

@@ -109,7 +109,7 @@ def simulate(
     return run
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("simulate", help="run the engine over a workload file, deterministically")
     p.add_argument("workload", help="workload YAML (see config/workloads/)")
     p.add_argument("--rounds", type=int, default=None, help="timeline rounds to play (default: to its last event)")

@@ -365,7 +365,7 @@ def check_setting(name: str, raw: str | int, where: str) -> int:
             reason += ", out of range"
         raise SettingError(f"{where}: {reason} (got {text})") from None
     # an unchanged value is accepted without a call (max_page_sharing, merge_across_nodes)
-    return dry.applied.get(name, getattr(dry.tunables, name))
+    return int(dry.applied.get(name, getattr(dry.tunables, name)))
 
 
 def parse_set(items: Iterable[str]) -> dict[str, int]:

@@ -31,10 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol, TypeVar
 
-try:
-    import mfusepy as fuse
-except ImportError:  # pragma: no cover - fusepy fallback
-    import fuse  # type: ignore[no-redef]
+import mfusepy as fuse
 
 from lksmfs.sysfs.attrs import MAX_WRITE, AttributeEngine, AttributeTable
 from lksmfs.system.proc import PROC_ROOT, AccessDenied, ProcessGone, TaskId, task_id

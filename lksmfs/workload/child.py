@@ -104,12 +104,12 @@ def _map_library(rng: random.Random, path: str, text: int, rodata: int, data: in
 
 def _heap_area(npages: int) -> int:
     """Grow the program break by npages (page aligned): pages of the real [heap] VMA."""
-    cur = _libc.sbrk(0)
+    cur = int(_libc.sbrk(0))
     pad = (-cur) % PAGE_SIZE
     got = _libc.sbrk(pad + npages * PAGE_SIZE)
     if got is None or got == MAP_FAILED:
         raise OSError(ctypes.get_errno(), "sbrk failed")
-    return got + pad
+    return int(got) + pad
 
 
 def _stack_area(npages: int) -> int:

@@ -181,7 +181,7 @@ class _Checker:
     def fail(self, key: str, reason: str) -> WorkloadError:
         return WorkloadError(f"{self.path}: {key}: {reason}")
 
-    def mapping(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict:
+    def mapping(self, value: Any, key: str, allowed: set[str], required: set[str]) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
         for k in value:
