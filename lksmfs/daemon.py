@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ from lksmfs.config import (
     parse_set,
 )
 from lksmfs.sources.base import MemorySource, TaskId
+from lksmfs.sources.procfs import ProcfsSource, read_task_id
 from lksmfs.sysfs.attrs import AttributeTable
 
 log = logging.getLogger("lksmfs.daemon")
@@ -192,9 +194,7 @@ def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
         from lksmfs.sources.procfs import ProcfsSource
 
         src = ProcfsSource("/proc", self_pid=os.getpid(), scope=_scope(cfg))
-        from lksmfs.sysfs.fuse import proc_task_id
-
-        return src, proc_task_id
+        return src, functools.partial(scannable_task, src)
     from lksmfs.sources import simulated
 
     workload = cfg.source.split(":", 1)[1]
@@ -207,6 +207,23 @@ def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
         raise OSError(errno.ESRCH, "No such process")
 
     return sim, resolve
+
+
+def scannable_task(src: ProcfsSource, pid: int) -> TaskId:
+    """The TaskId a `hint` write names, refused when the task can never be scanned, so
+    that no request waits on it: ESRCH when there is no such process; EINVAL for the
+    daemon itself, a kernel thread, or a process outside --pid/--cgroup."""
+    got = read_task_id(pid, src.proc_root)
+    if got is None:
+        raise OSError(errno.ESRCH, "No such process")
+    task, st = got
+    if pid == src.self_pid:
+        raise OSError(errno.EINVAL, "hint: that is the lksmfs daemon itself")
+    if st.kthread:
+        raise OSError(errno.EINVAL, "hint: a kernel thread has no memory to scan")
+    if not src.in_scope(pid, st.comm):
+        raise OSError(errno.EINVAL, "hint: the process is outside the daemon's scope")
+    return task
 
 
 def make_freezer(cfg: Config, on_hint: Callable[[TaskId, bool], None]) -> Any | None:
@@ -270,7 +287,9 @@ class Daemon:
         self.ops = LksmOperations(
             self.table,
             engine_lock=self.lock,
-            resolve_task=resolve_task or proc_task_id,
+            resolve_task=resolve_task or (
+                functools.partial(scannable_task, source) if isinstance(source, ProcfsSource) else proc_task_id
+            ),
             on_hint=self.wake,
             on_init=self._on_mounted,
         )

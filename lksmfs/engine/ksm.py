@@ -46,11 +46,11 @@ from lksmfs.engine.params import (
     RMAP_ITEM_SIZE,
     Tunables,
 )
-from lksmfs.engine.regions import UNKNOWN_REGION, RegionTable
+from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION, RegionTable
 from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
-from lksmfs.engine.slot import MmSlot, ScanList
+from lksmfs.engine.slot import MarkedVmas, MmSlot, ScanList
 from lksmfs.engine.stable import StableTree
-from lksmfs.sources.base import PAGE_SIZE, AccessDenied, MemorySource, ProcessGone, TaskId
+from lksmfs.sources.base import PAGE_SIZE, AccessDenied, Mapping, MemorySource, ProcessGone, TaskId
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class Ksm:
         self.nr_full_scan = 0
         self.scan_mode = LKSM_SCAN_NONE
         self.scan_state = False  # ksm_state: 1 while the scanner owns a scan
-        self.nr_scannable = 0
-        self.nr_frozen = 0
+        self._at_head = True  # ksm_scan.mm_slot == &ksm_scan_head: between two passes
 
         # counters
         self.pages_unshared = 0
@@ -152,6 +151,8 @@ class Ksm:
         self._cur_new: Rmap | None = None  # the new rmap list of the slot being scanned
         self._cur_valid = 0
         self._sync = False
+
+        self._scan_region = -1  # ksm_scan.region: the region the scanner used last
 
         self._snapshot: dict[str, int] = {}
         self._publish()
@@ -314,7 +315,7 @@ class Ksm:
             nr_added = self.prepare_partial_scan()
         elif now >= self._next_fscan:
             nr_added = self.prepare_full_scan(now)
-        elif self.frozen_tasks or len(self.scan_list):
+        elif self.frozen_tasks or self.nr_queued():
             self._partial_at = now + LKSM_CRAWL_FROZEN_EVENT_WAIT_S
             return self._partial_at
         else:
@@ -329,8 +330,9 @@ class Ksm:
         return now + CRAWLER_SLEEP_S
 
     def _nothing_to_scan(self) -> None:
-        """The scanner, finding nothing to run, frees what exited before it sleeps."""
-        self._flush_removed_mm_list()
+        """A prepared scan that queued nobody: the scanner is not woken.  Exited slots
+        stay on the remove list: only a scanner's wrap-up frees them
+        (lksm_scan_wrapup_wait)."""
         self.scan_mode = LKSM_SCAN_NONE
 
     def _wake_scanner(self) -> None:
@@ -341,8 +343,8 @@ class Ksm:
     # ---------------------------------------------------------- task discovery --
 
     def _live_tasks(self) -> list[TaskId]:
-        """for_each_process() less ourselves; registered slots whose task is gone take
-        the __ksm_exit() path here."""
+        """for_each_process() less ourselves: every task the source may scan.  Registered
+        slots whose task is gone (or left the scope) take the __ksm_exit() path here."""
         tasks = [t for t in self.source.tasks() if t.pid != self.self_pid and t.pid != 0]
         alive = set(tasks)
         for task, slot in list(self.slots.items()):
@@ -380,7 +382,7 @@ class Ksm:
     def _ksm_join(
         self, task: TaskId, frozen: bool, info: tuple[bool, int, int, str] | None = None
     ) -> tuple[MmSlot | None, bool]:
-        """ksm_join(): register the task (if new) and, with LKSM_FILTER, its file regions.
+        """ksm_join(): register the task (if new) and mark its VMAs mergeable.
         Returns (slot, newly_allocated); slot None when the task cannot be joined."""
         slot = self.slots.get(task)
         new = slot is None
@@ -390,26 +392,41 @@ class Ksm:
                 return None, False
             _, faults, anon, comm = info
             slot = self._alloc_slot(task, comm, faults, anon, frozen)
-        if self.filter_enabled:
-            self._register_regions(slot)
+        self._mark_mergeable(slot)
         return slot, new
 
-    def _register_regions(self, slot: MmSlot) -> None:
-        """The LKSM_FILTER part of ksm_join(): file regions of every eligible VMA."""
+    def _mark_mergeable(self, slot: MmSlot) -> None:
+        """The VMA loop of ksm_join(): a VMA is marked VM_MERGEABLE once, and only then,
+        with LKSM_FILTER, registers its file region - if it has an anon_vma at that
+        moment.  A VMA that gets its first anonymous page after it was marked is never
+        registered (lksm_find_region() may still find a region another VMA registered).
+
+        User space cannot set VM_MERGEABLE: the slot remembers the VMAs it marked, and a
+        VMA overlapping one of them with the same file is the same, already marked, VMA
+        (grown, shrunk or split - all of which keep the flag)."""
         try:
             maps = self.source.mappings(slot.task)
         except _SourceError:
             return  # the scanner will take the exit path
+        marked = slot.marked
+        now: list[tuple[int, int, tuple[int, int] | None]] = []
         for i, vma in enumerate(maps):
-            if not RegionTable.is_file_anon_candidate(vma):
+            if not vma.mergeable:
+                continue
+            now.append((vma.start, vma.end, vma.file))
+            if marked.covers(vma.start, vma.end, vma.file):
+                continue  # already VM_MERGEABLE: ksm_join() skips it
+            if not self.filter_enabled or not RegionTable.is_file_anon_candidate(vma):
                 continue
             rid = self.regions.register(maps, i, self.crawl_round)
             if rid is not None and rid not in slot.regions:
                 slot.regions.add(rid)
                 self.regions.ref(rid)
+        slot.marked = MarkedVmas(now)
 
     def _join_newcomers(self, tasks: list[TaskId]) -> int:
-        """The for_each_process() loop of both prepare functions."""
+        """The for_each_process() loop of both prepare functions: every task that is not
+        short joins (new ones get a slot, known ones get their new VMAs marked)."""
         nr_added = 0
         for task in tasks:
             info = None
@@ -423,37 +440,64 @@ class Ksm:
 
     # ------------------------------------------------------------ preparation --
 
-    def _prepare_frozen_scan(self) -> int:
-        """lksm_prepare_frozen_scan(): join the frozen tasks nobody knew yet.
+    @property
+    def nr_frozen(self) -> int:
+        """ksm_scan.nr_frozen: frozen slots waiting for their scan."""
+        return sum(1 for s in self.scan_list if s.test(KSM_MM_FROZEN))
+
+    def nr_queued(self) -> int:
+        """Slots the scanner still has to visit in this pass (the cursor's one included)."""
+        return len(self.scan_list) + (self._gen is not None)
+
+    def _prepare_frozen_scan(self, alive: set[TaskId]) -> int:
+        """lksm_prepare_frozen_scan(): join the frozen tasks nobody knew yet; returns how
+        many were joined.  Only tasks the source may scan (`alive`) can join: a hint for
+        anything else is dropped here rather than counted as work.
 
         Deviation: the seed counts `!err` of ksm_join (the *already registered* tasks)
         as added; we count the newly joined frozen tasks, so that a request after freezing
         an unknown task scans it instead of finding "no one can be scanned".
         """
-        nr_frozen = self.nr_frozen
         if not self.frozen_tasks:
-            return nr_frozen
-        nr_added = 0
+            return 0
         tasks = list(self.frozen_tasks)
         self.frozen_tasks.clear()
         if self.tunables.run & KSM_RUN_UNMERGE:
             return 0
+        nr_added = 0
         for task in tasks:
+            if task not in alive:
+                continue
             slot, new = self._ksm_join(task, frozen=True)
-            if slot is not None and new:
-                nr_added += 1
-        self.nr_frozen += nr_added
-        return nr_added + nr_frozen
+            nr_added += slot is not None and new
+        return nr_added
+
+    def _prepare(self, mode: int) -> tuple[list[TaskId], int] | None:
+        """The common head of both prepare functions: the live tasks, the frozen list,
+        then every other task joins.  None when run=2 aborts the preparation."""
+        if self.tunables.run & KSM_RUN_UNMERGE:
+            return None
+        tasks = self._live_tasks()
+        self._prepare_frozen_scan(set(tasks))
+        nr_added = self._join_newcomers(tasks)
+        self.scan_mode = mode
+        return tasks, nr_added
+
+    def _prepared(self) -> int:
+        """The end of both prepare functions.  What the scanner will visit is what is
+        queued, so that is the count: a prepared scan with nobody queued ends at once
+        ("No one can be scanned!"), whatever hints or exits happened meanwhile."""
+        self.crawl_round += 1
+        self._publish()
+        return self.nr_queued()
 
     def prepare_full_scan(self, now: float | None = None) -> int:
-        """lksm_prepare_full_scan(): frozen list + every process, all slots queued."""
+        """lksm_prepare_full_scan(): frozen list + every process, all slots queued.
+        Returns the number of slots queued."""
         now = self.clock() if now is None else now
-        nr_frozen = self._prepare_frozen_scan()
-        if self.tunables.run & KSM_RUN_UNMERGE:
+        if self._prepare(LKSM_SCAN_FULL) is None:
             return 0
-        nr_added = self._join_newcomers(self._live_tasks())
         # lksm_count_and_clear_mm_slots()
-        nr_scannable = 0
         delay = 0.0
         for slot in self.slots.values():
             if slot not in self.scan_list and slot is not self.cur:
@@ -461,21 +505,18 @@ class Ksm:
                 slot.nr_scans = 0
                 self.scan_list.add_tail(slot)
                 delay += slot.elapsed
-                nr_scannable += 1
         self._next_fscan = now + delay + self.tunables.full_scan_interval / 1000
-        self.scan_mode = LKSM_SCAN_FULL
-        self.crawl_round += 1
-        self.nr_scannable += nr_scannable + nr_added
-        self._publish()
-        return nr_scannable + nr_added + nr_frozen
+        return self._prepared()
 
     def prepare_partial_scan(self) -> int:
         """lksm_prepare_partial_scan(): frozen tasks + newcomers + up to lksm_max_vips
-        VIPs by merge window, skipping VIPs whose fault count has not moved."""
-        nr_frozen = self._prepare_frozen_scan()
-        if self.tunables.run & KSM_RUN_UNMERGE:
+        VIPs by merge window, skipping VIPs whose fault count has not moved.  Returns
+        the number of slots queued."""
+        prepared = self._prepare(LKSM_SCAN_PARTIAL)
+        if prepared is None:
             return 0
-        nr_added = self._join_newcomers(self._live_tasks())
+        _, nr_added = prepared
+        nr_frozen = self.nr_frozen
         nr_scannable = 0
         if nr_added + nr_frozen < LKSM_MAX_VIPS:
             recheck: list[MmSlot] = []
@@ -499,15 +540,11 @@ class Ksm:
                 nr_scannable += 1
             if self.filter_enabled:
                 for slot in recheck:  # check new maps
-                    self._register_regions(slot)
+                    self._mark_mergeable(slot)
             for slot in reversed(recheck):  # list_splice() onto the head
                 self.scan_list.remove(slot)
                 self.scan_list.add_head(slot)
-        self.scan_mode = LKSM_SCAN_PARTIAL
-        self.crawl_round += 1
-        self.nr_scannable += nr_scannable + nr_added
-        self._publish()
-        return nr_frozen + nr_added + nr_scannable
+        return self._prepared()
 
     # ================================================================== hints ==
 
@@ -524,11 +561,8 @@ class Ksm:
         if slot is not None:
             if slot is not self.cur and slot.test(KSM_MM_LISTED):
                 self.scan_list.add_tail(slot)
-                if not slot.test(KSM_MM_SCANNED):
-                    self.nr_scannable -= 1
                 slot.clear(KSM_MM_LISTED)
                 slot.set(KSM_MM_FROZEN)
-                self.nr_frozen += 1
         elif not slot_removed(task, self.remove_list):
             self.frozen_tasks[task] = None
 
@@ -536,13 +570,10 @@ class Ksm:
         slot = self.slots.get(task)
         if slot is not None:
             if slot.test(KSM_MM_FROZEN) and slot is not self.cur:
-                if not slot.test(KSM_MM_SCANNED):
-                    self.nr_scannable += 1
-                else:
+                if slot.test(KSM_MM_SCANNED):
                     self.scan_list.remove(slot)
                 slot.clear(KSM_MM_FROZEN)
                 slot.set(KSM_MM_LISTED)
-                self.nr_frozen -= 1
         else:
             self.frozen_tasks.pop(task, None)
 
@@ -559,10 +590,6 @@ class Ksm:
         current scan ends (lksm_remove_mm_slot -> remove_mm_list)."""
         if slot is self.cur:
             return  # the scanner sees the exit itself
-        if slot.test(KSM_MM_FROZEN):
-            self.nr_frozen -= 1
-        elif not slot.test(KSM_MM_SCANNED):
-            self.nr_scannable -= 1
         self.nr_added_process -= 1
         self.tasks_exited += 1
         self.frozen_tasks.pop(slot.task, None)
@@ -607,19 +634,26 @@ class Ksm:
     # ================================================================ scanner ==
 
     def scanner_should_run(self) -> bool:
-        """ksmd_should_run() with LKSM's scan state: a scan has been handed over, merging
-        is on (a scan interrupted by run=0 resumes when it comes back), and something is
-        left to scan."""
-        if not self.scan_state:
-            return False
-        if not (self.tunables.run & KSM_RUN_MERGE or self._sync):
-            return False
-        return self._gen is not None or len(self.scan_list) > 0
+        """Does the scanner thread have work: a scan has been handed over (ksm_state).
+
+        Whatever else happened since, the scanner then always reaches the end of the
+        scan: it scans while merging is on and something is queued, and otherwise wraps
+        the scan up (lksm_scan_thread's two lksm_scan_wrapup_wait() paths), so an
+        accepted request can never be left pending by exits, hints or run changes."""
+        return self.scan_state
 
     def scan_batch(self, npages: int | None = None) -> None:
-        """ksm_do_scan(pages_to_scan), then the end-of-scan work when the list is empty."""
+        """ksm_do_scan(pages_to_scan), then the end-of-scan work when the list is empty,
+        or the wrap-up of an interrupted scan when merging was turned off."""
         t = self.tunables
-        if not self.scan_state or not (t.run & KSM_RUN_MERGE or self._sync):
+        if not self.scan_state:
+            return
+        if not (t.run & KSM_RUN_MERGE or self._sync):
+            # run=0 in the middle of a scan: !ksmd_should_run() -> the scan is wrapped
+            # up and counted; the cursor and the queue stay, so the scan goes on from
+            # where it was once merging is back and the crawler prepares again
+            self._finish_scan(interrupted=True)
+            self._publish()
             return
         if not self._scan_started:
             self._scan_started = True
@@ -648,13 +682,17 @@ class Ksm:
                 self.cur = None
 
     def _next_slot(self) -> MmSlot | None:
-        """scan_get_next_rmap_item() at the list head: a new round resets the unstable
+        """scan_get_next_rmap_item(): at the list head a new round resets the unstable
         tree; then lksm_get_unscanned_mm_slot()."""
-        if self.scan_round < self.crawl_round:
+        if not len(self.scan_list):
+            self._at_head = True
+            return None
+        if self._at_head and self.scan_round < self.crawl_round:
             self.scan_round = self.crawl_round
             # sized like the last round's tree: no rehashing while it fills again
             self.unstable = HashIndex(max(1024, self._unstable_hint))
             self._maybe_prune_chains()
+        self._at_head = False
         slot = self.scan_list.pop_first()
         if slot is None:
             return None
@@ -666,10 +704,11 @@ class Ksm:
         now = self.clock()
         if (now - self._last_prune) * 1000 >= self.tunables.stable_node_chains_prune_millisecs:
             self._last_prune = now
-            self.stable.prune_chains()
+            self.stable.prune_chains(self.tunables.max_page_sharing)
 
-    def _finish_scan(self) -> None:
-        """lksm_flush_removed_mm_list() + lksm_scan_wrapup_wait()."""
+    def _finish_scan(self, interrupted: bool = False) -> None:
+        """lksm_flush_removed_mm_list() + lksm_scan_wrapup_wait().  An `interrupted`
+        scan (run lost its merge bit) keeps its cursor, queue and unstable tree."""
         t = self.tunables
         self._flush_removed_mm_list()
         elapsed = time.perf_counter() - self._scan_begin
@@ -686,9 +725,11 @@ class Ksm:
         elif self.scan_mode == LKSM_SCAN_FULL:
             self.nr_full_scan += 1
         self.lksm_nr_merged = self.lksm_nr_broken = self.lksm_nr_scanned_slot = 0
-        # nothing reads this round's unstable tree once the scan is over: give it back
-        self._unstable_hint = len(self.unstable)
-        self.unstable = HashIndex()
+        if not interrupted:
+            self._at_head = True
+            # nothing reads this round's unstable tree once the scan is over: give it back
+            self._unstable_hint = len(self.unstable)
+            self.unstable = HashIndex()
         self.scan_mode = LKSM_SCAN_NONE
         if t.run & KSM_RUN_ONESHOT:
             t.one_shot_scanning = LKSM_SCAN_NONE
@@ -701,9 +742,10 @@ class Ksm:
         """Scan one mm_slot from its first VMA to its last, yielding pages scanned per
         chunk (the scanner's cursor lives in this generator's frame).
 
-        The pages to visit are listed first (VMA walk, present anonymous pages, zero
-        pages, the filter), so the slot's new rmap list is allocated once and filled in
-        place chunk by chunk.
+        The present anonymous pages of every VMA are listed first, so the slot's new
+        rmap list is allocated once (an upper bound: the filter and the zero page only
+        remove pages) and filled in place; each VMA's region, size checks and filter are
+        decided when the scanner reaches it, as lksm_find_next_vma() does.
         """
         begin = self.clock()
         old = slot.rmap
@@ -712,22 +754,34 @@ class Ksm:
         new = Rmap()
         zero_kept: list[np.ndarray] = []
         prev_zero, slot.zero_vpns = slot.zero_vpns, slot.zero_vpns[:0]
+        self._scan_region = -1  # ksm_scan.region is NULL when a slot starts
         try:
-            plan = self._plan_slot(slot, prev_zero, zero_kept)
-            new = Rmap(sum(int(v.shape[0]) for _, _, v in plan))
-            if len(new):
-                new.vpn[:] = np.concatenate([v for _, _, v in plan])
+            maps = self.source.mappings(slot.task)
+            present = [
+                (i, self.source.present_anon(slot.task, vma.start_vpn, vma.end_vpn))
+                for i, vma in enumerate(maps)
+                if vma.mergeable and vma.has_anon
+            ]
+            new = Rmap(sum(int(v.shape[0]) for _, v in present))
             self._cur_new = new
-            for vma_start, rid, vpns in plan:
-                k = 0
-                while k < vpns.shape[0]:
-                    n = min(max(1, min(CHUNK, self._budget)), int(vpns.shape[0]) - k)
-                    self._cur_valid = filled + n
-                    pos = self._scan_chunk(slot, vma_start, rid, new.view(filled, filled + n), old, pos)
-                    filled += n
-                    k += n
-                    self._publish()
-                    yield n
+            for i, vpns in present:
+                vma = maps[i]
+                if prev_zero.size:
+                    vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
+                for rid, run, event in self._walk_vma(slot, maps, i, vpns):
+                    if event is not None:
+                        event()
+                    k = 0
+                    while k < run.shape[0]:
+                        n = min(max(1, min(CHUNK, self._budget)), int(run.shape[0]) - k)
+                        part = new.view(filled, filled + n)
+                        part.vpn[:] = run[k : k + n]
+                        self._cur_valid = filled + n
+                        pos = self._scan_chunk(slot, vma.start_vpn, rid, part, old, pos)
+                        filled += n
+                        k += n
+                        self._publish()
+                        yield n
         except _SourceError as e:
             self._remove_items(new.view(0, filled))
             self._remove_items(old.take(slice(pos, None)))
@@ -740,50 +794,72 @@ class Ksm:
             self._cur_valid = 0
         # remove_trailing_rmap_items()
         self._remove_items(old.take(slice(pos, None)))
-        slot.rmap = new
+        slot.rmap = new if filled == len(new) else new.copy(filled)
         kept = np.concatenate(zero_kept) if zero_kept else prev_zero[:0]
         self.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
         slot.zero_vpns = np.union1d(kept, slot.zero_vpns)
         self._slot_done(slot, self.clock() - begin)
 
-    def _plan_slot(
-        self, slot: MmSlot, prev_zero: np.ndarray, zero_kept: list[np.ndarray]
-    ) -> list[tuple[int, int, np.ndarray]]:
-        """The walk of __scan_next_rmap_item()/lksm_find_next_vma(): for each mergeable
-        VMA with anonymous pages, its region and the pages to visit, filter applied."""
-        task = slot.task
-        filtering_allowed = self.filter_enabled and not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
-        maps = self.source.mappings(task)
-        plan: list[tuple[int, int, np.ndarray]] = []
-        cached = -1
-        for i, vma in enumerate(maps):
-            if not vma.mergeable or not vma.has_anon:
-                continue
-            rid = UNKNOWN_REGION
-            if self.filter_enabled:
-                rid = self.regions.find(maps, i, cached, self.crawl_round)
-                cached = rid
-            vpns = self.source.present_anon(task, vma.start_vpn, vma.end_vpn)
-            if prev_zero.size:
-                vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
-            if filtering_allowed and vpns.size and self.regions.use_filter(rid, self.scan_round):
-                region = self.regions.get(rid)
-                if region.filter_cnt > 0:
-                    offs = (vpns - np.uint64(vma.start_vpn)).astype(np.int64)
-                    vpns = vpns[region.filtered_offsets(offs)]
-                else:
-                    vpns = vpns[:0]
-            if vpns.size:
-                plan.append((vma.start_vpn, rid, vpns))
-        return plan
+    def _walk_vma(
+        self, slot: MmSlot, maps: list[Mapping], i: int, vpns: np.ndarray
+    ) -> list[tuple[int, np.ndarray, Callable[[], None] | None]]:
+        """lksm_find_next_vma() and the filter of __scan_next_rmap_item() for maps[i]:
+        the present pages the scanner visits, as runs of (region, pages, what happens
+        to the region first).
+
+        The seed runs the region size check once per call, that is once before each
+        page it returns and once more when the VMA is exhausted.  A larger mapping
+        resizes the region at the first check and agrees with it afterwards; a smaller
+        one is never resized, so its second check - right after its first visited page -
+        is the region's second conflict: that page still belongs to the (now conflicted)
+        region, every later one to the unknown region, unfiltered.  `_scan_region`
+        follows ksm_scan.region, which lksm_find_region() consults for the next VMA.
+        """
+        if not self.filter_enabled:
+            return [(UNKNOWN_REGION, vpns, None)]
+        regions = self.regions
+        vma = maps[i]
+        prior = self._scan_region
+        rid = regions.find(maps, i, prior, self.crawl_round)
+        if rid != HEAP_REGION and not regions.is_file(rid):
+            rid = UNKNOWN_REGION  # NULL or conflicted: the unknown region
+        if not regions.is_file(rid):
+            self._scan_region = rid
+            return [(rid, vpns, None)]
+        if not regions.size_check(rid, vma.npages):
+            # conflicted at the first check; the seed then keeps the stale
+            # ksm_scan.region for this page (the previous VMA's region, or NULL): the
+            # unknown region, as its comment intends
+            self._scan_region = UNKNOWN_REGION if vpns.size else prior
+            return [(UNKNOWN_REGION, vpns, None)]
+        sel = vpns
+        if slot_filtering_allowed(slot) and regions.use_filter(rid, self.scan_round):
+            region = regions.get(rid)
+            if region.filter_cnt > 0:
+                offs = (vpns - np.uint64(vma.start_vpn)).astype(np.int64)
+                sel = vpns[region.filtered_offsets(offs)]
+            else:
+                sel = vpns[:0]  # an emptied filter skips the whole mapping
+        self._scan_region = rid
+        if not regions.size_mismatch(rid, vma.npages) or not sel.size:
+            return [(rid, sel, None)]
+        # a smaller mapping: the check after its first visited page conflicts the region
+        first = sel[:1]
+        rest = vpns[vpns > first[0]]
+        self._scan_region = UNKNOWN_REGION if rest.size > 1 else rid
+        return [
+            (rid, first, None),
+            (rid, rest[:1], lambda: self._conflict(rid, vma.npages)),
+            (UNKNOWN_REGION, rest[1:], None),
+        ]
+
+    def _conflict(self, rid: int, npages: int) -> None:
+        conflicted = not self.regions.size_check(rid, npages)
+        assert conflicted, "a smaller mapping's second size check conflicts its region"
 
     def _slot_gone(self, slot: MmSlot, err: Exception) -> None:
         """The task exited (or shut us out) mid-scan: its items are gone, the slot goes
         to the remove list."""
-        if slot.test(KSM_MM_FROZEN):
-            self.nr_frozen -= 1
-        else:
-            self.nr_scannable -= 1
         if isinstance(err, AccessDenied):
             self.tasks_denied += 1
         else:
@@ -795,12 +871,7 @@ class Ksm:
     def _slot_done(self, slot: MmSlot, elapsed: float) -> None:
         """The end of a slot in scan_get_next_rmap_item(): newcomer and frozen states
         end, the merge window moves, and the slot is (re)placed in the VIP order."""
-        slot.clear(KSM_MM_NEWCOMER)
-        if slot.test(KSM_MM_FROZEN):
-            slot.clear(KSM_MM_FROZEN)
-            self.nr_frozen -= 1
-        else:
-            self.nr_scannable -= 1
+        slot.clear(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
         slot.set(KSM_MM_SCANNED)
         self.vips.pop(slot.sid, None)
         if slot.account_nr_merge(self.slot_nr_merged):
@@ -1179,24 +1250,38 @@ class Ksm:
     # ============================================================== run = 2 ==
 
     def _unmerge_and_remove_all_rmap_items(self) -> None:
-        """Every merge undone and every rmap item freed; slots stay registered."""
+        """unmerge_and_remove_all_rmap_items(): every merge undone and every rmap item
+        freed; slots stay registered, queued and in their states.
+
+        The seed leaves ksm_scan.mm_slot on ksm_mm_head, which LKSM's scanner then takes
+        for a slot (an oops).  Here the scan in progress is cancelled: its slot goes back
+        to the head of the queue, a pending one-shot request is dropped (it reads 0), and
+        the queue, the frozen task list and every slot state are kept, so the next
+        request (or periodic pass) scans what was waiting, and completes."""
+        cur = self.cur if self._gen is not None else None
+        if self._gen is not None:
+            self._gen.close()
         self._gen = None
         self.cur = None
         self._cur_new = None
+        if cur is not None and not cur.removed:
+            self.scan_list.add_head(cur)
+        self._at_head = True
         for slot in list(self.slots.values()):
             slot.rmap = Rmap()
             slot.zero_vpns = slot.zero_vpns[:0]
         self._flush_removed_mm_list()
         self.stable.clear()
-        self.unstable.clear()
+        self.unstable = HashIndex()
         self.pages_unshared = 0
         self.rmap_items = 0
         self.ksm_zero_pages = 0
         self.scan_round = 0
-        self.scan_list.clear()
-        self.frozen_tasks.clear()
+        self.slot_nr_merged = self.slot_nr_broken = 0
+        self.lksm_nr_merged = self.lksm_nr_broken = self.lksm_nr_scanned_slot = 0
         self.scan_mode = LKSM_SCAN_NONE
         self.scan_state = False
+        self._scan_started = False
         self.tunables.one_shot_scanning = LKSM_SCAN_NONE
         self._partial_at = None
         self._publish()
@@ -1228,6 +1313,11 @@ class Ksm:
             self._sync = False
         self._publish()
         return dict(self.last_scan)
+
+
+def slot_filtering_allowed(slot: MmSlot) -> bool:
+    """__scan_next_rmap_item(): newcomers and frozen slots are never filtered."""
+    return not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
 
 
 def slot_removed(task: TaskId, remove_list: list[MmSlot]) -> bool:

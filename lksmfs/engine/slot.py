@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -18,7 +19,7 @@ class MmSlot:
     __slots__ = (
         "sid", "task", "comm", "state", "merge_win", "merge_idx", "nr_merged",
         "scanning_size", "fault_cnt", "elapsed", "nr_scans", "rmap", "zero_vpns",
-        "regions", "vip_seq", "removed",
+        "regions", "marked", "vip_seq", "removed",
     )
 
     def __init__(self, sid: int, task: TaskId, comm: str, frozen: bool) -> None:
@@ -37,6 +38,7 @@ class MmSlot:
         self.rmap = Rmap()
         self.zero_vpns = np.zeros(0, dtype=np.uint64)  # pages merged with the zero page
         self.regions: set[int] = set()  # lksm_region_ref list
+        self.marked = MarkedVmas()  # the VMAs ksm_join() has marked VM_MERGEABLE
         self.vip_seq = -1  # position in vips_list, -1 when not in it
         self.removed = False
 
@@ -64,6 +66,34 @@ class MmSlot:
             ) if self.state & bit
         ]
         return ",".join(names) or "-"
+
+
+class MarkedVmas:
+    """The VMAs of one mm that carry VM_MERGEABLE, as (start, end, file) at their last
+    ksm_join().  The kernel keeps the flag on the VMA itself; from /proc a VMA is the
+    same one when it overlaps a marked VMA of the same file (or both are anonymous):
+    growing, shrinking and splitting keep the flag."""
+
+    __slots__ = ("_starts", "_vmas")
+
+    def __init__(self, vmas: list[tuple[int, int, tuple[int, int] | None]] | None = None) -> None:
+        self._vmas = sorted(vmas or [])
+        self._starts = [v[0] for v in self._vmas]
+
+    def __len__(self) -> int:
+        return len(self._vmas)
+
+    def covers(self, start: int, end: int, file: tuple[int, int] | None) -> bool:
+        """Was a VMA overlapping [start, end) with this file marked?"""
+        i = bisect.bisect_left(self._starts, end) - 1
+        while i >= 0:
+            s, e, f = self._vmas[i]
+            if e <= start:
+                return False  # sorted, non-overlapping: nothing further left overlaps
+            if f == file:
+                return True
+            i -= 1
+        return False
 
 
 class ScanList:
