@@ -9,6 +9,7 @@ Threads, as in mm/lksm.c:
 - watchdog: WATCHDOG=1 to systemd while the engine threads are alive;
 - FUSE in the main thread, in the foreground.  libfuse owns SIGTERM/SIGINT/SIGHUP while
   mounted: they end its loop and it unmounts; then the threads are stopped and we exit 0.
+  SIGQUIT takes the same path (lksmfs.sigquit turns it into a SIGTERM).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from lksmfs.config import (
     load_config,
     parse_set,
 )
+from lksmfs.sigquit import SigquitWatcher
 from lksmfs.sources.base import MemorySource, TaskId
 from lksmfs.sysfs.attrs import AttributeTable
 
@@ -113,6 +115,7 @@ def prepare_mountpoint(path: str) -> None:
         _probe(path)
     except FileNotFoundError:
         os.makedirs(path, exist_ok=True)
+        log.info("mountpoint %s did not exist: created it (mkdir -p)", path)
         return
     except OSError as e:
         if e.errno != errno.ENOTCONN:
@@ -422,6 +425,8 @@ class Daemon:
         from lksmfs.sysfs.fuse import mount
 
         prepare_mountpoint(self.mountpoint)
+        quit_watcher = SigquitWatcher(self._quit)
+        quit_watcher.start()
         self.start_threads()
         try:
             mount(self.ops, self.mountpoint)
@@ -430,7 +435,13 @@ class Daemon:
             sd_notify("STOPPING=1")
             log.info("unmounted %s, stopping", self.mountpoint)
             self.stop_threads()
+            quit_watcher.stop()
         return 0 if self.error is None else 1
+
+    def _quit(self) -> None:
+        """SIGQUIT: the SIGTERM path (libfuse ends its loop and unmounts)."""
+        if not self._unmounting:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 # -- command line ---------------------------------------------------------------------
