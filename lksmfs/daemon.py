@@ -33,10 +33,12 @@ from lksmfs.config import (
     Config,
     ConfigError,
     check_log_level,
+    check_metrics_textfile,
     check_source,
     load_config,
     parse_set,
 )
+from lksmfs.metrics_file import MetricsPublisher
 from lksmfs.sigquit import SigquitWatcher
 from lksmfs.sources.base import MemorySource, TaskId
 from lksmfs.sysfs.attrs import AttributeTable
@@ -270,6 +272,7 @@ class Daemon:
         self._scanner_kick = threading.Event()
         self.error: BaseException | None = None
         self.table = AttributeTable(self.ksm, lock=self.lock, on_store=self._on_store)
+        self.metrics = MetricsPublisher(config.metrics_textfile, self.table, self.lock, self.mountpoint)
         self.ops = LksmOperations(
             self.table,
             engine_lock=self.lock,
@@ -309,6 +312,7 @@ class Daemon:
         if name in ("sleep_millisecs", "run", "pages_to_scan", "scan_boost"):
             self._scanner_kick.set()
         self.wake()
+        self.metrics.publish()
 
     def _on_hint(self, task: TaskId, frozen: bool) -> None:
         """The freezer hook (freeze_task/__thaw_task -> lksm_hint)."""
@@ -321,6 +325,7 @@ class Daemon:
         try:
             log.info("mounted at %s", self.mountpoint)
             sd_notify(f"READY=1\nSTATUS=mounted at {self.mountpoint}\nMAINPID={os.getpid()}")
+            self.metrics.start()
         except Exception:  # init must never fail
             log.exception("ready notification failed")
 
@@ -340,7 +345,10 @@ class Daemon:
         try:
             with self.cond:
                 while not self._stop.is_set():
+                    published = self.ksm.counters()
                     due = self.ksm.crawl(time.monotonic())
+                    if self.ksm.counters() is not published:  # e.g. a one-shot with no one to scan
+                        self.metrics.publish()
                     self.cond.notify_all()  # a scan may have been prepared
                     if self._stop.is_set():
                         break
@@ -359,7 +367,10 @@ class Daemon:
                     if self._stop.is_set():
                         break
                     self._scanner_kick.clear()
+                    last_scan = self.ksm.last_scan
                     self.ksm.scan_batch()
+                    if self.ksm.last_scan is not last_scan:  # _finish_scan ran
+                        self.metrics.publish()
                     running = self.ksm.scanner_should_run()
                     if not running:
                         self.cond.notify_all()  # scan over: the crawler may have work
@@ -435,6 +446,7 @@ class Daemon:
             sd_notify("STOPPING=1")
             log.info("unmounted %s, stopping", self.mountpoint)
             self.stop_threads()
+            self.metrics.stop()
             quit_watcher.stop()
         return 0 if self.error is None else 1
 
@@ -474,6 +486,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
     p.add_argument("--no-freezer", action="store_true", help="no hints from the cgroup freezer")
     p.add_argument("--log-level", metavar="LEVEL")
+    p.add_argument("--metrics-textfile", metavar="FILE",
+                   help="write the figures for node_exporter's textfile collector (FILE.prom)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -497,6 +511,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.freezer.enabled = False
     if args.log_level:
         cfg.log_level = check_log_level(args.log_level, "--log-level")
+    if getattr(args, "metrics_textfile", None):
+        cfg.metrics_textfile = check_metrics_textfile(args.metrics_textfile, "--metrics-textfile")
     return cfg
 
 

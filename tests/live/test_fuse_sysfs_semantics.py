@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,37 +170,18 @@ def test_chmod_chown_touch_last_and_open_follows_the_mode(mounts: Mounts, child:
     assert sh("stat -c '%U %a' full_scans", cwd=mp).stdout == "root 444\n"  # the others unchanged
 
 
-_BURNER = r"""
-import mmap, sys, time
-m = mmap.mmap(-1, 32 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-for i in range(32):
-    m[i * 4096:(i + 1) * 4096] = b"\xa7" * 4096  # not the root child's 0x5a
-t = time.process_time()
-while time.process_time() - t < 0.15:
-    pass
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
 @pytest.fixture
-def nobody_child() -> Iterator[subprocess.Popen[str]]:
-    """A process of nobody's with 32 identical pages that is not a short task."""
+def nobody_child() -> Iterator[Child]:
+    """A process of nobody's with 32 identical pages (not the root child's byte value)."""
     python = shutil.which("python3", path="/usr/bin:/bin")
     if python is None:
         pytest.skip("no /usr/bin/python3 that nobody may run")
-    p = subprocess.Popen([*NOBODY, python, "-S", "-c", _BURNER], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        yield p
-    finally:
-        p.kill()
-        p.communicate(timeout=10)
+    with Child(32, 0xA7, user=NOBODY, python=python) as c:
+        yield c
 
 
 def test_per_process_files_belong_to_the_process_owner(
-    mounts: Mounts, child: Child, nobody_child: subprocess.Popen[str]
+    mounts: Mounts, child: Child, nobody_child: Child
 ) -> None:
     mp = mounts.start("--pid", str(child.pid), "--pid", str(nobody_child.pid), "--set", "run=8",
                       "--set", "pages_to_scan=5000").mountpoint
