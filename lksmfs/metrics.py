@@ -38,7 +38,7 @@ HELP = {
     "stable_node_dups": "Duplicate KSM pages in stable node chains.",
     "stable_node_chains_prune_millisecs": "Milliseconds between two prunings of stable node chains.",
     "use_zero_pages": "Whether empty pages are merged with the zero page.",
-    "scanning_process": "Processes added to the scan list by the last crawl.",
+    "scanning_process": "Processes registered with the engine (mm_slots).",
     "full_scan_interval": "Milliseconds between two periodic full scans.",
     "one_shot_scanning": "Pending one-shot request: 0 none, 1 partial, 2 full.",
     "scan_boost": "Pages per batch during a partial scan.",
