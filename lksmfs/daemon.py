@@ -9,6 +9,7 @@ Threads, as in mm/lksm.c:
 - watchdog: WATCHDOG=1 to systemd while the engine threads are alive;
 - FUSE in the main thread, in the foreground.  libfuse owns SIGTERM/SIGINT/SIGHUP while
   mounted: they end its loop and it unmounts; then the threads are stopped and we exit 0.
+  SIGQUIT takes the same path (lksmfs.sigquit turns it into a SIGTERM).
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from lksmfs.config import (
     Config,
     ConfigError,
     check_log_level,
+    check_metrics_textfile,
     check_source,
     load_config,
     parse_set,
 )
+from lksmfs.metrics_file import MetricsPublisher
+from lksmfs.sigquit import SigquitWatcher
 from lksmfs.sources.base import MemorySource, TaskId
 from lksmfs.sources.procfs import ProcfsSource, read_task_id
 from lksmfs.sysfs.attrs import AttributeTable
@@ -115,6 +119,7 @@ def prepare_mountpoint(path: str) -> None:
         _probe(path)
     except FileNotFoundError:
         os.makedirs(path, exist_ok=True)
+        log.info("mountpoint %s did not exist: created it (mkdir -p)", path)
         return
     except OSError as e:
         if e.errno != errno.ENOTCONN:
@@ -284,6 +289,7 @@ class Daemon:
         self._scanner_kick = threading.Event()
         self.error: BaseException | None = None
         self.table = AttributeTable(self.ksm, lock=self.lock, on_store=self._on_store)
+        self.metrics = MetricsPublisher(config.metrics_textfile, self.table, self.lock, self.mountpoint)
         self.ops = LksmOperations(
             self.table,
             engine_lock=self.lock,
@@ -325,6 +331,7 @@ class Daemon:
         if name in ("sleep_millisecs", "run", "pages_to_scan", "scan_boost"):
             self._scanner_kick.set()
         self.wake()
+        self.metrics.publish()
 
     def _on_hint(self, task: TaskId, frozen: bool) -> None:
         """The freezer hook (freeze_task/__thaw_task -> lksm_hint)."""
@@ -337,6 +344,7 @@ class Daemon:
         try:
             log.info("mounted at %s", self.mountpoint)
             sd_notify(f"READY=1\nSTATUS=mounted at {self.mountpoint}\nMAINPID={os.getpid()}")
+            self.metrics.start()
         except Exception:  # init must never fail
             log.exception("ready notification failed")
 
@@ -356,7 +364,10 @@ class Daemon:
         try:
             with self.cond:
                 while not self._stop.is_set():
+                    published = self.ksm.counters()
                     due = self.ksm.crawl(time.monotonic())
+                    if self.ksm.counters() is not published:  # e.g. a one-shot with no one to scan
+                        self.metrics.publish()
                     self.cond.notify_all()  # a scan may have been prepared
                     if self._stop.is_set():
                         break
@@ -375,7 +386,10 @@ class Daemon:
                     if self._stop.is_set():
                         break
                     self._scanner_kick.clear()
+                    last_scan = self.ksm.last_scan
                     self.ksm.scan_batch()
+                    if self.ksm.last_scan is not last_scan:  # _finish_scan ran
+                        self.metrics.publish()
                     running = self.ksm.scanner_should_run()
                     if not running:
                         self.cond.notify_all()  # scan over: the crawler may have work
@@ -441,6 +455,8 @@ class Daemon:
         from lksmfs.sysfs.fuse import mount
 
         prepare_mountpoint(self.mountpoint)
+        quit_watcher = SigquitWatcher(self._quit)
+        quit_watcher.start()
         self.start_threads()
         try:
             mount(self.ops, self.mountpoint)
@@ -449,7 +465,14 @@ class Daemon:
             sd_notify("STOPPING=1")
             log.info("unmounted %s, stopping", self.mountpoint)
             self.stop_threads()
+            self.metrics.stop()
+            quit_watcher.stop()
         return 0 if self.error is None else 1
+
+    def _quit(self) -> None:
+        """SIGQUIT: the SIGTERM path (libfuse ends its loop and unmounts)."""
+        if not self._unmounting:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 # -- command line ---------------------------------------------------------------------
@@ -482,6 +505,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
     p.add_argument("--no-freezer", action="store_true", help="no hints from the cgroup freezer")
     p.add_argument("--log-level", metavar="LEVEL")
+    p.add_argument("--metrics-textfile", metavar="FILE",
+                   help="write the figures for node_exporter's textfile collector (FILE.prom)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -505,6 +530,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.freezer.enabled = False
     if args.log_level:
         cfg.log_level = check_log_level(args.log_level, "--log-level")
+    if getattr(args, "metrics_textfile", None):
+        cfg.metrics_textfile = check_metrics_textfile(args.metrics_textfile, "--metrics-textfile")
     return cfg
 
 

@@ -26,7 +26,8 @@ from lksmfs.sysfs.kstrto import ParseError, kstrtobool, kstrtoint, kstrtoul
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
-# kernfs refuses a single write larger than atomic_write_len (PAGE_SIZE) with E2BIG
+# kernfs_fop_write_iter(): sysfs files have no atomic_write_len, so a longer write() is
+# cut to its first page (PAGE_SIZE), stored, and reported as a short write of 4096 bytes
 MAX_WRITE = 4096
 
 RW = 0o644
@@ -125,12 +126,12 @@ class AttributeTable:
         return self._get(name).show().encode()
 
     def store(self, name: str, data: bytes) -> int:
-        """Apply one write() of `data`; returns the byte count consumed (all of it)."""
+        """Apply one write() of `data`; returns the byte count consumed: all of it, or its
+        first page when longer (the caller's write() then returns 4096, as on sysfs)."""
         attr = self._get(name)
         if attr.store is None:
             raise OSError(errno.EACCES, "Permission denied")
-        if len(data) > MAX_WRITE:
-            raise OSError(errno.E2BIG, "Argument list too long")
+        data = data[:MAX_WRITE]
         if not data:  # sysfs_kf_write: an empty write stores nothing
             return 0
         with self._lock:

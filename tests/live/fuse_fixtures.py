@@ -28,9 +28,13 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 # The child: N page-aligned pages of one byte value (an identical group of N pages),
 # then enough CPU time not to be a "short task" (< 100 ms), then it waits for stdin EOF.
+# An optional third argument becomes its comm (prctl PR_SET_NAME).
 _CHILD = r"""
 import mmap, sys, time
 n, value = int(sys.argv[1]), int(sys.argv[2])
+if len(sys.argv) > 3:
+    import ctypes
+    ctypes.CDLL(None).prctl(15, ctypes.c_char_p(sys.argv[3].encode()), 0, 0, 0)
 m = mmap.mmap(-1, max(n, 1) * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 m.madvise(mmap.MADV_NOHUGEPAGE)
 page = bytes([value]) * 4096
@@ -88,12 +92,22 @@ def public_tmpdir() -> Iterator[Path]:
 
 
 class Child:
-    """A real process holding `npages` identical page-aligned pages of byte `value`."""
+    """A real process holding `npages` identical page-aligned pages of byte `value`;
+    `user` prefixes the command (e.g. NOBODY, with a `python` that user may run)."""
 
-    def __init__(self, npages: int, value: int = 0x5A) -> None:
+    def __init__(
+        self,
+        npages: int,
+        value: int = 0x5A,
+        *,
+        user: list[str] | None = None,
+        python: str = sys.executable,
+        comm: str | None = None,
+    ) -> None:
         self.npages = npages
         self.proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", _CHILD, str(npages), str(value)],
+            [*(user or []), python, "-S", "-c", _CHILD, str(npages), str(value),
+             *([comm] if comm is not None else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
