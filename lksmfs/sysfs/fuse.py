@@ -254,7 +254,7 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
             f"ksm_rmap_items {rmap}\nksm_merging_pages {merging}\n"
             f"ksm_process_profit {profit}\ncomm {row.get('comm', '')}\n"
             f"state {row.get('state', '')}\n"
-        ).encode()
+        ).encode("utf-8", "surrogateescape")  # comm is raw bytes, fsdecoded
 
     @guarded
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:

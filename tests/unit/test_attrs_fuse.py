@@ -143,6 +143,17 @@ def test_namespace() -> None:
     assert errno_of(o.open, "/proc/7/rmap_items", fi(os.O_WRONLY)) == errno.EACCES
 
 
+def test_ksm_stat_of_a_comm_that_is_not_utf8() -> None:
+    """/proc/PID/comm is bytes: an fsdecoded comm goes back out as the same bytes."""
+    o, ksm = ops()
+    comm = os.fsdecode(b"app\xff\xfe")
+    ksm.rows = [{"pid": 9, "start_time": 1, "comm": comm, "state": "listed", "rmap_items": 1,
+                 "merging_pages": 0, "profit": -64}]
+    f = fi(os.O_RDONLY)
+    o.open("/proc/9/ksm_stat", f)
+    assert b"comm app\xff\xfe\n" in o.read("/proc/9/ksm_stat", 4096, 0, f)
+
+
 def test_hint_file() -> None:
     o, ksm = ops()
     assert errno_of(o.open, "/hint", fi(os.O_RDONLY)) == errno.EACCES
