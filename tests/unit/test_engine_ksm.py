@@ -135,7 +135,7 @@ def test_frozen_newcomers_skip_the_checksum_and_merge_in_their_first_scan() -> N
     ksm = Ksm(src)
     ksm.hint(a, True)  # unknown tasks: onto the frozen task list
     ksm.hint(b, True)
-    assert set(ksm.frozen_tasks) == {a, b}
+    assert set(ksm.crawler.frozen_tasks) == {a, b}
     ksm.full_scan()
     assert counts(ksm) == (8, 8, 0, 0)
     # frozen-scanned slots end up neither frozen nor listed (the seed clears FROZEN only)
@@ -181,8 +181,8 @@ def test_process_gone_mid_scan_is_dropped_and_counted() -> None:
     ksm.full_scan()
     ksm.full_scan()
     ksm.prepare_full_scan()
-    ksm._wake_scanner()
-    ksm._sync = True
+    ksm.scanner.wake()
+    ksm.scanner.sync = True
     ksm.scan_batch(1)  # a is being scanned
     assert ksm.cur is not None and ksm.cur.task == a
     src.kill(a)  # ... and exits under the scanner

@@ -52,7 +52,7 @@ def test_hint_for_a_task_the_source_cannot_scan_does_not_wedge_a_partial_request
     request(table, 1)
     settle(ksm, clock)
     assert table.show("one_shot_scanning") == b"0\n"
-    assert outsider not in ksm.slots and not ksm.frozen_tasks
+    assert outsider not in ksm.slots and not ksm.crawler.frozen_tasks
     request(table, 2)  # and the next request is accepted and runs
     settle(ksm, clock)
     assert table.show("full_scans") == b"4\n" and table.show("one_shot_scanning") == b"0\n"
@@ -69,13 +69,13 @@ def test_every_queued_task_exits_between_prepare_and_scan() -> None:
     request(table, 1)
     clock.now = ksm.crawl(clock.now)  # the crawler batches frozen events for 100 ms
     ksm.crawl(clock.now)
-    assert ksm.scan_state and ksm.nr_queued() == 1
+    assert ksm.scan_state and ksm.scanner.queued() == 1
     src.kill(q)
     ksm.task_exit(q)  # the daemon learns of the exit
-    assert ksm.nr_queued() == 0
+    assert ksm.scanner.queued() == 0
     settle(ksm, clock)
     assert table.show("one_shot_scanning") == b"0\n" and not ksm.scan_state
-    assert list(ksm.slots) == [p] and not ksm.remove_list  # freed by the wrap-up
+    assert list(ksm.slots) == [p] and not ksm.mm.remove_list  # freed by the wrap-up
 
 
 def test_run_2_with_a_frozen_slot_queued_then_a_partial_request_completes() -> None:
@@ -86,7 +86,7 @@ def test_run_2_with_a_frozen_slot_queued_then_a_partial_request_completes() -> N
     q = src.anon("q", [fill("a"), unique(2)])
     ksm, table, clock = booted(src)
     ksm.hint(q, True)
-    assert ksm.slots[q].state & KSM_MM_FROZEN and ksm.nr_frozen == 1
+    assert ksm.slots[q].state & KSM_MM_FROZEN and ksm.mm.nr_frozen() == 1
     table.store("run", b"2\n")
     c = ksm.counters()
     assert (c["pages_shared"], c["pages_sharing"], c["rmap_items"]) == (0, 0, 0)
@@ -110,7 +110,7 @@ def test_run_2_during_a_scan_cancels_it_and_the_next_request_completes() -> None
     assert ksm.scan_state and ksm.cur is not None
     table.store("run", b"2\n")
     assert not ksm.scan_state and table.show("one_shot_scanning") == b"0\n"
-    assert ksm.nr_queued() == 3  # the interrupted slot is back at the head
+    assert ksm.scanner.queued() == 3  # the interrupted slot is back at the head
     table.store("run", b"8\n")
     request(table, 2)
     settle(ksm, clock)
@@ -139,9 +139,9 @@ def check_consistent(ksm: Ksm) -> None:
     for k in ("pages_shared", "pages_sharing", "pages_unshared", "rmap_items", "ksm_zero_pages"):
         assert c[k] >= 0, (k, c)
     assert c["scanning_process"] == len(ksm.slots)
-    if ksm._gen is not None:
+    if ksm.scanner.gen is not None:
         return  # a slot half scanned: its old and new items are both alive
-    slots = [*ksm.slots.values(), *ksm.remove_list]
+    slots = [*ksm.slots.values(), *ksm.mm.remove_list]
     flags = [s.rmap.flags for s in slots]
     assert c["rmap_items"] == sum(len(f) for f in flags)
     assert c["pages_unshared"] == sum(int(np.count_nonzero(f & UNSTABLE)) for f in flags)

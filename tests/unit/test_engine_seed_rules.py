@@ -158,12 +158,12 @@ def test_exited_slot_waits_for_a_real_scan_to_be_freed() -> None:
     assert table.show("one_shot_scanning") == b"0\n"
     assert c["scanning_process"] == 1  # the exit was seen ...
     assert (c["pages_shared"], c["pages_sharing"]) == (1, 3)  # ... but q is not freed yet
-    assert [s.task for s in ksm.remove_list] == [q]
+    assert [s.task for s in ksm.mm.remove_list] == [q]
     table.store("one_shot_scanning", b"2\n")  # a full scan of p wraps up: q goes
     settle(ksm, clock)
     c = ksm.counters()
     assert (c["pages_shared"], c["pages_sharing"], c["rmap_items"]) == (1, 1, 2)
-    assert not ksm.remove_list and list(ksm.slots) == [p]
+    assert not ksm.mm.remove_list and list(ksm.slots) == [p]
 
 
 # -- lksm_scan_thread(): run=0 in the middle of a scan wraps it up ------------------
