@@ -1,5 +1,6 @@
 # lksmfs: `make run` and `make test` are the two commands a fresh Debian machine needs.
-# Both install what is missing first (Debian fuse3 + libfuse2 as root, a venv in .venv, the package).
+# Both install what is missing first (Debian fuse3 + libfuse2 and prometheus-node-exporter as root,
+# a venv in .venv, the package).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,6 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 	      && (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfuse2 \
 	          || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfuse2t64); \
 	  else echo "warning: fuse3/libfuse2 missing and not root: FUSE tests will be skipped" >&2; fi; \
+	fi
+	@if ! command -v prometheus-node-exporter >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus-node-exporter; \
+	  else echo "warning: prometheus-node-exporter missing and not root: its tests will be skipped" >&2; fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

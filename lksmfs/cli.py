@@ -14,6 +14,7 @@ _COMMANDS: tuple[str | tuple[str, str], ...] = (
     "lksmfs.scan",
     "lksmfs.daemon",
     ("workload", "lksmfs.workload.spawn"),
+    "lksmfs.share",
 )
 
 

@@ -9,6 +9,7 @@ not silently fall back to a default.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -64,6 +65,7 @@ class Config:
     freezer: FreezerConfig = field(default_factory=FreezerConfig)
     source: str = "procfs"  # or "simulated:WORKLOAD.yaml"
     log_level: str = "INFO"
+    metrics_textfile: str | None = None  # Prometheus textfile, rewritten after each event
 
 
 # -- loading -------------------------------------------------------------------
@@ -154,7 +156,23 @@ def config_from_dict(data: Any, src: str = "<config>") -> Config:
         cfg.log_level = check_log_level(
             _expect(data["log_level"], str, "a string", f"{src}: log_level"), f"{src}: log_level"
         )
+
+    if data.get("metrics_textfile") is not None:
+        where = f"{src}: metrics_textfile"
+        cfg.metrics_textfile = check_metrics_textfile(_expect(data["metrics_textfile"], str, "a path", where), where)
     return cfg
+
+
+def check_metrics_textfile(value: str, where: str) -> str:
+    """A file path in an existing directory (the temp file of each write goes there)."""
+    if not value or value.endswith("/"):
+        raise ConfigError(f"{where}: must be a file path (got {value!r})")
+    directory = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{where}: directory {directory} does not exist (got {value!r})")
+    if os.path.isdir(value):
+        raise ConfigError(f"{where}: is a directory, expected a file path (got {value!r})")
+    return value
 
 
 def check_source(value: str, where: str) -> str:

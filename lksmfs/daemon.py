@@ -9,6 +9,7 @@ Threads, as in mm/lksm.c:
 - watchdog: WATCHDOG=1 to systemd while the engine threads are alive;
 - FUSE in the main thread, in the foreground.  libfuse owns SIGTERM/SIGINT/SIGHUP while
   mounted: they end its loop and it unmounts; then the threads are stopped and we exit 0.
+  SIGQUIT takes the same path (lksmfs.sigquit turns it into a SIGTERM).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -27,14 +29,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lksmfs.config import Config, ConfigError, check_log_level, check_source, load_config
+from lksmfs.config import (
+    Config,
+    ConfigError,
+    check_log_level,
+    check_metrics_textfile,
+    check_source,
+    load_config,
+)
 from lksmfs.engine.ksm import Ksm
 from lksmfs.freezer import FreezerWatcher
+from lksmfs.metrics_file import MetricsPublisher
+from lksmfs.sigquit import SigquitWatcher
 from lksmfs.sources.base import MemorySource, TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount
+from lksmfs.system.proc import try_stat
 from lksmfs.workload.simulated import SimulatedSource
 
 log = logging.getLogger(__name__)
@@ -101,6 +113,7 @@ def prepare_mountpoint(path: str) -> None:
         _probe(path)
     except FileNotFoundError:
         os.makedirs(path, exist_ok=True)
+        log.info("mountpoint %s did not exist: created it (mkdir -p)", path)
         return
     except OSError as e:
         if e.errno != errno.ENOTCONN:
@@ -168,9 +181,8 @@ def _scope(cfg: Config) -> Scope:
 def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
     """The configured MemorySource and the way a hinted pid becomes a TaskId."""
     if cfg.source == "procfs":
-        from lksmfs.sysfs.fuse import proc_task_id  # mfusepy loads libfuse: mount only
-
-        return ProcfsSource(self_pid=os.getpid(), scope=_scope(cfg)), proc_task_id
+        src = ProcfsSource(self_pid=os.getpid(), scope=_scope(cfg))
+        return src, functools.partial(scannable_task, src)
     sim = SimulatedSource.from_file(cfg.source.split(":", 1)[1])
 
     def resolve(pid: int) -> TaskId:
@@ -180,6 +192,22 @@ def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
         raise OSError(errno.ESRCH, "No such process")
 
     return sim, resolve
+
+
+def scannable_task(src: ProcfsSource, pid: int) -> TaskId:
+    """The TaskId a `hint` write names, refused when the task can never be scanned, so
+    that no request waits on it: ESRCH when there is no such process; EINVAL for the
+    daemon itself, a kernel thread, or a process outside --pid/--cgroup."""
+    st = try_stat(pid, src.proc_root)
+    if st is None:
+        raise OSError(errno.ESRCH, "No such process")
+    if pid == src.self_pid:
+        raise OSError(errno.EINVAL, "hint: that is the lksmfs daemon itself")
+    if st.kthread:
+        raise OSError(errno.EINVAL, "hint: a kernel thread has no memory to scan")
+    if not src.in_scope(pid, st.comm):
+        raise OSError(errno.EINVAL, "hint: the process is outside the daemon's scope")
+    return st.task_id
 
 
 def make_freezer(cfg: Config, on_hint: Callable[[TaskId, bool], None]) -> FreezerWatcher | None:
@@ -234,10 +262,13 @@ class Daemon:
         self._scanner_kick = threading.Event()
         self.error: BaseException | None = None
         self.table = AttributeTable(self.ksm, lock=self.lock, on_store=self._on_store)
+        self.metrics = MetricsPublisher(config.metrics_textfile, self.table, self.lock, self.mountpoint)
         self.ops = LksmOperations(
             self.table,
             engine_lock=self.lock,
-            resolve_task=resolve_task or proc_task_id,
+            resolve_task=resolve_task or (
+                functools.partial(scannable_task, source) if isinstance(source, ProcfsSource) else proc_task_id
+            ),
             on_hint=self.wake,
             on_init=self._on_mounted,
         )
@@ -262,6 +293,7 @@ class Daemon:
         if name in ("sleep_millisecs", "run", "pages_to_scan", "scan_boost"):
             self._scanner_kick.set()
         self.wake()
+        self.metrics.publish()
 
     def _on_hint(self, task: TaskId, frozen: bool) -> None:
         """The freezer hook (freeze_task/__thaw_task -> lksm_hint)."""
@@ -274,6 +306,7 @@ class Daemon:
         try:
             log.info("mounted at %s", self.mountpoint)
             sd_notify(f"READY=1\nSTATUS=mounted at {self.mountpoint}\nMAINPID={os.getpid()}")
+            self.metrics.start()
         except Exception:  # init must never fail
             log.exception("ready notification failed")
 
@@ -293,7 +326,10 @@ class Daemon:
         try:
             with self.cond:
                 while not self._stop.is_set():
+                    published = self.ksm.counters()
                     due = self.ksm.crawl(time.monotonic())
+                    if self.ksm.counters() is not published:  # e.g. a one-shot with no one to scan
+                        self.metrics.publish()
                     self.cond.notify_all()  # a scan may have been prepared
                     if self._stop.is_set():
                         break
@@ -312,7 +348,10 @@ class Daemon:
                     if self._stop.is_set():
                         break
                     self._scanner_kick.clear()
+                    last_scan = self.ksm.last_scan
                     self.ksm.scan_batch()
+                    if self.ksm.last_scan is not last_scan:  # _finish_scan ran
+                        self.metrics.publish()
                     running = self.ksm.scanner_should_run()
                     if not running:
                         self.cond.notify_all()  # scan over: the crawler may have work
@@ -379,6 +418,8 @@ class Daemon:
         from lksmfs.sysfs.fuse import mount
 
         prepare_mountpoint(self.mountpoint)
+        quit_watcher = SigquitWatcher(self._quit)
+        quit_watcher.start()
         self.start_threads()
         try:
             mount(self.ops, self.mountpoint)
@@ -387,7 +428,14 @@ class Daemon:
             sd_notify("STOPPING=1")
             log.info("unmounted %s, stopping", self.mountpoint)
             self.stop_threads()
+            self.metrics.stop()
+            quit_watcher.stop()
         return 0 if self.error is None else 1
+
+    def _quit(self) -> None:
+        """SIGQUIT: the SIGTERM path (libfuse ends its loop and unmounts)."""
+        if not self._unmounting:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 # -- command line ---------------------------------------------------------------------
@@ -420,6 +468,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
     p.add_argument("--no-freezer", action="store_true", help="no hints from the cgroup freezer")
     p.add_argument("--log-level", metavar="LEVEL")
+    p.add_argument("--metrics-textfile", metavar="FILE",
+                   help="write the figures for node_exporter's textfile collector (FILE.prom)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -443,6 +493,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.freezer.enabled = False
     if args.log_level:
         cfg.log_level = check_log_level(args.log_level, "--log-level")
+    if getattr(args, "metrics_textfile", None):
+        cfg.metrics_textfile = check_metrics_textfile(args.metrics_textfile, "--metrics-textfile")
     return cfg
 
 

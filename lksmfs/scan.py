@@ -17,6 +17,7 @@ from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import INITIAL_ROUND
 from lksmfs.sources.base import PAGE_SIZE
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
+from lksmfs.system.proc import PROC_ROOT
 
 
 def scan_processes(
@@ -27,7 +28,7 @@ def scan_processes(
     rounds: int = INITIAL_ROUND,
     settings: Mapping[str, int | str] | None = None,
     filter_enabled: bool = True,
-    proc_root: str = "/proc",
+    proc_root: str = PROC_ROOT,
 ) -> dict[str, Any]:
     """Run `rounds` full scans over the processes in scope and return the attribute
     values plus `wall_s` (time spent in the scans) and `scans` (one entry per scan).

@@ -86,7 +86,7 @@ def check_counters(ksm: Ksm, *, quiescent: bool) -> dict[str, int]:
                                + c["pages_volatile"]), c
     if quiescent:
         assert not ksm.scan_state
-        rmaps = [s.rmap for s in [*ksm.slots.values(), *ksm.remove_list]]
+        rmaps = [s.rmap for s in [*ksm.slots.values(), *ksm.mm.remove_list]]
         assert c["rmap_items"] == sum(len(r) for r in rmaps), c
         assert c["pages_shared"] + c["pages_sharing"] == sum(
             int(np.count_nonzero(r.flags & STABLE)) for r in rmaps), c

@@ -40,8 +40,12 @@ class MemProcess:
         stop: bool = False,
         timeout_s: float = 60.0,
         wait: bool = True,
+        user: Sequence[str] = (),
+        python: str = sys.executable,
     ) -> None:
-        """Start the child; unless `wait` is False, wait until its memory is built."""
+        """Start the child; unless `wait` is False, wait until its memory is built.
+        `user` prefixes the command (e.g. testkit.mount.NOBODY, with a `python` that user
+        may run)."""
         self.stop_mode = stop
         self.timeout_s = timeout_s
         self.regions: dict[str, tuple[int, int]] = {}  # name -> (address, npages)
@@ -49,7 +53,7 @@ class MemProcess:
         if comm is not None:
             options["comm"] = comm
         self.proc = subprocess.Popen(
-            [sys.executable, "-S", str(CHILD), child_spec(regions, **options)],
+            [*user, python, "-S", str(CHILD), child_spec(regions, **options)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
         )
         self.pid = self.proc.pid
@@ -161,10 +165,12 @@ class MemProcess:
         self.close()
 
 
-def filled(npages: int, value: int = 0x5A, *, cpu_ms: int = 150) -> MemProcess:
+def filled(npages: int, value: int = 0x5A, *, cpu_ms: int = 150, comm: str | None = None,
+           user: Sequence[str] = (), python: str = sys.executable) -> MemProcess:
     """A process holding `npages` identical pages of byte `value` (one group of npages),
     past LKSM's short-task threshold: what a daemon test scans."""
-    return MemProcess(Region("data", [(npages, value)]), cpu_ms=cpu_ms)
+    return MemProcess(Region("data", [(npages, value)]), cpu_ms=cpu_ms, comm=comm, user=user,
+                      python=python)
 
 
 def pattern_process(spec: Pages, *, cpu_ms: int = 150, timeout_s: float = 60.0,

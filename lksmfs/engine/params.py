@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 # run flags (mm/lksm.c KSM_RUN_*)
 KSM_RUN_STOP = 0
@@ -21,9 +21,9 @@ KSM_MM_FROZEN = 0x01
 KSM_MM_LISTED = 0x02
 KSM_MM_NEWCOMER = 0x04
 KSM_MM_SCANNED = 0x08
-KSM_MM_PREPARED = 0x10
 
 MERGE_WIN = 3  # merge window of an mm_slot
+LKSM_DEFAULT_PAGES_TO_SCAN = 100  # lksm_default_pages_to_scan: after a partial scan
 LKSM_MAX_VIPS = 20  # lksm_max_vips
 INITIAL_ROUND = 3  # initial_round: full scans before the checksum gate is dropped
 KSM_SHORT_TASK_TIME_MS = 100  # short_lived_thresh
@@ -53,7 +53,3 @@ class Tunables:
     stable_node_chains_prune_millisecs: int = 2000
     use_zero_pages: int = 0
     merge_across_nodes: int = 1
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

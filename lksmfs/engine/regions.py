@@ -66,7 +66,6 @@ class Region:
     next: int = -1  # the bss region of a data region
     prev: int = -1
     bits: bitarray | None = None  # None: the filter array is not allocated
-    freed: bool = False
 
     def _nbits(self) -> int:
         return self.len * BITS_PER_LONG
@@ -203,8 +202,9 @@ class RegionTable:
     # -- scanning (lksm_find_region / lksm_find_next_vma) ------------------------
 
     def find(self, maps: list[Mapping], i: int, cached: int, crawl_round: int) -> int:
-        """lksm_find_region() + the resize/conflict part of lksm_find_next_vma(): the
-        region to account maps[i]'s pages to.  `cached` is ksm_scan.region."""
+        """lksm_find_region(): the region maps[i]'s pages belong to, HEAP_REGION, or
+        UNKNOWN_REGION (the seed's NULL).  `cached` is ksm_scan.region, the region the
+        scanner used last in this mm (-1 at a slot's start)."""
         vma = maps[i]
         if vma.is_heap:
             return HEAP_REGION
@@ -216,37 +216,49 @@ class RegionTable:
             c = self.regions.get(cached)
             if c is not None and c.key == key:
                 if c.type == rtype:
-                    return self._checked(c, vma)
+                    return c.rid
                 if c.type == RegionType.FILE1:
                     rid = c.rid
             else:
                 rid = self.by_key.get(key)
         if rid is None:
             return UNKNOWN_REGION
-        region = self.regions[rid]
         if rtype == RegionType.FILE2:
+            region = self.regions[rid]
             if region.next < 0:
                 self._insert(rid, key, vma, rtype, crawl_round)  # type: ignore[arg-type]
-            region = self.regions[region.next]
-        return self._checked(region, vma)
+            return region.next
+        return rid
 
-    def _checked(self, region: Region, vma: Mapping) -> int:
-        """Size check: the first size change resizes, the second conflicts the region
-        (conflicted regions are never filtered)."""
-        if region.type not in (RegionType.FILE1, RegionType.FILE2):
-            return UNKNOWN_REGION
-        n = region_len(vma.npages)
-        if n > SINGLE_FILTER_LEN and region.len != n:
-            region.conflict += 1
-            if region.conflict > 1:
-                region.type = RegionType.CONFLICT
-                region.bits = None
-                region.filter_cnt = 0
-                region.len = SINGLE_FILTER_LEN
-                return UNKNOWN_REGION
-            if region.len < n:
-                region.grow(n)
-        return region.rid
+    def is_file(self, rid: int) -> bool:
+        """A data or bss region: filtered, size-checked, and its merges set filter bits."""
+        return self.get(rid).type in (RegionType.FILE1, RegionType.FILE2)
+
+    def size_mismatch(self, rid: int, npages: int) -> bool:
+        """The size test of lksm_find_next_vma(): a mapping of more than one word of
+        pages whose filter length differs from the region's."""
+        n = region_len(npages)
+        return n > SINGLE_FILTER_LEN and self.get(rid).len != n
+
+    def size_check(self, rid: int, npages: int) -> bool:
+        """One pass of lksm_find_next_vma()'s size check, which the seed runs for every
+        page the scanner visits: a size difference counts a conflict; the first one of
+        a larger mapping resizes the filter, the second conflicts the region (never
+        filtered again).  Returns False when the region is conflicted now."""
+        if not self.size_mismatch(rid, npages):
+            return True
+        region = self.regions[rid]
+        n = region_len(npages)
+        region.conflict += 1
+        if region.conflict > 1:
+            region.type = RegionType.CONFLICT
+            region.bits = None
+            region.filter_cnt = 0
+            region.len = SINGLE_FILTER_LEN
+            return False
+        if region.len < n:
+            region.grow(n)
+        return True
 
     # -- accounting ---------------------------------------------------------------
 

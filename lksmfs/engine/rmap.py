@@ -72,6 +72,14 @@ class Rmap:
             setattr(out, c, getattr(self, c)[idx])
         return out
 
+    def copy(self, n: int) -> Rmap:
+        """A compact copy of the first `n` items (a scan that visited fewer pages than
+        it allocated for gives the rest back)."""
+        out = Rmap.__new__(Rmap)
+        for c in COLUMNS:
+            setattr(out, c, getattr(self, c)[:n].copy())
+        return out
+
     def find(self, vpn: int) -> int:
         """Index of `vpn`, or -1."""
         i = int(np.searchsorted(self.vpn, np.uint64(vpn)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -18,7 +19,7 @@ class MmSlot:
     __slots__ = (
         "sid", "task", "comm", "state", "merge_win", "merge_idx", "nr_merged",
         "scanning_size", "fault_cnt", "elapsed", "nr_scans", "rmap", "zero_vpns",
-        "regions", "vip_seq", "removed",
+        "regions", "marked", "vip_seq", "removed",
     )
 
     def __init__(self, sid: int, task: TaskId, comm: str, frozen: bool) -> None:
@@ -37,6 +38,7 @@ class MmSlot:
         self.rmap = Rmap()
         self.zero_vpns = np.zeros(0, dtype=np.uint64)  # pages merged with the zero page
         self.regions: set[int] = set()  # lksm_region_ref list
+        self.marked = MarkedVmas()  # the VMAs ksm_join() has marked VM_MERGEABLE
         self.vip_seq = -1  # position in vips_list, -1 when not in it
         self.removed = False
 
@@ -64,6 +66,34 @@ class MmSlot:
             ) if self.state & bit
         ]
         return ",".join(names) or "-"
+
+
+class MarkedVmas:
+    """The VMAs of one mm that carry VM_MERGEABLE, as (start, end, file) at their last
+    ksm_join().  The kernel keeps the flag on the VMA itself; from /proc a VMA is the
+    same one when it overlaps a marked VMA of the same file (or both are anonymous):
+    growing, shrinking and splitting keep the flag."""
+
+    __slots__ = ("_starts", "_vmas")
+
+    def __init__(self, vmas: list[tuple[int, int, tuple[int, int] | None]] | None = None) -> None:
+        self._vmas = sorted(vmas or [])
+        self._starts = [v[0] for v in self._vmas]
+
+    def __len__(self) -> int:
+        return len(self._vmas)
+
+    def covers(self, start: int, end: int, file: tuple[int, int] | None) -> bool:
+        """Was a VMA overlapping [start, end) with this file marked?"""
+        i = bisect.bisect_left(self._starts, end) - 1
+        while i >= 0:
+            s, e, f = self._vmas[i]
+            if e <= start:
+                return False  # sorted, non-overlapping: nothing further left overlaps
+            if f == file:
+                return True
+            i -= 1
+        return False
 
 
 class ScanList:
@@ -100,3 +130,80 @@ class ScanList:
 
     def clear(self) -> None:
         self._d.clear()
+
+
+class MmList:
+    """Every registered mm_slot and the lists it is on: mm_slots_hash/ksm_mm_head
+    (`slots`), ksm_scan_head.scan_list, ksm_scan.remove_mm_list and vips_list."""
+
+    def __init__(self) -> None:
+        self.slots: dict[TaskId, MmSlot] = {}
+        self._by_sid: dict[int, MmSlot] = {}
+        self._next_sid = 1
+        self.scan_list = ScanList()
+        self.remove_list: list[MmSlot] = []
+        self.vips: dict[int, MmSlot] = {}  # vips_list, ordered on use
+        self._vip_seq = 0
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def get(self, task: TaskId) -> MmSlot | None:
+        return self.slots.get(task)
+
+    def by_sid(self, sid: int) -> MmSlot | None:
+        """The slot an unstable tree entry names, or None once it left."""
+        return self._by_sid.get(sid)
+
+    def alloc(self, task: TaskId, comm: str, faults: int, anon: int, frozen: bool, queue: bool) -> MmSlot:
+        """__ksm_enter_alloc_slot(): registered, and queued at the tail of the scan list
+        unless run=2 is in progress (`queue`)."""
+        slot = MmSlot(self._next_sid, task, comm, frozen)
+        self._next_sid += 1
+        slot.fault_cnt = faults
+        slot.scanning_size = anon
+        self.slots[task] = slot
+        self._by_sid[slot.sid] = slot
+        if queue:
+            self.scan_list.add_tail(slot)
+        return slot
+
+    def unlink(self, slot: MmSlot) -> None:
+        """Off the hash, the scan list and the VIP list."""
+        self.slots.pop(slot.task, None)
+        self._by_sid.pop(slot.sid, None)
+        self.scan_list.remove(slot)
+        self.vips.pop(slot.sid, None)
+        slot.vip_seq = -1
+        slot.removed = True
+
+    def remove(self, slot: MmSlot) -> None:
+        """lksm_remove_mm_slot(): off every list, onto the remove list (freed when the
+        scanner wraps its scan up)."""
+        self.unlink(slot)
+        self.remove_list.append(slot)
+
+    def take_removed(self) -> list[MmSlot]:
+        """lksm_flush_removed_mm_list()'s list_del_init of the remove list."""
+        removed, self.remove_list = self.remove_list, []
+        return removed
+
+    def nr_frozen(self) -> int:
+        """ksm_scan.nr_frozen: frozen slots waiting for their scan."""
+        return sum(1 for s in self.scan_list if s.test(KSM_MM_FROZEN))
+
+    def vips_by_merges(self) -> list[MmSlot]:
+        """vips_list in rb-tree order: most merges in the window first, ties by age."""
+        return sorted(self.vips.values(), key=lambda s: (-s.nr_merged, s.vip_seq))
+
+    def place_vip(self, slot: MmSlot, nr_merged: int) -> None:
+        """The end of a slot's scan: the merge window moves and the slot is (re)placed in
+        vips_list, or taken off it when it merged nothing lately
+        (lksm_account_mm_slot_nr_merge + lksm_insert_mm_slot_ordered)."""
+        self.vips.pop(slot.sid, None)
+        if slot.account_nr_merge(nr_merged):
+            slot.vip_seq = self._vip_seq
+            self._vip_seq += 1
+            self.vips[slot.sid] = slot
+        else:
+            slot.vip_seq = -1

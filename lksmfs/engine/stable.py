@@ -207,10 +207,13 @@ class StableTree:
         self.nr_nodes -= 1
         self._free.append(nid)
 
-    def prune_chains(self) -> None:
+    def prune_chains(self, max_page_sharing: int) -> None:
         """stable_node_dup() with prune: a chain left with a single dup collapses back into
-        a plain stable node (every stable_node_chains_prune_millisecs)."""
-        for cid in [c for c, d in self.chains.items() if len(d) == 1]:
+        a plain stable node (every stable_node_chains_prune_millisecs) - only when that
+        dup still has room (is_page_sharing_candidate()): a full dup stays chained, since
+        the next page with its content needs a new dup anyway."""
+        nlen = self._len.a
+        for cid in [c for c, d in self.chains.items() if len(d) == 1 and int(nlen[d[0]]) < max_page_sharing]:
             (nid,) = self.chains.pop(cid)
             self._chain.a[nid] = -1
             self.index.put(int(self._lo.a[nid]), nid)

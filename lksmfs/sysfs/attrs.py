@@ -29,7 +29,8 @@ from lksmfs.engine.params import (
 )
 from lksmfs.sysfs.kstrto import ParseError, kstrtobool, kstrtoint, kstrtoul
 
-# kernfs refuses a single write larger than atomic_write_len (PAGE_SIZE) with E2BIG
+# kernfs_fop_write_iter(): sysfs files have no atomic_write_len, so a longer write() is
+# cut to its first page (PAGE_SIZE), stored, and reported as a short write of 4096 bytes
 MAX_WRITE = 4096
 REGIONS = ("heap", "stack", "file_data", "file_bss", "conflicted")  # region_share's order
 
@@ -167,12 +168,12 @@ class AttributeTable(Generic[E_co]):
         return out
 
     def store(self, name: str, data: bytes) -> int:
-        """Apply one write() of `data`; returns the byte count consumed (all of it)."""
+        """Apply one write() of `data`; returns the byte count consumed: all of it, or its
+        first page when longer (the caller's write() then returns 4096, as on sysfs)."""
         attr = self._get(name)
         if attr.store is None:
             raise OSError(errno.EACCES, "Permission denied")
-        if len(data) > MAX_WRITE:
-            raise OSError(errno.E2BIG, "Argument list too long")
+        data = data[:MAX_WRITE]
         if not data:  # sysfs_kf_write: an empty write stores nothing
             return 0
         with self._lock:

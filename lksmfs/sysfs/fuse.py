@@ -9,6 +9,7 @@ calls onto it, the way kernfs maps them onto *_show/*_store:
   never serves a stale value and `cat` always sees the current one.
 - write: one write() is one store(); the offset is ignored, as sysfs ignores it.
 - truncate: accepted and ignored, because `echo x > file` opens with O_TRUNC.
+- chmod/chown/touch, rename/unlink/mkdir/...: what sysfs answers (lksmfs.sysfs.nodes).
 
 lksmfs extensions (not in the kernel's ABI, see docs/fuse.md): a write-only `hint` file
 (`PID frozen|thawed`: the freezer hook by hand) and `proc/PID/` with per-process figures.
@@ -34,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 import mfusepy as fuse
 
 from lksmfs.sysfs.attrs import MAX_WRITE, AttributeEngine, AttributeTable
+from lksmfs.sysfs.nodes import ROOT_OWNER, NodeAttrs, check_open, no_create, no_namespace_change, process_owner
 from lksmfs.system.proc import PROC_ROOT, AccessDenied, ProcessGone, TaskId, task_id
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,7 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
         resolve_task: Callable[[int], TaskId] = proc_task_id,
         on_hint: Callable[[], None] | None = None,
         on_init: Callable[[], None] | None = None,
+        owner_of: Callable[[int, int], tuple[int, int]] = process_owner,
     ) -> None:
         self.table = table
         self.ksm = table.ksm
@@ -143,6 +146,8 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
         self._files: dict[int, _OpenFile] = {}
         self._fh = itertools.count(1)
         self._time_ns = time.time_ns()
+        self.nodes = NodeAttrs(self._time_ns)  # what chmod/chown/touch changed
+        self._owner_of = owner_of  # (pid, start time) -> (uid, gid) of the process
         self._pp_cache: tuple[float, dict[str, Mapping[str, Any]]] = (-1.0, {})
         self._pp_lock = threading.Lock()
 
@@ -184,20 +189,14 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
                 if len(parts) == 2:
                     return "dir", 0o555
                 if parts[2] in PROC_FILES:
-                    return "procfile", 0o444
+                    return "procfile", 0o400  # as /proc/PID/ksm_stat
         raise OSError(errno.ENOENT, "No such file or directory")
 
     @guarded
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         kind, mode = self._kind(path)
-        t = self._time_ns
-        st: dict[str, Any] = {
-            "st_uid": 0,
-            "st_gid": 0,
-            "st_atime": t,
-            "st_mtime": t,
-            "st_ctime": t,
-        }
+        st: dict[str, Any] = self.nodes.stat(path, mode, self._owner(path))
+        mode = st.pop("perm")
         if kind == "dir":
             st.update(st_mode=stat.S_IFDIR | mode, st_nlink=2, st_size=0)
         else:
@@ -220,14 +219,15 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
 
     @guarded
     def open(self, path: str, fi: Any) -> int:
-        kind, _ = self._kind(path)
+        kind, mode = self._kind(path)
         if kind == "dir":
             raise OSError(errno.EISDIR, "Is a directory")
         accmode = fi.flags & os.O_ACCMODE
-        if kind == "hint" and accmode != os.O_WRONLY:
-            raise OSError(errno.EACCES, "hint is write-only")  # kernfs: no show -> EACCES
         if kind == "procfile" and accmode != os.O_RDONLY:
             raise OSError(errno.EACCES, "Permission denied")
+        if kind in ("attr", "hint"):  # hint has no show: never readable
+            writable = kind == "hint" or self.table.writable(path.strip("/"))
+            check_open(self.nodes.mode(path, mode), accmode, can_read=kind == "attr", can_write=writable)
         fh = next(self._fh)
         self._files[fh] = _OpenFile(path)
         fi.fh = fh
@@ -257,7 +257,7 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
             f"ksm_rmap_items {rmap}\nksm_merging_pages {merging}\n"
             f"ksm_process_profit {profit}\ncomm {row.get('comm', '')}\n"
             f"state {row.get('state', '')}\n"
-        ).encode()
+        ).encode("utf-8", "surrogateescape")  # comm is raw bytes, fsdecoded
 
     @guarded
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
@@ -279,9 +279,8 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
         return self.table.store(name, data)
 
     def _store_hint(self, data: bytes) -> int:
-        if len(data) > MAX_WRITE:
-            raise OSError(errno.E2BIG, "Argument list too long")
-        pid, frozen = parse_hint(data)
+        data = data[:MAX_WRITE]  # kernfs_fop_write_iter: one page of a longer write
+        pid, frozen = parse_hint(data.partition(b"\0")[0])  # a C string, as a store sees it
         task = self._resolve_task(pid)
         with self._lock:
             self.ksm.hint(task, frozen)
@@ -299,6 +298,56 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
     @guarded
     def init(self, path: str) -> None:
         self._on_init()
+
+    # -- metadata and namespace: what sysfs answers (lksmfs.sysfs.nodes) -----------
+
+    @staticmethod
+    def _process_pid(path: str) -> str | None:
+        """The PID of proc/PID and of the files below it, else None."""
+        parts = path.strip("/").split("/")
+        return parts[1] if parts[0] == PROC and len(parts) >= 2 else None
+
+    def _owner(self, path: str) -> tuple[int, int]:
+        """proc/PID and below belong to the process's owner, everything else to root."""
+        pid = self._process_pid(path)
+        row = None if pid is None else self._per_process().get(pid)
+        if row is None:
+            return ROOT_OWNER
+        return self._owner_of(int(row["pid"]), int(row.get("start_time", 0)))
+
+    def _setattr_path(self, path: str) -> str:
+        """`path` if chmod/chown may change it; EPERM under proc/PID (proc_setattr)."""
+        self._kind(path)
+        if self._process_pid(path) is not None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        return path
+
+    @guarded
+    def chmod(self, path: str, mode: int) -> int:
+        self.nodes.chmod(self._setattr_path(path), mode)
+        return 0
+
+    @guarded
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self.nodes.chown(self._setattr_path(path), uid, gid)
+        return 0
+
+    @guarded
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        self._kind(path)
+        if self._process_pid(path) is None:
+            self.nodes.utimens(path, times)
+        return 0  # proc/PID: accepted and forgotten, as /proc does
+
+    @guarded
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        raise no_create()
+
+    @guarded
+    def _no_namespace_change(self, *args: Any) -> int:
+        raise no_namespace_change()
+
+    rename = unlink = mkdir = rmdir = symlink = link = mknod = _no_namespace_change
 
 
 def mount(

@@ -243,6 +243,19 @@ def read_comm(pid: int, proc_root: str = PROC_ROOT) -> str | None:
         return None
 
 
+def owner(task: TaskId, proc_root: str = PROC_ROOT) -> tuple[int, int] | None:
+    """(uid, gid) of /proc/PID (task_dump_owner) while it is still `task`; None when it is
+    gone or the pid was reused."""
+    try:
+        st = os.stat(f"{proc_root}/{task.pid}")
+    except OSError:
+        return None
+    now = try_stat(task.pid, proc_root)  # after the stat: the same process if it matches
+    if now is None or now.starttime != task.start_time:
+        return None
+    return st.st_uid, st.st_gid
+
+
 def pids(proc_root: str = PROC_ROOT) -> list[int]:
     """Every pid in /proc, in order (for_each_process, kernel threads included)."""
     with os.scandir(proc_root) as it:

@@ -256,7 +256,7 @@ def test_churn_leaves_nothing_behind(zygote: tuple[Zygote, str], source: ProcfsS
     assert ksm.request_one_shot(LKSM_SCAN_FULL)
     settle(ksm, vnow)
     final = check_counters(ksm, quiescent=True)
-    assert set(ksm.slots) == survivors and not ksm.remove_list
+    assert set(ksm.slots) == survivors and not ksm.mm.remove_list
     assert final["scanning_process"] == 2
     assert final["rmap_items"] == sum(len(s.rmap) for s in ksm.slots.values()) > 0
     # each registered churn task left exactly once, as an exit (none were refused)

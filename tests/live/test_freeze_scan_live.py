@@ -99,12 +99,12 @@ def test_frozen_slot_is_picked_by_partial_scan_and_scanned_unfiltered(
             live.wait_until(lambda: state() & KSM_MM_FROZEN, DEADLINE)
             with lock:
                 assert sa.state == KSM_MM_FROZEN | KSM_MM_SCANNED  # LISTED cleared
-                assert sa in ksm.scan_list and ksm.nr_frozen == 1
+                assert sa in ksm.mm.scan_list and ksm.mm.nr_frozen() == 1
             live.write(os.path.join(g_frozen, state_file), thaw)
             live.wait_until(lambda: state() & KSM_MM_LISTED, DEADLINE)
             with lock:
                 assert sa.state == KSM_MM_LISTED | KSM_MM_SCANNED
-                assert sa not in ksm.scan_list and ksm.nr_frozen == 0
+                assert sa not in ksm.mm.scan_list and ksm.mm.nr_frozen() == 0
             scans_a = sa.nr_scans
             assert ksm.request_one_shot(LKSM_SCAN_PARTIAL)
             now = settle(ksm, now, lock)
@@ -132,7 +132,7 @@ def test_frozen_slot_is_picked_by_partial_scan_and_scanned_unfiltered(
             # clears FROZEN and nothing but a thaw of a FROZEN slot (or allocation) sets
             # LISTED, so the thaw that follows changes nothing (as in the seed).
             with lock:
-                assert sa.state == KSM_MM_SCANNED and ksm.nr_frozen == 0
+                assert sa.state == KSM_MM_SCANNED and ksm.mm.nr_frozen() == 0
             live.write(os.path.join(g_frozen, state_file), thaw)
             live.wait_until(lambda: hints[-1:] == [(ta, False)], DEADLINE)
             with lock:

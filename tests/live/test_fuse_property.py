@@ -9,7 +9,8 @@ functions of mm/lksm.c), not from lksmfs's code:
 - kstrtoll: a leading '-' then _kstrtoull of the rest (which takes no '+'), magnitude
   <= 2^63; else as kstrtoull, <= 2^63-1 (ERANGE beyond); kstrtoint: int32 range else ERANGE;
 - kstrtobool (5.4): first char y/Y/1 true, n/N/0 false, o/O + n/N true, o/O + f/F false;
-- a write of more than 4096 bytes is E2BIG; an empty write stores nothing.
+- a write of more than 4096 bytes stores its first 4096 (kernfs_fop_write_iter cuts it to
+  PAGE_SIZE: measured on 6.18, see test_fuse_sysfs_semantics); an empty write stores nothing.
 
 run is in the mix with every value, but an *accepted* run with the merge bit would
 start the scanner and make the state timing-dependent, so those inputs are discarded
@@ -113,8 +114,7 @@ def einval_on_error(f):  # type: ignore[no-untyped-def]
 
 def model_store(state: dict[str, int], name: str, data: bytes) -> tuple[int, dict[str, int]]:
     """(errno or 0, new state) for one write of `data` to `name`."""
-    if len(data) > 4096:
-        return errno.E2BIG, state
+    data = data[:4096]
     if not data:
         return 0, state
     new = dict(state)
@@ -179,7 +179,8 @@ _text = st.builds(
 )
 _words = st.sampled_from([b"", b"\n", b" ", b"y", b"Y\n", b"n", b"no", b"on", b"ON", b"off",
                           b"oF", b"o", b"of", b"yes\n", b"true", b"\0", b"\xff\xfe",
-                          b"1" * 5000, b"7" + b"\0" * 4095])
+                          b"1" * 5000, b"7" + b"\0" * 4095, b"9\n" + b"\0" * 5000,
+                          b"0" * 4094 + b"12" + b"junk"])
 _junk = st.binary(max_size=40)
 INPUTS = st.one_of(_text, _words, _junk)
 NAMES = st.sampled_from(sorted(DEFAULTS))

@@ -45,6 +45,8 @@ class FakeSource:
     def __init__(self) -> None:
         self.procs: dict[TaskId, FakeProc] = {}
         self.released: list[TaskId] = []
+        # alive and readable, but not listed by tasks(): outside the daemon's scope
+        self.hidden: set[TaskId] = set()
         self._next_pid = 1000
         self.reads = 0
 
@@ -84,7 +86,7 @@ class FakeSource:
     # -- MemorySource ---------------------------------------------------------------
 
     def tasks(self) -> list[TaskId]:
-        return list(self.procs)
+        return [t for t in self.procs if t not in self.hidden]
 
     def stat(self, task: TaskId) -> TaskStat:
         p = self._get(task)

@@ -67,6 +67,7 @@ def ops() -> tuple[Any, StandIn]:
     o = LksmOperations(
         AttributeTable(ksm),
         resolve_task=lambda pid: TaskId(pid, 99),
+        owner_of=lambda pid, start_time: (1000 + pid, 2000 + start_time),
     )
     return o, ksm
 
@@ -129,13 +130,28 @@ def test_namespace() -> None:
     assert o.readdir("/proc", None) == [".", "..", "7"]
     assert o.getattr("/run")["st_mode"] & 0o777 == 0o644
     assert o.getattr("/pages_sharing")["st_mode"] & 0o777 == 0o444
-    assert o.getattr("/proc/7/rmap_items")["st_mode"] & 0o777 == 0o444
+    st = o.getattr("/proc/7/rmap_items")  # /proc/PID/ksm_stat's mode, the newer slot's owner
+    assert (st["st_mode"] & 0o777, st["st_uid"], st["st_gid"]) == (0o400, 1007, 2002)
+    st = o.getattr("/proc/7")
+    assert (st["st_mode"] & 0o777, st["st_uid"], st["st_gid"]) == (0o555, 1007, 2002)
+    assert (o.getattr("/proc")["st_uid"], o.getattr("/run")["st_uid"]) == (0, 0)
     f = fi(os.O_RDONLY)
     o.open("/proc/7/rmap_items", f)
     assert o.read("/proc/7/rmap_items", 100, 0, f) == b"10\n"  # the newer slot of pid 7
     assert errno_of(o.getattr, "/nope") == errno.ENOENT
     assert errno_of(o.getattr, "/proc/8") == errno.ENOENT
     assert errno_of(o.open, "/proc/7/rmap_items", fi(os.O_WRONLY)) == errno.EACCES
+
+
+def test_ksm_stat_of_a_comm_that_is_not_utf8() -> None:
+    """/proc/PID/comm is bytes: an fsdecoded comm goes back out as the same bytes."""
+    o, ksm = ops()
+    comm = os.fsdecode(b"app\xff\xfe")
+    ksm.rows = [{"pid": 9, "start_time": 1, "comm": comm, "state": "listed", "rmap_items": 1,
+                 "merging_pages": 0, "profit": -64}]
+    f = fi(os.O_RDONLY)
+    o.open("/proc/9/ksm_stat", f)
+    assert b"comm app\xff\xfe\n" in o.read("/proc/9/ksm_stat", 4096, 0, f)
 
 
 def test_hint_file() -> None:
@@ -160,3 +176,57 @@ def test_parse_hint(data: bytes, want: tuple[int, bool] | None) -> None:
         assert errno_of(parse_hint, data) == errno.EINVAL
     else:
         assert parse_hint(data) == want
+
+
+def test_long_hint_write_is_cut_to_a_page() -> None:
+    o, ksm = ops()
+    f = fi(os.O_WRONLY)
+    o.open("/hint", f)
+    assert o.write("/hint", b"42 frozen\n" + b"\0" * 5000, 0, f) == 4096
+    assert ksm.hints == [(TaskId(42, 99), True)]
+
+
+def test_chmod_chown_touch_last_and_open_follows_the_mode() -> None:
+    """As kernfs: the change is kept, and open checks the current mode, root included."""
+    o, ksm = ops()
+    o.chmod("/pages_to_scan", 0o100600)
+    o.chown("/pages_to_scan", 65534, -1)
+    o.utimens("/pages_to_scan", (1_000_000_000 * 10**9, 2_000_000_000 * 10**9))
+    st = o.getattr("/pages_to_scan")
+    assert (st["st_mode"], st["st_uid"], st["st_gid"]) == (0o100600, 65534, 0)
+    assert (st["st_atime"], st["st_mtime"]) == (10**18, 2 * 10**18)
+    o.chmod("/pages_to_scan", 0o444)
+    assert errno_of(o.open, "/pages_to_scan", fi(os.O_WRONLY)) == errno.EACCES
+    o.chmod("/pages_to_scan", 0o200)
+    assert errno_of(o.open, "/pages_to_scan", fi(os.O_RDONLY)) == errno.EACCES
+    o.open("/pages_to_scan", fi(os.O_WRONLY))
+    # a w bit does not make a read-only attribute or the hint readable/writable
+    o.chmod("/pages_sharing", 0o666)
+    assert errno_of(o.open, "/pages_sharing", fi(os.O_RDWR)) == errno.EACCES
+    o.chmod("/hint", 0o666)
+    assert errno_of(o.open, "/hint", fi(os.O_RDONLY)) == errno.EACCES
+    assert o.getattr("/run")["st_mode"] & 0o777 == 0o644  # only the changed files
+
+
+def test_per_process_entries_refuse_chmod_and_chown() -> None:
+    o, ksm = ops()
+    ksm.rows = [{"pid": 7, "start_time": 1, "comm": "a", "state": "", "rmap_items": 3,
+                 "merging_pages": 1, "profit": 4}]
+    for path in ("/proc/7", "/proc/7/ksm_stat"):
+        assert errno_of(o.chmod, path, 0o644) == errno.EPERM
+        assert errno_of(o.chown, path, 0, 0) == errno.EPERM
+        assert o.utimens(path, (0, 0)) == 0  # accepted and forgotten, as /proc
+        assert o.getattr(path)["st_mtime"] == o.getattr("/run")["st_mtime"]
+    assert errno_of(o.chmod, "/proc/8", 0o644) == errno.ENOENT
+
+
+@pytest.mark.parametrize(
+    ("call", "args", "err"),
+    [("create", ("/new", 0o644, None), errno.EACCES), ("mkdir", ("/d", 0o755), errno.EPERM),
+     ("rmdir", ("/proc",), errno.EPERM), ("unlink", ("/run",), errno.EPERM),
+     ("rename", ("/run", "/x"), errno.EPERM), ("symlink", ("/l", "run"), errno.EPERM),
+     ("link", ("/l", "/run"), errno.EPERM), ("mknod", ("/p", 0o10644, 0), errno.EPERM)],
+)
+def test_namespace_changes_are_refused_as_sysfs_does(call: str, args: tuple[Any, ...], err: int) -> None:
+    o, _ = ops()
+    assert errno_of(getattr(o, call), *args) == err

@@ -108,3 +108,36 @@ def test_command_line_overrides_file(tmp_path: Path) -> None:
     bad = p.parse_args(["/mnt", "--source", "nowhere"])
     with pytest.raises(ConfigError, match="--source: must be 'procfs'"):
         config_from_args(bad)
+
+
+def test_metrics_textfile_from_file_and_command_line(tmp_path: Path) -> None:
+    from lksmfs.daemon import _add_arguments, config_from_args
+
+    prom = tmp_path / "lksm.prom"
+    cfg = config_from_dict({"metrics_textfile": str(prom)}, "c.yaml")
+    assert cfg.metrics_textfile == str(prom)
+    assert config_from_dict({"metrics_textfile": None}, "c.yaml").metrics_textfile is None
+    p = argparse.ArgumentParser()
+    _add_arguments(p)
+    other = tmp_path / "other.prom"
+    f = tmp_path / "c.yaml"
+    f.write_text(f"metrics_textfile: {prom}\n")
+    args = p.parse_args(["/mnt", "--config", str(f), "--metrics-textfile", str(other)])
+    assert config_from_args(args).metrics_textfile == str(other)  # the option wins
+    with pytest.raises(ConfigError) as ei:
+        config_from_args(p.parse_args(["/mnt", "--metrics-textfile", str(tmp_path / "no" / "x.prom")]))
+    assert str(ei.value) == (f"--metrics-textfile: directory {tmp_path / 'no'} does not exist "
+                             f"(got '{tmp_path / 'no' / 'x.prom'}')")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(5, "c.yaml: metrics_textfile: must be a path (got 5)"),
+     ("", "c.yaml: metrics_textfile: must be a file path (got '')"),
+     ("/nonexistent-dir/x.prom", "c.yaml: metrics_textfile: directory /nonexistent-dir does not exist"),
+     ("/tmp", "c.yaml: metrics_textfile: is a directory, expected a file path (got '/tmp')")],
+)
+def test_bad_metrics_textfile(value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict({"metrics_textfile": value}, "c.yaml")
+    assert message in str(ei.value)

@@ -88,7 +88,7 @@ def test_partial_scan_takes_frozen_tasks_and_vips_whose_faults_moved() -> None:
     ksm, table, clock, scans = booted(src)
     # the merge window counts sharing merges of the slot being scanned: p0 only
     # provided the first 'a' (pages_shared), p1 and p2 merged into it
-    assert set(ksm.vips) == {ksm.slots[p].sid for p in (p1, p2)}
+    assert set(ksm.mm.vips) == {ksm.slots[p].sid for p in (p1, p2)}
     src.set_page(p0, 0, 1, unique(50))  # p0 faults, but it is no VIP
     src.set_page(p1, 0, 1, unique(51))  # p1 faults
     ksm.hint(p2, True)  # p2 goes to the background
@@ -99,7 +99,7 @@ def test_partial_scan_takes_frozen_tasks_and_vips_whose_faults_moved() -> None:
     assert ksm.crawl(clock.now) == pytest.approx(clock.now + 0.1)
     clock.now += 0.1
     ksm.crawl(clock.now)
-    assert ksm.scan_state and ksm.scan_mode == 1
+    assert ksm.scan_state and ksm.scanner.scan_mode == 1
     ksm.scan_batch(1)  # one page: the scan is still running
     assert table.show("pages_to_scan") == b"500\n"  # boosted for the partial scan
     drive_until_idle(ksm, clock, lambda: scans.append(dict(ksm.last_scan)))
@@ -160,7 +160,7 @@ def test_thawed_before_scan_goes_back_to_listed() -> None:
     ksm.hint(p1, False)
     slot = ksm.slots[p1]
     assert not slot.state & KSM_MM_FROZEN
-    assert slot not in ksm.scan_list  # it was already scanned: off the list again
+    assert slot not in ksm.mm.scan_list  # it was already scanned: off the list again
 
 
 def test_run_0_stops_and_keeps_merges() -> None:

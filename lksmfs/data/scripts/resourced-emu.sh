@@ -1,0 +1,1 @@
+../../../scripts/resourced-emu.sh

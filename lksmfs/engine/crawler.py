@@ -1,0 +1,459 @@
+"""ksm_crawld: LKSM's scheduling policy - what to scan, and when.
+
+mm/lksm.c splits the kernel's ksmd in two threads.  The crawler decides: three initial
+full scans a second apart once `run` gets the merge bit, then either periodic full
+scans with partial scans on frozen-task events (run=1) or nothing until user space
+writes one_shot_scanning (run=8).  It prepares the scan list - frozen tasks from the
+freezer hook, newcomers, VIPs ranked by recent merges - and hands it to the scanner.
+
+This object is the engine's *policy*: the scanner and the merger ask it the few
+questions whose answer differs between LKSM and mainline ksmd (which rounds have the
+checksum gate, which slots may be filtered, what a scan's start and end change).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from lksmfs.engine.merge import SourceError
+from lksmfs.engine.params import (
+    CRAWLER_SLEEP_S,
+    DEFAULT_FULL_SCAN_INTERVAL,
+    INITIAL_ROUND,
+    KSM_MM_FROZEN,
+    KSM_MM_LISTED,
+    KSM_MM_NEWCOMER,
+    KSM_MM_SCANNED,
+    KSM_RUN_MERGE,
+    KSM_RUN_ONESHOT,
+    KSM_RUN_UNMERGE,
+    KSM_SHORT_TASK_TIME_MS,
+    LKSM_CRAWL_FROZEN_EVENT_WAIT_S,
+    LKSM_DEFAULT_PAGES_TO_SCAN,
+    LKSM_MAX_VIPS,
+    LKSM_SCAN_FULL,
+    LKSM_SCAN_NONE,
+    LKSM_SCAN_PARTIAL,
+)
+from lksmfs.engine.regions import RegionTable
+from lksmfs.engine.slot import MarkedVmas, MmSlot
+from lksmfs.sources.base import AccessDenied, ProcessGone, TaskId
+
+if TYPE_CHECKING:
+    from lksmfs.engine.ksm import Ksm
+
+# crawler phases (lksm_crawl_thread's three loops)
+_WAIT_RUN, _INITIAL, _NORMAL = range(3)
+
+TaskInfo = tuple[bool, int, int, str]  # (is_short, faults, anon_pages, comm)
+
+
+class ScanPolicy(Protocol):
+    """What the engine asks its scheduling policy (LKSM's crawler, or mainline ksmd's)."""
+
+    crawl_round: int
+
+    def crawl(self, now: float) -> float | None:
+        """One pass of the policy's thread at `now`; when to run next (None: when woken)."""
+        ...
+
+    def prepare_full_scan(self, now: float | None = None) -> int:
+        """Queue every slot for a full scan; returns how many are queued."""
+        ...
+
+    def prepare_partial_scan(self) -> int:
+        """Queue the slots of a partial scan; returns how many are queued."""
+        ...
+
+    def hint(self, task: TaskId, frozen: bool) -> None:
+        """The freezer hook: `task` froze or thawed."""
+        ...
+
+    def forget(self, task: TaskId) -> None:
+        """`task` exited: drop any pending hint for it."""
+        ...
+
+    def unmerged(self) -> None:
+        """run=2 undid every merge."""
+        ...
+
+    def checksum_gate(self, scan_round: int) -> bool:
+        """Must an unfrozen page's checksum be stable before it enters the unstable tree?"""
+        ...
+
+    def filtering_allowed(self, slot: MmSlot) -> bool:
+        """May LKSM_FILTER skip pages of this slot?"""
+        ...
+
+    def scan_starting(self, mode: int) -> None:
+        """The scanner starts a scan in `mode`."""
+        ...
+
+    def scan_wrapped(self, mode: int) -> None:
+        """The scanner wrapped a scan in `mode` up."""
+        ...
+
+
+class LksmCrawler:
+    """lksm_crawl_thread, the prepare functions, the frozen task list and the hints."""
+
+    def __init__(self, ksm: Ksm) -> None:
+        self.k = ksm
+        self.crawl_round = 0  # ksm_crawl_round
+        self.frozen_tasks: dict[TaskId, None] = {}  # frozen_task_list
+        self._phase = _WAIT_RUN
+        self._next_fscan = 0.0
+        self._partial_at: float | None = None
+
+    # -- the thread -----------------------------------------------------------------
+
+    def crawl(self, now: float) -> float | None:
+        """One pass of lksm_crawl_thread at monotonic time `now`.
+
+        Returns when it wants to run next, or None to sleep until woken (a store to run
+        or one_shot_scanning, a hint, or the end of a scan).
+        """
+        t = self.k.tunables
+        scanning = self.k.scanner.scan_state
+        if self._phase == _WAIT_RUN:
+            if not t.run & KSM_RUN_MERGE:
+                return None
+            self._phase = _INITIAL
+            self._next_fscan = now
+        if self._phase == _INITIAL:
+            # initial loop: initial_round full scans, crawler_sleep apart.  Merging turned
+            # off meanwhile: sleep until a store wakes us (the seed's loop would spin)
+            if not t.run & KSM_RUN_MERGE:
+                return None
+            if not scanning and now >= self._next_fscan:
+                if self.prepare_full_scan(now) > 0:
+                    self.k.scanner.wake()
+                self._next_fscan = now + CRAWLER_SLEEP_S
+            scanning = self.k.scanner.scan_state
+            if self.crawl_round < INITIAL_ROUND:
+                return now + CRAWLER_SLEEP_S if scanning else max(self._next_fscan, now)
+            t.full_scan_interval = DEFAULT_FULL_SCAN_INTERVAL
+            self._next_fscan = now + t.full_scan_interval / 1000
+            self._phase = _NORMAL
+            return None if scanning else now
+        # normal operation loop
+        if t.run & KSM_RUN_ONESHOT:
+            if scanning:
+                return None  # wait until scanning is done
+            return self._crawl_once(now)
+        if t.run & KSM_RUN_MERGE:
+            if scanning:
+                return now + CRAWLER_SLEEP_S
+            return self._crawl_periodic(now)
+        self._partial_at = None
+        return None
+
+    def _crawl_once(self, now: float) -> float | None:
+        """lksm_do_crawl_once(): wait for a one_shot_scanning request, then prepare it."""
+        t = self.k.tunables
+        if self._partial_at is None:
+            if t.one_shot_scanning == LKSM_SCAN_PARTIAL:
+                # msleep(LKSM_CRAWL_FROZEN_EVENT_WAIT) to batch frozen events
+                self._partial_at = now + LKSM_CRAWL_FROZEN_EVENT_WAIT_S
+                return self._partial_at
+            if t.one_shot_scanning != LKSM_SCAN_FULL:
+                return None
+            nr_added = self.prepare_full_scan(now)
+        else:
+            if now < self._partial_at:
+                return self._partial_at
+            self._partial_at = None
+            nr_added = self.prepare_partial_scan()
+        if nr_added > 0:
+            self.k.scanner.wake()
+        else:  # "No one can be scanned!"
+            t.one_shot_scanning = LKSM_SCAN_NONE
+            self._nothing_to_scan()
+        self.k.publish()
+        return None
+
+    def _crawl_periodic(self, now: float) -> float | None:
+        """lksm_do_crawl_periodic(): full scan when due, else a partial scan on frozen
+        events (waiting up to crawler_sleep for them, then 100 ms more to batch them)."""
+        nr_added = 0
+        if self._partial_at is not None:
+            if now < self._partial_at:
+                return self._partial_at
+            self._partial_at = None
+            nr_added = self.prepare_partial_scan()
+        elif now >= self._next_fscan:
+            nr_added = self.prepare_full_scan(now)
+        elif self.frozen_tasks or self.k.scanner.queued():
+            self._partial_at = now + LKSM_CRAWL_FROZEN_EVENT_WAIT_S
+            return self._partial_at
+        else:
+            return min(self._next_fscan, now + CRAWLER_SLEEP_S)
+        self.k.publish()
+        if nr_added > 0:
+            self.k.scanner.wake()
+            return now + CRAWLER_SLEEP_S
+        # nothing to scan: wait for events rather than prepare again at once (a
+        # full_scan_interval of 0 with no process would make the seed's loop spin)
+        self._nothing_to_scan()
+        return now + CRAWLER_SLEEP_S
+
+    def _nothing_to_scan(self) -> None:
+        """A prepared scan that queued nobody: the scanner is not woken.  Exited slots
+        stay on the remove list: only a scanner's wrap-up frees them
+        (lksm_scan_wrapup_wait)."""
+        self.k.scanner.scan_mode = LKSM_SCAN_NONE
+
+    # -- task discovery and ksm_join ----------------------------------------------------
+
+    def _live_tasks(self) -> list[TaskId]:
+        """for_each_process() less ourselves: every task the source may scan.  Registered
+        slots whose task is gone (or left the scope) take the __ksm_exit() path here."""
+        k = self.k
+        tasks = [t for t in k.source.tasks() if t.pid != k.self_pid and t.pid != 0]
+        alive = set(tasks)
+        for task, slot in list(k.mm.slots.items()):
+            if task not in alive:
+                k.ksm_exit(slot)
+        return tasks
+
+    def _short_task(self, task: TaskId) -> TaskInfo | None:
+        """check_short_task(): None when the task is gone or unreadable, else
+        (is_short, faults, anon_pages, comm)."""
+        try:
+            st = self.k.source.stat(task)
+        except ProcessGone:
+            return None
+        except AccessDenied:
+            self.k.stats.tasks_denied += 1
+            return None
+        if st.kthread:
+            return None
+        return st.runtime_ns < KSM_SHORT_TASK_TIME_MS * 1_000_000, st.faults, st.anon_pages, st.comm
+
+    def _ksm_join(self, task: TaskId, frozen: bool, info: TaskInfo | None = None) -> tuple[MmSlot | None, bool]:
+        """ksm_join(): register the task (if new) and mark its VMAs mergeable.
+        Returns (slot, newly_allocated); slot None when the task cannot be joined."""
+        k = self.k
+        slot = k.mm.get(task)
+        new = slot is None
+        if slot is None:
+            info = info if info is not None else self._short_task(task)
+            if info is None:
+                return None, False
+            _, faults, anon, comm = info
+            # __ksm_enter_alloc_slot(): queued unless run=2 is in progress
+            slot = k.mm.alloc(task, comm, faults, anon, frozen, queue=not k.tunables.run & KSM_RUN_UNMERGE)
+            k.stats.nr_added_process += 1
+        self._mark_mergeable(slot)
+        return slot, new
+
+    def _mark_mergeable(self, slot: MmSlot) -> None:
+        """The VMA loop of ksm_join(): a VMA is marked VM_MERGEABLE once, and only then,
+        with LKSM_FILTER, registers its file region - if it has an anon_vma at that
+        moment.  A VMA that gets its first anonymous page after it was marked is never
+        registered (lksm_find_region() may still find a region another VMA registered).
+
+        User space cannot set VM_MERGEABLE: the slot remembers the VMAs it marked, and a
+        VMA overlapping one of them with the same file is the same, already marked, VMA
+        (grown, shrunk or split - all of which keep the flag)."""
+        k = self.k
+        try:
+            maps = k.source.mappings(slot.task)
+        except SourceError:
+            return  # the scanner will take the exit path
+        now: list[tuple[int, int, tuple[int, int] | None]] = []
+        for i, vma in enumerate(maps):
+            if not vma.mergeable:
+                continue
+            now.append((vma.start, vma.end, vma.file))
+            if slot.marked.covers(vma.start, vma.end, vma.file):
+                continue  # already VM_MERGEABLE: ksm_join() skips it
+            if not k.filter_enabled or not RegionTable.is_file_anon_candidate(vma):
+                continue
+            rid = k.regions.register(maps, i, self.crawl_round)
+            if rid is not None and rid not in slot.regions:
+                slot.regions.add(rid)
+                k.regions.ref(rid)
+        slot.marked = MarkedVmas(now)
+
+    def _join_newcomers(self, tasks: list[TaskId]) -> int:
+        """The for_each_process() loop of both prepare functions: every task that is not
+        short joins (new ones get a slot, known ones get their new VMAs marked)."""
+        nr_added = 0
+        for task in tasks:
+            info = None
+            if self.k.mm.get(task) is None:
+                info = self._short_task(task)
+                if info is None or info[0]:
+                    continue
+            _, new = self._ksm_join(task, frozen=False, info=info)
+            nr_added += new
+        return nr_added
+
+    # -- preparation --------------------------------------------------------------------
+
+    def _prepare_frozen_scan(self, alive: set[TaskId]) -> int:
+        """lksm_prepare_frozen_scan(): join the frozen tasks nobody knew yet; returns how
+        many were joined.  Only tasks the source may scan (`alive`) can join: a hint for
+        anything else is dropped here rather than counted as work.
+
+        Deviation: the seed counts `!err` of ksm_join (the *already registered* tasks)
+        as added; we count the newly joined frozen tasks, so that a request after freezing
+        an unknown task scans it instead of finding "no one can be scanned".
+        """
+        if not self.frozen_tasks:
+            return 0
+        tasks = list(self.frozen_tasks)
+        self.frozen_tasks.clear()
+        if self.k.tunables.run & KSM_RUN_UNMERGE:
+            return 0
+        nr_added = 0
+        for task in tasks:
+            if task not in alive:
+                continue
+            slot, new = self._ksm_join(task, frozen=True)
+            nr_added += slot is not None and new
+        return nr_added
+
+    def _prepare(self, mode: int) -> int | None:
+        """The common head of both prepare functions: the live tasks, the frozen list,
+        then every other task joins; returns the newcomers.  None when run=2 aborts."""
+        if self.k.tunables.run & KSM_RUN_UNMERGE:
+            return None
+        tasks = self._live_tasks()
+        self._prepare_frozen_scan(set(tasks))
+        nr_added = self._join_newcomers(tasks)
+        self.k.scanner.scan_mode = mode
+        return nr_added
+
+    def _prepared(self) -> int:
+        """The end of both prepare functions.  What the scanner will visit is what is
+        queued, so that is the count: a prepared scan with nobody queued ends at once
+        ("No one can be scanned!"), whatever hints or exits happened meanwhile."""
+        self.crawl_round += 1
+        self.k.publish()
+        return self.k.scanner.queued()
+
+    def prepare_full_scan(self, now: float | None = None) -> int:
+        """lksm_prepare_full_scan(): frozen list + every process, all slots queued.
+        Returns the number of slots queued."""
+        k = self.k
+        now = k.clock() if now is None else now
+        if self._prepare(LKSM_SCAN_FULL) is None:
+            return 0
+        # lksm_count_and_clear_mm_slots()
+        delay = 0.0
+        for slot in k.mm.slots.values():
+            if slot not in k.mm.scan_list and slot is not k.scanner.cur:
+                slot.clear(KSM_MM_SCANNED)
+                slot.nr_scans = 0
+                k.mm.scan_list.add_tail(slot)
+                delay += slot.elapsed
+        self._next_fscan = now + delay + k.tunables.full_scan_interval / 1000
+        return self._prepared()
+
+    def prepare_partial_scan(self) -> int:
+        """lksm_prepare_partial_scan(): frozen tasks + newcomers + up to lksm_max_vips
+        VIPs by merge window, skipping VIPs whose fault count has not moved.  Returns
+        the number of slots queued."""
+        k = self.k
+        nr_added = self._prepare(LKSM_SCAN_PARTIAL)
+        if nr_added is None:
+            return 0
+        nr_frozen = k.mm.nr_frozen()
+        nr_scannable = 0
+        if nr_added + nr_frozen < LKSM_MAX_VIPS:
+            recheck: list[MmSlot] = []
+            for slot in k.mm.vips_by_merges():
+                if nr_scannable + nr_added + nr_frozen >= LKSM_MAX_VIPS:
+                    break
+                if slot.removed or not slot.test(KSM_MM_LISTED):
+                    continue
+                try:  # pruning by fault count
+                    st = k.source.stat(slot.task)
+                except SourceError:
+                    k.ksm_exit(slot)
+                    continue
+                if st.faults == slot.fault_cnt:
+                    continue
+                slot.fault_cnt = st.faults
+                slot.scanning_size = st.anon_pages
+                slot.nr_scans = 0
+                slot.clear(KSM_MM_SCANNED)
+                recheck.append(slot)
+                nr_scannable += 1
+            if k.filter_enabled:
+                for slot in recheck:  # check new maps
+                    self._mark_mergeable(slot)
+            for slot in reversed(recheck):  # list_splice() onto the head
+                k.mm.scan_list.remove(slot)
+                k.mm.scan_list.add_head(slot)
+        return self._prepared()
+
+    # -- the freezer hook -----------------------------------------------------------------
+
+    def hint(self, task: TaskId, frozen: bool) -> None:
+        """lksm_hint(): the freezer told us a task froze or thawed."""
+        if frozen:
+            self._task_frozen(task)
+        else:
+            self._task_thawed(task)
+
+    def _task_frozen(self, task: TaskId) -> None:
+        """lksm_task_frozen(): a listed slot becomes FROZEN and is queued; an unknown
+        task goes onto the frozen task list."""
+        k = self.k
+        slot = k.mm.get(task)
+        if slot is not None:
+            if slot is not k.scanner.cur and slot.test(KSM_MM_LISTED):
+                k.mm.scan_list.add_tail(slot)
+                slot.clear(KSM_MM_LISTED)
+                slot.set(KSM_MM_FROZEN)
+        elif not any(s.task == task for s in k.mm.remove_list):
+            self.frozen_tasks[task] = None
+
+    def _task_thawed(self, task: TaskId) -> None:
+        """lksm_task_thawed(): the reverse; a slot already scanned leaves the queue."""
+        k = self.k
+        slot = k.mm.get(task)
+        if slot is not None:
+            if slot.test(KSM_MM_FROZEN) and slot is not k.scanner.cur:
+                if slot.test(KSM_MM_SCANNED):
+                    k.mm.scan_list.remove(slot)
+                slot.clear(KSM_MM_FROZEN)
+                slot.set(KSM_MM_LISTED)
+        else:
+            self.frozen_tasks.pop(task, None)
+
+    def forget(self, task: TaskId) -> None:
+        """lksm_remove_candidate(): an exited task leaves the frozen task list."""
+        self.frozen_tasks.pop(task, None)
+
+    def unmerged(self) -> None:
+        self._partial_at = None
+
+    # -- the policy's answers to the scanner ----------------------------------------------
+
+    def checksum_gate(self, scan_round: int) -> bool:
+        """cmp_and_merge_page(): LKSM checks checksums during the initial rounds only
+        (and never for frozen tasks' pages, which the merger checks per item)."""
+        return scan_round < INITIAL_ROUND
+
+    def filtering_allowed(self, slot: MmSlot) -> bool:
+        """__scan_next_rmap_item(): newcomers and frozen slots are never filtered."""
+        return not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
+
+    def scan_starting(self, mode: int) -> None:
+        """lksm_scan_thread(): a partial scan runs at scan_boost pages a batch."""
+        t = self.k.tunables
+        if mode == LKSM_SCAN_PARTIAL:
+            t.pages_to_scan = t.scan_boost
+
+    def scan_wrapped(self, mode: int) -> None:
+        """lksm_scan_wrapup_wait(): pages_to_scan back to its default after a partial
+        scan, and a one-shot request served."""
+        t = self.k.tunables
+        if mode == LKSM_SCAN_PARTIAL:
+            t.pages_to_scan = LKSM_DEFAULT_PAGES_TO_SCAN
+        if t.run & KSM_RUN_ONESHOT:
+            t.one_shot_scanning = LKSM_SCAN_NONE

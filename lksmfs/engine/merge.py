@@ -1,0 +1,325 @@
+"""cmp_and_merge_page() and friends: what a scanned page does to the trees.
+
+mm/ksm.c decides each page's fate one page at a time: join a KSM page with the same
+content (stable_tree_search + try_to_merge_with_ksm_page), or - past the checksum gate -
+merge with an identical page waiting in the unstable tree (unstable_tree_search_insert +
+try_to_merge_two_pages + stable_tree_insert), or wait in the unstable tree itself.
+
+Here a chunk of up to CHUNK pages is settled at once wherever the outcome of a page does
+not depend on another page of the same chunk (numpy over the chunk); what does (pages
+sharing a content inside the chunk, broken merges, chains, full nodes, zero pages) goes
+through the page-at-a-time `cmp_and_merge_page()`, in address order.  Either way the
+bookkeeping of a merge is one function, `_append()`: ksm.c's stable_tree_append().
+
+Shadow mode: a KSM page is the 128-bit digest of the content its first two pages had
+when they were compared byte for byte; a page joins it when its digest is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lksmfs.engine.hashindex import normkey
+from lksmfs.engine.pages import ZERO_HI, ZERO_LO, as_words, is_zero_digest
+from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.slot import MmSlot
+from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
+
+if TYPE_CHECKING:
+    from lksmfs.engine.ksm import Ksm
+
+SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
+VPN_BITS = 36  # an unstable tree entry is (slot id << VPN_BITS) | vpn
+VPN_MASK = (1 << VPN_BITS) - 1
+NOT_UNSTABLE = np.uint8(~int(UNSTABLE) & 0xFF)
+CKSUM_MASK = np.uint64(0xFFFFFFFE)  # calc_checksum() keeps bit 0 for the frozen flag
+
+SourceError = (ProcessGone, AccessDenied)
+
+
+@dataclass
+class Chunk:
+    """Up to CHUNK consecutive pages of one VMA being scanned: their rmap items (`part`,
+    a view of the slot's new rmap list), contents and digests, and the VMA's start and
+    region (ksm_scan.vma_base_addr and ksm_scan.region)."""
+
+    slot: MmSlot
+    vma_start: int
+    rid: int
+    part: Rmap
+    data: memoryview | bytes
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def own(self) -> bytes:
+        """The contents as our own bytes: the source reuses its buffer on the next read."""
+        if not isinstance(self.data, bytes):
+            self.data = bytes(self.data)
+        return self.data
+
+    def offsets(self, i: np.ndarray) -> np.ndarray:
+        """Page offsets of items `i` from the VMA's start (rmap_item->base_addr)."""
+        return (self.part.vpn[i] - np.uint64(self.vma_start)).astype(np.int64)
+
+
+class Merger:
+    """The merge half of ksmd, over the engine's trees and counters."""
+
+    def __init__(self, ksm: Ksm) -> None:
+        self.k = ksm
+
+    # -- the one bookkeeping path of a merge ------------------------------------------
+
+    def _append(self, blk: Rmap, ti: np.ndarray, nids: np.ndarray, rids: np.ndarray, offs: np.ndarray) -> None:
+        """stable_tree_append() (+ LKSM_FILTER's stable_tree_append_region()) for items
+        `ti` of `blk` joining the distinct KSM pages `nids`: out of the unstable tree if
+        they were in it, mapped by their node, counted as shared or sharing (sharing
+        ones are merges for LKSM's statistics), and recorded in their region."""
+        k = self.k
+        flags = blk.flags
+        k.stats.pages_unshared -= int(np.count_nonzero(flags[ti] & UNSTABLE))
+        flags[ti] = (flags[ti] & NOT_UNSTABLE) | STABLE
+        blk.node[ti] = nids
+        k.stats.merged(k.stable.append_many(nids))
+        if k.filter_enabled:
+            k.regions.account_merges(rids, offs)
+
+    def remove_items(self, rm: Rmap) -> None:
+        """remove_rmap_item_from_tree() + free for a block of items."""
+        n = len(rm)
+        if not n:
+            return
+        k = self.k
+        st = (rm.flags & STABLE) != 0
+        if st.any():
+            for nid in rm.node[st].tolist():
+                if k.stable.remove(nid):
+                    k.stats.broken()
+        k.stats.pages_unshared -= int(np.count_nonzero(rm.flags & UNSTABLE))
+        k.stats.rmap_items -= n
+
+    # -- a chunk ----------------------------------------------------------------------
+
+    def cmp_and_merge(self, c: Chunk, idx: np.ndarray) -> None:
+        """cmp_and_merge_page() for the pages `idx` of a chunk (those that are not
+        unchanged KSM pages).
+
+        The outcome for a page depends on other pages only through content it shares
+        with them.  So pages whose content no other page of this chunk has are settled
+        together, vectorised, by what they find in the trees as the chunk starts:
+        joining a stable node with room (J), passing or failing the checksum gate,
+        merging with their unstable tree partner after a byte comparison (M), or
+        entering the unstable tree.  What remains goes one page at a time.
+        """
+        k = self.k
+        part = c.part
+        flags = part.flags
+        lo, hi = c.lo, c.hi
+        klo = normkey(lo[idx])
+        sref = k.stable.index.get_many(klo)
+        uref = k.unstable.get_many(klo)
+        _, inv, counts = np.unique(klo, return_inverse=True, return_counts=True)
+        dup = counts[inv] > 1
+        cur_seq = k.scanner.scan_round & SEQNR_MASK
+        fl = flags[idx]
+        old_stable = (fl & STABLE) != 0
+        slow = old_stable | (((fl & UNSTABLE) != 0) & (part.seq[idx] == cur_seq))
+
+        # J: stable_tree_search() finds a plain node with room
+        plain = sref >= 0
+        sn = np.where(plain, sref, 0)
+        join = plain & ~dup & ~slow & (k.stable.hi[sn] == hi[idx]) & (k.stable.nlen[sn] < k.tunables.max_page_sharing)
+        if old_stable.any() and join.any():
+            # a node losing a mapping here may go away first: keep the address order
+            join &= ~np.isin(sn, part.node[idx[old_stable]])
+        slow |= (sref != -1) & ~join
+        if join.any():
+            j = idx[join]
+            self._append(part, j, sn[join], np.full(j.shape[0], c.rid), c.offsets(j))
+
+        rest = ~join & ~slow
+        if not rest.any():
+            self._one_by_one(c, idx[slow])
+            return
+        # remove_rmap_item_from_tree() for items left in last round's unstable tree
+        r = idx[rest]
+        k.stats.pages_unshared -= int(np.count_nonzero(flags[r] & UNSTABLE))
+        flags[r] &= NOT_UNSTABLE
+        # the checksum gate (the policy says in which rounds; never for frozen tasks)
+        if k.crawler.checksum_gate(k.scanner.scan_round):
+            new_ck = (hi[idx] & CKSUM_MASK).astype(np.uint32)
+            fail = rest & ((fl & FROZEN) == 0) & (part.cksum[idx] != new_ck)
+            part.cksum[idx[fail]] = new_ck[fail]
+            rest &= ~fail
+        if k.tunables.use_zero_pages:
+            zero = rest & is_zero_digest(lo[idx], hi[idx])
+            slow |= zero
+            rest &= ~zero
+        slow |= rest & dup
+        rest &= ~dup
+        # M: unstable_tree_search_insert() finds a partner; merged after memcmp
+        cand = rest & (uref >= 0)
+        if cand.any():
+            c.own()  # partner reads reuse the source's buffer
+            merged = self._merge_with_tree(c, idx[cand], uref[cand])
+            sel = np.flatnonzero(cand)
+            slow[sel[~merged]] = True
+            rest[sel] = False
+        ins = idx[rest]
+        if ins.size:
+            flags[ins] |= UNSTABLE
+            part.seq[ins] = cur_seq
+            part.region[ins] = c.rid
+            part.off[ins] = c.offsets(ins).astype(np.uint32)
+            refs = (np.int64(c.slot.sid) << VPN_BITS) | part.vpn[ins].astype(np.int64)
+            k.unstable.put_many(normkey(lo[ins]), refs)
+            k.stats.pages_unshared += int(ins.shape[0])
+        self._one_by_one(c, idx[slow])
+
+    def _merge_with_tree(self, c: Chunk, m: np.ndarray, refs: np.ndarray) -> np.ndarray:
+        """try_to_merge_two_pages() + stable_tree_insert() for pages whose unstable tree
+        partner is still there and still byte-for-byte equal.  Returns which merged."""
+        k = self.k
+        cur_seq = k.scanner.scan_round & SEQNR_MASK
+        n = int(m.shape[0])
+        ok = np.zeros(n, dtype=bool)
+        tblock = np.full(n, -1, dtype=np.int64)
+        tidx = np.full(n, -1, dtype=np.int64)
+        blocks: list[Rmap] = []
+        tsids = refs >> VPN_BITS
+        tvpns = (refs & VPN_MASK).astype(np.uint64)
+        mine = as_words(c.own())
+        for tsid in np.unique(tsids).tolist():
+            sel = np.flatnonzero(tsids == tsid)
+            tslot = k.mm.by_sid(int(tsid))
+            if tslot is None:
+                continue
+            blk = k.scanner.current_items() if tslot is c.slot else tslot.rmap
+            if len(blk):
+                pos = np.searchsorted(blk.vpn, tvpns[sel])
+                posc = np.minimum(pos, len(blk) - 1)
+                found = (pos < len(blk)) & (blk.vpn[posc] == tvpns[sel])
+                live = found & ((blk.flags[posc] & UNSTABLE) != 0) & (blk.seq[posc] == cur_seq)
+                blocks.append(blk)
+                tblock[sel[live]] = len(blocks) - 1
+                tidx[sel[live]] = posc[live]
+            got = sel[tblock[sel] >= 0]
+            if not got.size:
+                continue
+            # get_mergeable_page() + memcmp_pages(), one read for this partner process
+            order = np.argsort(tvpns[got], kind="stable")
+            got = got[order]
+            try:
+                theirs = as_words(bytes(k.source.read_pages(tslot.task, tvpns[got])))
+            except SourceError:
+                continue
+            ok[got] = (theirs == mine[m[got]]).all(axis=1)
+        if not ok.any():
+            return ok
+        w = m[ok]
+        nids = k.stable.insert_many(c.lo[w], c.hi[w])
+        # the partners leave the unstable tree for the new KSM pages ...
+        for b in np.unique(tblock[ok]).tolist():
+            sel = ok & (tblock == b)
+            blk = blocks[b]
+            ti = tidx[sel]
+            self._append(blk, ti, nids[sel[ok]], blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
+        # ... and this page joins each
+        self._append(c.part, w, nids, np.full(w.shape[0], c.rid), c.offsets(w))
+        return ok
+
+    # -- one page at a time -----------------------------------------------------------
+
+    def _one_by_one(self, c: Chunk, s: np.ndarray) -> None:
+        if not s.size:
+            return
+        c.own()  # later reads reuse the source's buffer: keep our own copy
+        for i in s.tolist():
+            self.cmp_and_merge_page(c, i)
+
+    def cmp_and_merge_page(self, c: Chunk, i: int) -> None:
+        """cmp_and_merge_page() for page `i` of the chunk (mm/lksm.c)."""
+        k = self.k
+        part = c.part
+        lo, hi = int(c.lo[i]), int(c.hi[i])
+        vpn = int(part.vpn[i])
+        at = np.array([i])
+        flags = int(part.flags[i])
+        # stable_tree_search()
+        kn = k.stable.search(lo, hi, k.tunables.max_page_sharing)
+        # remove_rmap_item_from_tree()
+        if flags & STABLE:
+            if k.stable.remove(int(part.node[i])):
+                k.stats.broken()
+            flags &= ~int(STABLE)
+            part.node[i] = -1
+        elif flags & UNSTABLE:
+            k.stats.pages_unshared -= 1
+            flags &= ~int(UNSTABLE)
+        part.flags[i] = flags
+        if kn >= 0:
+            # try_to_merge_with_ksm_page(): the KSM page's content is its digest
+            self._append(part, at, np.array([kn]), np.array([c.rid]), c.offsets(at))
+            return
+        # the checksum gate (the policy says in which rounds; never for frozen tasks)
+        if k.crawler.checksum_gate(k.scanner.scan_round) and not flags & int(FROZEN):
+            ck = hi & 0xFFFFFFFE
+            if int(part.cksum[i]) != ck:
+                part.cksum[i] = ck
+                return
+        data = c.own()
+        page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        if k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page):
+            # merged with the zero page: no longer anonymous until written again
+            k.scanner.add_zero_page(vpn)
+            k.stats.ksm_zero_pages += 1
+            return
+        # unstable_tree_search_insert()
+        key = lo if lo >= 2 else lo + 2
+        ref = k.unstable.get(key)
+        tree = self._tree_item(ref, c.slot, vpn) if ref >= 0 else None
+        if tree is not None:
+            tslot, tblk, ti = tree
+            tpage = self._read_page(tslot, int(tblk.vpn[ti]))
+            if tpage is not None and tpage == page:
+                # try_to_merge_two_pages() + stable_tree_insert()
+                nid = np.array([k.stable.insert(lo, hi)])
+                k.unstable.delete(key, ref)
+                tat = np.array([ti])
+                self._append(tblk, tat, nid, tblk.region[tat].astype(np.int64), tblk.off[tat].astype(np.int64))
+                self._append(part, at, nid, np.array([c.rid]), c.offsets(at))
+                return
+        # insert into the unstable tree (over any stale entry with this content)
+        k.unstable.put(key, (c.slot.sid << VPN_BITS) | vpn)
+        part.flags[i] = flags | int(UNSTABLE)
+        part.seq[i] = k.scanner.scan_round & SEQNR_MASK
+        part.region[i] = c.rid
+        part.off[i] = vpn - c.vma_start
+        k.stats.pages_unshared += 1
+
+    def _tree_item(self, ref: int, slot: MmSlot, vpn: int) -> tuple[MmSlot, Rmap, int] | None:
+        """Resolve an unstable tree entry to a live item of this round, or None for a
+        stale one (its slot left, or the item moved on since it was inserted)."""
+        k = self.k
+        tsid = ref >> VPN_BITS
+        tvpn = ref & VPN_MASK
+        if tsid == slot.sid and tvpn == vpn:
+            return None
+        tslot = k.mm.by_sid(tsid)
+        if tslot is None:
+            return None
+        b = k.scanner.current_items() if tslot is slot else tslot.rmap
+        ti = b.find(tvpn)
+        if ti >= 0 and int(b.flags[ti]) & UNSTABLE and int(b.seq[ti]) == k.scanner.scan_round & SEQNR_MASK:
+            return tslot, b, ti
+        return None
+
+    def _read_page(self, slot: MmSlot, vpn: int) -> bytes | None:
+        """get_mergeable_page() + the bytes for memcmp_pages()."""
+        try:
+            return bytes(self.k.source.read_pages(slot.task, np.array([vpn], dtype=np.uint64)))
+        except SourceError:
+            return None

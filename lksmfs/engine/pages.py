@@ -1,0 +1,38 @@
+"""Page contents as the engine sees them: 128-bit digests, and the zero page.
+
+The kernel's trees compare pages with memcmp(); the engine keys its trees by a 128-bit
+xxh3 digest of each page instead and compares bytes only before a merge.  A digest is
+kept as two uint64 columns (lo, hi) so a chunk of pages is looked up at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xxhash
+
+from lksmfs.sources.base import PAGE_SIZE
+
+CHUNK = 1024  # pages the scanner reads, digests and merges per vectorised step
+
+_ZERO_DIGEST = xxhash.xxh3_128_digest(bytes(PAGE_SIZE))
+ZERO_HI = int.from_bytes(_ZERO_DIGEST[:8], "big")
+ZERO_LO = int.from_bytes(_ZERO_DIGEST[8:], "big")
+
+
+def digest_pages(data: memoryview | bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """128-bit xxh3 digest of each page, as (lo, hi) uint64 columns."""
+    mv = memoryview(data)
+    h = xxhash.xxh3_128_digest
+    raw = b"".join([h(mv[o : o + PAGE_SIZE]) for o in range(0, n * PAGE_SIZE, PAGE_SIZE)])
+    a = np.frombuffer(raw, dtype=">u8").reshape(n, 2).astype(np.uint64)
+    return a[:, 1].copy(), a[:, 0].copy()
+
+
+def is_zero_digest(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Which digests are the zero page's (bytes still to be checked before a merge)."""
+    return (lo == np.uint64(ZERO_LO)) & (hi == np.uint64(ZERO_HI))
+
+
+def as_words(data: memoryview | bytes) -> np.ndarray:
+    """Pages as rows of uint64 words, for vectorised byte-for-byte comparisons."""
+    return np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)

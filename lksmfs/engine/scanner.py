@@ -1,0 +1,412 @@
+"""ksmd: the scanner and its cursor (mm/ksm.c's struct ksm_scan).
+
+The scanner walks the scan list the policy prepared, slot by slot, VMA by VMA, and
+hands each chunk of present anonymous pages to the merger.  Its cursor is this object:
+the slot being scanned (`cur`) with its place inside the slot (a generator's frame),
+the batch budget, the current region, the round, and the scan's start.  Nothing here
+sleeps: `batch()` does one ksm_do_scan(pages_to_scan) and returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lksmfs.engine.hashindex import HashIndex
+from lksmfs.engine.merge import Chunk, SourceError
+from lksmfs.engine.pages import CHUNK, digest_pages, is_zero_digest
+from lksmfs.engine.params import (
+    KSM_MM_FROZEN,
+    KSM_MM_NEWCOMER,
+    KSM_MM_SCANNED,
+    KSM_RUN_MERGE,
+    LKSM_SCAN_FULL,
+    LKSM_SCAN_NONE,
+)
+from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
+from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.slot import MmSlot
+from lksmfs.sources.base import AccessDenied, Mapping
+
+if TYPE_CHECKING:
+    from lksmfs.engine.ksm import Ksm
+
+_NOT_FROZEN = np.uint8(~int(FROZEN) & 0xFF)
+
+VmaRun = tuple[int, np.ndarray, Callable[[], None] | None]
+
+
+class Scanner:
+    """ksmd with its cursor, over the engine's state."""
+
+    def __init__(self, ksm: Ksm) -> None:
+        self.k = ksm
+        self.scan_state = False  # ksm_state: a scan has been handed over
+        self.scan_mode = LKSM_SCAN_NONE
+        self.scan_round = 0
+        self.sync = False  # driven by full_scan()/partial_scan(): run's merge bit not needed
+        # the cursor
+        self.cur: MmSlot | None = None
+        self.gen: Generator[int, None, None] | None = None
+        self._budget = 0
+        self._at_head = True  # ksm_scan.mm_slot == &ksm_scan_head: between two passes
+        self.region = -1  # ksm_scan.region: the region used last in this mm (-1: NULL)
+        self._cur_new: Rmap | None = None  # the new rmap list of the slot being scanned
+        self._cur_valid = 0
+        self._new_zero: list[int] = []  # pages of that slot merged with the zero page now
+        # the scan in progress
+        self._started = False
+        self._begin = 0.0
+        self._pages_at_begin = 0
+        self._unstable_hint = 0  # entries the last round's unstable tree ended with
+        self._last_prune = ksm.clock()
+
+    # -- the thread's view -------------------------------------------------------------
+
+    def should_run(self) -> bool:
+        """Does the scanner thread have work: a scan has been handed over (ksm_state).
+
+        Whatever else happened since, the scanner then always reaches the end of the
+        scan: it scans while merging is on and something is queued, and otherwise wraps
+        the scan up (lksm_scan_thread's two lksm_scan_wrapup_wait() paths), so an
+        accepted request can never be left pending by exits, hints or run changes."""
+        return self.scan_state
+
+    def wake(self) -> None:
+        """lksm_wake_up_scan_thread()."""
+        self.scan_state = True
+        self._started = False
+
+    def queued(self) -> int:
+        """Slots still to visit in this pass (the one under the cursor included)."""
+        return len(self.k.mm.scan_list) + (self.gen is not None)
+
+    def batch(self, npages: int | None = None) -> None:
+        """ksm_do_scan(pages_to_scan), then the end-of-scan work when the list is empty,
+        or the wrap-up of an interrupted scan when merging was turned off."""
+        k = self.k
+        t = k.tunables
+        if not self.scan_state:
+            return
+        if not (t.run & KSM_RUN_MERGE or self.sync):
+            # run=0 in the middle of a scan: !ksmd_should_run() -> the scan is wrapped
+            # up and counted; the cursor and the queue stay, so the scan goes on from
+            # where it was once merging is back and the crawler prepares again
+            self._finish(interrupted=True)
+            k.publish()
+            return
+        if not self._started:
+            self._started = True
+            self._begin = time.perf_counter()
+            self._pages_at_begin = k.stats.pages_scanned
+            k.crawler.scan_starting(self.scan_mode)
+        self._do_scan(npages if npages is not None else t.pages_to_scan)
+        if self.gen is None and not len(k.mm.scan_list):
+            self._finish()
+        k.publish()
+
+    def _do_scan(self, budget: int) -> None:
+        scanned = 0
+        while scanned < budget:
+            if self.gen is None:
+                slot = self._next_slot()
+                if slot is None:
+                    return
+                self.gen = self._scan_slot(slot)
+            self._budget = budget - scanned
+            try:
+                scanned += next(self.gen)
+            except StopIteration:
+                self.gen = None
+                self.cur = None
+
+    def _next_slot(self) -> MmSlot | None:
+        """scan_get_next_rmap_item(): at the list head a new round resets the unstable
+        tree; then lksm_get_unscanned_mm_slot()."""
+        k = self.k
+        if not len(k.mm.scan_list):
+            self._at_head = True
+            return None
+        if self._at_head and self.scan_round < k.crawler.crawl_round:
+            self.scan_round = k.crawler.crawl_round
+            # sized like the last round's tree: no rehashing while it fills again
+            k.unstable = HashIndex(max(1024, self._unstable_hint))
+            self._maybe_prune_chains()
+        self._at_head = False
+        slot = k.mm.scan_list.pop_first()
+        if slot is None:
+            return None
+        k.stats.lksm_nr_scanned_slot += 1
+        self.cur = slot
+        return slot
+
+    def _maybe_prune_chains(self) -> None:
+        k = self.k
+        now = k.clock()
+        if (now - self._last_prune) * 1000 >= k.tunables.stable_node_chains_prune_millisecs:
+            self._last_prune = now
+            k.stable.prune_chains(k.tunables.max_page_sharing)
+
+    def _finish(self, interrupted: bool = False) -> None:
+        """lksm_flush_removed_mm_list() + lksm_scan_wrapup_wait().  An `interrupted`
+        scan (run lost its merge bit) keeps its cursor, queue and unstable tree."""
+        k = self.k
+        k.flush_removed_mm_list()
+        stats = k.stats
+        k.last_scan = {
+            "mode": self.scan_mode,
+            "slots_scanned": stats.lksm_nr_scanned_slot,
+            "pages_scanned": stats.pages_scanned - self._pages_at_begin,
+            "merged": stats.lksm_nr_merged,
+            "broken": stats.lksm_nr_broken,
+            "wall_s": time.perf_counter() - self._begin,
+        }
+        if self.scan_mode == LKSM_SCAN_FULL:
+            stats.nr_full_scan += 1
+        k.crawler.scan_wrapped(self.scan_mode)
+        stats.end_scan()
+        if not interrupted:
+            self._at_head = True
+            # nothing reads this round's unstable tree once the scan is over: give it back
+            self._unstable_hint = len(k.unstable)
+            k.unstable = HashIndex()
+        self.scan_mode = LKSM_SCAN_NONE
+        self.scan_state = False
+        self._started = False
+
+    def cancel(self) -> MmSlot | None:
+        """Drop the scan in progress (run=2); returns the slot that was under the cursor."""
+        cur = self.cur if self.gen is not None else None
+        if self.gen is not None:
+            self.gen.close()
+        self.gen = None
+        self.cur = None
+        self._cur_new = None
+        self._at_head = True
+        self.scan_mode = LKSM_SCAN_NONE
+        self.scan_state = False
+        self._started = False
+        return cur
+
+    def current_items(self) -> Rmap:
+        """The items of the slot being scanned that are valid so far (this chunk included)."""
+        return self._cur_new.view(0, self._cur_valid) if self._cur_new is not None else Rmap()
+
+    def add_zero_page(self, vpn: int) -> None:
+        """A page of the slot being scanned was merged with the zero page."""
+        self._new_zero.append(vpn)
+
+    # -- one slot ------------------------------------------------------------------
+
+    def _scan_slot(self, slot: MmSlot) -> Generator[int, None, None]:
+        """Scan one mm_slot from its first VMA to its last, yielding pages scanned per
+        chunk (the cursor's place in the slot lives in this generator's frame).
+
+        The present anonymous pages of every VMA are listed first, so the slot's new
+        rmap list is allocated once (an upper bound: the filter and the zero page only
+        remove pages) and filled in place; each VMA's region, size checks and filter are
+        decided when the scanner reaches it, as lksm_find_next_vma() does.
+        """
+        k = self.k
+        begin = k.clock()
+        old = slot.rmap
+        pos = 0
+        filled = 0
+        new = Rmap()
+        zero_kept: list[np.ndarray] = []
+        prev_zero, slot.zero_vpns = slot.zero_vpns, slot.zero_vpns[:0]
+        self._new_zero = []
+        self.region = -1  # ksm_scan.region is NULL when a slot starts
+        try:
+            maps = k.source.mappings(slot.task)
+            present = [
+                (i, k.source.present_anon(slot.task, vma.start_vpn, vma.end_vpn))
+                for i, vma in enumerate(maps)
+                if vma.mergeable and vma.has_anon
+            ]
+            new = Rmap(sum(int(v.shape[0]) for _, v in present))
+            self._cur_new = new
+            for i, vpns in present:
+                vma = maps[i]
+                if prev_zero.size:
+                    vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
+                for rid, run, event in self._walk_vma(slot, maps, i, vpns):
+                    if event is not None:
+                        event()
+                    j = 0
+                    while j < run.shape[0]:
+                        n = min(max(1, min(CHUNK, self._budget)), int(run.shape[0]) - j)
+                        part = new.view(filled, filled + n)
+                        part.vpn[:] = run[j : j + n]
+                        self._cur_valid = filled + n
+                        pos = self._scan_chunk(slot, vma.start_vpn, rid, part, old, pos)
+                        filled += n
+                        j += n
+                        k.publish()
+                        yield n
+        except SourceError as e:
+            k.merger.remove_items(new.view(0, filled))
+            k.merger.remove_items(old.take(slice(pos, None)))
+            slot.rmap = Rmap()
+            k.stats.ksm_zero_pages -= int(prev_zero.shape[0]) + len(self._new_zero)
+            self._slot_gone(slot, e)
+            return
+        finally:
+            self._cur_new = None
+            self._cur_valid = 0
+        # remove_trailing_rmap_items()
+        k.merger.remove_items(old.take(slice(pos, None)))
+        slot.rmap = new if filled == len(new) else new.copy(filled)
+        kept = np.concatenate(zero_kept) if zero_kept else prev_zero[:0]
+        k.stats.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
+        slot.zero_vpns = np.union1d(kept, np.array(self._new_zero, dtype=np.uint64))
+        self._slot_done(slot, k.clock() - begin)
+
+    def _walk_vma(self, slot: MmSlot, maps: list[Mapping], i: int, vpns: np.ndarray) -> list[VmaRun]:
+        """lksm_find_next_vma() and the filter of __scan_next_rmap_item() for maps[i]:
+        the present pages the scanner visits, as runs of (region, pages, what happens
+        to the region first).
+
+        The seed runs the region size check once per call, that is once before each
+        page it returns and once more when the VMA is exhausted.  A larger mapping
+        resizes the region at the first check and agrees with it afterwards; a smaller
+        one is never resized, so its second check - right after its first visited page -
+        is the region's second conflict: that page still belongs to the (now conflicted)
+        region, every later one to the unknown region, unfiltered.  `region` follows
+        ksm_scan.region, which lksm_find_region() consults for the next VMA.
+        """
+        k = self.k
+        if not k.filter_enabled:
+            return [(UNKNOWN_REGION, vpns, None)]
+        regions = k.regions
+        vma = maps[i]
+        prior = self.region
+        rid = regions.find(maps, i, prior, k.crawler.crawl_round)
+        if rid != HEAP_REGION and not regions.is_file(rid):
+            rid = UNKNOWN_REGION  # NULL or conflicted: the unknown region
+        if not regions.is_file(rid):
+            self.region = rid
+            return [(rid, vpns, None)]
+        if not regions.size_check(rid, vma.npages):
+            # conflicted at the first check; the seed then keeps the stale
+            # ksm_scan.region for this page (the previous VMA's region, or NULL): the
+            # unknown region, as its comment intends
+            self.region = UNKNOWN_REGION if vpns.size else prior
+            return [(UNKNOWN_REGION, vpns, None)]
+        sel = vpns
+        if k.crawler.filtering_allowed(slot) and regions.use_filter(rid, self.scan_round):
+            region = regions.get(rid)
+            if region.filter_cnt > 0:
+                offs = (vpns - np.uint64(vma.start_vpn)).astype(np.int64)
+                sel = vpns[region.filtered_offsets(offs)]
+            else:
+                sel = vpns[:0]  # an emptied filter skips the whole mapping
+        self.region = rid
+        if not regions.size_mismatch(rid, vma.npages) or not sel.size:
+            return [(rid, sel, None)]
+        # a smaller mapping: the check after its first visited page conflicts the region
+        first = sel[:1]
+        rest = vpns[vpns > first[0]]
+        self.region = UNKNOWN_REGION if rest.size > 1 else rid
+        return [
+            (rid, first, None),
+            (rid, rest[:1], lambda: self._conflict(rid, vma.npages)),
+            (UNKNOWN_REGION, rest[1:], None),
+        ]
+
+    def _conflict(self, rid: int, npages: int) -> None:
+        conflicted = not self.k.regions.size_check(rid, npages)
+        assert conflicted, "a smaller mapping's second size check conflicts its region"
+
+    def _zero_page_check(
+        self, slot: MmSlot, zero: np.ndarray, start: int, end: int, vpns: np.ndarray, kept: list[np.ndarray]
+    ) -> np.ndarray:
+        """Pages merged with the zero page are the zero page while they stay zero (not
+        anonymous: follow_page() skips them); a write brings them back as anon pages."""
+        z = zero[(zero >= np.uint64(start)) & (zero < np.uint64(end))]
+        z = z[np.isin(z, vpns)]
+        if not z.size:
+            return vpns
+        data = self.k.source.read_pages(slot.task, z)
+        lo, hi = digest_pages(data, int(z.shape[0]))
+        still = z[is_zero_digest(lo, hi)]
+        kept.append(still)
+        return vpns[~np.isin(vpns, still)]
+
+    def _slot_gone(self, slot: MmSlot, err: Exception) -> None:
+        """The task exited (or shut us out) mid-scan: its items are gone, the slot goes
+        to the remove list."""
+        stats = self.k.stats
+        if isinstance(err, AccessDenied):
+            stats.tasks_denied += 1
+        else:
+            stats.tasks_exited += 1
+        stats.nr_added_process -= 1
+        self.k.mm.remove(slot)
+        stats.end_slot()
+
+    def _slot_done(self, slot: MmSlot, elapsed: float) -> None:
+        """The end of a slot in scan_get_next_rmap_item(): newcomer and frozen states
+        end, the merge window moves, and the slot is (re)placed in the VIP order."""
+        slot.clear(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
+        slot.set(KSM_MM_SCANNED)
+        self.k.mm.place_vip(slot, self.k.stats.slot_nr_merged)
+        slot.elapsed = elapsed
+        self.k.stats.end_slot()
+
+    # -- one chunk -----------------------------------------------------------------
+
+    def _scan_chunk(self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, old: Rmap, pos: int) -> int:
+        """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part`, a view of
+        the slot's new rmap list whose vpn column is already set.  Returns the position
+        in the slot's old rmap list after these pages."""
+        k = self.k
+        vpns = part.vpn
+        n = int(vpns.shape[0])
+        data = k.source.read_pages(slot.task, vpns)
+        lo, hi = digest_pages(data, n)
+
+        # get_next_rmap_item(): reuse items at these addresses, free the ones passed by
+        end = int(np.searchsorted(old.vpn, vpns[-1], side="right"))
+        seg = old.vpn[pos:end]
+        j = np.searchsorted(seg, vpns)
+        jc = np.minimum(j, max(seg.shape[0] - 1, 0))
+        matched = (j < seg.shape[0]) & (seg[jc] == vpns) if seg.shape[0] else np.zeros(n, dtype=bool)
+        keep = np.zeros(seg.shape[0], dtype=bool)
+        keep[j[matched]] = True
+        if not keep.all():
+            k.merger.remove_items(old.take(pos + np.flatnonzero(~keep)))
+
+        part.region[:] = rid
+        part.off[:] = (vpns - np.uint64(vma_start)).astype(np.uint32)
+        if matched.any():
+            src = pos + j[matched]
+            part.flags[matched] = old.flags[src]
+            part.seq[matched] = old.seq[src]
+            part.cksum[matched] = old.cksum[src]
+            part.node[matched] = old.node[src]
+            part.region[matched] = old.region[src]
+            part.off[matched] = old.off[src]
+        k.stats.rmap_items += n - int(np.count_nonzero(matched))
+        flags = part.flags
+        if slot.test(KSM_MM_FROZEN):
+            # an old item keeps the frozen bit only if it sat in the unstable tree
+            frozen = ~matched | ((flags & UNSTABLE) != 0)
+            flags[frozen] |= FROZEN
+            flags[~frozen] &= _NOT_FROZEN
+        else:
+            flags &= _NOT_FROZEN
+        k.stats.pages_scanned += n
+        slot.nr_scans += n
+
+        # cmp_and_merge_page(): an unchanged KSM page is left alone
+        is_stable = (flags & STABLE) != 0
+        node = np.where(is_stable, part.node, 0)
+        stable_ok = is_stable & (k.stable.lo[node] == lo) & (k.stable.hi[node] == hi)
+        idx = np.flatnonzero(~stable_ok)
+        if idx.size:
+            k.merger.cmp_and_merge(Chunk(slot, vma_start, rid, part, data, lo, hi), idx)
+        return end

@@ -1,0 +1,46 @@
+"""The engine's counters: mm/ksm.c's ksm_pages_* globals and LKSM's statistics.
+
+The stable tree keeps its own counters (pages_shared, pages_sharing, chains, dups):
+they change with its nodes.  Everything else that sysfs or a scan record shows lives
+here, in one place, so that a reader can see which figure each step moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class KsmStats:
+    """Counters not owned by the stable tree."""
+
+    pages_unshared: int = 0  # ksm_pages_unshared: rmap items in the unstable tree
+    rmap_items: int = 0  # ksm_rmap_items
+    pages_scanned: int = 0  # mainline's ksm_pages_scanned
+    ksm_zero_pages: int = 0  # pages merged with the zero page (use_zero_pages)
+    nr_added_process: int = 0  # ksm_nr_added_process: scanning_process
+    nr_full_scan: int = 0  # ksm_scan.nr_full_scan: full_scans
+    tasks_exited: int = 0  # slots dropped because the task went away
+    tasks_denied: int = 0  # tasks skipped or dropped because /proc refused access
+    # LKSM's per-scan and per-slot statistics (lksm_nr_merged, lksm_slot_nr_merged, ...)
+    lksm_nr_merged: int = 0
+    lksm_nr_broken: int = 0
+    lksm_nr_scanned_slot: int = 0
+    slot_nr_merged: int = 0
+    slot_nr_broken: int = 0
+
+    def merged(self, n: int = 1) -> None:
+        """stable_tree_append() found `n` mappings sharing."""
+        self.lksm_nr_merged += n
+        self.slot_nr_merged += n
+
+    def broken(self, n: int = 1) -> None:
+        """remove_rmap_item_from_tree() took `n` sharing mappings off a KSM page."""
+        self.lksm_nr_broken += n
+        self.slot_nr_broken += n
+
+    def end_slot(self) -> None:
+        self.slot_nr_merged = self.slot_nr_broken = 0
+
+    def end_scan(self) -> None:
+        self.lksm_nr_merged = self.lksm_nr_broken = self.lksm_nr_scanned_slot = 0
