@@ -9,7 +9,7 @@ from the repository root as `python -m bench.NAME`; nothing inserts into sys.pat
 - kernel_ksm: the kernel's own KSM as an oracle (KernelKsm, anon_page_census)
 - mount:      a real daemon on a real FUSE mount (Mounts, Daemon, read_attr, sh)
 - engine:     driving and inspecting an engine as the daemon's threads would
-- memfake:    an in-memory MemorySource for unit tests of single rules
+(The unit tests' in-memory MemorySource stays next to them: tests/unit/memfake.py.)
 """
 
 from pathlib import Path

@@ -7,9 +7,11 @@
 - status:    RssAnon (get_mm_counter(mm, MM_ANONPAGES)), VmRSS, VmHWM
 - comm:      the task's name, at most 15 characters
 
-Errors: an OSError on a task's file becomes ProcessGone (ENOENT, ESRCH, and EIO where
-the file is /proc/PID/mem of an exiting task) or AccessDenied (EACCES, EPERM) in one
-place, `as_task_error` / `wrap_exceptions`, as psutil's `wrap_exceptions` does.
+Errors: an OSError on a task's file becomes ProcessGone (ENOENT, ESRCH) or AccessDenied
+(EACCES, EPERM) in one place, `as_task_error` / `wrap_exceptions`, as psutil's
+`wrap_exceptions` does.  EIO from /proc/PID/mem or pagemap means "gone" only when the
+task is gone: an unmapped page answers the same, so the procfs source asks
+`TaskDir.alive()` before it says ProcessGone.
 
 The root is a parameter everywhere (`proc_root`, psutil's PROCFS_PATH), so unit tests run
 on a fake tree.  `TaskDir` pins /proc/PID with a directory fd: once open it keeps naming
@@ -58,11 +60,10 @@ class TaskId:
 # ----------------------------------------------------------------------------- errors
 
 
-def as_task_error(exc: OSError, what: str, *, eio_gone: bool = False) -> Exception:
+def as_task_error(exc: OSError, what: str) -> Exception:
     """The project's exception for `exc`, met on a task's /proc file named by `what`:
-    ProcessGone, AccessDenied, or `exc` itself for anything else.  `eio_gone`: EIO means
-    the task is gone too (/proc/PID/mem and pagemap of a task whose mm is torn down)."""
-    if exc.errno in GONE_ERRNOS or (eio_gone and exc.errno == errno.EIO):
+    ProcessGone, AccessDenied, or `exc` itself for anything else."""
+    if exc.errno in GONE_ERRNOS:
         return ProcessGone(f"{what}: {exc.strerror}")
     if exc.errno in DENIED_ERRNOS:
         return AccessDenied(f"{what}: {exc.strerror}")
@@ -70,12 +71,12 @@ def as_task_error(exc: OSError, what: str, *, eio_gone: bool = False) -> Excepti
 
 
 @contextlib.contextmanager
-def wrap_exceptions(what: str, *, eio_gone: bool = False) -> Iterator[None]:
+def wrap_exceptions(what: str) -> Iterator[None]:
     """Run a block that reads a task's /proc files; OSErrors leave as `as_task_error`'s."""
     try:
         yield
     except OSError as e:
-        err = as_task_error(e, what, eio_gone=eio_gone)
+        err = as_task_error(e, what)
         if err is e:
             raise
         raise err from e
