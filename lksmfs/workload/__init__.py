@@ -1,9 +1,11 @@
 """Workloads: a YAML description of app memory, realised as simulated or real processes.
 
-- schema: the file format (load_workload, Workload, WorkloadError)
-- model: the content function both realisations share
-- spawn: real child processes in freezer cgroups (spawn_workload, `lksmfs workload spawn`)
-The simulated MemorySource is lksmfs.workload.simulated.SimulatedSource.
+- schema:    the file format (load_workload, Workload, WorkloadError)
+- model:     the content function both realisations share
+- timeline:  the round/event player both realisations share (TimelinePlayer, Effects)
+- simulated: a MemorySource of generated processes (SimulatedSource)
+- spawn:     real child processes (child.py) in freezer cgroups (spawn_workload,
+             `lksmfs workload spawn`)
 """
 
 from lksmfs.workload.schema import (
