@@ -68,8 +68,9 @@ class Chunk:
 class Merger:
     """The merge half of ksmd, over the engine's trees and counters."""
 
-    def __init__(self, ksm: Ksm) -> None:
+    def __init__(self, ksm: Ksm, grouped: bool = True) -> None:
         self.k = ksm
+        self.grouped = grouped  # False: every page through cmp_and_merge_page(), one by one
 
     # -- the one bookkeeping path of a merge ------------------------------------------
 
@@ -105,79 +106,221 @@ class Merger:
 
     def cmp_and_merge(self, c: Chunk, idx: np.ndarray) -> None:
         """cmp_and_merge_page() for the pages `idx` of a chunk (those that are not
-        unchanged KSM pages).
+        unchanged KSM pages), with the outcome the page-at-a-time path gives.
 
-        The outcome for a page depends on other pages only through content it shares
-        with them.  So pages whose content no other page of this chunk has are settled
-        together, vectorised, by what they find in the trees as the chunk starts:
-        joining a stable node with room (J), passing or failing the checksum gate,
-        merging with their unstable tree partner after a byte comparison (M), or
-        entering the unstable tree.  What remains goes one page at a time.
+        A page's outcome depends on other pages only through content it shares with
+        them, so the chunk is settled content by content:
+        - a content found once in the chunk, with no KSM page or one plain KSM page with
+          room, is settled vectorised with all such pages (join, checksum gate, merge
+          with an unstable tree partner, or insert);
+        - a content found several times (or with a chain, a full KSM page, the zero
+          page) is settled as a group: one question to the trees, one byte comparison
+          of the pages with each other and with the partner, then bulk updates;
+        - what depends on the order of pages of different contents - a broken merge
+          freeing room, an item already in this round's tree - goes page by page, in
+          address order, as does a group whose bytes do not all agree.
         """
+        if not self.grouped:
+            self._one_by_one(c, idx)
+            return
         k = self.k
         part = c.part
         flags = part.flags
         lo, hi = c.lo, c.hi
         klo = normkey(lo[idx])
-        sref = k.stable.index.get_many(klo)
-        uref = k.unstable.get_many(klo)
-        _, inv, counts = np.unique(klo, return_inverse=True, return_counts=True)
-        dup = counts[inv] > 1
+        # the groups: pages of equal content, contiguous in `order`, address order within
+        order = np.argsort(klo, kind="stable")
+        sk = klo[order]
+        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+        counts = np.diff(np.r_[starts, sk.shape[0]])
+        gid = np.empty(idx.shape[0], dtype=np.int64)
+        gid[order] = np.repeat(np.arange(starts.shape[0]), counts)
+        size = counts[gid]
         cur_seq = k.scanner.scan_round & SEQNR_MASK
         fl = flags[idx]
-        old_stable = (fl & STABLE) != 0
-        slow = old_stable | (((fl & UNSTABLE) != 0) & (part.seq[idx] == cur_seq))
+        old_stable = (fl & STABLE) != 0  # a broken merge: it leaves its KSM page first
+        slow_page = old_stable | (((fl & UNSTABLE) != 0) & (part.seq[idx] == cur_seq))
+        if old_stable.any():  # ... which frees room for the contents of those pages
+            slow_page |= np.isin(klo, normkey(k.stable.lo[part.node[idx[old_stable]]]))
+        gslow = np.zeros(starts.shape[0], dtype=bool)
+        gslow[gid[slow_page]] = True
+        slow = gslow[gid]
 
-        # J: stable_tree_search() finds a plain node with room
-        plain = sref >= 0
-        sn = np.where(plain, sref, 0)
-        join = plain & ~dup & ~slow & (k.stable.hi[sn] == hi[idx]) & (k.stable.nlen[sn] < k.tunables.max_page_sharing)
-        if old_stable.any() and join.any():
-            # a node losing a mapping here may go away first: keep the address order
-            join &= ~np.isin(sn, part.node[idx[old_stable]])
-        slow |= (sref != -1) & ~join
-        if join.any():
-            j = idx[join]
-            self._append(part, j, sn[join], np.full(j.shape[0], c.rid), c.offsets(j))
+        # one content, once: vectorised where the trees hold no KSM page or a plain one
+        sref = k.stable.index.get_many(klo)
+        single = (size == 1) & ~slow
+        sn = np.where(sref >= 0, sref, 0)
+        plain_room = (sref >= 0) & (k.stable.hi[sn] == hi[idx]) & (k.stable.nlen[sn] < k.tunables.max_page_sharing)
+        simple = single & ((sref == -1) | plain_room)
+        if k.tunables.use_zero_pages:
+            simple &= ~is_zero_digest(lo[idx], hi[idx])
+        grouped = ~slow & ~simple
+        fallback: list[np.ndarray] = []
+        if simple.any():
+            fallback.append(self._settle_singles(c, idx[simple], sref[simple], plain_room[simple]))
+        if grouped.any():
+            gs = np.flatnonzero(np.bincount(gid[grouped], minlength=starts.shape[0]))
+            for g in gs.tolist():
+                members = idx[order[starts[g] : starts[g] + counts[g]]]
+                if not self._settle_group(c, members):
+                    fallback.append(members)
+        rest = [idx[slow], *fallback]
+        s = np.sort(np.concatenate(rest)) if len(rest) > 1 else rest[0]
+        self._one_by_one(c, s)
 
-        rest = ~join & ~slow
-        if not rest.any():
-            self._one_by_one(c, idx[slow])
-            return
+    def _settle_singles(self, c: Chunk, i: np.ndarray, sref: np.ndarray, plain_room: np.ndarray) -> np.ndarray:
+        """Pages whose content no other page of the chunk has, and which find no KSM page
+        or a plain one with room: joining it (J), the checksum gate, merging with their
+        unstable tree partner after a byte comparison (M), or entering the unstable
+        tree.  Returns the pages left for the page-at-a-time path (a partner that was
+        gone or no longer equal)."""
+        k = self.k
+        part = c.part
+        flags = part.flags
+        lo, hi = c.lo, c.hi
+        if plain_room.any():  # J: stable_tree_search() finds a plain node with room
+            j = i[plain_room]
+            self._append(part, j, sref[plain_room], np.full(j.shape[0], c.rid), c.offsets(j))
+            i = i[~plain_room]
+        left = i[:0]
+        if not i.size:
+            return left
         # remove_rmap_item_from_tree() for items left in last round's unstable tree
-        r = idx[rest]
-        k.stats.pages_unshared -= int(np.count_nonzero(flags[r] & UNSTABLE))
-        flags[r] &= NOT_UNSTABLE
+        k.stats.pages_unshared -= int(np.count_nonzero(flags[i] & UNSTABLE))
+        flags[i] &= NOT_UNSTABLE
         # the checksum gate (the policy says in which rounds; never for frozen tasks)
         if k.crawler.checksum_gate(k.scanner.scan_round):
-            new_ck = (hi[idx] & CKSUM_MASK).astype(np.uint32)
-            fail = rest & ((fl & FROZEN) == 0) & (part.cksum[idx] != new_ck)
-            part.cksum[idx[fail]] = new_ck[fail]
-            rest &= ~fail
-        if k.tunables.use_zero_pages:
-            zero = rest & is_zero_digest(lo[idx], hi[idx])
-            slow |= zero
-            rest &= ~zero
-        slow |= rest & dup
-        rest &= ~dup
+            new_ck = (hi[i] & CKSUM_MASK).astype(np.uint32)
+            fail = ((flags[i] & FROZEN) == 0) & (part.cksum[i] != new_ck)
+            part.cksum[i[fail]] = new_ck[fail]
+            i = i[~fail]
         # M: unstable_tree_search_insert() finds a partner; merged after memcmp
-        cand = rest & (uref >= 0)
+        uref = k.unstable.get_many(normkey(lo[i]))
+        cand = uref >= 0
         if cand.any():
-            c.own()  # partner reads reuse the source's buffer
-            merged = self._merge_with_tree(c, idx[cand], uref[cand])
-            sel = np.flatnonzero(cand)
-            slow[sel[~merged]] = True
-            rest[sel] = False
-        ins = idx[rest]
-        if ins.size:
-            flags[ins] |= UNSTABLE
-            part.seq[ins] = cur_seq
-            part.region[ins] = c.rid
-            part.off[ins] = c.offsets(ins).astype(np.uint32)
-            refs = (np.int64(c.slot.sid) << VPN_BITS) | part.vpn[ins].astype(np.int64)
-            k.unstable.put_many(normkey(lo[ins]), refs)
-            k.stats.pages_unshared += int(ins.shape[0])
-        self._one_by_one(c, idx[slow])
+            merged = self._merge_with_tree(c, i[cand], uref[cand])
+            left = i[cand][~merged]
+            i = i[~cand]
+        if i.size:
+            self._insert_unstable(c, i)
+        return left
+
+    def _insert_unstable(self, c: Chunk, i: np.ndarray, stale: bool = False) -> None:
+        """unstable_tree_search_insert() found nothing: the pages wait in the tree, each
+        the first of its content; `stale` when an entry for it may exist (a partner
+        that has gone or moved on), which the new one replaces."""
+        k = self.k
+        part = c.part
+        part.flags[i] |= UNSTABLE
+        part.seq[i] = k.scanner.scan_round & SEQNR_MASK
+        part.region[i] = c.rid
+        part.off[i] = c.offsets(i).astype(np.uint32)
+        refs = (np.int64(c.slot.sid) << VPN_BITS) | part.vpn[i].astype(np.int64)
+        if stale:
+            for key, ref in zip(c.lo[i].tolist(), refs.tolist(), strict=True):
+                k.unstable.put(key, ref)
+        else:
+            k.unstable.put_many(normkey(c.lo[i]), refs)
+        k.stats.pages_unshared += int(i.shape[0])
+
+    def _settle_group(self, c: Chunk, m: np.ndarray) -> bool:
+        """cmp_and_merge_page() for the pages `m` (address order) of one content, as the
+        page-at-a-time path would settle them one after the other: fill the KSM pages
+        with room (fullest first), then - past the checksum gate - merge with the
+        unstable tree partner, fill that new KSM page up to max_page_sharing, pair the
+        next two pages into another, and so on; a last page alone waits in the tree.
+        Returns False, having changed nothing, when the pages' bytes do not all agree
+        with each other and with the partner (a digest collision, a page rewritten)."""
+        k = self.k
+        t = k.tunables
+        part = c.part
+        first = int(m[0])
+        lo, hi = int(c.lo[first]), int(c.hi[first])
+        words = as_words(c.own())
+        if m.shape[0] > 1 and not bool((words[m[1:]] == words[first]).all()):
+            return False
+        mps = t.max_page_sharing
+        is_zero = bool(t.use_zero_pages) and lo == ZERO_LO and hi == ZERO_HI and not words[first].any()
+        partner = None
+        if not is_zero:
+            key = lo if lo >= 2 else lo + 2
+            ref = k.unstable.get(key)
+            partner = self._tree_item(ref, c.slot, int(part.vpn[first])) if ref >= 0 else None
+            if partner is not None:
+                tslot, tblk, ti = partner
+                if self._read_page(tslot, int(tblk.vpn[ti])) != bytes(words[first]):
+                    return False
+        # remove_rmap_item_from_tree() for items left in last round's unstable tree
+        k.stats.pages_unshared -= int(np.count_nonzero(part.flags[m] & UNSTABLE))
+        part.flags[m] &= NOT_UNSTABLE
+        # stable_tree_search(): the KSM pages with room take the first pages
+        taken = 0
+        nids: list[int] = []
+        for nid, room in k.stable.rooms(lo, hi, mps):
+            n = min(room, m.shape[0] - taken)
+            nids += [nid] * n
+            taken += n
+            if taken == m.shape[0]:
+                break
+        rid = np.full(m.shape[0], c.rid)
+        if taken:
+            j = m[:taken]
+            self._append(part, j, np.array(nids), rid[:taken], c.offsets(j))
+        if taken == m.shape[0]:
+            return True
+        # the others one after the other, in a loop over small integers only
+        rest = m[taken:]
+        passing = np.ones(rest.shape[0], dtype=bool)
+        ck = hi & 0xFFFFFFFE
+        if k.crawler.checksum_gate(k.scanner.scan_round):
+            passing = ((part.flags[rest] & FROZEN) != 0) | (part.cksum[rest] == ck)
+        join_m: list[int] = []
+        join_n: list[int] = []
+        fail_m: list[int] = []
+        zero_m: list[int] = []
+        waiting = -1  # a page of ours in the unstable tree
+        room = 0
+        nid = -1
+        for i, ok in zip(rest.tolist(), passing.tolist(), strict=True):
+            if room:  # the KSM page made from this group still has room
+                join_m.append(i)
+                join_n.append(nid)
+                room -= 1
+            elif not ok:
+                fail_m.append(i)
+            elif is_zero:
+                zero_m.append(i)
+            elif partner is not None or waiting >= 0:
+                # try_to_merge_two_pages() + stable_tree_insert()
+                nid = k.stable.insert(lo, hi)
+                if partner is not None:
+                    _, tblk, ti = partner
+                    tat = np.array([ti])
+                    self._append(tblk, tat, np.array([nid]), tblk.region[tat].astype(np.int64),
+                                 tblk.off[tat].astype(np.int64))
+                    partner = None
+                else:
+                    join_m.append(waiting)
+                    join_n.append(nid)
+                    waiting = -1
+                join_m.append(i)
+                join_n.append(nid)
+                room = mps - 2
+            else:
+                waiting = i
+        if join_m:
+            j = np.array(join_m)
+            part.seq[j] = k.scanner.scan_round & SEQNR_MASK
+            self._append(part, j, np.array(join_n), np.full(j.shape[0], c.rid), c.offsets(j))
+        if fail_m:
+            part.cksum[np.array(fail_m)] = ck
+        if zero_m:
+            z = np.array(zero_m)
+            k.scanner.add_zero_pages(part.vpn[z])
+            k.stats.ksm_zero_pages += z.shape[0]
+        if waiting >= 0:
+            self._insert_unstable(c, np.array([waiting]), stale=True)
+        return True
 
     def _merge_with_tree(self, c: Chunk, m: np.ndarray, refs: np.ndarray) -> np.ndarray:
         """try_to_merge_two_pages() + stable_tree_insert() for pages whose unstable tree
@@ -274,7 +417,7 @@ class Merger:
         page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         if k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page):
             # merged with the zero page: no longer anonymous until written again
-            k.scanner.add_zero_page(vpn)
+            k.scanner.add_zero_pages(np.array([vpn], dtype=np.uint64))
             k.stats.ksm_zero_pages += 1
             return
         # unstable_tree_search_insert()

@@ -56,7 +56,7 @@ class Scanner:
         self.region = -1  # ksm_scan.region: the region used last in this mm (-1: NULL)
         self._cur_new: Rmap | None = None  # the new rmap list of the slot being scanned
         self._cur_valid = 0
-        self._new_zero: list[int] = []  # pages of that slot merged with the zero page now
+        self._new_zero: list[np.ndarray] = []  # pages of that slot merged with the zero page now
         # the scan in progress
         self._started = False
         self._begin = 0.0
@@ -195,9 +195,9 @@ class Scanner:
         """The items of the slot being scanned that are valid so far (this chunk included)."""
         return self._cur_new.view(0, self._cur_valid) if self._cur_new is not None else Rmap()
 
-    def add_zero_page(self, vpn: int) -> None:
-        """A page of the slot being scanned was merged with the zero page."""
-        self._new_zero.append(vpn)
+    def add_zero_pages(self, vpns: np.ndarray) -> None:
+        """Pages of the slot being scanned were merged with the zero page."""
+        self._new_zero.append(vpns)
 
     # -- one slot ------------------------------------------------------------------
 
@@ -251,7 +251,7 @@ class Scanner:
             k.merger.remove_items(new.view(0, filled))
             k.merger.remove_items(old.take(slice(pos, None)))
             slot.rmap = Rmap()
-            k.stats.ksm_zero_pages -= int(prev_zero.shape[0]) + len(self._new_zero)
+            k.stats.ksm_zero_pages -= int(prev_zero.shape[0]) + sum(int(z.shape[0]) for z in self._new_zero)
             self._slot_gone(slot, e)
             return
         finally:
@@ -262,7 +262,7 @@ class Scanner:
         slot.rmap = new if filled == len(new) else new.copy(filled)
         kept = np.concatenate(zero_kept) if zero_kept else prev_zero[:0]
         k.stats.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
-        slot.zero_vpns = np.union1d(kept, np.array(self._new_zero, dtype=np.uint64))
+        slot.zero_vpns = np.sort(np.concatenate([kept, *self._new_zero])) if self._new_zero else kept
         self._slot_done(slot, k.clock() - begin)
 
     def _walk_vma(self, slot: MmSlot, maps: list[Mapping], i: int, vpns: np.ndarray) -> list[VmaRun]:

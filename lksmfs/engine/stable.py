@@ -50,7 +50,9 @@ class StableTree:
         self._chain = _Grow(np.int32, -1)
         self._next_id = 0
         self._free: list[int] = []
-        self.chains: dict[int, list[int]] = {}
+        self.chains: dict[int, dict[int, None]] = {}  # chain -> its dups, oldest first
+        # chain -> dups that may have room (a full one is dropped when a search meets it)
+        self._room: dict[int, dict[int, None]] = {}
         self._next_chain = 0
         self.nr_nodes = 0  # live stable nodes (each has >= 1 mapping)
         self.pages_shared = 0
@@ -89,14 +91,36 @@ class StableTree:
             if int(self._hi.a[ref]) != hi or int(self._len.a[ref]) >= max_page_sharing:
                 return -1
             return ref
-        best = -1
-        best_len = -1
+        rooms = self._chain_rooms(-ref - 2, hi, max_page_sharing)
+        return rooms[0][0] if rooms else -1
+
+    def rooms(self, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
+        """Every node with this content that can take more mappings, with how many, in
+        the order repeated stable_tree_search() calls would fill them."""
+        ref = self.index.get(lo)
+        if ref == -1:
+            return []
+        if ref >= 0:
+            n = int(self._len.a[ref])
+            if int(self._hi.a[ref]) != hi or n >= max_page_sharing:
+                return []
+            return [(ref, max_page_sharing - n)]
+        return self._chain_rooms(-ref - 2, hi, max_page_sharing)
+
+    def _chain_rooms(self, cid: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
+        """The dups of a chain with room, fullest first (stable_node_dup()), oldest first
+        among equals; full dups met on the way leave the candidate set."""
+        cands = self._room[cid]
         nlen = self._len.a
-        for nid in self.chains[-ref - 2]:
+        out: list[tuple[int, int]] = []
+        for nid in list(cands):
             n = int(nlen[nid])
-            if n < max_page_sharing and n > best_len and int(self._hi.a[nid]) == hi:
-                best, best_len = nid, n
-        return best
+            if n >= max_page_sharing:
+                del cands[nid]
+            elif int(self._hi.a[nid]) == hi:
+                out.append((nid, n))
+        out.sort(key=lambda x: -x[1])
+        return [(nid, max_page_sharing - n) for nid, n in out]
 
     def insert(self, lo: int, hi: int) -> int:
         """stable_tree_insert(): a new node with no mapping yet; chains it when a node with
@@ -114,7 +138,8 @@ class StableTree:
             # alloc_stable_node_chain(): the existing node becomes the first dup
             cid = self._next_chain
             self._next_chain += 1
-            self.chains[cid] = [ref, nid]
+            self.chains[cid] = {ref: None, nid: None}
+            self._room[cid] = {ref: None, nid: None}
             self._chain.a[ref] = cid
             self._chain.a[nid] = cid
             self.index.put(lo, _chain_ref(cid))
@@ -122,7 +147,8 @@ class StableTree:
             self.stable_node_dups += 2
         else:
             cid = -ref - 2
-            self.chains[cid].append(nid)
+            self.chains[cid][nid] = None
+            self._room[cid][nid] = None
             self._chain.a[nid] = cid
             self.stable_node_dups += 1
         return nid
@@ -147,9 +173,14 @@ class StableTree:
         return nids
 
     def append_many(self, nids: np.ndarray) -> int:
-        """append() for distinct nodes; returns how many of the mappings are sharing ones."""
-        before = self._len.a[nids]
-        self._len.a[nids] = before + 1
+        """append() for a mapping of each of `nids` (a node may repeat); returns how
+        many of the mappings are sharing ones (all but a node's first)."""
+        if nids.shape[0] > 1:
+            nodes, counts = np.unique(nids, return_counts=True)
+        else:
+            nodes, counts = nids, np.ones(nids.shape[0], dtype=np.int64)
+        before = self._len.a[nodes]
+        self._len.a[nodes] = before + counts
         first = int(np.count_nonzero(before == 0))
         self.pages_shared += first
         self.pages_sharing += int(nids.shape[0]) - first
@@ -183,6 +214,9 @@ class StableTree:
         n = int(self._len.a[nid]) - 1
         self._len.a[nid] = n
         if n:
+            cid = int(self._chain.a[nid])
+            if cid >= 0:
+                self._room[cid][nid] = None  # room again
             self.pages_sharing -= 1
             return True
         self.pages_shared -= 1
@@ -196,10 +230,12 @@ class StableTree:
             self.index.delete(lo, nid)
         else:
             dups = self.chains[cid]
-            dups.remove(nid)
+            del dups[nid]
+            self._room[cid].pop(nid, None)
             self.stable_node_dups -= 1
             if not dups:
                 del self.chains[cid]
+                del self._room[cid]
                 self.index.delete(lo, _chain_ref(cid))
                 self.stable_node_chains -= 1
         self._chain.a[nid] = -1
@@ -213,8 +249,9 @@ class StableTree:
         dup still has room (is_page_sharing_candidate()): a full dup stays chained, since
         the next page with its content needs a new dup anyway."""
         nlen = self._len.a
-        for cid in [c for c, d in self.chains.items() if len(d) == 1 and int(nlen[d[0]]) < max_page_sharing]:
+        for cid in [c for c, d in self.chains.items() if len(d) == 1 and int(nlen[next(iter(d))]) < max_page_sharing]:
             (nid,) = self.chains.pop(cid)
+            del self._room[cid]
             self._chain.a[nid] = -1
             self.index.put(int(self._lo.a[nid]), nid)
             self.stable_node_chains -= 1
