@@ -4,7 +4,8 @@ Every tunable value is validated by the *same* code that validates a write to th
 mounted file (lksmfs.sysfs.attrs.check_setting: AttributeTable.store on a dry-run
 engine), so a value that `echo VALUE > FILE` would refuse is refused at start too, with
 the file, the key and the reason in the message.  Unknown keys are errors: a typo must
-not silently fall back to a default.
+not silently fall back to a default.  Which files exist depends on the scheduling policy
+(`policy: lksm|ksm`): a tunable the chosen policy has no file for is an error too.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from lksmfs.engine.params import Tunables
-from lksmfs.sysfs.attrs import SETTING_ORDER, SettingError, check_setting
+from lksmfs.engine.params import POLICIES, POLICY_LKSM, Tunables
+from lksmfs.sysfs.attrs import SettingError, check_setting, setting_order
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -32,9 +33,9 @@ class TunablesConfig(Tunables):
     """Initial values of the writable attributes: the engine's own fields and defaults
     (SPEC §1).  `one_shot_scanning` 0 means "no request at start"; 1 or 2 queues one."""
 
-    def items(self) -> list[tuple[str, int]]:
-        """(name, value) in application order."""
-        return [(name, getattr(self, name)) for name in SETTING_ORDER]
+    def items(self, policy: str = POLICY_LKSM) -> list[tuple[str, int]]:
+        """(name, value) of `policy`'s writable files, in application order."""
+        return [(name, getattr(self, name)) for name in setting_order(policy)]
 
 
 @dataclass
@@ -59,7 +60,10 @@ class FreezerConfig:
 
 @dataclass
 class Config:
+    policy: str = POLICY_LKSM  # LKSM's crawler, or mainline's ksmd ("ksm")
     tunables: TunablesConfig = field(default_factory=TunablesConfig)
+    # the tunables a file set, with where (re-checked when --policy changes the policy)
+    tunables_set: dict[str, str] = field(default_factory=dict, compare=False)
     filter: bool = True  # CONFIG_LKSM_FILTER
     scope: ScopeConfig = field(default_factory=ScopeConfig)
     freezer: FreezerConfig = field(default_factory=FreezerConfig)
@@ -110,13 +114,19 @@ def config_from_dict(data: Any, src: str = "<config>") -> Config:
     _check_keys(data, Config, f"{src}: ")
     cfg = Config()
 
+    if "policy" in data:
+        where = f"{src}: policy"
+        cfg.policy = check_policy(_expect(data["policy"], str, "a string", where), where)
+
     tun = _section(data.get("tunables"), "tunables", src)
     _check_keys(tun, TunablesConfig, f"{src}: tunables.")
     for name, raw in tun.items():
+        where = f"{src}: tunables.{name}"
         try:
-            setattr(cfg.tunables, name, check_setting(name, raw, f"{src}: tunables.{name}"))
+            setattr(cfg.tunables, name, check_setting(name, raw, where, cfg.policy))
         except SettingError as e:
             raise ConfigError(str(e)) from None
+        cfg.tunables_set[name] = where
 
     if "filter" in data:
         cfg.filter = _expect(data["filter"], bool, "true or false", f"{src}: filter")
@@ -161,6 +171,22 @@ def config_from_dict(data: Any, src: str = "<config>") -> Config:
         where = f"{src}: metrics_textfile"
         cfg.metrics_textfile = check_metrics_textfile(_expect(data["metrics_textfile"], str, "a path", where), where)
     return cfg
+
+
+def check_policy(value: str, where: str) -> str:
+    """`lksm` or `ksm`."""
+    if value not in POLICIES:
+        raise ConfigError(f"{where}: must be one of {', '.join(POLICIES)} (got {value!r})")
+    return value
+
+
+def recheck_tunables(cfg: Config) -> None:
+    """The tunables a file set, checked again under the final policy (--policy)."""
+    for name, where in cfg.tunables_set.items():
+        try:
+            check_setting(name, getattr(cfg.tunables, name), where, cfg.policy)
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_metrics_textfile(value: str, where: str) -> str:

@@ -34,10 +34,13 @@ from lksmfs.config import (
     ConfigError,
     check_log_level,
     check_metrics_textfile,
+    check_policy,
     check_source,
     load_config,
+    recheck_tunables,
 )
 from lksmfs.engine.ksm import Ksm
+from lksmfs.engine.params import POLICY_LKSM
 from lksmfs.freezer import FreezerWatcher
 from lksmfs.metrics_file import MetricsPublisher
 from lksmfs.sigquit import SigquitWatcher
@@ -211,8 +214,9 @@ def scannable_task(src: ProcfsSource, pid: int) -> TaskId:
 
 
 def make_freezer(cfg: Config, on_hint: Callable[[TaskId, bool], None]) -> FreezerWatcher | None:
-    """A FreezerWatcher over the configured roots, or None when disabled."""
-    if not cfg.freezer.enabled or cfg.source != "procfs":
+    """A FreezerWatcher over the configured roots, or None when disabled (or useless:
+    mainline ksmd has no freezer hook)."""
+    if not cfg.freezer.enabled or cfg.source != "procfs" or cfg.policy != POLICY_LKSM:
         return None
     v1 = [r for r in (cfg.freezer.v1_root,) if r and os.path.isdir(r)]
     v2 = [r for r in (cfg.freezer.v2_root,) if r and os.path.isdir(r)]
@@ -255,7 +259,7 @@ class Daemon:
             source, resolve = make_source(config)
             resolve_task = resolve_task or resolve
         self.source = source
-        self.ksm = Ksm(source, filter_enabled=config.filter, self_pid=os.getpid())
+        self.ksm = Ksm(source, filter_enabled=config.filter, self_pid=os.getpid(), policy=config.policy)
         self.lock = EngineLock()
         self.cond = threading.Condition(self.lock.raw)
         self._stop = threading.Event()
@@ -271,6 +275,7 @@ class Daemon:
             ),
             on_hint=self.wake,
             on_init=self._on_mounted,
+            hints=config.policy == POLICY_LKSM,  # the hint file plays LKSM's freezer hook
         )
         self._threads: list[_Thread] = []
         self.freezer: FreezerWatcher | None = None
@@ -280,7 +285,8 @@ class Daemon:
 
     def apply_tunables(self) -> None:
         """Initial values go through AttributeTable.store: the same checks as `echo`."""
-        apply_settings(self.table, dict(self.config.tunables.items()), lambda name: f"tunables.{name}")
+        apply_settings(self.table, dict(self.config.tunables.items(self.config.policy)),
+                       lambda name: f"tunables.{name}")
 
     # -- wake-ups ----------------------------------------------------------------------
 
@@ -464,6 +470,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never scan processes with this comm (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="initial attribute value, checked like a write (repeatable)")
+    p.add_argument("--policy", metavar="lksm|ksm",
+                   help="lksm: LKSM's ABI and crawler (default); ksm: mainline ksmd and its files")
     p.add_argument("--source", metavar="procfs|simulated:WORKLOAD.yaml")
     p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
     p.add_argument("--no-freezer", action="store_true", help="no hints from the cgroup freezer")
@@ -483,7 +491,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.scope.cgroups = list(args.cgroup)
     if args.exclude_comm:
         cfg.scope.exclude_comms = list(args.exclude_comm)
-    for name, value in parse_set(args.set).items():
+    if getattr(args, "policy", None):
+        cfg.policy = check_policy(args.policy, "--policy")
+        recheck_tunables(cfg)
+    for name, value in parse_set(args.set, cfg.policy).items():
         setattr(cfg.tunables, name, value)
     if args.source:
         cfg.source = check_source(args.source, "--source")

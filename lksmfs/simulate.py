@@ -6,6 +6,11 @@ applies that round's events (freeze/thaw hints reach the engine as the freezer h
 would, exits are found by the crawler), then performs the one_shot requests of the
 round; a round with none gets the periodic full scan.
 
+With `--policy ksm` it is mainline ksmd instead (lksmfs.engine.ksmd), over the apps
+whose `ksm:` opt-in makes some of their memory mergeable: `run=1`, three passes (full
+scans) at start, then `--passes` passes after each round's changes; the timeline's
+freeze/thaw hints and one_shot requests have nothing to act on in mainline.
+
 Every figure of every scan is the same on every run (simulated memory, virtual clock);
 the wall time the scans took is the one thing that is not, so it is kept apart: in
 `Simulation.wall_s`, and on stderr rather than stdout.
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lksmfs.engine.ksm import Ksm
-from lksmfs.engine.params import LKSM_SCAN_FULL, LKSM_SCAN_PARTIAL
+from lksmfs.engine.params import INITIAL_ROUND, LKSM_SCAN_FULL, LKSM_SCAN_PARTIAL, POLICIES, POLICY_KSM, POLICY_LKSM
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.tables import print_table
 
@@ -65,14 +70,15 @@ class Simulation:
 
 def simulate(
     workload_path: str, *, rounds: int | None = None, filter_enabled: bool = True,
-    settings: Mapping[str, int | str] | None = None,
+    settings: Mapping[str, int | str] | None = None, policy: str = POLICY_LKSM, passes: int = 2,
 ) -> Simulation:
-    """Run the workload; one record per scan the engine performed."""
+    """Run the workload; one record per scan the engine performed (a pass of ksmd's
+    cursor under policy `ksm`, `passes` of them per round)."""
     from lksmfs.workload.simulated import SimulatedSource
 
     source = SimulatedSource.from_file(workload_path)
     clock = VirtualClock()
-    ksm = Ksm(source, filter_enabled=filter_enabled, clock=clock)
+    ksm = Ksm(source, filter_enabled=filter_enabled, clock=clock, policy=policy)
     table = AttributeTable(ksm)
     apply_settings(table, settings or {})
     run = Simulation([], [])
@@ -92,13 +98,26 @@ def simulate(
         run.scans.append(rec)
         run.wall_s.append(float(s["wall_s"]))
 
-    table.store("run", b"8\n")
-    drive_until_idle(ksm, clock, on_scan)  # the initial rounds
     last = max((e.round for e in source.workload.timeline), default=0)
+    if policy == POLICY_KSM:
+        table.store("run", b"1\n")
+        for _ in range(INITIAL_ROUND):
+            ksm.full_scan()
+            on_scan()
+    else:
+        table.store("run", b"8\n")
+        drive_until_idle(ksm, clock, on_scan)  # the initial rounds
     for r in range(1, (rounds if rounds is not None else last) + 1):
         current_round[0] = r
         clock.now += 1.0
         eff = source.advance_round(r)
+        if policy == POLICY_KSM:
+            for task in eff.exited:  # __ksm_exit(): mainline's exit hook
+                ksm.task_exit(task)
+            for _ in range(passes):
+                ksm.full_scan()
+                on_scan()
+            continue
         for task, frozen in eff.hints:
             ksm.hint(task, frozen)
         requests = eff.one_shot or [LKSM_SCAN_FULL]
@@ -114,6 +133,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("workload", help="workload YAML (see config/workloads/)")
     p.add_argument("--rounds", type=int, default=None, help="timeline rounds to play (default: to its last event)")
     p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
+    p.add_argument("--policy", choices=POLICIES, default=POLICY_LKSM,
+                   help="lksm (default): LKSM in one-shot mode; ksm: mainline ksmd over the apps whose "
+                        "`ksm:` opt-in makes memory mergeable")
+    p.add_argument("--passes", type=int, default=2, metavar="N",
+                   help="policy ksm: ksmd passes (full scans) per round (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="initial attribute value")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per scan")
     p.epilog = "stdout is the same on every run; the wall time the scans took goes to stderr."
@@ -124,8 +148,11 @@ def run(args: argparse.Namespace) -> int:
     from lksmfs.workload.schema import WorkloadError
 
     try:
+        if args.passes < 1:
+            raise SettingError(f"--passes: must be at least 1 (got {args.passes})")
         sim = simulate(
-            args.workload, rounds=args.rounds, filter_enabled=not args.no_filter, settings=parse_set(args.set)
+            args.workload, rounds=args.rounds, filter_enabled=not args.no_filter,
+            settings=parse_set(args.set, args.policy), policy=args.policy, passes=args.passes,
         )
     except (WorkloadError, SettingError, OSError) as e:
         print(f"lksmfs simulate: {e}", file=sys.stderr)

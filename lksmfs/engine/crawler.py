@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
+
 from lksmfs.engine.merge import SourceError
 from lksmfs.engine.params import (
     CRAWLER_SLEEP_S,
@@ -36,6 +38,7 @@ from lksmfs.engine.params import (
     LKSM_SCAN_PARTIAL,
 )
 from lksmfs.engine.regions import RegionTable
+from lksmfs.engine.rmap import Rmap
 from lksmfs.engine.slot import MarkedVmas, MmSlot
 from lksmfs.sources.base import AccessDenied, ProcessGone, TaskId
 
@@ -91,6 +94,16 @@ class ScanPolicy(Protocol):
 
     def scan_wrapped(self, mode: int) -> None:
         """The scanner wrapped a scan in `mode` up."""
+        ...
+
+    def visit(self, part: Rmap, hi: np.ndarray, ksm_page: np.ndarray) -> tuple[np.ndarray, int]:
+        """A chunk's pages before cmp_and_merge_page(): the indices it must settle (not
+        the unchanged KSM pages, `ksm_page`) and how many were skipped (visited, not
+        scanned); `hi` is the high half of each page's digest."""
+        ...
+
+    def scanner_may_run(self) -> bool:
+        """May the scanner run a batch of the scan it was handed now?"""
         ...
 
 
@@ -457,3 +470,13 @@ class LksmCrawler:
             t.pages_to_scan = LKSM_DEFAULT_PAGES_TO_SCAN
         if t.run & KSM_RUN_ONESHOT:
             t.one_shot_scanning = LKSM_SCAN_NONE
+
+    def visit(self, part: Rmap, hi: np.ndarray, ksm_page: np.ndarray) -> tuple[np.ndarray, int]:
+        """LKSM skips nothing here: every page but an unchanged KSM page goes to
+        cmp_and_merge_page(), which applies LKSM's own checksum rule."""
+        return np.flatnonzero(~ksm_page), 0
+
+    def scanner_may_run(self) -> bool:
+        """Always: a handed-over scan runs to its wrap-up, even once run has lost its
+        merge bit (the scanner then wraps it up at once)."""
+        return True

@@ -28,14 +28,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lksmfs.engine.crawler import LksmCrawler, ScanPolicy
+from lksmfs.engine.crawler import ScanPolicy
 from lksmfs.engine.hashindex import HashIndex
+from lksmfs.engine.ksmd import make_policy
 from lksmfs.engine.merge import Merger
 from lksmfs.engine.params import (
     KSM_RUN_MERGE,
     KSM_RUN_ONESHOT,
     KSM_RUN_UNMERGE,
     LKSM_SCAN_NONE,
+    POLICY_LKSM,
     RMAP_ITEM_SIZE,
     Tunables,
 )
@@ -62,9 +64,12 @@ class Ksm:
         filter_enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
         self_pid: int | None = None,
+        policy: str = POLICY_LKSM,
     ) -> None:
         self.source = source
-        self.filter_enabled = filter_enabled  # CONFIG_LKSM_FILTER
+        # the scheduling policy: LKSM's ksm_crawld, or mainline's ksmd (lksmfs.engine.ksmd)
+        self.policy = policy
+        self.filter_enabled = filter_enabled and policy == POLICY_LKSM  # CONFIG_LKSM_FILTER
         self.clock = clock
         self.self_pid = self_pid
         self.tunables = Tunables()
@@ -75,7 +80,7 @@ class Ksm:
         self.regions = RegionTable()
         self.merger = Merger(self)
         self.scanner = Scanner(self)
-        self.crawler: ScanPolicy = LksmCrawler(self)
+        self.crawler: ScanPolicy = make_policy(policy, self)
         self.last_scan: Record = {}
         self._snapshot: dict[str, int] = {}
         self._region_share: dict[str, int] = {}
@@ -127,6 +132,7 @@ class Ksm:
             "scanning_process": st.nr_added_process,
             "nr_regions": self.regions.nr_regions,
             "pages_scanned": st.pages_scanned,
+            "pages_skipped": st.pages_skipped,
             "general_profit": (sharing + st.ksm_zero_pages) * PAGE_SIZE - items * RMAP_ITEM_SIZE,
             "ksm_zero_pages": st.ksm_zero_pages,
             "rmap_items": items,
@@ -207,7 +213,8 @@ class Ksm:
         return self.crawler.crawl(now)
 
     def scanner_should_run(self) -> bool:
-        return self.scanner.should_run()
+        # the policy may hold a handed-over scan (mainline: run=0 stops ksmd mid-pass)
+        return self.scanner.should_run() and self.crawler.scanner_may_run()
 
     def scan_batch(self, npages: int | None = None) -> None:
         """One batch of the scanner thread (ksm_do_scan(pages_to_scan))."""

@@ -32,6 +32,11 @@ INITIAL_FULL_SCAN_INTERVAL = 100
 CRAWLER_SLEEP_S = 1.0  # crawler_sleep = msecs_to_jiffies(1000)
 LKSM_CRAWL_FROZEN_EVENT_WAIT_S = 0.1  # batch frozen events for 100 ms
 
+# scheduling policies (Ksm(policy=...)): LKSM's ksm_crawld, or mainline's ksmd
+POLICY_LKSM = "lksm"
+POLICY_KSM = "ksm"
+POLICIES = (POLICY_LKSM, POLICY_KSM)
+
 # rmap_item size the kernel pays per tracked page (used by general_profit)
 RMAP_ITEM_SIZE = 64
 
@@ -53,3 +58,4 @@ class Tunables:
     stable_node_chains_prune_millisecs: int = 2000
     use_zero_pages: int = 0
     merge_across_nodes: int = 1
+    smart_scan: int = 1  # mainline only (lksmfs.engine.ksmd): ksm_smart_scan, true by default

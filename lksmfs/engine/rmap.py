@@ -1,7 +1,7 @@
 """A slot's rmap list as parallel numpy columns, sorted by virtual page number.
 
 The kernel keeps one `struct rmap_item` (64 bytes) per tracked page in a sorted singly
-linked list; here the same fields live in columns, 26 bytes a page:
+linked list; here the same fields live in columns, 28 bytes a page:
 
     vpn     uint64  address >> PAGE_SHIFT
     flags   uint8   UNSTABLE_FLAG / STABLE_FLAG / the LKSM frozen bit
@@ -10,6 +10,8 @@ linked list; here the same fields live in columns, 26 bytes a page:
     node    int32   stable node when STABLE
     region  int32   LKSM_FILTER region the page was accounted to (rmap_item->region)
     off     uint32  page offset inside its VMA (rmap_item->base_addr)
+    age     uint8   mainline's rmap_item->age (smart_scan: visits, saturating at 255)
+    skips   uint8   mainline's rmap_item->remaining_skips (smart_scan)
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ COLUMNS: dict[str, type] = {
     "node": np.int32,
     "region": np.int32,
     "off": np.uint32,
+    # mainline ksmd's smart_scan state (rmap_age_t, one byte each): lksmfs.engine.ksmd
+    "age": np.uint8,
+    "skips": np.uint8,
 }
 
 BYTES_PER_ITEM = sum(np.dtype(t).itemsize for t in COLUMNS.values())
@@ -45,6 +50,8 @@ class Rmap:
     node: np.ndarray
     region: np.ndarray
     off: np.ndarray
+    age: np.ndarray
+    skips: np.ndarray
 
     def __init__(self, n: int = 0) -> None:
         for name, dt in COLUMNS.items():

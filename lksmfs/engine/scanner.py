@@ -48,6 +48,9 @@ class Scanner:
         self.scan_mode = LKSM_SCAN_NONE
         self.scan_round = 0
         self.sync = False  # driven by full_scan()/partial_scan(): run's merge bit not needed
+        # hook for lksmfs.engine.fastpass: a batch ends where a slot ends, so the fast path
+        # can take the next slot itself (never set by the daemon or the policies)
+        self.one_slot = False
         # the cursor
         self.cur: MmSlot | None = None
         self.gen: Generator[int, None, None] | None = None
@@ -122,6 +125,8 @@ class Scanner:
             except StopIteration:
                 self.gen = None
                 self.cur = None
+                if self.one_slot:  # hook: see __init__
+                    return
 
     def _next_slot(self) -> MmSlot | None:
         """scan_get_next_rmap_item(): at the list head a new round resets the unstable
@@ -242,11 +247,11 @@ class Scanner:
                         part = new.view(filled, filled + n)
                         part.vpn[:] = run[j : j + n]
                         self._cur_valid = filled + n
-                        pos = self._scan_chunk(slot, vma.start_vpn, rid, part, old, pos)
+                        pos, scanned = self._scan_chunk(slot, vma.start_vpn, rid, part, old, pos)
                         filled += n
                         j += n
                         k.publish()
-                        yield n
+                        yield scanned  # hook: pages the policy skipped cost no budget
         except SourceError as e:
             k.merger.remove_items(new.view(0, filled))
             k.merger.remove_items(old.take(slice(pos, None)))
@@ -359,10 +364,12 @@ class Scanner:
 
     # -- one chunk -----------------------------------------------------------------
 
-    def _scan_chunk(self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, old: Rmap, pos: int) -> int:
+    def _scan_chunk(
+        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, old: Rmap, pos: int
+    ) -> tuple[int, int]:
         """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part`, a view of
         the slot's new rmap list whose vpn column is already set.  Returns the position
-        in the slot's old rmap list after these pages."""
+        in the slot's old rmap list after these pages, and how many were scanned."""
         k = self.k
         vpns = part.vpn
         n = int(vpns.shape[0])
@@ -390,6 +397,8 @@ class Scanner:
             part.node[matched] = old.node[src]
             part.region[matched] = old.region[src]
             part.off[matched] = old.off[src]
+            part.age[matched] = old.age[src]  # mainline smart_scan state (lksmfs.engine.ksmd)
+            part.skips[matched] = old.skips[src]
         k.stats.rmap_items += n - int(np.count_nonzero(matched))
         flags = part.flags
         if slot.test(KSM_MM_FROZEN):
@@ -399,14 +408,17 @@ class Scanner:
             flags[~frozen] &= _NOT_FROZEN
         else:
             flags &= _NOT_FROZEN
-        k.stats.pages_scanned += n
-        slot.nr_scans += n
 
         # cmp_and_merge_page(): an unchanged KSM page is left alone
         is_stable = (flags & STABLE) != 0
         node = np.where(is_stable, part.node, 0)
         stable_ok = is_stable & (k.stable.lo[node] == lo) & (k.stable.hi[node] == hi)
-        idx = np.flatnonzero(~stable_ok)
+        # hook: the policy's word on the other pages before cmp_and_merge_page() - LKSM
+        # leaves them all to it; mainline ksmd skips some (smart_scan: visited, not
+        # scanned) and gates the rest on their checksum first (lksmfs.engine.ksmd)
+        idx, skipped = k.crawler.visit(part, hi, stable_ok)
+        k.stats.pages_scanned += n - skipped
+        slot.nr_scans += n - skipped
         if idx.size:
             k.merger.cmp_and_merge(Chunk(slot, vma_start, rid, part, data, lo, hi), idx)
-        return end
+        return end, n - skipped

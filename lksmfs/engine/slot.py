@@ -122,6 +122,10 @@ class ScanList:
     def remove(self, slot: MmSlot) -> None:
         self._d.pop(slot.sid, None)
 
+    def first(self) -> MmSlot | None:
+        """The slot the scanner takes next (lksmfs.engine.fastpass looks before it leaps)."""
+        return next(iter(self._d.values()), None)
+
     def pop_first(self) -> MmSlot | None:
         if not self._d:
             return None

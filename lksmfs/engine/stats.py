@@ -17,6 +17,7 @@ class KsmStats:
     pages_unshared: int = 0  # ksm_pages_unshared: rmap items in the unstable tree
     rmap_items: int = 0  # ksm_rmap_items
     pages_scanned: int = 0  # mainline's ksm_pages_scanned
+    pages_skipped: int = 0  # mainline's ksm_pages_skipped (smart_scan; lksmfs.engine.ksmd)
     ksm_zero_pages: int = 0  # pages merged with the zero page (use_zero_pages)
     nr_added_process: int = 0  # ksm_nr_added_process: scanning_process
     nr_full_scan: int = 0  # ksm_scan.nr_full_scan: full_scans

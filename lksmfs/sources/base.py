@@ -18,6 +18,7 @@ from lksmfs.system.proc import PAGE_SHIFT, PAGE_SIZE, AccessDenied, ProcessGone,
 
 __all__ = [
     "PAGE_SHIFT",
+    "SourceWrapper",
     "PAGE_SIZE",
     "AccessDenied",
     "Mapping",
@@ -46,7 +47,10 @@ class Mapping:
     `start`/`end` are byte addresses.  `file` is the file identity (dev, inode) or None
     for an anonymous mapping.  `mergeable` is False for what ksm_join skips (VM_SHARED,
     VM_PFNMAP, VM_IO, VM_DONTEXPAND, VM_HUGETLB, VM_MIXEDMAP).  `has_anon` mirrors
-    `vma->anon_vma != NULL`: the VMA has had an anonymous page.
+    `vma->anon_vma != NULL`: the VMA has had an anonymous page.  `vm_mergeable` is
+    VM_MERGEABLE (`mg` in smaps VmFlags): the process asked for KSM on it with
+    madvise(MADV_MERGEABLE) or prctl(PR_SET_MEMORY_MERGE); only mainline ksmd needs it
+    (LKSM's ksm_join marks every VMA itself).
     """
 
     start: int
@@ -56,6 +60,7 @@ class Mapping:
     path: str = ""
     mergeable: bool = True
     has_anon: bool = True
+    vm_mergeable: bool = False
 
     @property
     def is_heap(self) -> bool:
@@ -121,3 +126,32 @@ class MemorySource(Protocol):
     def close(self) -> None:
         """Release everything."""
         ...
+
+
+class SourceWrapper:
+    """A MemorySource that is another one (`inner`) with some calls narrowed: subclasses
+    override what they change (the ranges source, mainline ksmd's view)."""
+
+    def __init__(self, inner: MemorySource) -> None:
+        self.inner = inner
+
+    def tasks(self) -> list[TaskId]:
+        return self.inner.tasks()
+
+    def stat(self, task: TaskId) -> TaskStat:
+        return self.inner.stat(task)
+
+    def mappings(self, task: TaskId) -> list[Mapping]:
+        return self.inner.mappings(task)
+
+    def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
+        return self.inner.present_anon(task, start_vpn, end_vpn)
+
+    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+        return self.inner.read_pages(task, vpns)
+
+    def release(self, task: TaskId) -> None:
+        self.inner.release(task)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, Mapping, ProcessGone, TaskId, TaskStat
+from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, AccessDenied, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.sources.scope import Scope
 from lksmfs.system.proc import (
     GONE_ERRNOS,
@@ -32,6 +32,7 @@ from lksmfs.system.proc import (
     StatFields,
     TaskDir,
     as_task_error,
+    ksm_registered,
     read_all,
     try_stat,
 )
@@ -50,6 +51,7 @@ KPF_ZERO_PAGE_BIT = 24
 # VmFlags mnemonics of what ksm_join refuses: VM_SHARED, VM_PFNMAP, VM_IO,
 # VM_DONTEXPAND, VM_HUGETLB, VM_MIXEDMAP.
 UNMERGEABLE_VMFLAGS = frozenset({"sh", "pf", "io", "de", "ht", "mm"})
+VM_MERGEABLE_FLAG = "mg"  # VM_MERGEABLE: madvise(MADV_MERGEABLE) or prctl(PR_SET_MEMORY_MERGE)
 # Kernel-provided special mappings: never anonymous user memory.
 SPECIAL_MAPPINGS = frozenset({"[vvar]", "[vdso]", "[vvar_vclock]", "[uprobes]", "[sigpage]"})
 # Not a VMA at all (the gate area is printed by maps but lives above TASK_SIZE).
@@ -98,6 +100,8 @@ def _make_mapping(
         mergeable = False
     if path in SPECIAL_MAPPINGS:
         mergeable = False
+    # hook for mainline ksmd (lksmfs.engine.ksmd): VM_MERGEABLE, set by madvise/prctl
+    vm_mergeable = vmflags is not None and VM_MERGEABLE_FLAG in vmflags
     return Mapping(
         start=start,
         end=end,
@@ -107,6 +111,7 @@ def _make_mapping(
         mergeable=mergeable,
         # without smaps we cannot know about anon_vma: assume there may be anon pages
         has_anon=True if anon_kb is None else anon_kb > 0,
+        vm_mergeable=vm_mergeable,
     )
 
 
@@ -314,6 +319,18 @@ class ProcfsSource:
         if self.scope is None:
             return True
         return self.scope.allows_pid(pid, self.proc_root, comm=comm)
+
+    def ksm_registered(self, task: TaskId) -> bool:
+        """Hook for mainline ksmd's scope (lksmfs.engine.ksmd.KsmRegistry): is the mm
+        registered with KSM?  /proc/PID/ksm_stat says it cheaply; a kernel without its
+        ksm_mergeable line is asked through the mappings' VmFlags."""
+        known = ksm_registered(task.pid, self.proc_root)
+        if known is not None:
+            return known
+        try:
+            return any(m.vm_mergeable for m in self.mappings(task))
+        except (ProcessGone, AccessDenied):
+            return False
 
     def stat(self, task: TaskId) -> TaskStat:
         """comm, runtime (schedstat), faults (stat), RssAnon (status) of `task`."""

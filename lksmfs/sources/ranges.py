@@ -12,25 +12,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from lksmfs.sources.base import Mapping as Vma
-from lksmfs.sources.base import MemorySource, TaskId, TaskStat
+from lksmfs.sources.base import MemorySource, SourceWrapper, TaskId
 
 
-class RangeFilteredSource:
+class RangeFilteredSource(SourceWrapper):
     """`inner` restricted to `ranges`: pid -> [(start_vpn, end_vpn)]; other pids are left out."""
 
     def __init__(self, inner: MemorySource, ranges: Mapping[int, Sequence[tuple[int, int]]]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.ranges = ranges
 
     def tasks(self) -> list[TaskId]:
         return [t for t in self.inner.tasks() if t.pid in self.ranges]
-
-    def stat(self, task: TaskId) -> TaskStat:
-        return self.inner.stat(task)
-
-    def mappings(self, task: TaskId) -> list[Vma]:
-        return self.inner.mappings(task)
 
     def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
         vpns = self.inner.present_anon(task, start_vpn, end_vpn)
@@ -38,12 +31,3 @@ class RangeFilteredSource:
         for lo, hi in self.ranges.get(task.pid, ()):
             keep |= (vpns >= np.uint64(lo)) & (vpns < np.uint64(hi))
         return vpns[keep]
-
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
-        return self.inner.read_pages(task, vpns)
-
-    def release(self, task: TaskId) -> None:
-        self.inner.release(task)
-
-    def close(self) -> None:
-        self.inner.close()

@@ -1,9 +1,11 @@
-"""The LKSM sysfs attribute table: name -> show/store with the kernel's validation.
+"""The sysfs attribute table: name -> show/store with the kernel's validation.
 
-This is the whole ABI of /sys/kernel/mm/ksm on an LKSM kernel (SPEC §1), without FUSE:
-the FUSE adapter (lksmfs.sysfs.fuse) is a thin layer over `AttributeTable`, and the
-unit tests call it directly.  Every store either applies completely or raises
-`OSError(errno)` having changed nothing, as the *_store() functions of mm/lksm.c do.
+This is the whole ABI of /sys/kernel/mm/ksm (SPEC §1), without FUSE, for either
+scheduling policy: an LKSM kernel's files (mm/lksm.c) under `lksm`, mainline's
+(mm/ksm.c 6.x, less the advisor files) under `ksm`.  The FUSE adapter
+(lksmfs.sysfs.fuse) is a thin layer over `AttributeTable`, and the unit tests call it
+directly.  Every store either applies completely or raises `OSError(errno)` having
+changed nothing, as the kernels' *_store() functions do.
 
 Initial values (a config file's `tunables:`, `--set NAME=VALUE` of every command) take
 the same path: `check_setting` runs the store against a dry-run engine, `apply_settings`
@@ -22,8 +24,12 @@ from typing import Generic, Protocol, TypeVar
 
 from lksmfs.engine.params import (
     KSM_RUN_ONESHOT,
+    KSM_RUN_UNMERGE,
     LKSM_SCAN_FULL,
     LKSM_SCAN_PARTIAL,
+    POLICIES,
+    POLICY_KSM,
+    POLICY_LKSM,
     UINT_MAX,
     Tunables,
 )
@@ -56,6 +62,9 @@ class AttributeEngine(Protocol):
     @property
     def filter_enabled(self) -> bool: ...
 
+    @property
+    def policy(self) -> str: ...
+
     def counters(self) -> Mapping[str, int]: ...
 
     def region_share(self) -> Mapping[str, int]: ...
@@ -72,12 +81,33 @@ class AttributeEngine(Protocol):
 E_co = TypeVar("E_co", bound=AttributeEngine, covariant=True)
 
 
+# The files, in the order each kernel's ksm_attrs[] lists them.  LKSM (mm/lksm.c), with
+# mainline's pages_scanned, general_profit and ksm_zero_pages read-only at the end:
+LKSM_FILES = (
+    "sleep_millisecs", "pages_to_scan", "pages_shared", "pages_sharing", "pages_unshared",
+    "pages_volatile", "full_scans", "run", "merge_across_nodes", "max_page_sharing",
+    "stable_node_chains", "stable_node_dups", "stable_node_chains_prune_millisecs",
+    "use_zero_pages", "scanning_process", "full_scan_interval", "one_shot_scanning", "scan_boost",
+    "pages_scanned", "general_profit", "ksm_zero_pages",
+)
+LKSM_FILTER_FILES = ("nr_regions", "region_share")  # CONFIG_LKSM_FILTER
+# Mainline (mm/ksm.c 6.x; merge_across_nodes as with CONFIG_NUMA), without the advisor
+# files: no run=8, no LKSM file.
+KSM_FILES = (
+    "sleep_millisecs", "pages_to_scan", "run", "pages_scanned", "pages_shared", "pages_sharing",
+    "pages_unshared", "pages_volatile", "pages_skipped", "ksm_zero_pages", "full_scans",
+    "merge_across_nodes", "max_page_sharing", "stable_node_chains", "stable_node_dups",
+    "stable_node_chains_prune_millisecs", "use_zero_pages", "general_profit", "smart_scan",
+)
+
+
 def _einval() -> OSError:
     return OSError(errno.EINVAL, "Invalid argument")
 
 
 class AttributeTable(Generic[E_co]):
-    """Every attribute file, in the order ksm_attrs[] lists them.
+    """Every attribute file of the engine's policy, in the order its ksm_attrs[] lists
+    them (mm/lksm.c for `lksm`, mm/ksm.c for `ksm`).
 
     `lock` serialises stores against the engine threads (the kernel's ksm_thread_mutex);
     shows read the engine's published counters and never take it, so `cat` stays fast
@@ -102,41 +132,30 @@ class AttributeTable(Generic[E_co]):
         def tunable(key: str) -> Callable[[], str]:
             return lambda: f"{getattr(t, key)}\n"
 
-        attrs = [
-            Attr("sleep_millisecs", RW, tunable("sleep_millisecs"), self._uint_store("sleep_millisecs")),
-            Attr("pages_to_scan", RW, tunable("pages_to_scan"), self._uint_store("pages_to_scan")),
-            Attr("pages_shared", RO, counter("pages_shared")),
-            Attr("pages_sharing", RO, counter("pages_sharing")),
-            Attr("pages_unshared", RO, counter("pages_unshared")),
-            Attr("pages_volatile", RO, counter("pages_volatile")),
-            Attr("full_scans", RO, counter("full_scans")),
-            Attr("run", RW, self._run_show, self._run_store),
-            Attr("merge_across_nodes", RW, tunable("merge_across_nodes"), self._merge_across_nodes_store),
-            Attr("max_page_sharing", RW, tunable("max_page_sharing"), self._max_page_sharing_store),
-            Attr("stable_node_chains", RO, counter("stable_node_chains")),
-            Attr("stable_node_dups", RO, counter("stable_node_dups")),
-            Attr(
-                "stable_node_chains_prune_millisecs",
-                RW,
-                tunable("stable_node_chains_prune_millisecs"),
-                self._uint_store("stable_node_chains_prune_millisecs"),
-            ),
-            Attr("use_zero_pages", RW, tunable("use_zero_pages"), self._use_zero_pages_store),
-            Attr("scanning_process", RO, counter("scanning_process")),
-            Attr("full_scan_interval", RW, tunable("full_scan_interval"), self._uint_store("full_scan_interval")),
-            Attr("one_shot_scanning", RW, tunable("one_shot_scanning"), self._one_shot_store),
-            Attr("scan_boost", RW, tunable("scan_boost"), self._scan_boost_store),
-            # from mainline, read-only
-            Attr("pages_scanned", RO, counter("pages_scanned")),
-            Attr("general_profit", RO, counter("general_profit")),
-            Attr("ksm_zero_pages", RO, counter("ksm_zero_pages")),
-        ]
-        if ksm.filter_enabled:  # CONFIG_LKSM_FILTER
-            attrs += [
-                Attr("nr_regions", RO, counter("nr_regions")),
-                Attr("region_share", RO, self._region_share_show),
-            ]
-        self._attrs = {a.name: a for a in attrs}
+        stores: dict[str, Callable[[bytes], None]] = {
+            "sleep_millisecs": self._uint_store("sleep_millisecs"),
+            "pages_to_scan": self._uint_store("pages_to_scan"),
+            "run": self._run_store,
+            "merge_across_nodes": self._merge_across_nodes_store,
+            "max_page_sharing": self._max_page_sharing_store,
+            "stable_node_chains_prune_millisecs": self._uint_store("stable_node_chains_prune_millisecs"),
+            "use_zero_pages": self._bool_store("use_zero_pages"),
+            "full_scan_interval": self._uint_store("full_scan_interval"),
+            "one_shot_scanning": self._one_shot_store,
+            "scan_boost": self._scan_boost_store,
+            "smart_scan": self._bool_store("smart_scan"),
+        }
+        shows = {"run": self._run_show, "region_share": self._region_share_show}
+        names: tuple[str, ...]
+        if ksm.policy == POLICY_KSM:
+            names = KSM_FILES
+        else:
+            names = LKSM_FILES + (LKSM_FILTER_FILES if ksm.filter_enabled else ())  # CONFIG_LKSM_FILTER
+        self._attrs = {
+            name: Attr(name, RW, shows.get(name, tunable(name)), stores[name]) if name in stores
+            else Attr(name, RO, shows.get(name, counter(name)))
+            for name in names
+        }
 
     # -- the table ---------------------------------------------------------------
 
@@ -209,11 +228,13 @@ class AttributeTable(Generic[E_co]):
         return f"{KSM_RUN_ONESHOT if run & KSM_RUN_ONESHOT else run}\n"
 
     def _run_store(self, data: bytes) -> None:
+        """run_store(): LKSM takes up to 8 (one-shot), mainline up to 2 (unmerge)."""
         try:
             flags = kstrtoul(data)
         except ParseError:
             raise _einval() from None
-        if flags > UINT_MAX or flags > KSM_RUN_ONESHOT:
+        top = KSM_RUN_UNMERGE if self.ksm.policy == POLICY_KSM else KSM_RUN_ONESHOT
+        if flags > UINT_MAX or flags > top:
             raise _einval()
         self.ksm.set_run(flags)
 
@@ -241,12 +262,17 @@ class AttributeTable(Generic[E_co]):
                 raise OSError(errno.EBUSY, "Device or resource busy")
             self.ksm.set_tunable("max_page_sharing", knob)
 
-    def _use_zero_pages_store(self, data: bytes) -> None:
-        try:
-            value = kstrtobool(data)
-        except ParseError:
-            raise _einval() from None
-        self.ksm.set_tunable("use_zero_pages", int(value))
+    def _bool_store(self, key: str) -> Callable[[bytes], None]:
+        """use_zero_pages, smart_scan: kstrtobool; anything else is EINVAL."""
+
+        def store(data: bytes) -> None:
+            try:
+                value = kstrtobool(data)
+            except ParseError:
+                raise _einval() from None
+            self.ksm.set_tunable(key, int(value))
+
+        return store
 
     def _one_shot_store(self, data: bytes) -> None:
         try:
@@ -289,6 +315,23 @@ SETTING_ORDER = (
     "run",
     "one_shot_scanning",
 )
+# the same for mainline's files (policy `ksm`)
+KSM_SETTING_ORDER = (
+    "pages_to_scan",
+    "sleep_millisecs",
+    "max_page_sharing",
+    "stable_node_chains_prune_millisecs",
+    "use_zero_pages",
+    "merge_across_nodes",
+    "smart_scan",
+    "run",
+)
+
+
+def setting_order(policy: str = POLICY_LKSM) -> tuple[str, ...]:
+    """The writable attributes of `policy` in the order initial values are applied."""
+    return KSM_SETTING_ORDER if policy == POLICY_KSM else SETTING_ORDER
+
 
 # Human words for what the stores refuse (they only say EINVAL/ERANGE/EBUSY).
 _RULES = {
@@ -302,6 +345,11 @@ _RULES = {
     "use_zero_pages": "must be 0 or 1",
     "merge_across_nodes": "must be 0 or 1",
     "one_shot_scanning": "must be 0 (no request), 1 (partial) or 2 (full)",
+    "smart_scan": "must be 0 or 1",
+}
+# what the same names mean under policy `ksm` where they differ
+_KSM_RULES = {
+    "run": "must be an integer 0..2 (0 stop, 1 merge, 2 unmerge)",
 }
 
 
@@ -315,7 +363,10 @@ class DryRunEngine:
 
     filter_enabled = True
 
-    def __init__(self) -> None:
+    def __init__(self, policy: str = POLICY_LKSM) -> None:
+        if policy not in POLICIES:
+            raise SettingError(f"policy: must be one of {', '.join(POLICIES)} (got {policy!r})")
+        self.policy = policy
         self.tunables = Tunables()
         self.applied: dict[str, int] = {}
 
@@ -339,29 +390,39 @@ class DryRunEngine:
         return {}
 
 
-def writable_names() -> list[str]:
-    """The writable attribute files, in the table's order."""
-    table = AttributeTable(DryRunEngine())
+def writable_names(policy: str = POLICY_LKSM) -> list[str]:
+    """The writable attribute files of `policy`, in the table's order."""
+    table = AttributeTable(DryRunEngine(policy))
     return [n for n in table.names() if table.writable(n)]
 
 
-def check_setting(name: str, raw: str | int, where: str) -> int:
-    """The value `echo RAW > NAME` would store, or SettingError("WHERE: reason (got RAW)").
-    `one_shot_scanning` 0 means "no request" (the file itself refuses 0)."""
-    dry = DryRunEngine()
+def _rule(name: str, policy: str) -> str:
+    if policy == POLICY_KSM and name in _KSM_RULES:
+        return _KSM_RULES[name]
+    return _RULES.get(name, "invalid value")
+
+
+def check_setting(name: str, raw: str | int, where: str, policy: str = POLICY_LKSM) -> int:
+    """The value `echo RAW > NAME` would store under `policy`, or
+    SettingError("WHERE: reason (got RAW)").  `one_shot_scanning` 0 means "no request"
+    (the file itself refuses 0)."""
+    dry = DryRunEngine(policy)
     table = AttributeTable(dry)
     if name not in table or not table.writable(name):
         what = "unknown attribute" if name not in table else "read-only attribute"
-        raise SettingError(f"{where}: {what} (writable ones: {', '.join(sorted(writable_names()))})")
+        other = [p for p in POLICIES if p != policy and name in writable_names(p)]
+        if other:
+            what = f"not a file under policy {policy} (only under policy {other[0]})"
+        raise SettingError(f"{where}: {what} (writable ones: {', '.join(sorted(writable_names(policy)))})")
     if isinstance(raw, bool):
-        raise SettingError(f"{where}: {_RULES.get(name, 'must be an integer')} (got {raw})")
+        raise SettingError(f"{where}: {_rule(name, policy) if name in _RULES else 'must be an integer'} (got {raw})")
     if name == "one_shot_scanning" and str(raw).strip() == "0":
         return 0
     text = str(raw)
     try:
         table.store(name, text.encode("utf-8", "surrogateescape") + b"\n")
     except OSError as e:
-        reason = _RULES.get(name, "invalid value")
+        reason = _rule(name, policy)
         if e.errno == errno.ERANGE:
             reason += ", out of range"
         raise SettingError(f"{where}: {reason} (got {text})") from None
@@ -369,15 +430,16 @@ def check_setting(name: str, raw: str | int, where: str) -> int:
     return int(dry.applied.get(name, getattr(dry.tunables, name)))
 
 
-def parse_set(items: Iterable[str]) -> dict[str, int]:
-    """`--set NAME=VALUE ...` -> {name: value}, each checked as a write to NAME would be."""
+def parse_set(items: Iterable[str], policy: str = POLICY_LKSM) -> dict[str, int]:
+    """`--set NAME=VALUE ...` -> {name: value}, each checked as a write to NAME would be
+    under `policy`."""
     out: dict[str, int] = {}
     for item in items:
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or not name:
             raise SettingError(f"--set {item}: expected NAME=VALUE")
-        out[name] = check_setting(name, value.strip(), f"--set {item}")
+        out[name] = check_setting(name, value.strip(), f"--set {item}", policy)
     return out
 
 
@@ -389,11 +451,14 @@ def apply_settings(
     """Store initial values through the table, exactly as `echo VALUE > NAME` would, in
     SETTING_ORDER.  Every value is checked first (a bad one raises SettingError before
     anything is stored); one_shot_scanning 0 is no request, and a value the engine
-    already has is not stored again.  `where(name)` says where a value came from."""
+    already has is not stored again.  `where(name)` says where a value came from.  The
+    engine's policy says which files exist."""
+    policy = table.ksm.policy
+    order = setting_order(policy)
     for name in values:
-        if name not in SETTING_ORDER:
-            check_setting(name, values[name], where(name))  # raises: unknown or read-only
-    checked = {n: check_setting(n, values[n], where(n)) for n in SETTING_ORDER if n in values}
+        if name not in order:
+            check_setting(name, values[name], where(name), policy)  # raises: unknown or read-only
+    checked = {n: check_setting(n, values[n], where(n), policy) for n in order if n in values}
     for name, value in checked.items():
         if name == "one_shot_scanning" and value == 0:
             continue

@@ -136,10 +136,12 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
         on_hint: Callable[[], None] | None = None,
         on_init: Callable[[], None] | None = None,
         owner_of: Callable[[int, int], tuple[int, int]] = process_owner,
+        hints: bool = True,
     ) -> None:
         self.table = table
         self.ksm = table.ksm
         self._lock: AbstractContextManager[Any] = engine_lock or nullcontext()
+        self._hints = hints  # the hint file exists (LKSM's freezer hook; not under mainline)
         self._resolve_task = resolve_task
         self._on_hint = on_hint or (lambda: None)
         self._on_init = on_init or (lambda: None)
@@ -180,7 +182,7 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
             name = parts[0]
             if name in self.table:
                 return "attr", self.table.mode(name)
-            if name == HINT:
+            if name == HINT and self._hints:
                 return "hint", 0o200
             if name == PROC:
                 return "dir", 0o555
@@ -210,7 +212,7 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
             raise OSError(errno.ENOTDIR, "Not a directory")
         parts = path.strip("/").split("/") if path != "/" else []
         if not parts:
-            return [".", "..", *self.table.names(), HINT, PROC]
+            return [".", "..", *self.table.names(), *([HINT] if self._hints else []), PROC]
         if len(parts) == 1:
             return [".", "..", *sorted(self._per_process(), key=int)]
         return [".", "..", *PROC_FILES]

@@ -257,6 +257,31 @@ def owner(task: TaskId, proc_root: str = PROC_ROOT) -> tuple[int, int] | None:
     return st.st_uid, st.st_gid
 
 
+def parse_ksm_stat(data: bytes) -> dict[str, str]:
+    """/proc/PID/ksm_stat: `name value` lines (`ksm_rmap_items 12`) and, since 6.x,
+    `name: yes|no` ones (`ksm_merge_any: yes`, `ksm_mergeable: yes`)."""
+    out: dict[str, str] = {}
+    for line in data.decode("ascii", "replace").splitlines():
+        name, _, value = line.partition(" ")
+        if name:
+            out[name.rstrip(":")] = value.strip()
+    return out
+
+
+def ksm_registered(pid: int, proc_root: str = PROC_ROOT) -> bool | None:
+    """Is the task's mm registered with the kernel's KSM: a VM_MERGEABLE mapping
+    (madvise(MADV_MERGEABLE), `ksm_mergeable: yes`) or prctl(PR_SET_MEMORY_MERGE)
+    (`ksm_merge_any: yes`)?  False when it is gone; None when ksm_stat has no such
+    lines (a kernel before 6.x: ask its smaps)."""
+    try:
+        fields = parse_ksm_stat(read_all(f"{proc_root}/{pid}/ksm_stat"))
+    except OSError as e:
+        return False if e.errno in GONE_ERRNOS else None
+    if "ksm_mergeable" not in fields and "ksm_merge_any" not in fields:
+        return None
+    return "yes" in (fields.get("ksm_mergeable"), fields.get("ksm_merge_any"))
+
+
 def pids(proc_root: str = PROC_ROOT) -> list[int]:
     """Every pid in /proc, in order (for_each_process, kernel threads included)."""
     with os.scandir(proc_root) as it:

@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_SECTION_PAGES = 1 << 20  # 4 GiB of one section: anything larger is a typo
+# what an app asks of mainline KSM (policy `ksm`; LKSM scans every app regardless):
+KSM_NONE = "none"  # nothing: mainline ksmd never looks at it
+KSM_PRCTL = "prctl"  # prctl(PR_SET_MEMORY_MERGE): every mapping mergeable
+# a list of these madvise(MADV_MERGEABLE)s just those areas (an anon mapping by its name)
+KSM_AREAS = ("heap", "stack", "data", "bss")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")  # no '/': it separates app and instance
 ACTIONS = ("freeze", "thaw", "exit", "spawn", "rewrite", "one_shot")
 
@@ -74,6 +79,13 @@ class App:
     anon: tuple[Section, ...] = ()
     volatile: float = 0.0  # fraction of each section's unique pages rewritten every round
     cpu_ms: int = 1000  # CPU time the instance has used (short-task rule: < 100 ms)
+    # mainline KSM opt-in: KSM_NONE, KSM_PRCTL, or the areas it madvises (KSM_AREAS or
+    # the names of its anon mappings)
+    ksm: str | tuple[str, ...] = KSM_NONE
+
+    def ksm_mergeable(self, area: str) -> bool:
+        """Is this area of the app VM_MERGEABLE (heap, stack, data, bss, ANON_NAME)?"""
+        return self.ksm == KSM_PRCTL or (isinstance(self.ksm, tuple) and area in self.ksm)
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,7 @@ class Workload:
                     "anon": [section(s) for s in a.anon],
                     "volatile": a.volatile,
                     "cpu_ms": a.cpu_ms,
+                    "ksm": list(a.ksm) if isinstance(a.ksm, tuple) else a.ksm,
                 }
                 for a in chosen
             ],
@@ -265,7 +278,7 @@ def _app(c: _Checker, raw: Any, key: str, libs: dict[str, Library]) -> App:
     d = c.mapping(
         raw,
         key,
-        {"name", "count", "libraries", "heap", "stack", "anon", "volatile", "cpu_ms"},
+        {"name", "count", "libraries", "heap", "stack", "anon", "volatile", "cpu_ms", "ksm"},
         {"name", "heap"},
     )
     name = c.name(d["name"], f"{key}.name")
@@ -299,7 +312,25 @@ def _app(c: _Checker, raw: Any, key: str, libs: dict[str, Library]) -> App:
         anon=tuple(anon),
         volatile=c.fraction(d.get("volatile", 0.0), f"{key}.volatile"),
         cpu_ms=c.integer(d.get("cpu_ms", 1000), f"{key}.cpu_ms", 0),
+        ksm=_ksm_opt_in(c, d.get("ksm", KSM_NONE), f"{key}.ksm", [s.name for s in anon]),
     )
+
+
+def _ksm_opt_in(c: _Checker, raw: Any, key: str, anon: list[str]) -> str | tuple[str, ...]:
+    """`none`, `prctl`, or a non-empty list of areas to madvise: heap, stack, data (every
+    library's .data), bss (every library's .bss) or the name of one of its anon mappings."""
+    if raw in (KSM_NONE, KSM_PRCTL):
+        return str(raw)
+    allowed = (*KSM_AREAS, *anon)
+    if not isinstance(raw, list) or not raw:
+        raise c.fail(key, f"expected none, prctl or a list of areas to madvise ({', '.join(allowed)}), "
+                          f"got {raw!r}")
+    for i, area in enumerate(raw):
+        if area not in allowed:
+            raise c.fail(f"{key}[{i}]", f"unknown area {area!r} (allowed: {', '.join(allowed)})")
+        if area in raw[:i]:
+            raise c.fail(f"{key}[{i}]", f"area {area!r} listed twice")
+    return tuple(raw)
 
 
 def _event(c: _Checker, raw: Any, key: str, apps: dict[str, App], spawns: dict[str, int]) -> Event:

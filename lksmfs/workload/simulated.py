@@ -300,9 +300,11 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
         starts: dict[str, int] = {}
 
         def add(vpn: int, npages: int, perms: str, file: tuple[int, int] | None = None,
-                path: str = "", has_anon: bool = True) -> int:
+                path: str = "", has_anon: bool = True, area: str = "") -> int:
+            # VM_MERGEABLE as the app's `ksm:` opt-in leaves it (mainline ksmd's scope)
+            mg = app.ksm_mergeable(area)
             maps.append(Mapping(vpn << PAGE_SHIFT, (vpn + npages) << PAGE_SHIFT, perms, file,
-                                path, True, has_anon))
+                                path, True, has_anon, mg))
             return vpn + npages
 
         binary = (SIM_DEV, self._bin_ino[app.name])
@@ -314,11 +316,11 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
         vpn += 1 + rng.randrange(1 << 13)  # brk randomisation
         if "heap" in model.sections:
             starts["heap"] = vpn
-            vpn = add(vpn, model.sections["heap"].npages, "rw-p", None, "[heap]")
+            vpn = add(vpn, model.sections["heap"].npages, "rw-p", None, "[heap]", area="heap")
         for a in app.anon:
             vpn += 1 + rng.randrange(16)
             starts[f"anon:{a.name}"] = vpn
-            vpn = add(vpn, a.pages, "rw-p")
+            vpn = add(vpn, a.pages, "rw-p", area=a.name)
         top = (0x7F00_0000_0000 >> PAGE_SHIFT) + rng.randrange(1 << 26)
         for lib in self.workload.app_libraries(app):
             size = lib.text_pages + lib.rodata_pages + lib.data_pages + lib.bss_pages
@@ -329,15 +331,15 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
             v = add(v, lib.rodata_pages, "r--p", ident, path, False)
             if lib.data_pages:
                 starts[f"lib:{lib.name}:data"] = v
-                v = add(v, lib.data_pages, "rw-p", ident, path, True)
+                v = add(v, lib.data_pages, "rw-p", ident, path, True, area="data")
             if lib.bss_pages:
                 starts[f"lib:{lib.name}:bss"] = v
-                add(v, lib.bss_pages, "rw-p")
+                add(v, lib.bss_pages, "rw-p", area="bss")
         if "stack" in model.sections:
             stack_top = (0x7FFC_0000_0000 >> PAGE_SHIFT) + rng.randrange(1 << 20)
             npages = model.sections["stack"].npages
             starts["stack"] = stack_top - npages
-            add(stack_top - npages, npages, "rw-p", None, "[stack]")
+            add(stack_top - npages, npages, "rw-p", None, "[stack]", area="stack")
         maps.sort(key=lambda m: m.start)
         return maps, starts
 

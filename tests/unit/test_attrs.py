@@ -40,8 +40,9 @@ WRITABLE = {
 class RecordingKsm:
     """Records every engine call a store makes; counters are distinct known numbers."""
 
-    def __init__(self, *, filter_enabled: bool = True, stable: bool = False) -> None:
+    def __init__(self, *, filter_enabled: bool = True, stable: bool = False, policy: str = "lksm") -> None:
         self.filter_enabled = filter_enabled
+        self.policy = policy
         self.tunables = Tunables()
         self.stable = stable
         self.calls: list[tuple[str, Any]] = []

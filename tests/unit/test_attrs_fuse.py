@@ -24,6 +24,7 @@ class StandIn:
     """The engine surface the adapter touches; `sharing` is changed by the test."""
 
     filter_enabled = True
+    policy = "lksm"
 
     def __init__(self) -> None:
         self.tunables = Tunables()

@@ -23,6 +23,7 @@ class StandIn:
 
     def __init__(self, filter_enabled: bool = True) -> None:
         self.filter_enabled = filter_enabled
+        self.policy = "lksm"
         self.tunables = Tunables()
         self.last_scan: dict[str, float | int] = {"mode": 2, "slots_scanned": 3}
         self.sharing = 63
