@@ -1,6 +1,6 @@
 # lksmfs: `make run` and `make test` are the two commands a fresh Debian machine needs.
 # Both install what is missing first (Debian fuse3 + libfuse2 and prometheus-node-exporter as root,
-# a venv in .venv, the package).
+# a venv in .venv, the package with its test and plot extras).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -27,7 +27,7 @@ $(STAMP): setup.cfg pyproject.toml
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,plot]'
 	touch $(STAMP)
 
 run: setup

@@ -11,6 +11,7 @@ import sys
 # a (group, module) pair nests the module's command under `lksmfs GROUP`
 _COMMANDS: tuple[str | tuple[str, str], ...] = (
     "lksmfs.simulate",
+    "lksmfs.compare",
     "lksmfs.scan",
     "lksmfs.daemon",
     ("workload", "lksmfs.workload.spawn"),

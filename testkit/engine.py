@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.rmap import STABLE, UNSTABLE
 from lksmfs.sources.base import PAGE_SIZE, TaskId
@@ -171,3 +172,75 @@ def workload_cgroup_root(name: str) -> str:
         return default_root(f"{name}-{os.getpid()}")
     except CgroupError as e:
         pytest.skip(f"no freezer cgroup: {e}")
+
+
+# ------------------------------------------------------------ the whole engine state --
+
+
+def _entries(index: HashIndex) -> dict[int, int]:
+    """The live key -> value pairs of a HashIndex (its layout aside)."""
+    keys = index.keys
+    vals = index.vals
+    live = keys > np.uint64(1)
+    return dict(zip(keys[live].tolist(), vals[live].tolist(), strict=True))
+
+
+def engine_state(ksm: Ksm) -> dict[str, object]:
+    """Everything the engine will ever act on, as plain values: two engines with equal
+    states behave alike from here on (lksmfs.engine.fastpass is checked against the
+    engine's own scanner with it).  Wall times and hash-table layouts are left out."""
+    st = ksm.stable
+    n = st._next_id
+    slots = {}
+    for s in [*ksm.mm.slots.values(), *ksm.mm.remove_list]:
+        rm = s.rmap
+        slots[s.sid] = {
+            "task": s.task, "state": s.state, "merge_win": list(s.merge_win), "merge_idx": s.merge_idx,
+            "nr_merged": s.nr_merged, "elapsed": s.elapsed, "nr_scans": s.nr_scans, "vip_seq": s.vip_seq,
+            "removed": s.removed, "regions": sorted(s.regions), "zero": s.zero_vpns.tolist(),
+            "rmap": {c: getattr(rm, c).tolist() for c in ("vpn", "flags", "seq", "cksum", "node", "region", "off",
+                                                          "age", "skips")},
+        }
+    crawler = {k: v for k, v in vars(ksm.crawler).items() if k != "k"}
+    sc = ksm.scanner
+    regions = {rid: (int(r.type), r.len, r.key, r.scan_round, r.merge_cnt, r.filter_cnt, r.conflict, r.refcount,
+                     r.next, r.prev, None if r.bits is None else r.bits.tobytes())
+               for rid, r in ksm.regions.regions.items()}
+    return {
+        "counters": dict(ksm.counters()),
+        "region_share": dict(ksm.region_share()),
+        "stats": dict(vars(ksm.stats)),
+        "tunables": dict(vars(ksm.tunables)),
+        "last_scan": {k: v for k, v in ksm.last_scan.items() if k != "wall_s"},
+        "slots": slots,
+        "order": [s.sid for s in ksm.mm.slots.values()],
+        "scan_list": [s.sid for s in ksm.mm.scan_list],
+        "vips": [s.sid for s in ksm.mm.vips.values()],
+        "vip_seq": ksm.mm._vip_seq,
+        "stable": {"lo": st.lo[:n].tolist(), "hi": st.hi[:n].tolist(), "len": st.nlen[:n].tolist(),
+                   "chain": st._chain.a[:n].tolist(), "free": list(st._free), "chains": {c: list(d) for c, d in
+                                                                                       st.chains.items()},
+                   "room": {c: list(d) for c, d in st._room.items()}, "index": _entries(st.index)},
+        "unstable": _entries(ksm.unstable),
+        "regions": (regions, dict(ksm.regions.by_key), ksm.regions.nr_regions, list(ksm.regions.region_share)),
+        "scanner": {"scan_state": sc.scan_state, "scan_mode": sc.scan_mode, "scan_round": sc.scan_round,
+                    "cur": None if sc.cur is None else sc.cur.sid, "gen": sc.gen is not None,
+                    "at_head": sc._at_head, "hint": sc._unstable_hint, "last_prune": sc._last_prune,
+                    "started": sc._started},
+        "crawler": crawler,
+    }
+
+
+def state_diff(a: object, b: object, path: str = "") -> str | None:
+    """Where two engine_state() values first differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{path}/{key}: only in one"
+            got = state_diff(a[key], b[key], f"{path}/{key}")
+            if got:
+                return got
+        return None
+    if a != b:
+        return f"{path}: {str(a)[:200]} != {str(b)[:200]}"
+    return None

@@ -236,7 +236,11 @@ class KsmdPolicy:
 
     def scan_wrapped(self, mode: int) -> None:
         """The batch that wrapped ended the pass: the next one starts a sleep later."""
-        self._next_pass = self.k.clock() + self.k.tunables.sleep_millisecs / 1000
+        self.set_next_pass(self.k.clock() + self.k.tunables.sleep_millisecs / 1000)
+
+    def set_next_pass(self, when: float) -> None:
+        """When ksmd starts its next pass (lksmfs.engine.fastpass runs passes itself)."""
+        self._next_pass = when
 
     def scanner_may_run(self) -> bool:
         """ksmd_should_run(): only while run has the merge bit (run=0 stops the cursor

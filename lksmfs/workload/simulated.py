@@ -80,8 +80,11 @@ class SimInstance:
     frozen: bool = False
     alive: bool = True
     pending: list[Rewrite] = field(default_factory=list)
+    version: int = 0  # bumped whenever a page's content changes (content_version)
 
     def refresh(self, changed: dict[str, list[int]]) -> None:
+        if any(changed.values()):
+            self.version += 1
         for sid, offs in changed.items():
             lo, _ = self.section_slice[sid]
             sec = self.model.sections[sid]
@@ -138,6 +141,12 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
         return inst.vpns[lo:hi].copy()
 
     def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+        return self.contents(self.page_keys(task, vpns))
+
+    # -- content keys (what lksmfs.engine.fastpass needs to skip reading pages) ------------
+
+    def page_keys(self, task: TaskId, vpns: np.ndarray) -> np.ndarray:
+        """The content key of each page (equal keys: equal bytes; lksmfs.workload.model)."""
         inst = self._get(task)
         vpns = np.asarray(vpns, dtype=np.uint64)
         n = len(vpns)
@@ -146,11 +155,25 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
             idx = np.minimum(idx, max(len(inst.vpns) - 1, 0))
             if n and (len(inst.vpns) == 0 or not np.array_equal(inst.vpns[idx], vpns)):
                 raise ValueError(f"{inst.name}: read of a page that is not present anon")
-            keys = inst.keys[idx]
+            return inst.keys[idx]
+
+    def contents(self, keys: np.ndarray) -> memoryview:
+        """The bytes of pages with these content keys, concatenated (a reused buffer)."""
+        n = len(keys)
         buf = self._buffer(n)
         np.bitwise_xor(keys[:, None], _TABLE[None, :], out=buf)
         buf[keys == 0] = 0
         return memoryview(buf.reshape(-1).view(np.uint8).data)
+
+    def content_version(self, task: TaskId) -> int:
+        """Changes whenever a page of the task changes content (same value: same pages)."""
+        return self._get(task).version
+
+    def layout_version(self, task: TaskId) -> int:
+        """Changes whenever the task's mappings or present pages change: never, here (an
+        instance keeps its layout from spawn to exit)."""
+        self._get(task)
+        return 0
 
     def release(self, task: TaskId) -> None:
         """Nothing is held per task."""

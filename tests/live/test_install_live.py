@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from testkit.tree import tracked_tree
 
 pytestmark = pytest.mark.live
 
@@ -30,21 +31,7 @@ def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 def _committed_tree(dest: Path) -> Path:
     """The files git tracks (symlinks as symlinks), without the worktree's .venv/build."""
-    if shutil.which("git") is None:
-        pytest.skip("git is needed to copy the committed files")
-    r = _run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"])
-    if r.returncode != 0:
-        pytest.skip(f"not a git checkout: {r.stderr.strip()}")
-    for rel in filter(None, r.stdout.split("\0")):
-        src, dst = REPO / rel, dest / rel
-        if not os.path.lexists(src):
-            continue  # deleted in the worktree
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            os.symlink(os.readlink(src), dst)
-        else:
-            shutil.copy2(src, dst)
-    return dest
+    return tracked_tree(REPO, dest)
 
 
 def test_wheel_install_ships_what_the_readme_uses(tmp_path: Path) -> None:
