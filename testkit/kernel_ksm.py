@@ -339,6 +339,44 @@ class KernelKsm:
                     samples=samples,
                 )
 
+    def stopped_counters(self) -> dict[str, int]:
+        """Stop ksmd (``run=0``: the store waits for the batch under way) and read every
+        counter.  With pages_to_scan above the pages scanned, each batch is one whole pass,
+        so this reads a pass boundary: no rmap_item is caught between leaving the old
+        unstable tree and joining the new one, which otherwise shows as a page moving from
+        pages_unshared to pages_volatile and back (LTP's final_group_check stops ksmd for
+        the same reason)."""
+        self.write(_RUN, 0)
+        return self.counters()
+
+    def per_pass(self, passes: int, names: Iterable[str], timeout_s: float = 60.0) -> list[dict[str, int]]:
+        """Start ksmd (``run=1``) and read `names` at each of the next `passes` full-scan
+        boundaries, as differences from before the start.  Needs each batch to be one whole
+        pass (pages_to_scan above the pages) and sleep_millisecs long enough to read
+        between two of them (every read is checked to fall between the same two passes)."""
+        names = list(names)
+        base = {n: self.read(n) for n in ("full_scans", *names)}
+        self.write(_RUN, 1)
+        out: list[dict[str, int]] = []
+        deadline = time.monotonic() + timeout_s
+        last = base["full_scans"]
+        while len(out) < passes:
+            if time.monotonic() > deadline:
+                raise OracleError(f"only {len(out)} of {passes} full scans in {timeout_s}s")
+            time.sleep(0.002)
+            fs = self.read("full_scans")
+            if fs == last:
+                continue
+            got = {n: self.read(n) - base[n] for n in names}
+            if self.read("full_scans") != fs or fs != last + 1:
+                raise OracleError(f"a pass boundary went by unread (full_scans {last} -> {fs}): "
+                                  "sleep_millisecs too short for this machine")
+            got["full_scans"] = fs - base["full_scans"]
+            out.append(got)
+            last = fs
+        self.write(_RUN, 0)
+        return out
+
     def foreign_mergeable(self, ours: Iterable[int]) -> list[int]:
         """Pids, other than `ours`, whose memory the kernel's KSM may merge (skews counters)."""
         mine = set(ours)

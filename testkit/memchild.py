@@ -6,14 +6,17 @@ start it through testkit.memproc.MemProcess.
 
 SPEC is JSON::
 
-    {"regions": [{"name": "data", "kind": "private", "pages": "64:97,8:zero,4:unique"},
+    {"regions": [{"name": "data", "kind": "private", "pages": "64:97,8:zero,4:unique", "madvise": true},
                  {"name": "shm", "kind": "shared", "pages": "2:9"},
                  {"name": "lib", "kind": "file", "file": "/tmp/x.so", "pages": "2:165,6:unique"}],
      "comm": "lksmfs-child", "cpu_ms": 150, "merge": false, "stop": false}
 
 Regions are mapped in order: `private` is MAP_PRIVATE|MAP_ANONYMOUS, `shared` is
 MAP_SHARED|MAP_ANONYMOUS (never mergeable), `file` maps FILE MAP_PRIVATE read-write (its
-written pages are anonymous COW pages in a file mapping: a library's .data).  PAGES is
+written pages are anonymous COW pages in a file mapping: a library's .data).
+``"madvise": true`` calls madvise(MADV_MERGEABLE) on the mapping before it is written
+(VM_MERGEABLE: mainline KSM's scope; the kernel merges it whenever its ksmd runs, so a
+test does this only under the kernel oracle's lock).  PAGES is
 ``COUNT:PATTERN[,COUNT:PATTERN...]``, PATTERN one of:
 
 - ``0``..``255`` (``zero`` = 0): every byte of the page is that value;
@@ -59,6 +62,7 @@ from typing import Any
 
 PR_SET_THP_DISABLE = 41
 PR_SET_MEMORY_MERGE = 67
+MADV_MERGEABLE = 12
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # the machine's (run by path: no lksmfs import here)
 PROT_READ, PROT_WRITE = 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
@@ -74,6 +78,8 @@ _libc.mmap.argtypes = [
     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
 ]
 _libc.mmap.restype = ctypes.c_void_p
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
 
 Pages = list[tuple[int, "str | int"]]
 
@@ -165,6 +171,9 @@ class Child:
             pages = parse_pages(region["pages"])
             npages = sum(c for c, _ in pages)
             addr = _map(region, npages)
+            if region.get("madvise") and _libc.madvise(addr, max(npages, 1) * PAGE_SIZE, MADV_MERGEABLE) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"madvise(MADV_MERGEABLE) of region {region['name']!r}: {os.strerror(err)}")
             write_pages(addr, pages, 0)
             self.regions[region["name"]] = [addr, npages]
         want = int(spec.get("cpu_ms", 0)) * 1_000_000

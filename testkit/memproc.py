@@ -173,9 +173,18 @@ def filled(npages: int, value: int = 0x5A, *, cpu_ms: int = 150, comm: str | Non
                       python=python)
 
 
+OUTSIDE = "outside"  # the madvise scope's twin of the pattern mapping, not madvised
+
+
 def pattern_process(spec: Pages, *, cpu_ms: int = 150, timeout_s: float = 60.0,
-                    wait: bool = True) -> MemProcess:
-    """A kernel-oracle process: one mergeable pattern mapping, stopped whenever we look."""
+                    wait: bool = True, scope: str = "prctl") -> MemProcess:
+    """A kernel-oracle process, stopped whenever we look: one pattern mapping, mergeable
+    through prctl(PR_SET_MEMORY_MERGE) (`scope` prctl: the whole process, runtime
+    included) or through madvise(MADV_MERGEABLE) on the pattern mapping alone (`scope`
+    madvise: a second mapping with the same pages, not madvised, stays out of KSM)."""
+    if scope == "madvise":
+        regions = (Region(PATTERN, spec, madvise=True), Region(OUTSIDE, spec))
+        return MemProcess(*regions, cpu_ms=cpu_ms, stop=True, timeout_s=timeout_s, wait=wait)
     return MemProcess(Region(PATTERN, spec), cpu_ms=cpu_ms, merge=True, stop=True,
                       timeout_s=timeout_s, wait=wait)
 
@@ -183,11 +192,13 @@ def pattern_process(spec: Pages, *, cpu_ms: int = 150, timeout_s: float = 60.0,
 class PatternGroup:
     """Several pattern processes started together and closed together (always)."""
 
-    def __init__(self, specs: Sequence[Pages], *, cpu_ms: int = 150, timeout_s: float = 60.0) -> None:
+    def __init__(self, specs: Sequence[Pages], *, cpu_ms: int = 150, timeout_s: float = 60.0,
+                 scope: str = "prctl") -> None:
         self.procs: list[MemProcess] = []
         try:
             for spec in specs:  # spawn all first: they fill their pages in parallel
-                self.procs.append(pattern_process(spec, cpu_ms=cpu_ms, timeout_s=timeout_s, wait=False))
+                self.procs.append(pattern_process(spec, cpu_ms=cpu_ms, timeout_s=timeout_s, wait=False,
+                                                  scope=scope))
             for p in self.procs:
                 p.wait_ready()
         except BaseException:

@@ -26,12 +26,14 @@ GroupKey = int | tuple[str, int]
 @dataclass(frozen=True)
 class Region:
     """One mapping of a child: `kind` private (anonymous), shared (MAP_SHARED anonymous)
-    or file (FILE mapped MAP_PRIVATE; it must be at least as long as the region)."""
+    or file (FILE mapped MAP_PRIVATE; it must be at least as long as the region).
+    `madvise`: madvise(MADV_MERGEABLE) on it (VM_MERGEABLE: mainline KSM may merge it)."""
 
     name: str
     pages: Pages
     kind: str = "private"
     file: str | None = None
+    madvise: bool = False
 
     @property
     def npages(self) -> int:
@@ -41,6 +43,8 @@ class Region:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "pages": format_pages(self.pages)}
         if self.file is not None:
             out["file"] = self.file
+        if self.madvise:
+            out["madvise"] = True
         return out
 
 
