@@ -403,15 +403,28 @@ def plot(cmp: Comparison, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 7.5))
+    # the steady state, magnified: every policy gets there in the first minutes
+    zoom = top.inset_axes((0.35, 0.12, 0.62, 0.5))
+    settled = [s["pages_sharing"] for r in cmp.runs for s in r.samples if float(s["t_s"]) >= cmp.hours * 360]
     for r in cmp.runs:
         hours = [float(s["t_s"]) / 3600 for s in r.samples]
-        top.plot(hours, [s["pages_sharing"] for s in r.samples], label=r.name, linewidth=1.4)
+        sharing = [s["pages_sharing"] for s in r.samples]
+        top.plot(hours, sharing, label=r.name, linewidth=1.4)
+        zoom.plot(hours, sharing, linewidth=1.2)
         pts = [(h, s["pages_scanned"]) for h, s in zip(hours, r.samples, strict=True) if s["pages_scanned"] > 0]
         bottom.plot([h for h, _ in pts], [v for _, v in pts], label=r.name, linewidth=1.4)
+    if settled:
+        lo, hi = min(settled), max(settled)
+        pad = max(5.0, (hi - lo) * 0.15)
+        zoom.set_xlim(cmp.hours * 0.1, cmp.hours)
+        zoom.set_ylim(lo - pad, hi + pad)
+        zoom.set_title("from 10% of the run on", fontsize=8)
+        zoom.tick_params(labelsize=7)
+        zoom.grid(True, alpha=0.3)
     top.set_ylabel("pages_sharing (4 KiB pages saved)")
     top.set_title(f"{os.path.basename(cmp.workload)}: {cmp.hours:g} h simulated, rounds of {cmp.round_minutes:g} min")
     top.grid(True, alpha=0.3)
-    top.legend(loc="lower right")
+    top.legend(loc="upper left", fontsize=8)
     bottom.set_yscale("log")
     bottom.set_ylabel("pages scanned (cumulative)")
     bottom.set_xlabel("simulated time (hours)")

@@ -21,7 +21,7 @@ REGIONS = ("heap", "stack", "file_data", "file_bss", "conflicted")
 
 # Attributes that only grow while the daemon runs (the kernel's are cumulative too);
 # nr_regions counts regions ever allocated (the seed never decrements it).
-COUNTERS = frozenset({"full_scans", "pages_scanned", "nr_regions"})
+COUNTERS = frozenset({"full_scans", "pages_scanned", "nr_regions", "pages_skipped"})
 
 HELP = {
     "sleep_millisecs": "Milliseconds the scanner sleeps between two batches.",
@@ -31,7 +31,7 @@ HELP = {
     "pages_unshared": "Pages checked but unique, in the unstable tree.",
     "pages_volatile": "Pages changing too fast to be put in a tree.",
     "full_scans": "Full scans completed.",
-    "run": "Scanning mode: 0 stop, 1 merge, 2 unmerge, 8 one-shot.",
+    "run": "Scanning mode: 0 stop, 1 merge, 2 unmerge, 8 one-shot (LKSM only).",
     "merge_across_nodes": "Whether pages of different NUMA nodes may merge.",
     "max_page_sharing": "Mappings a KSM page may have before a duplicate is made.",
     "stable_node_chains": "Stable nodes that are chains of duplicates.",
@@ -46,6 +46,9 @@ HELP = {
     "general_profit": "Bytes saved by merging minus the bytes of the metadata.",
     "ksm_zero_pages": "Empty pages merged with the zero page.",
     "nr_regions": "LKSM_FILTER regions allocated since start.",
+    # mainline's (policy ksm)
+    "pages_skipped": "Pages smart_scan skipped (visited, not scanned) since start.",
+    "smart_scan": "Whether pages that keep failing to merge are skipped for a while.",
 }
 
 LAST_SCAN = (  # key of Ksm.last_scan, metric suffix, help

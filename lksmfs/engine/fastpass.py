@@ -236,7 +236,8 @@ class FastScanner:
         slot = sc.cur if sc.gen is not None else k.mm.scan_list.first()
         fresh = sc.gen is None
         fp_before = self._regions() if fresh and slot is not None else None
-        clean = slot is not None and not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
+        # LKSM's walk filters differently for newcomers and frozen slots: not a record
+        clean = slot is not None and (k.policy == POLICY_KSM or not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN))
         sc.one_slot = True
         try:
             sc.batch(budget)

@@ -2,7 +2,8 @@
 
 A workload says which libraries exist (size of their .data/.bss in pages, how much of it
 is identical in every process), which apps run (how many instances, which libraries,
-heap/stack/extra anonymous mappings, volatility, CPU time) and a timeline of events
+heap/stack/extra anonymous mappings, volatility, CPU time, what they ask of mainline
+KSM: `ksm: none|prctl|[areas]`) and a timeline of events
 (freeze, thaw, exit, spawn, rewrite, one_shot) at scan-round numbers.  The same file
 drives the simulated source and the real-process spawner, so both realise the same
 pages (lksmfs.workload.model holds the content function).

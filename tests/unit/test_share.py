@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 README_FILES = {
     "README.md", "config/lksmfs.yaml", "config/workloads/small.yaml", "config/workloads/tizen-tv.yaml",
     "docs/fuse.md", "docs/spec.md", "scripts/resourced-emu.sh", "systemd/lksmfs.service",
+    "docs/compare-tizen-tv.png",  # the README's comparison plot
 }
 
 
