@@ -31,6 +31,7 @@ from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
+PARTNER_BATCH = 256  # partner pages read and compared at a time (1 MiB of buffer)
 SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
 VPN_BITS = 36  # an unstable tree entry is (slot id << VPN_BITS) | vpn
 VPN_MASK = (1 << VPN_BITS) - 1
@@ -50,15 +51,9 @@ class Chunk:
     vma_start: int
     rid: int
     part: Rmap
-    data: memoryview | bytes
+    data: memoryview | bytes  # valid for the chunk: partner reads go to another buffer
     lo: np.ndarray
     hi: np.ndarray
-
-    def own(self) -> bytes:
-        """The contents as our own bytes: the source reuses its buffer on the next read."""
-        if not isinstance(self.data, bytes):
-            self.data = bytes(self.data)
-        return self.data
 
     def offsets(self, i: np.ndarray) -> np.ndarray:
         """Page offsets of items `i` from the VMA's start (rmap_item->base_addr)."""
@@ -71,6 +66,16 @@ class Merger:
     def __init__(self, ksm: Ksm, grouped: bool = True) -> None:
         self.k = ksm
         self.grouped = grouped  # False: every page through cmp_and_merge_page(), one by one
+        self._partners = bytearray()  # partner pages are read here, never over a chunk
+
+    def read_partners(self, slot: MmSlot, vpns: np.ndarray) -> np.ndarray:
+        """get_mergeable_page(): the current contents of unstable tree partners, as rows of
+        words for memcmp_pages(), read into the merger's own buffer (the chunk being
+        merged stays where the scanner read it)."""
+        need = int(vpns.shape[0]) * PAGE_SIZE
+        if len(self._partners) < need:
+            self._partners = bytearray(max(need, 2 * len(self._partners)))
+        return as_words(self.k.source.read_pages(slot.task, vpns, memoryview(self._partners)[:need]))
 
     # -- the one bookkeeping path of a merge ------------------------------------------
 
@@ -240,7 +245,7 @@ class Merger:
         comparison fails (a digest collision, a page rewritten since it was read)."""
         k = self.k
         part = c.part
-        words = as_words(c.own())
+        words = as_words(c.data)
         first = int(m[0])
         lo, hi = int(c.lo[first]), int(c.hi[first])
         if not (bool((c.lo[m] == c.lo[first]).all()) and bool((c.hi[m] == c.hi[first]).all())):
@@ -280,7 +285,7 @@ class Merger:
         blocks: list[Rmap] = []
         tsids = refs >> VPN_BITS
         tvpns = (refs & VPN_MASK).astype(np.uint64)
-        mine = as_words(c.own())
+        mine = as_words(c.data)
         for tsid in np.unique(tsids).tolist():
             sel = np.flatnonzero(tsids == tsid)
             tslot = k.mm.by_sid(int(tsid))
@@ -298,14 +303,16 @@ class Merger:
             got = sel[tblock[sel] >= 0]
             if not got.size:
                 continue
-            # get_mergeable_page() + memcmp_pages(), one read for this partner process
+            # get_mergeable_page() + memcmp_pages(), a few reads for this partner process
             order = np.argsort(tvpns[got], kind="stable")
             got = got[order]
-            try:
-                theirs = as_words(bytes(k.source.read_pages(tslot.task, tvpns[got])))
-            except SourceError:
-                continue
-            ok[got] = (theirs == mine[m[got]]).all(axis=1)
+            for b in range(0, got.shape[0], PARTNER_BATCH):
+                g = got[b : b + PARTNER_BATCH]
+                try:
+                    theirs = self.read_partners(tslot, tvpns[g])
+                except SourceError:
+                    break
+                ok[g] = (theirs == mine[m[g]]).all(axis=1)
         if not ok.any():
             return ok
         w = m[ok]
@@ -325,7 +332,6 @@ class Merger:
     def _one_by_one(self, c: Chunk, s: np.ndarray) -> None:
         if not s.size:
             return
-        c.own()  # later reads reuse the source's buffer: keep our own copy
         for i in s.tolist():
             self.cmp_and_merge_page(c, i)
 
@@ -359,8 +365,7 @@ class Merger:
             if int(part.cksum[i]) != ck:
                 part.cksum[i] = ck
                 return
-        data = c.own()
-        page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        page = bytes(c.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
         if k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page):
             # merged with the zero page: no longer anonymous until written again
             k.scanner.add_zero_pages(np.array([vpn], dtype=np.uint64))
@@ -409,7 +414,7 @@ class Merger:
     def _read_page(self, slot: MmSlot, vpn: int) -> bytes | None:
         """get_mergeable_page() + the bytes for memcmp_pages()."""
         try:
-            return bytes(self.k.source.read_pages(slot.task, np.array([vpn], dtype=np.uint64)))
+            return self.read_partners(slot, np.array([vpn], dtype=np.uint64)).tobytes()
         except SourceError:
             return None
 

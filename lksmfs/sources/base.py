@@ -107,10 +107,12 @@ class MemorySource(Protocol):
         anonymous (follow_page + PageAnon): not the shared zero page, not a file page."""
         ...
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Contents of the given pages, concatenated in order (len(vpns) * PAGE_SIZE bytes).
 
-        The returned view may be a reused buffer, valid until the next call for any task.
+        Without `out` the returned view may be a reused buffer, valid until the next call
+        without `out` for any task; with `out` (at least that long) the pages are written
+        there and a view of it is returned: a second read need not disturb the first.
         """
         ...
 

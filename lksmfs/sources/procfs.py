@@ -501,11 +501,11 @@ class ProcfsSource:
         got: np.ndarray | None = getattr(self._tls, "missing", None)
         return got if got is not None else np.zeros(0, dtype=np.uint64)
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Page contents from /proc/PID/mem: one preadv per run of consecutive vpns."""
         v = np.asarray(vpns, dtype=np.uint64)
         n = len(v)
-        mv = self._buffer(n * PAGE_SIZE)[: n * PAGE_SIZE]
+        mv = (self._buffer(n * PAGE_SIZE) if out is None else out)[: n * PAGE_SIZE]
         self._tls.missing = None
         if n == 0:
             return mv

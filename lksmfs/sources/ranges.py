@@ -39,8 +39,8 @@ class RangeFilteredSource:
             keep |= (vpns >= np.uint64(lo)) & (vpns < np.uint64(hi))
         return vpns[keep]
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
-        return self.inner.read_pages(task, vpns)
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
+        return self.inner.read_pages(task, vpns, out)
 
     def release(self, task: TaskId) -> None:
         self.inner.release(task)
