@@ -254,9 +254,13 @@ class Scanner:
                         part = new.view(filled, filled + n)
                         if not inplace:
                             part.vpn[:] = run[j : j + n]
+                        data = k.source.read_pages(slot.task, run[j : j + n])
+                        ahead = min(CHUNK, self._budget - n, int(run.shape[0]) - j - n)
+                        if ahead > 0:  # the next chunk is scanned in this batch: read it meanwhile
+                            k.source.prefetch(slot.task, run[j + n : j + n + ahead])
                         self._cur_valid = filled + n
-                        pos = self._scan_chunk(slot, vma.start_vpn, rid, part, old, filled if inplace else pos,
-                                               inplace)
+                        pos = self._scan_chunk(slot, vma.start_vpn, rid, part, data, old,
+                                               filled if inplace else pos, inplace)
                         filled += n
                         j += n
                         k.publish()
@@ -376,16 +380,16 @@ class Scanner:
     # -- one chunk -----------------------------------------------------------------
 
     def _scan_chunk(
-        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, old: Rmap, pos: int, inplace: bool = False
+        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, data: memoryview, old: Rmap, pos: int,
+        inplace: bool = False,
     ) -> int:
-        """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part`, a view of
-        the slot's new rmap list whose vpn column is already set (`inplace`: a view of
-        the old list itself, whose items are these pages').  Returns the position in the
-        slot's old rmap list after these pages."""
+        """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part` (contents
+        in `data`), a view of the slot's new rmap list whose vpn column is already set
+        (`inplace`: a view of the old list itself, whose items are these pages').
+        Returns the position in the slot's old rmap list after these pages."""
         k = self.k
         vpns = part.vpn
         n = int(vpns.shape[0])
-        data = k.source.read_pages(slot.task, vpns)
         lo, hi = digest_pages(data, n)
 
         if inplace:

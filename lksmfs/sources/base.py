@@ -116,6 +116,11 @@ class MemorySource(Protocol):
         """
         ...
 
+    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
+        """A hint: read_pages(task, vpns) comes next; a source may start reading now
+        (a no-op is a correct implementation)."""
+        ...
+
     def release(self, task: TaskId) -> None:
         """Forget per-task resources (open fds): the engine dropped the slot."""
         ...

@@ -118,6 +118,9 @@ class FakeSource:
         out[: len(data)] = data
         return out[: len(data)]
 
+    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
+        pass
+
     def release(self, task: TaskId) -> None:
         self.released.append(task)
 
