@@ -57,7 +57,8 @@ class Chunk:
 
     def offsets(self, i: np.ndarray) -> np.ndarray:
         """Page offsets of items `i` from the VMA's start (rmap_item->base_addr)."""
-        return (self.part.vpn[i] - np.uint64(self.vma_start)).astype(np.int64)
+        offs: np.ndarray = (self.part.vpn[i] - np.uint64(self.vma_start)).astype(np.int64)
+        return offs
 
 
 class Merger:
