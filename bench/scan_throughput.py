@@ -45,34 +45,15 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from bench.common import check_memory, dump_json, human, parse_sizes, require_root
+from bench.common import CLASSES, check_memory, class_specs, dump_json, human, parse_sizes, require_root
 from lksmfs.system.proc import PAGE_SIZE
 from lksmfs.tables import print_table
 from testkit import REPO
 from testkit.kernel_ksm import KernelKsm
 from testkit.memproc import PatternGroup
-from testkit.patterns import Pages
 
-CLASSES = ("unique", "zero", "few", "single", "mixed")
 COMPARED = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups")
-FEW = 48  # distinct contents of the `few` class
 TIZEN = REPO / "config" / "workloads" / "tizen-tv.yaml"
-
-
-def class_specs(content: str, size: int, procs: int) -> list[Pages]:
-    """The pattern specs of a synthetic class: SIZE bytes over `procs` processes."""
-    per = max(1, size // PAGE_SIZE // procs)
-    if content == "unique":
-        return [[(per // 2, "same"), (per - per // 2, "unique")]] * procs
-    if content == "zero":
-        return [[(per, "zero")]] * procs
-    if content == "few":
-        # runs of each content, in a different order in every process
-        return [[(per // FEW + (v < per % FEW), (v * 7 + p) % FEW + 1) for v in range(FEW)]
-                for p in range(procs)]
-    if content == "single":
-        return [[(per, 0x41 if p < 2 else 0x42 + p)] for p in range(procs)]
-    raise ValueError(content)
 
 
 @contextlib.contextmanager

@@ -69,6 +69,10 @@ class Merger:
         self.grouped = grouped  # False: every page through cmp_and_merge_page(), one by one
         self._partners = bytearray()  # partner pages are read here, never over a chunk
 
+    def release_buffers(self) -> None:
+        """A scan ended: the partner buffer goes back until the next one."""
+        self._partners = bytearray()
+
     def read_partners(self, slot: MmSlot, vpns: np.ndarray) -> np.ndarray:
         """get_mergeable_page(): the current contents of unstable tree partners, as rows of
         words for memcmp_pages(), read into the merger's own buffer (the chunk being

@@ -29,7 +29,7 @@ from lksmfs.engine.params import (
 from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
 from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
-from lksmfs.sources.base import AccessDenied, Mapping
+from lksmfs.sources.base import PAGE_SIZE, AccessDenied, Mapping
 
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
@@ -63,6 +63,8 @@ class Scanner:
         self._begin = 0.0
         self._pages_at_begin = 0
         self._unstable_hint = 0  # entries the last round's unstable tree ended with
+        self._bufs = [bytearray(), bytearray()]  # page contents of the chunks being read
+        self._chunks = 0
         self._last_prune = ksm.clock()
 
     # -- the thread's view -------------------------------------------------------------
@@ -171,9 +173,12 @@ class Scanner:
         stats.end_scan()
         if not interrupted:
             self._at_head = True
-            # nothing reads this round's unstable tree once the scan is over: give it back
+            # nothing reads this round's unstable tree once the scan is over: give it back,
+            # with the buffers pages were read into
             self._unstable_hint = len(k.unstable)
             k.unstable = HashIndex()
+            self._bufs = [bytearray(), bytearray()]
+            k.merger.release_buffers()
         self.scan_mode = LKSM_SCAN_NONE
         self.scan_state = False
         self._started = False
@@ -191,6 +196,18 @@ class Scanner:
         self.scan_state = False
         self._started = False
         return cur
+
+    def _chunk_buffer(self, npages: int, ahead: int = 0) -> memoryview:
+        """The buffer chunk number `_chunks + ahead` is read into: two alternate, so the
+        next chunk can be read while this one is merged (MemorySource.prefetch).  They
+        are the scanner's to size, and are given back when a scan ends."""
+        if not ahead:
+            self._chunks += 1
+        i = (self._chunks + ahead) & 1
+        need = npages * PAGE_SIZE
+        if len(self._bufs[i]) < need:
+            self._bufs[i] = bytearray(need)
+        return memoryview(self._bufs[i])[:need]
 
     def current_items(self) -> Rmap:
         """The items of the slot being scanned that are valid so far (this chunk included)."""
@@ -254,10 +271,10 @@ class Scanner:
                         part = new.view(filled, filled + n)
                         if not inplace:
                             part.vpn[:] = run[j : j + n]
-                        data = k.source.read_pages(slot.task, run[j : j + n])
+                        data = k.source.read_pages(slot.task, run[j : j + n], self._chunk_buffer(n))
                         ahead = min(CHUNK, self._budget - n, int(run.shape[0]) - j - n)
                         if ahead > 0:  # the next chunk is scanned in this batch: read it meanwhile
-                            k.source.prefetch(slot.task, run[j + n : j + n + ahead])
+                            k.source.prefetch(slot.task, run[j + n : j + n + ahead], self._chunk_buffer(ahead, 1))
                         self._cur_valid = filled + n
                         pos = self._scan_chunk(slot, vma.start_vpn, rid, part, data, old,
                                                filled if inplace else pos, inplace)
@@ -350,11 +367,15 @@ class Scanner:
         z = z[np.isin(z, vpns)]
         if not z.size:
             return vpns
-        data = self.k.source.read_pages(slot.task, z)
-        lo, hi = digest_pages(data, int(z.shape[0]))
-        still = z[is_zero_digest(lo, hi)]
-        kept.append(still)
-        return vpns[~np.isin(vpns, still)]
+        still: list[np.ndarray] = []
+        for b in range(0, z.shape[0], CHUNK):  # a chunk at a time: bounded buffers
+            part = z[b : b + CHUNK]
+            data = self.k.source.read_pages(slot.task, part, self._chunk_buffer(int(part.shape[0])))
+            lo, hi = digest_pages(data, int(part.shape[0]))
+            still.append(part[is_zero_digest(lo, hi)])
+        zs = np.concatenate(still)
+        kept.append(zs)
+        return vpns[~np.isin(vpns, zs)]
 
     def _slot_gone(self, slot: MmSlot, err: Exception) -> None:
         """The task exited (or shut us out) mid-scan: its items are gone, the slot goes

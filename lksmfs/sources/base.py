@@ -116,9 +116,9 @@ class MemorySource(Protocol):
         """
         ...
 
-    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
-        """A hint: read_pages(task, vpns) comes next; a source may start reading now
-        (a no-op is a correct implementation)."""
+    def prefetch(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> None:
+        """A hint: read_pages(task, vpns, out) comes next; a source may start reading
+        into `out` now (a no-op is a correct implementation)."""
         ...
 
     def release(self, task: TaskId) -> None:

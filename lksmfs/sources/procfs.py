@@ -510,35 +510,42 @@ class ProcfsSource:
         got: np.ndarray | None = getattr(self._tls, "missing", None)
         return got if got is not None else np.zeros(0, dtype=np.uint64)
 
-    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
-        """Start reading these pages on the read-ahead thread: the next read_pages() of
-        exactly them (without `out`) takes them from there."""
+    def prefetch(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> None:
+        """Start reading these pages into `out` on the read-ahead thread: the next
+        read_pages() of exactly them into `out` takes them from there."""
         if self._readahead is None:
             self._readahead = ReadAhead(self._read_ahead, name="lksm-readahead")
-        self._readahead.submit(task, vpns)
+        self._readahead.submit(task, vpns, out)
 
     def _read_ahead(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> tuple[memoryview, np.ndarray]:
-        mv = self.read_pages(task, vpns, out)
-        return mv, self.last_missing
+        """The read the read-ahead thread does: (the pages, the vpns zero-filled)."""
+        mv = out[: len(vpns) * PAGE_SIZE]
+        return mv, self._read_into(task, vpns, mv)
 
     def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Page contents from /proc/PID/mem: one preadv per run of consecutive vpns."""
         v = np.asarray(vpns, dtype=np.uint64)
         n = len(v)
-        if out is None and self._readahead is not None:
+        if out is not None and self._readahead is not None:
             try:
-                got = self._readahead.take(task, v)
+                got = self._readahead.take(task, v, out)
             except ProcessGone:
                 self._drop(task)
                 raise
             if got is not None:
-                mv_ahead, missing_ahead = got
-                self._tls.missing = missing_ahead if missing_ahead.size else None
-                return mv_ahead
+                mv, missing = got
+                self._tls.missing = missing if missing.size else None
+                return mv
         mv = (self._buffer(n * PAGE_SIZE) if out is None else out)[: n * PAGE_SIZE]
-        self._tls.missing = None
+        missing = self._read_into(task, v, mv)
+        self._tls.missing = missing if missing.size else None
+        return mv
+
+    def _read_into(self, task: TaskId, v: np.ndarray, mv: memoryview) -> np.ndarray:
+        """Read pages `v` into `mv`; returns the vpns that had to be zero-filled."""
+        n = len(v)
         if n == 0:
-            return mv
+            return np.zeros(0, dtype=np.uint64)
         h = self._acquire(task, cache=True)
         try:
             fd = h.fd("mem")
@@ -551,9 +558,7 @@ class ProcfsSource:
             ranges: list[tuple[int, int]] | None = None
             for i0, i1 in zip(starts.tolist(), ends.tolist(), strict=True):
                 ranges = self._read_run(h, fd, mv, v, i0, i1, missing, ranges)
-            if missing:
-                self._tls.missing = np.array(missing, dtype=np.uint64)
-            return mv
+            return np.array(missing, dtype=np.uint64)
         except ProcessGone:
             self._drop(task)
             raise

@@ -118,7 +118,7 @@ class FakeSource:
         out[: len(data)] = data
         return out[: len(data)]
 
-    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
+    def prefetch(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> None:
         pass
 
     def release(self, task: TaskId) -> None:

@@ -33,15 +33,24 @@ def pages(mv: memoryview) -> list[int]:
     return [mv[k * PAGE_SIZE] for k in range(len(mv) // PAGE_SIZE)]
 
 
+def buf(npages: int) -> memoryview:
+    return memoryview(bytearray(npages * PAGE_SIZE))
+
+
+def vp(*v: int) -> np.ndarray:
+    return np.array(v, dtype=np.uint64)
+
+
 def test_the_same_pages_are_taken_from_the_helper_thread() -> None:
     reads = Reads()
     ra = ReadAhead(reads, name="ra-test")
     try:
-        ra.submit(A, np.array([3, 4], dtype=np.uint64))
-        got = ra.take(A, np.array([3, 4], dtype=np.uint64))
-        assert got is not None and pages(got[0]) == [19, 20]
+        out = buf(2)
+        ra.submit(A, vp(3, 4), out)
+        got = ra.take(A, vp(3, 4), out)
+        assert got is not None and pages(got[0]) == [19, 20] and got[0].obj is out.obj
         assert reads.calls == [(A, [3, 4], "ra-test")]
-        assert ra.take(A, np.array([3, 4], dtype=np.uint64)) is None  # taken once
+        assert ra.take(A, vp(3, 4), out) is None  # taken once
     finally:
         ra.close()
 
@@ -50,22 +59,26 @@ def test_other_pages_or_another_task_are_not_served_and_the_read_ahead_is_droppe
     reads = Reads()
     ra = ReadAhead(reads)
     try:
-        ra.submit(A, np.array([1], dtype=np.uint64))
-        assert ra.take(B, np.array([1], dtype=np.uint64)) is None
-        assert ra.take(A, np.array([1], dtype=np.uint64)) is None  # dropped by the miss
-        ra.submit(A, np.array([1, 2], dtype=np.uint64))
-        assert ra.take(A, np.array([1], dtype=np.uint64)) is None
+        out = buf(2)
+        ra.submit(A, vp(1), out)
+        assert ra.take(B, vp(1), out) is None
+        assert ra.take(A, vp(1), out) is None  # dropped by the miss
+        ra.submit(A, vp(1, 2), out)
+        assert ra.take(A, vp(1), out) is None
+        ra.submit(A, vp(1), out)
+        assert ra.take(A, vp(1), buf(1)) is None  # another buffer: not these pages
     finally:
         ra.close()
 
 
-def test_buffers_alternate_so_a_taken_chunk_survives_the_next_read_ahead() -> None:
+def test_a_taken_chunk_survives_the_next_read_ahead_into_another_buffer() -> None:
     ra = ReadAhead(Reads())
     try:
-        ra.submit(A, np.array([1, 2], dtype=np.uint64))
-        first = ra.take(A, np.array([1, 2], dtype=np.uint64))
-        ra.submit(B, np.array([5, 6], dtype=np.uint64))
-        second = ra.take(B, np.array([5, 6], dtype=np.uint64))
+        one, two = buf(2), buf(2)
+        ra.submit(A, vp(1, 2), one)
+        first = ra.take(A, vp(1, 2), one)
+        ra.submit(B, vp(5, 6), two)
+        second = ra.take(B, vp(5, 6), two)
         assert first is not None and second is not None
         assert pages(first[0]) == [17, 18] and pages(second[0]) == [37, 38]
     finally:
@@ -77,8 +90,9 @@ def test_a_failed_read_ahead_raises_in_the_reader_that_takes_it() -> None:
     reads.fail.add(A)
     ra = ReadAhead(reads)
     try:
-        ra.submit(A, np.array([1], dtype=np.uint64))
+        out = buf(1)
+        ra.submit(A, vp(1), out)
         with pytest.raises(ProcessGone):
-            ra.take(A, np.array([1], dtype=np.uint64))
+            ra.take(A, vp(1), out)
     finally:
         ra.close()
