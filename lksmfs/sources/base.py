@@ -56,6 +56,7 @@ class Mapping:
     path: str = ""
     mergeable: bool = True
     has_anon: bool = True
+    anon_pages: int = -1  # anonymous pages mapped (smaps `Anonymous:`), -1 when unknown
 
     @property
     def is_heap(self) -> bool:

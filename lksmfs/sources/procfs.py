@@ -108,6 +108,7 @@ def _make_mapping(
         mergeable=mergeable,
         # without smaps we cannot know about anon_vma: assume there may be anon pages
         has_anon=True if anon_kb is None else anon_kb > 0,
+        anon_pages=-1 if anon_kb is None else anon_kb * 1024 // PAGE_SIZE,
     )
 
 
@@ -235,6 +236,7 @@ class ProcfsSource:
         # set once present_anon had to use the pagemap-only approximation
         self.fallback_used = False
         self._readahead: ReadAhead | None = None
+        self._full_anon: dict[TaskId, set[tuple[int, int]]] = {}  # from the last mappings()
 
     # -- helpers ------------------------------------------------------------------
 
@@ -343,12 +345,18 @@ class ProcfsSource:
             self._put(h)
 
     def mappings(self, task: TaskId) -> list[Mapping]:
-        """VMAs in address order, from one read of smaps (maps if smaps is missing)."""
+        """VMAs in address order, from one read of smaps (maps if smaps is missing).
+
+        VMAs whose every page smaps counts as anonymous are remembered: the next
+        present_anon() over exactly such a VMA needs no pagemap walk (a fully written
+        heap or buffer, the common case, and the bulk of a scan's pagemap reads)."""
         h = self._acquire(task, cache=False)
         try:
-            return self._mappings_at(h)
+            maps = self._mappings_at(h)
         finally:
             self._put(h)
+        self._full_anon[task] = {(m.start_vpn, m.end_vpn) for m in maps if m.anon_pages == m.npages > 0}
+        return maps
 
     def _mappings_at(self, h: _TaskHandle) -> list[Mapping]:
         try:
@@ -442,6 +450,10 @@ class ProcfsSource:
         empty = np.zeros(0, dtype=np.uint64)
         if end_vpn <= start_vpn:
             return empty
+        full = self._full_anon.get(task)
+        if full is not None and (start_vpn, end_vpn) in full:
+            full.discard((start_vpn, end_vpn))  # smaps said so a moment ago: once
+            return np.arange(start_vpn, end_vpn, dtype=np.uint64)
         h = self._acquire(task, cache=True)
         try:
             out: list[np.ndarray] = []
@@ -623,6 +635,7 @@ class ProcfsSource:
 
     def release(self, task: TaskId) -> None:
         """Close the task's fds (the engine dropped its mm_slot)."""
+        self._full_anon.pop(task, None)
         self._drop(task)
 
     @property

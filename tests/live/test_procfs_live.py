@@ -110,6 +110,39 @@ def test_read_pages_returns_written_bytes(src: ProcfsSource, spawn_mem_child: Sp
     assert src.last_missing.tolist() == []
 
 
+def test_a_fully_anonymous_vma_skips_the_pagemap_walk_with_the_same_answer(
+    src: ProcfsSource, spawn_mem_child: SpawnFn
+) -> None:
+    """After mappings(), a VMA smaps counts as all anonymous is listed without reading
+    pagemap (once); the answer is the pagemap walk's.  A VMA with a zero-page page or a
+    hole is walked."""
+    full = spawn_mem_child([1, 2, 3, 4])
+    holes = spawn_mem_child([5, 6], zero=1, untouched=1)
+    shortcuts = 0
+    for c in (full, holes):
+        t = _tid(c.pid)
+        v0 = c.vpn("private")
+        vma = next(m for m in src.mappings(t) if m.start_vpn <= v0 < m.end_vpn)
+        reads = []
+        real = src._read_pagemap
+        src._read_pagemap = lambda *a: (reads.append(a), real(*a))[1]  # type: ignore[method-assign]
+        try:
+            first = src.present_anon(t, vma.start_vpn, vma.end_vpn)
+            walked = len(reads)
+            second = src.present_anon(t, vma.start_vpn, vma.end_vpn)  # no shortcut left
+        finally:
+            src._read_pagemap = real  # type: ignore[method-assign]
+        assert first.tolist() == second.tolist()
+        assert len(reads) == walked + 1
+        shortcuts += walked == 0
+        if c is full:
+            assert vma.anon_pages == vma.npages and walked == 0, vma
+        else:
+            assert vma.anon_pages < vma.npages and walked == 1
+            assert [v0, v0 + 1] == [v for v in first.tolist() if v0 <= v < v0 + 4]
+    assert shortcuts == 1
+
+
 def test_prefetched_pages_are_the_pages_and_a_different_read_is_read_anew(
     src: ProcfsSource, spawn_mem_child: SpawnFn
 ) -> None:
