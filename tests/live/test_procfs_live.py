@@ -123,9 +123,14 @@ def test_a_fully_anonymous_vma_skips_the_pagemap_walk_with_the_same_answer(
         t = _tid(c.pid)
         v0 = c.vpn("private")
         vma = next(m for m in src.mappings(t) if m.start_vpn <= v0 < m.end_vpn)
-        reads = []
+        reads: list[object] = []
         real = src._read_pagemap
-        src._read_pagemap = lambda *a: (reads.append(a), real(*a))[1]  # type: ignore[method-assign]
+
+        def counting(*a: object, reads: list[object] = reads, real: object = real) -> object:
+            reads.append(a)
+            return real(*a)  # type: ignore[operator]
+
+        src._read_pagemap = counting  # type: ignore[assignment,method-assign]
         try:
             first = src.present_anon(t, vma.start_vpn, vma.end_vpn)
             walked = len(reads)
