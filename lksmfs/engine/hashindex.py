@@ -106,20 +106,19 @@ class HashIndex:
         mask = self.mask
         while idx.size:
             k = tk[pos]
-            free = (k == EMPTY) | (k == TOMB)
-            # one winner per free position
-            cand = np.flatnonzero(free)
+            cand = np.flatnonzero((k == EMPTY) | (k == TOMB))
+            placed = np.zeros(idx.size, dtype=bool)
             if cand.size:
-                _, first = np.unique(pos[cand], return_index=True)
-                win = cand[first]
-                wp = pos[win]
-                self.filled += int(np.count_nonzero(tk[wp] == EMPTY))
-                tk[wp] = keys[idx[win]]
-                self.vals[wp] = vals[idx[win]]
-                placed = np.zeros(idx.size, dtype=bool)
-                placed[win] = True
-            else:
-                placed = np.zeros(idx.size, dtype=bool)
+                # one winner per free slot, without sorting: every candidate writes its
+                # key there, the last write stays, and reading back names the winner
+                wp = pos[cand]
+                was_empty = k[cand] == EMPTY
+                ck = keys[idx[cand]]
+                tk[wp] = ck
+                won = tk[wp] == ck
+                self.filled += int(np.count_nonzero(was_empty & won))
+                self.vals[wp[won]] = vals[idx[cand[won]]]
+                placed[cand[won]] = True
             keep = ~placed
             idx = idx[keep]
             # losers on a free slot retry the same slot (now taken) -> advance all

@@ -84,19 +84,26 @@ class Merger:
 
     # -- the one bookkeeping path of a merge ------------------------------------------
 
-    def _append(self, blk: Rmap, ti: np.ndarray, nids: np.ndarray, rids: np.ndarray, offs: np.ndarray) -> None:
+    def _append(
+        self, blk: Rmap, ti: np.ndarray, nids: np.ndarray, c: Chunk | None, *, distinct: bool = False
+    ) -> None:
         """stable_tree_append() (+ LKSM_FILTER's stable_tree_append_region()) for items
-        `ti` of `blk` joining the distinct KSM pages `nids`: out of the unstable tree if
-        they were in it, mapped by their node, counted as shared or sharing (sharing
-        ones are merges for LKSM's statistics), and recorded in their region."""
+        `ti` of `blk` joining the KSM pages `nids` (`distinct` when no node repeats): out
+        of the unstable tree if they were in it, mapped by their node, counted as shared
+        or sharing (sharing ones are merges for LKSM's statistics), and recorded in
+        their region - the chunk's (ksm_scan.region) for pages of chunk `c`, the one the
+        item holds (rmap_item->region) for a partner from the unstable tree."""
         k = self.k
         flags = blk.flags
         k.stats.pages_unshared -= int(np.count_nonzero(flags[ti] & UNSTABLE))
         flags[ti] = (flags[ti] & NOT_UNSTABLE) | STABLE
         blk.node[ti] = nids
-        k.stats.merged(k.stable.append_many(nids))
+        k.stats.merged(k.stable.append_many(nids, distinct=distinct))
         if k.filter_enabled:
-            k.regions.account_merges(rids, offs)
+            if c is not None:
+                k.regions.account_merges(np.full(ti.shape[0], c.rid), c.offsets(ti))
+            else:
+                k.regions.account_merges(blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
 
     def remove_items(self, rm: Rmap) -> None:
         """remove_rmap_item_from_tree() + free for a block of items."""
@@ -193,7 +200,7 @@ class Merger:
         lo, hi = c.lo, c.hi
         if plain_room.any():  # J: stable_tree_search() finds a plain node with room
             j = i[plain_room]
-            self._append(part, j, sref[plain_room], np.full(j.shape[0], c.rid), c.offsets(j))
+            self._append(part, j, sref[plain_room], c, distinct=True)
             i = i[~plain_room]
         left = i[:0]
         if not i.size:
@@ -273,7 +280,7 @@ class Merger:
         part.flags[m] &= NOT_UNSTABLE
         if taken:
             j = m[:taken]
-            self._append(part, j, np.array(nids), np.full(taken, c.rid), c.offsets(j))
+            self._append(part, j, np.array(nids), c)
         if plan is not None:
             plan.apply(self)
         return True
@@ -327,9 +334,9 @@ class Merger:
             sel = ok & (tblock == b)
             blk = blocks[b]
             ti = tidx[sel]
-            self._append(blk, ti, nids[sel[ok]], blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
+            self._append(blk, ti, nids[sel[ok]], None, distinct=True)
         # ... and this page joins each
-        self._append(c.part, w, nids, np.full(w.shape[0], c.rid), c.offsets(w))
+        self._append(c.part, w, nids, c, distinct=True)
         return ok
 
     # -- one page at a time -----------------------------------------------------------
@@ -362,7 +369,7 @@ class Merger:
         part.flags[i] = flags
         if kn >= 0:
             # try_to_merge_with_ksm_page(): the KSM page's content is its digest
-            self._append(part, at, np.array([kn]), np.array([c.rid]), c.offsets(at))
+            self._append(part, at, np.array([kn]), c, distinct=True)
             return
         # the checksum gate (the policy says in which rounds; never for frozen tasks)
         if k.crawler.checksum_gate(k.scanner.scan_round) and not flags & int(FROZEN):
@@ -388,8 +395,8 @@ class Merger:
                 nid = np.array([k.stable.insert(lo, hi)])
                 k.unstable.delete(key, ref)
                 tat = np.array([ti])
-                self._append(tblk, tat, nid, tblk.region[tat].astype(np.int64), tblk.off[tat].astype(np.int64))
-                self._append(part, at, nid, np.array([c.rid]), c.offsets(at))
+                self._append(tblk, tat, nid, None, distinct=True)
+                self._append(part, at, nid, c, distinct=True)
                 return
         # insert into the unstable tree (over any stale entry with this content)
         k.unstable.put(key, (c.slot.sid << VPN_BITS) | vpn)
@@ -522,11 +529,11 @@ class _GroupPlan:
         if self.partner is not None:
             _, tblk, ti = self.partner
             tat = np.array([ti])
-            merger._append(tblk, tat, new[:1], tblk.region[tat].astype(np.int64), tblk.off[tat].astype(np.int64))
+            merger._append(tblk, tat, new[:1], None, distinct=True)
         joined = self.dup >= 0
         if joined.any():
             j = rest[joined]
-            merger._append(part, j, new[self.dup[joined]], np.full(j.shape[0], c.rid), c.offsets(j))
+            merger._append(part, j, new[self.dup[joined]], c)
         if self.fail.any():
             part.cksum[rest[self.fail]] = self.hi & 0xFFFFFFFE
         if self.zero.any():
