@@ -31,6 +31,7 @@ from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
+PARTNER_BATCH = 256  # partner pages read and compared at a time (1 MiB of buffer)
 SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
 VPN_BITS = 36  # an unstable tree entry is (slot id << VPN_BITS) | vpn
 VPN_MASK = (1 << VPN_BITS) - 1
@@ -50,19 +51,14 @@ class Chunk:
     vma_start: int
     rid: int
     part: Rmap
-    data: memoryview | bytes
+    data: memoryview | bytes  # valid for the chunk: partner reads go to another buffer
     lo: np.ndarray
     hi: np.ndarray
 
-    def own(self) -> bytes:
-        """The contents as our own bytes: the source reuses its buffer on the next read."""
-        if not isinstance(self.data, bytes):
-            self.data = bytes(self.data)
-        return self.data
-
     def offsets(self, i: np.ndarray) -> np.ndarray:
         """Page offsets of items `i` from the VMA's start (rmap_item->base_addr)."""
-        return (self.part.vpn[i] - np.uint64(self.vma_start)).astype(np.int64)
+        offs: np.ndarray = (self.part.vpn[i] - np.uint64(self.vma_start)).astype(np.int64)
+        return offs
 
 
 class Merger:
@@ -71,6 +67,16 @@ class Merger:
     def __init__(self, ksm: Ksm, grouped: bool = True) -> None:
         self.k = ksm
         self.grouped = grouped  # False: every page through cmp_and_merge_page(), one by one
+        self._partners = bytearray()  # partner pages are read here, never over a chunk
+
+    def read_partners(self, slot: MmSlot, vpns: np.ndarray) -> np.ndarray:
+        """get_mergeable_page(): the current contents of unstable tree partners, as rows of
+        words for memcmp_pages(), read into the merger's own buffer (the chunk being
+        merged stays where the scanner read it)."""
+        need = int(vpns.shape[0]) * PAGE_SIZE
+        if len(self._partners) < need:
+            self._partners = bytearray(max(need, 2 * len(self._partners)))
+        return as_words(self.k.source.read_pages(slot.task, vpns, memoryview(self._partners)[:need]))
 
     # -- the one bookkeeping path of a merge ------------------------------------------
 
@@ -150,7 +156,10 @@ class Merger:
         sref = k.stable.index.get_many(klo)
         single = (size == 1) & ~slow
         sn = np.where(sref >= 0, sref, 0)
-        plain_room = (sref >= 0) & (k.stable.hi[sn] == hi[idx]) & (k.stable.nlen[sn] < k.tunables.max_page_sharing)
+        plain_room = (
+            (sref >= 0) & (k.stable.lo[sn] == lo[idx]) & (k.stable.hi[sn] == hi[idx])
+            & (k.stable.nlen[sn] < k.tunables.max_page_sharing)
+        )
         simple = single & ((sref == -1) | plain_room)
         if k.tunables.use_zero_pages:
             simple &= ~is_zero_digest(lo[idx], hi[idx])
@@ -229,97 +238,40 @@ class Merger:
         with room (fullest first), then - past the checksum gate - merge with the
         unstable tree partner, fill that new KSM page up to max_page_sharing, pair the
         next two pages into another, and so on; a last page alone waits in the tree.
-        Returns False, having changed nothing, when the pages' bytes do not all agree
-        with each other and with the partner (a digest collision, a page rewritten)."""
+
+        The outcome is planned first, over runs of pages rather than page by page; then
+        the pages that become one KSM page are compared byte for byte (a page with the
+        partner, or the two pages of a new pair), as try_to_merge_two_pages() would;
+        only then is anything changed.  Returns False, having changed nothing, when a
+        comparison fails (a digest collision, a page rewritten since it was read)."""
         k = self.k
-        t = k.tunables
         part = c.part
+        words = as_words(c.data)
         first = int(m[0])
         lo, hi = int(c.lo[first]), int(c.hi[first])
-        words = as_words(c.own())
-        if m.shape[0] > 1 and not bool((words[m[1:]] == words[first]).all()):
-            return False
-        mps = t.max_page_sharing
-        is_zero = bool(t.use_zero_pages) and lo == ZERO_LO and hi == ZERO_HI and not words[first].any()
-        partner = None
-        if not is_zero:
-            key = lo if lo >= 2 else lo + 2
-            ref = k.unstable.get(key)
-            partner = self._tree_item(ref, c.slot, int(part.vpn[first])) if ref >= 0 else None
-            if partner is not None:
-                tslot, tblk, ti = partner
-                if self._read_page(tslot, int(tblk.vpn[ti])) != bytes(words[first]):
-                    return False
-        # remove_rmap_item_from_tree() for items left in last round's unstable tree
-        k.stats.pages_unshared -= int(np.count_nonzero(part.flags[m] & UNSTABLE))
-        part.flags[m] &= NOT_UNSTABLE
+        if not (bool((c.lo[m] == c.lo[first]).all()) and bool((c.hi[m] == c.hi[first]).all())):
+            return False  # keys alike, digests not: the page-at-a-time path sorts them out
         # stable_tree_search(): the KSM pages with room take the first pages
         taken = 0
         nids: list[int] = []
-        for nid, room in k.stable.rooms(lo, hi, mps):
+        for nid, room in k.stable.rooms(lo, hi, k.tunables.max_page_sharing):
             n = min(room, m.shape[0] - taken)
             nids += [nid] * n
             taken += n
             if taken == m.shape[0]:
                 break
-        rid = np.full(m.shape[0], c.rid)
+        rest = m[taken:]
+        plan = _GroupPlan.make(self, c, rest, words) if rest.size else None
+        if plan is not None and not plan.compared(self, words):
+            return False
+        # remove_rmap_item_from_tree() for items left in last round's unstable tree
+        k.stats.pages_unshared -= int(np.count_nonzero(part.flags[m] & UNSTABLE))
+        part.flags[m] &= NOT_UNSTABLE
         if taken:
             j = m[:taken]
-            self._append(part, j, np.array(nids), rid[:taken], c.offsets(j))
-        if taken == m.shape[0]:
-            return True
-        # the others one after the other, in a loop over small integers only
-        rest = m[taken:]
-        passing = np.ones(rest.shape[0], dtype=bool)
-        ck = hi & 0xFFFFFFFE
-        if k.crawler.checksum_gate(k.scanner.scan_round):
-            passing = ((part.flags[rest] & FROZEN) != 0) | (part.cksum[rest] == ck)
-        join_m: list[int] = []
-        join_n: list[int] = []
-        fail_m: list[int] = []
-        zero_m: list[int] = []
-        waiting = -1  # a page of ours in the unstable tree
-        room = 0
-        nid = -1
-        for i, ok in zip(rest.tolist(), passing.tolist(), strict=True):
-            if room:  # the KSM page made from this group still has room
-                join_m.append(i)
-                join_n.append(nid)
-                room -= 1
-            elif not ok:
-                fail_m.append(i)
-            elif is_zero:
-                zero_m.append(i)
-            elif partner is not None or waiting >= 0:
-                # try_to_merge_two_pages() + stable_tree_insert()
-                nid = k.stable.insert(lo, hi)
-                if partner is not None:
-                    _, tblk, ti = partner
-                    tat = np.array([ti])
-                    self._append(tblk, tat, np.array([nid]), tblk.region[tat].astype(np.int64),
-                                 tblk.off[tat].astype(np.int64))
-                    partner = None
-                else:
-                    join_m.append(waiting)
-                    join_n.append(nid)
-                    waiting = -1
-                join_m.append(i)
-                join_n.append(nid)
-                room = mps - 2
-            else:
-                waiting = i
-        if join_m:
-            j = np.array(join_m)
-            part.seq[j] = k.scanner.scan_round & SEQNR_MASK
-            self._append(part, j, np.array(join_n), np.full(j.shape[0], c.rid), c.offsets(j))
-        if fail_m:
-            part.cksum[np.array(fail_m)] = ck
-        if zero_m:
-            z = np.array(zero_m)
-            k.scanner.add_zero_pages(part.vpn[z])
-            k.stats.ksm_zero_pages += z.shape[0]
-        if waiting >= 0:
-            self._insert_unstable(c, np.array([waiting]), stale=True)
+            self._append(part, j, np.array(nids), np.full(taken, c.rid), c.offsets(j))
+        if plan is not None:
+            plan.apply(self)
         return True
 
     def _merge_with_tree(self, c: Chunk, m: np.ndarray, refs: np.ndarray) -> np.ndarray:
@@ -334,7 +286,7 @@ class Merger:
         blocks: list[Rmap] = []
         tsids = refs >> VPN_BITS
         tvpns = (refs & VPN_MASK).astype(np.uint64)
-        mine = as_words(c.own())
+        mine = as_words(c.data)
         for tsid in np.unique(tsids).tolist():
             sel = np.flatnonzero(tsids == tsid)
             tslot = k.mm.by_sid(int(tsid))
@@ -352,14 +304,16 @@ class Merger:
             got = sel[tblock[sel] >= 0]
             if not got.size:
                 continue
-            # get_mergeable_page() + memcmp_pages(), one read for this partner process
+            # get_mergeable_page() + memcmp_pages(), a few reads for this partner process
             order = np.argsort(tvpns[got], kind="stable")
             got = got[order]
-            try:
-                theirs = as_words(bytes(k.source.read_pages(tslot.task, tvpns[got])))
-            except SourceError:
-                continue
-            ok[got] = (theirs == mine[m[got]]).all(axis=1)
+            for b in range(0, got.shape[0], PARTNER_BATCH):
+                g = got[b : b + PARTNER_BATCH]
+                try:
+                    theirs = self.read_partners(tslot, tvpns[g])
+                except SourceError:
+                    break
+                ok[g] = (theirs == mine[m[g]]).all(axis=1)
         if not ok.any():
             return ok
         w = m[ok]
@@ -379,7 +333,6 @@ class Merger:
     def _one_by_one(self, c: Chunk, s: np.ndarray) -> None:
         if not s.size:
             return
-        c.own()  # later reads reuse the source's buffer: keep our own copy
         for i in s.tolist():
             self.cmp_and_merge_page(c, i)
 
@@ -413,8 +366,7 @@ class Merger:
             if int(part.cksum[i]) != ck:
                 part.cksum[i] = ck
                 return
-        data = c.own()
-        page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        page = bytes(c.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
         if k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page):
             # merged with the zero page: no longer anonymous until written again
             k.scanner.add_zero_pages(np.array([vpn], dtype=np.uint64))
@@ -463,6 +415,119 @@ class Merger:
     def _read_page(self, slot: MmSlot, vpn: int) -> bytes | None:
         """get_mergeable_page() + the bytes for memcmp_pages()."""
         try:
-            return bytes(self.k.source.read_pages(slot.task, np.array([vpn], dtype=np.uint64)))
+            return self.read_partners(slot, np.array([vpn], dtype=np.uint64)).tobytes()
         except SourceError:
             return None
+
+
+@dataclass
+class _GroupPlan:
+    """The fate of the pages of one content that found no KSM page with room, in
+    address order: the index of the new KSM page each joins (`dup`, -1 for none), the
+    ones the checksum gate fails, the ones that go to the zero page, the one left
+    waiting alone in the unstable tree, and the new KSM pages as (first page, second
+    page) pairs - the first being -1 for the unstable tree partner found before."""
+
+    c: Chunk
+    rest: np.ndarray
+    lo: int
+    hi: int
+    dup: np.ndarray
+    fail: np.ndarray
+    zero: np.ndarray
+    waiting: int
+    pairs: list[tuple[int, int]]
+    partner: tuple[MmSlot, Rmap, int] | None
+
+    @classmethod
+    def make(cls, merger: Merger, c: Chunk, rest: np.ndarray, words: np.ndarray) -> _GroupPlan:
+        k = merger.k
+        part = c.part
+        n = int(rest.shape[0])
+        first = int(rest[0])
+        lo, hi = int(c.lo[first]), int(c.hi[first])
+        if k.crawler.checksum_gate(k.scanner.scan_round):
+            passing = ((part.flags[rest] & FROZEN) != 0) | (part.cksum[rest] == (hi & 0xFFFFFFFE))
+        else:
+            passing = np.ones(n, dtype=bool)
+        is_zero = bool(k.tunables.use_zero_pages) and lo == ZERO_LO and hi == ZERO_HI and not words[first].any()
+        partner = None
+        if not is_zero:
+            ref = k.unstable.get(lo if lo >= 2 else lo + 2)
+            partner = merger._tree_item(ref, c.slot, int(part.vpn[first])) if ref >= 0 else None
+        mps = k.tunables.max_page_sharing
+        dup = np.full(n, -1, dtype=np.int64)
+        pairs: list[tuple[int, int]] = []
+        have_partner = partner is not None
+        pos, room, waiting, zero_from = 0, 0, -1, n
+        pass_at = np.flatnonzero(passing)
+        while pos < n:
+            if room:  # the KSM page made last still has room: the next pages join it
+                take = min(room, n - pos)
+                dup[pos : pos + take] = len(pairs) - 1
+                room -= take
+                pos += take
+                continue
+            q = int(np.searchsorted(pass_at, pos))  # the pages up to the next passing one fail
+            if q == pass_at.shape[0]:
+                break
+            pos = int(pass_at[q])
+            if is_zero:
+                zero_from = pos
+                break
+            if have_partner or waiting >= 0:
+                # try_to_merge_two_pages() + stable_tree_insert(): a new KSM page
+                pairs.append((waiting, pos))
+                dup[pos] = len(pairs) - 1
+                if waiting >= 0:
+                    dup[waiting] = len(pairs) - 1
+                    waiting = -1
+                have_partner = False
+                room = mps - 2
+            else:
+                waiting = pos
+            pos += 1
+        fail = ~passing & (dup < 0)
+        fail[zero_from:] = False
+        zero = np.zeros(n, dtype=bool)
+        zero[zero_from:] = passing[zero_from:]
+        used = partner if pairs and pairs[0][0] < 0 else None
+        return cls(c, rest, lo, hi, dup, fail, zero, waiting, pairs, used)
+
+    def compared(self, merger: Merger, words: np.ndarray) -> bool:
+        """memcmp_pages() for the two pages of every new KSM page."""
+        for a, b in self.pairs:
+            mine = words[int(self.rest[b])]
+            if a >= 0:
+                if not np.array_equal(words[int(self.rest[a])], mine):
+                    return False
+            else:
+                assert self.partner is not None
+                tslot, tblk, ti = self.partner
+                if merger._read_page(tslot, int(tblk.vpn[ti])) != mine.tobytes():
+                    return False
+        return True
+
+    def apply(self, merger: Merger) -> None:
+        """New KSM pages (their partner first), joins, checksums of the pages the gate
+        failed, zero pages, and the page left waiting."""
+        k = merger.k
+        c, rest = self.c, self.rest
+        part = c.part
+        new = np.array([k.stable.insert(self.lo, self.hi) for _ in self.pairs], dtype=np.int64)
+        if self.partner is not None:
+            _, tblk, ti = self.partner
+            tat = np.array([ti])
+            merger._append(tblk, tat, new[:1], tblk.region[tat].astype(np.int64), tblk.off[tat].astype(np.int64))
+        joined = self.dup >= 0
+        if joined.any():
+            j = rest[joined]
+            merger._append(part, j, new[self.dup[joined]], np.full(j.shape[0], c.rid), c.offsets(j))
+        if self.fail.any():
+            part.cksum[rest[self.fail]] = self.hi & 0xFFFFFFFE
+        if self.zero.any():
+            z = rest[self.zero]
+            k.scanner.add_zero_pages(part.vpn[z])
+            k.stats.ksm_zero_pages += int(z.shape[0])
+        if self.waiting >= 0:
+            merger._insert_unstable(c, rest[self.waiting : self.waiting + 1], stale=True)

@@ -30,7 +30,8 @@ def digest_pages(data: memoryview | bytes, n: int) -> tuple[np.ndarray, np.ndarr
 
 def is_zero_digest(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Which digests are the zero page's (bytes still to be checked before a merge)."""
-    return (lo == np.uint64(ZERO_LO)) & (hi == np.uint64(ZERO_HI))
+    zero: np.ndarray = (lo == np.uint64(ZERO_LO)) & (hi == np.uint64(ZERO_HI))
+    return zero
 
 
 def as_words(data: memoryview | bytes) -> np.ndarray:

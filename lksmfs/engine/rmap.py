@@ -80,6 +80,11 @@ class Rmap:
             setattr(out, c, getattr(self, c)[:n].copy())
         return out
 
+    def fill_from(self, other: Rmap, n: int) -> None:
+        """Items [0, n) of `other` become this block's first n items."""
+        for c in COLUMNS:
+            getattr(self, c)[:n] = getattr(other, c)[:n]
+
     def find(self, vpn: int) -> int:
         """Index of `vpn`, or -1."""
         i = int(np.searchsorted(self.vpn, np.uint64(vpn)))

@@ -57,6 +57,7 @@ class Scanner:
         self._cur_new: Rmap | None = None  # the new rmap list of the slot being scanned
         self._cur_valid = 0
         self._new_zero: list[np.ndarray] = []  # pages of that slot merged with the zero page now
+        self._matched = np.zeros(0, dtype=bool)
         # the scan in progress
         self._started = False
         self._begin = 0.0
@@ -205,9 +206,11 @@ class Scanner:
         """Scan one mm_slot from its first VMA to its last, yielding pages scanned per
         chunk (the cursor's place in the slot lives in this generator's frame).
 
-        The present anonymous pages of every VMA are listed first, so the slot's new
-        rmap list is allocated once (an upper bound: the filter and the zero page only
-        remove pages) and filled in place; each VMA's region, size checks and filter are
+        The present anonymous pages of every VMA are listed first.  When they are the
+        pages of the slot's rmap list, that list is updated where it is (the common case:
+        nothing was mapped or unmapped); otherwise - or as soon as the scan visits other
+        pages, because of the filter or the zero page - a new list is allocated once (an
+        upper bound) and filled in place.  Each VMA's region, size checks and filter are
         decided when the scanner reaches it, as lksm_find_next_vma() does.
         """
         k = self.k
@@ -227,7 +230,10 @@ class Scanner:
                 for i, vma in enumerate(maps)
                 if vma.mergeable and vma.has_anon
             ]
-            new = Rmap(sum(int(v.shape[0]) for _, v in present))
+            total = sum(int(v.shape[0]) for _, v in present)
+            inplace = len(old) == total and (
+                total == 0 or np.array_equal(old.vpn, np.concatenate([v for _, v in present])))
+            new = old if inplace else Rmap(total)
             self._cur_new = new
             for i, vpns in present:
                 vma = maps[i]
@@ -239,14 +245,28 @@ class Scanner:
                     j = 0
                     while j < run.shape[0]:
                         n = min(max(1, min(CHUNK, self._budget)), int(run.shape[0]) - j)
+                        if inplace and not np.array_equal(old.vpn[filled : filled + n], run[j : j + n]):
+                            # the scan leaves the old list's pages: from here on, a new list
+                            new = Rmap(total)
+                            new.fill_from(old, filled)
+                            self._cur_new = new
+                            inplace = False
                         part = new.view(filled, filled + n)
-                        part.vpn[:] = run[j : j + n]
+                        if not inplace:
+                            part.vpn[:] = run[j : j + n]
+                        data = k.source.read_pages(slot.task, run[j : j + n])
+                        ahead = min(CHUNK, self._budget - n, int(run.shape[0]) - j - n)
+                        if ahead > 0:  # the next chunk is scanned in this batch: read it meanwhile
+                            k.source.prefetch(slot.task, run[j + n : j + n + ahead])
                         self._cur_valid = filled + n
-                        pos = self._scan_chunk(slot, vma.start_vpn, rid, part, old, pos)
+                        pos = self._scan_chunk(slot, vma.start_vpn, rid, part, data, old,
+                                               filled if inplace else pos, inplace)
                         filled += n
                         j += n
                         k.publish()
                         yield n
+            if inplace:
+                pos = filled
         except SourceError as e:
             k.merger.remove_items(new.view(0, filled))
             k.merger.remove_items(old.take(slice(pos, None)))
@@ -359,17 +379,54 @@ class Scanner:
 
     # -- one chunk -----------------------------------------------------------------
 
-    def _scan_chunk(self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, old: Rmap, pos: int) -> int:
-        """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part`, a view of
-        the slot's new rmap list whose vpn column is already set.  Returns the position
-        in the slot's old rmap list after these pages."""
+    def _scan_chunk(
+        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, data: memoryview, old: Rmap, pos: int,
+        inplace: bool = False,
+    ) -> int:
+        """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part` (contents
+        in `data`), a view of the slot's new rmap list whose vpn column is already set
+        (`inplace`: a view of the old list itself, whose items are these pages').
+        Returns the position in the slot's old rmap list after these pages."""
         k = self.k
         vpns = part.vpn
         n = int(vpns.shape[0])
-        data = k.source.read_pages(slot.task, vpns)
         lo, hi = digest_pages(data, n)
 
-        # get_next_rmap_item(): reuse items at these addresses, free the ones passed by
+        if inplace:
+            end = pos + n
+            matched = np.ones(n, dtype=bool)
+        else:
+            end = self._get_next_rmap_items(part, old, pos, rid, vma_start)
+            matched = self._matched
+        k.stats.rmap_items += n - int(np.count_nonzero(matched))
+        flags = part.flags
+        if slot.test(KSM_MM_FROZEN):
+            # an old item keeps the frozen bit only if it sat in the unstable tree
+            frozen = ~matched | ((flags & UNSTABLE) != 0)
+            flags[frozen] |= FROZEN
+            flags[~frozen] &= _NOT_FROZEN
+        else:
+            flags &= _NOT_FROZEN
+        k.stats.pages_scanned += n
+        slot.nr_scans += n
+
+        # cmp_and_merge_page(): an unchanged KSM page is left alone
+        is_stable = (flags & STABLE) != 0
+        node = np.where(is_stable, part.node, 0)
+        stable_ok = is_stable & (k.stable.lo[node] == lo) & (k.stable.hi[node] == hi)
+        idx = np.flatnonzero(~stable_ok)
+        if idx.size:
+            k.merger.cmp_and_merge(Chunk(slot, vma_start, rid, part, data, lo, hi), idx)
+        return end
+
+    def _get_next_rmap_items(self, part: Rmap, old: Rmap, pos: int, rid: int, vma_start: int) -> int:
+        """get_next_rmap_item() for a chunk: items of the old list at these addresses are
+        reused (moved into `part`), the ones passed by are freed, and new items start in
+        the VMA's region.  Sets `_matched` (which pages had an item); returns the
+        position in the old list after the chunk."""
+        k = self.k
+        vpns = part.vpn
+        n = int(vpns.shape[0])
         end = int(np.searchsorted(old.vpn, vpns[-1], side="right"))
         seg = old.vpn[pos:end]
         j = np.searchsorted(seg, vpns)
@@ -390,23 +447,5 @@ class Scanner:
             part.node[matched] = old.node[src]
             part.region[matched] = old.region[src]
             part.off[matched] = old.off[src]
-        k.stats.rmap_items += n - int(np.count_nonzero(matched))
-        flags = part.flags
-        if slot.test(KSM_MM_FROZEN):
-            # an old item keeps the frozen bit only if it sat in the unstable tree
-            frozen = ~matched | ((flags & UNSTABLE) != 0)
-            flags[frozen] |= FROZEN
-            flags[~frozen] &= _NOT_FROZEN
-        else:
-            flags &= _NOT_FROZEN
-        k.stats.pages_scanned += n
-        slot.nr_scans += n
-
-        # cmp_and_merge_page(): an unchanged KSM page is left alone
-        is_stable = (flags & STABLE) != 0
-        node = np.where(is_stable, part.node, 0)
-        stable_ok = is_stable & (k.stable.lo[node] == lo) & (k.stable.hi[node] == hi)
-        idx = np.flatnonzero(~stable_ok)
-        if idx.size:
-            k.merger.cmp_and_merge(Chunk(slot, vma_start, rid, part, data, lo, hi), idx)
+        self._matched = matched
         return end

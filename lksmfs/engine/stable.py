@@ -88,10 +88,10 @@ class StableTree:
         if ref == -1:
             return -1
         if ref >= 0:
-            if int(self._hi.a[ref]) != hi or int(self._len.a[ref]) >= max_page_sharing:
+            if not self._same(ref, lo, hi) or int(self._len.a[ref]) >= max_page_sharing:
                 return -1
             return ref
-        rooms = self._chain_rooms(-ref - 2, hi, max_page_sharing)
+        rooms = self._chain_rooms(-ref - 2, lo, hi, max_page_sharing)
         return rooms[0][0] if rooms else -1
 
     def rooms(self, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
@@ -102,12 +102,17 @@ class StableTree:
             return []
         if ref >= 0:
             n = int(self._len.a[ref])
-            if int(self._hi.a[ref]) != hi or n >= max_page_sharing:
+            if not self._same(ref, lo, hi) or n >= max_page_sharing:
                 return []
             return [(ref, max_page_sharing - n)]
-        return self._chain_rooms(-ref - 2, hi, max_page_sharing)
+        return self._chain_rooms(-ref - 2, lo, hi, max_page_sharing)
 
-    def _chain_rooms(self, cid: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
+    def _same(self, nid: int, lo: int, hi: int) -> bool:
+        """Is node `nid`'s content this digest (the index folds keys 0 and 1 onto 2 and 3,
+        so its hit alone does not say)?"""
+        return int(self._lo.a[nid]) == lo and int(self._hi.a[nid]) == hi
+
+    def _chain_rooms(self, cid: int, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
         """The dups of a chain with room, fullest first (stable_node_dup()), oldest first
         among equals; full dups met on the way leave the candidate set."""
         cands = self._room[cid]
@@ -117,7 +122,7 @@ class StableTree:
             n = int(nlen[nid])
             if n >= max_page_sharing:
                 del cands[nid]
-            elif int(self._hi.a[nid]) == hi:
+            elif self._same(nid, lo, hi):
                 out.append((nid, n))
         out.sort(key=lambda x: -x[1])
         return [(nid, max_page_sharing - n) for nid, n in out]

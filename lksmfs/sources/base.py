@@ -107,11 +107,18 @@ class MemorySource(Protocol):
         anonymous (follow_page + PageAnon): not the shared zero page, not a file page."""
         ...
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Contents of the given pages, concatenated in order (len(vpns) * PAGE_SIZE bytes).
 
-        The returned view may be a reused buffer, valid until the next call for any task.
+        Without `out` the returned view may be a reused buffer, valid until the next call
+        without `out` for any task; with `out` (at least that long) the pages are written
+        there and a view of it is returned: a second read need not disturb the first.
         """
+        ...
+
+    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
+        """A hint: read_pages(task, vpns) comes next; a source may start reading now
+        (a no-op is a correct implementation)."""
         ...
 
     def release(self, task: TaskId) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, Mapping, ProcessGone, TaskId, TaskStat
+from lksmfs.sources.readahead import ReadAhead
 from lksmfs.sources.scope import Scope
 from lksmfs.system.proc import (
     GONE_ERRNOS,
@@ -159,6 +160,9 @@ def parse_smaps(data: bytes) -> list[Mapping]:
 # ------------------------------------------------------------------------------ source
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class _TaskHandle:
     """Open fds of one task being scanned: its /proc/PID dir, mem, pagemap (opened lazily)."""
 
@@ -174,12 +178,16 @@ class _TaskHandle:
         self.stat0 = stat0
 
     def fd(self, name: str) -> int:
-        """The fd of `mem` or `pagemap`, opening it on first use."""
+        """The fd of `mem` or `pagemap`, opening it on first use (the scanner and the
+        read-ahead thread may both ask)."""
         attr = "mem_fd" if name == "mem" else "pagemap_fd"
         fd: int = getattr(self, attr)
         if fd < 0:
-            fd = self.dir.open_file(name)
-            setattr(self, attr, fd)
+            with _OPEN_LOCK:
+                fd = getattr(self, attr)
+                if fd < 0:
+                    fd = self.dir.open_file(name)
+                    setattr(self, attr, fd)
         return fd
 
     def close(self) -> None:
@@ -226,6 +234,7 @@ class ProcfsSource:
         self._tls = threading.local()
         # set once present_anon had to use the pagemap-only approximation
         self.fallback_used = False
+        self._readahead: ReadAhead | None = None
 
     # -- helpers ------------------------------------------------------------------
 
@@ -501,11 +510,32 @@ class ProcfsSource:
         got: np.ndarray | None = getattr(self._tls, "missing", None)
         return got if got is not None else np.zeros(0, dtype=np.uint64)
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
+        """Start reading these pages on the read-ahead thread: the next read_pages() of
+        exactly them (without `out`) takes them from there."""
+        if self._readahead is None:
+            self._readahead = ReadAhead(self._read_ahead, name="lksm-readahead")
+        self._readahead.submit(task, vpns)
+
+    def _read_ahead(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> tuple[memoryview, np.ndarray]:
+        mv = self.read_pages(task, vpns, out)
+        return mv, self.last_missing
+
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Page contents from /proc/PID/mem: one preadv per run of consecutive vpns."""
         v = np.asarray(vpns, dtype=np.uint64)
         n = len(v)
-        mv = self._buffer(n * PAGE_SIZE)[: n * PAGE_SIZE]
+        if out is None and self._readahead is not None:
+            try:
+                got = self._readahead.take(task, v)
+            except ProcessGone:
+                self._drop(task)
+                raise
+            if got is not None:
+                mv_ahead, missing_ahead = got
+                self._tls.missing = missing_ahead if missing_ahead.size else None
+                return mv_ahead
+        mv = (self._buffer(n * PAGE_SIZE) if out is None else out)[: n * PAGE_SIZE]
         self._tls.missing = None
         if n == 0:
             return mv
@@ -601,7 +631,10 @@ class ProcfsSource:
             return len(self._handles)
 
     def close(self) -> None:
-        """Close every fd we hold."""
+        """Stop the read-ahead thread; close every fd we hold."""
+        if self._readahead is not None:
+            self._readahead.close()
+            self._readahead = None
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()

@@ -39,8 +39,11 @@ class RangeFilteredSource:
             keep |= (vpns >= np.uint64(lo)) & (vpns < np.uint64(hi))
         return vpns[keep]
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
-        return self.inner.read_pages(task, vpns)
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
+        return self.inner.read_pages(task, vpns, out)
+
+    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
+        self.inner.prefetch(task, vpns)
 
     def release(self, task: TaskId) -> None:
         self.inner.release(task)

@@ -137,7 +137,7 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
         lo, hi = np.searchsorted(inst.vpns, [start_vpn, end_vpn])
         return inst.vpns[lo:hi].copy()
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         inst = self._get(task)
         vpns = np.asarray(vpns, dtype=np.uint64)
         n = len(vpns)
@@ -147,10 +147,16 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
             if n and (len(inst.vpns) == 0 or not np.array_equal(inst.vpns[idx], vpns)):
                 raise ValueError(f"{inst.name}: read of a page that is not present anon")
             keys = inst.keys[idx]
-        buf = self._buffer(n)
+        if out is None:
+            buf = self._buffer(n)
+        else:
+            buf = np.frombuffer(out, dtype=np.uint64, count=n * WORDS).reshape(n, WORDS)
         np.bitwise_xor(keys[:, None], _TABLE[None, :], out=buf)
         buf[keys == 0] = 0
         return memoryview(buf.reshape(-1).view(np.uint8).data)
+
+    def prefetch(self, task: TaskId, vpns: np.ndarray) -> None:
+        """Pages are computed, not read: nothing to start early."""
 
     def release(self, task: TaskId) -> None:
         """Nothing is held per task."""

@@ -117,10 +117,12 @@ class SpawnedWorkload(TimelinePlayer[SpawnedInstance]):
         python: str = sys.executable,
         timeout: float = 60.0,
         burn_cap_ms: int = 200,
+        kernel_merge: bool = False,
     ) -> None:
         super().__init__(workload)
         self.timeout = timeout
         self.burn_cap_ms = burn_cap_ms
+        self.kernel_merge = kernel_merge  # prctl(PR_SET_MEMORY_MERGE): the kernel oracle may merge them
         self._python = python
         self.freezer = Freezer.open(cgroup_root or default_root(ROOT_NAME))
         self._own_lib_dir = lib_dir is None
@@ -250,6 +252,7 @@ class SpawnedWorkload(TimelinePlayer[SpawnedInstance]):
                 "round": self.round,
                 "libs": {n: self.lib_files[n] for n in app.libraries},
                 "burn_cap_ms": self.burn_cap_ms,
+                "kernel_merge": self.kernel_merge,
             }
             inst.send(json.dumps(init))
         deadline = time.monotonic() + self.timeout
@@ -271,10 +274,12 @@ def spawn_workload(
     python: str = sys.executable,
     timeout: float = 60.0,
     burn_cap_ms: int = 200,
+    kernel_merge: bool = False,
 ) -> Iterator[SpawnedWorkload]:
-    """Start every initial instance of `workload`; on exit kill them and clean up, always."""
+    """Start every initial instance of `workload`; on exit kill them and clean up, always.
+    `kernel_merge`: the children opt in to the kernel's KSM (for benches against it)."""
     procs = SpawnedWorkload(workload, cgroup_root=cgroup_root, lib_dir=lib_dir, python=python,
-                            timeout=timeout, burn_cap_ms=burn_cap_ms)
+                            timeout=timeout, burn_cap_ms=burn_cap_ms, kernel_merge=kernel_merge)
     try:
         procs.start()
         yield procs

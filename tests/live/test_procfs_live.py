@@ -110,6 +110,34 @@ def test_read_pages_returns_written_bytes(src: ProcfsSource, spawn_mem_child: Sp
     assert src.last_missing.tolist() == []
 
 
+def test_prefetched_pages_are_the_pages_and_a_different_read_is_read_anew(
+    src: ProcfsSource, spawn_mem_child: SpawnFn
+) -> None:
+    """read_pages() after prefetch() of the same pages returns them from the read-ahead
+    buffer; a read of other pages (or of other tasks' pages into `out`) meanwhile gets
+    its own bytes, and the pages read ahead stay intact."""
+    pattern = [0x10 + i for i in range(8)]
+    a, b = spawn_mem_child(pattern), spawn_mem_child([0xEE] * 2)
+    ta, tb = _tid(a.pid), _tid(b.pid)
+    va = np.array([a.vpn("private") + i for i in range(8)], dtype=np.uint64)
+    first = src.read_pages(ta, va[:4])
+    src.prefetch(ta, va[4:])
+    # a partner read into the caller's own buffer while the read ahead runs
+    own = memoryview(bytearray(2 * PAGE))
+    assert bytes(src.read_pages(tb, np.array([b.vpn("private"), b.vpn("private") + 1], dtype=np.uint64), own)) \
+        == bytes([0xEE]) * 2 * PAGE
+    ahead = src.read_pages(ta, va[4:])
+    assert [bytes(ahead[k * PAGE : (k + 1) * PAGE]) for k in range(4)] == [bytes([p]) * PAGE for p in pattern[4:]]
+    assert bytes(first[:PAGE]) == bytes([pattern[0]]) * PAGE  # the first read's buffer untouched
+    src.prefetch(ta, va[:2])
+    other = src.read_pages(ta, va[2:3])  # not what was prefetched: read directly
+    assert bytes(other) == bytes([pattern[2]]) * PAGE
+    a.close()
+    src.prefetch(ta, va[:2])  # the task is gone: the read ahead fails ...
+    with pytest.raises(ProcessGone):  # ... and the read that takes it says so
+        src.read_pages(ta, va[:2])
+
+
 def test_pid_reuse_and_dead_child_give_process_gone(
     src: ProcfsSource, spawn_mem_child: SpawnFn
 ) -> None:
