@@ -63,9 +63,10 @@ class ScanRun:
         """'scanning: round 2/3, process 5/12, 31204 pages, 3 s' (read without a lock)."""
         st = self.ksm.stats
         started = st.lksm_nr_scanned_slot
-        total = started + len(self.ksm.mm.scan_list)
-        return (f"scanning: round {self.round}/{self.rounds}, process {started}/{total}, "
-                f"{st.pages_scanned} pages, {time.perf_counter() - self.t0:.0f} s")
+        total = started + len(self.ksm.mm.scan_list)  # 0 between two scans
+        where = f", process {started}/{total}" if total else ""
+        return (f"scanning: round {self.round}/{self.rounds}{where}, {st.pages_scanned} pages, "
+                f"{time.perf_counter() - self.t0:.0f} s")
 
 
 def skipped_record(task: TaskId, why: Skipped, short_task_ms: int, proc_root: str) -> dict[str, Any]:
@@ -220,7 +221,8 @@ def print_skipped(skipped: list[Mapping[str, Any]], *, nothing_scanned: bool) ->
         for s in skipped:
             by_reason.setdefault(s["reason"], []).append(s)
         for reason, items in by_reason.items():
-            print(f"lksmfs scan: left out {len(items)} processes ({reason}), e.g. {_what(items[0])}: "
+            n = f"{len(items)} process" + ("es" if len(items) > 1 else "")
+            print(f"lksmfs scan: left out {n} ({reason}), e.g. {_what(items[0])}: "
                   f"{items[0]['message']}", file=err)
         print("lksmfs scan: --json lists every process left out", file=err)
     if nothing_scanned:
