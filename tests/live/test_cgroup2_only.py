@@ -24,7 +24,7 @@ from lksmfs.system.waiting import wait_until
 from testkit import REPO
 from testkit import cgroup2_only as view
 from testkit.memproc import MemProcess, filled
-from testkit.mount import mounted_at, public_tmpdir, skip_unless_fuse
+from testkit.mount import Mounts, mounted_at, public_tmpdir, skip_unless_fuse
 
 pytestmark = pytest.mark.live
 
@@ -204,3 +204,32 @@ def test_make_run_freezes_through_cgroup2(tmp_path: Path) -> None:
     # tests/live/test_demo.py, plus their interpreters).  Without the freeze's hint it would
     # read nothing: every process is known and idle (no newcomer, no VIP with new faults)
     assert steps["background"]["scanned"] >= 2 * 19
+
+
+def test_configured_roots_override_discovery_kind_by_kind(v2_cgroup: CgroupFactory) -> None:
+    """On this hybrid host: v2_roots configured, v1 still found in mountinfo; the start
+    log says which came from where."""
+    skip_unless_fuse()
+    group = v2_cgroup()
+    with public_tmpdir() as tmp, Mounts() as mounts:
+        cfg = tmp / "lksmfs.yaml"
+        cfg.write_text(f"freezer:\n  v2_roots: [{group}]\n")
+        d = mounts.start("--config", str(cfg))
+        v1 = cgroups.discover()[0]
+        found = "".join(f"cgroup v1 freezer at {r}, " for r in v1)
+        want = (f"freezer: watching {found}cgroup2 at {group} (configured)" if not v1 else
+                f"freezer: watching {found[:-2]} (found in /proc/self/mountinfo), cgroup2 at {group} (configured)")
+        assert f"INFO lksmfs.daemon[MainThread]: {want}\n" in d.log()
+        assert d.terminate() == 0
+
+
+def test_a_configured_root_that_does_not_exist_stops_the_start() -> None:
+    with public_tmpdir() as tmp:
+        cfg = tmp / "lksmfs.yaml"
+        cfg.write_text("freezer:\n  v2_roots: [/sys/fs/cgroup/lksmfs-no-such-group]\n")
+        r = subprocess.run([sys.executable, "-m", "lksmfs.cli", "mount", str(tmp / "ksm"), "--config", str(cfg)],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout) == (2, "")
+        assert r.stderr == (f"lksmfs mount: {cfg}: freezer.v2_roots: /sys/fs/cgroup/lksmfs-no-such-group: no such "
+                            "directory (expected a cgroup2 group)\n")
+        assert not (tmp / "ksm").exists()  # refused before anything was made
