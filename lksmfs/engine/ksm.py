@@ -28,13 +28,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lksmfs.engine.crawler import LksmCrawler, ScanPolicy
+from lksmfs.engine.crawler import LksmCrawler, ScanPolicy, Skipped
 from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.merge import Merger
 from lksmfs.engine.params import (
     KSM_RUN_MERGE,
     KSM_RUN_ONESHOT,
     KSM_RUN_UNMERGE,
+    KSM_SHORT_TASK_TIME_MS,
     LKSM_SCAN_NONE,
     RMAP_ITEM_SIZE,
     Tunables,
@@ -62,7 +63,9 @@ class Ksm:
         filter_enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
         self_pid: int | None = None,
+        short_task_ms: int = KSM_SHORT_TASK_TIME_MS,
     ) -> None:
+        """`short_task_ms`: check_short_task()'s threshold (0 scans short tasks too)."""
         self.source = source
         self.filter_enabled = filter_enabled  # CONFIG_LKSM_FILTER
         self.clock = clock
@@ -77,6 +80,8 @@ class Ksm:
         self.scanner = Scanner(self)
         self.crawler: ScanPolicy = LksmCrawler(self)
         self.last_scan: Record = {}
+        self.short_task_ms = short_task_ms
+        self.skipped: dict[TaskId, Skipped] = {}  # what the last prepared scan left out, and why
         self._snapshot: dict[str, int] = {}
         self._region_share: dict[str, int] = {}
         self.publish()
