@@ -526,7 +526,7 @@ class ProcfsSource:
         """Start reading these pages into `out` on the read-ahead thread: the next
         read_pages() of exactly them into `out` takes them from there."""
         if self._readahead is None:
-            self._readahead = ReadAhead(self._read_ahead, name="lksm-readahead")
+            self._readahead = ReadAhead(self._read_ahead, name="readahead")
         self._readahead.submit(task, vpns, out)
 
     def _read_ahead(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> tuple[memoryview, np.ndarray]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from lksmfs.sources.base import TaskId
+from lksmfs.system.threads import start_thread
 
 ReadFn = Callable[[TaskId, np.ndarray, memoryview], tuple[memoryview, np.ndarray]]
 
@@ -50,8 +51,7 @@ class ReadAhead:
             self._done = False
             self._result = None
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+                self._thread = start_thread(self._name, self._run)
             self._cond.notify_all()
             # Hand the GIL over until the helper is inside its read: otherwise it would
             # only get it when this thread next blocks (after the whole chunk's work, or
