@@ -233,8 +233,9 @@ class Merger:
         part = c.part
         part.flags[i] |= UNSTABLE
         part.seq[i] = k.scanner.scan_round & SEQNR_MASK
-        part.region[i] = c.rid
-        part.off[i] = c.offsets(i).astype(np.uint32)
+        if part.tracks_regions:
+            part.region[i] = c.rid
+            part.off[i] = c.offsets(i).astype(np.uint32)
         refs = (np.int64(c.slot.sid) << VPN_BITS) | part.vpn[i].astype(np.int64)
         if stale:
             for key, ref in zip(c.lo[i].tolist(), refs.tolist(), strict=True):
@@ -402,8 +403,9 @@ class Merger:
         k.unstable.put(key, (c.slot.sid << VPN_BITS) | vpn)
         part.flags[i] = flags | int(UNSTABLE)
         part.seq[i] = k.scanner.scan_round & SEQNR_MASK
-        part.region[i] = c.rid
-        part.off[i] = vpn - c.vma_start
+        if part.tracks_regions:
+            part.region[i] = c.rid
+            part.off[i] = vpn - c.vma_start
         k.stats.pages_unshared += 1
 
     def _tree_item(self, ref: int, slot: MmSlot, vpn: int) -> tuple[MmSlot, Rmap, int] | None:

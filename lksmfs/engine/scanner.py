@@ -250,7 +250,7 @@ class Scanner:
             total = sum(int(v.shape[0]) for _, v in present)
             inplace = len(old) == total and (
                 total == 0 or np.array_equal(old.vpn, np.concatenate([v for _, v in present])))
-            new = old if inplace else Rmap(total)
+            new = old if inplace else Rmap(total, k.filter_enabled)
             self._cur_new = new
             for i, vpns in present:
                 vma = maps[i]
@@ -264,7 +264,7 @@ class Scanner:
                         n = min(max(1, min(CHUNK, self._budget)), int(run.shape[0]) - j)
                         if inplace and not np.array_equal(old.vpn[filled : filled + n], run[j : j + n]):
                             # the scan leaves the old list's pages: from here on, a new list
-                            new = Rmap(total)
+                            new = Rmap(total, k.filter_enabled)
                             new.fill_from(old, filled)
                             self._cur_new = new
                             inplace = False
@@ -458,15 +458,18 @@ class Scanner:
         if not keep.all():
             k.merger.remove_items(old.take(pos + np.flatnonzero(~keep)))
 
-        part.region[:] = rid
-        part.off[:] = (vpns - np.uint64(vma_start)).astype(np.uint32)
+        tracks = part.tracks_regions
+        if tracks:
+            part.region[:] = rid
+            part.off[:] = (vpns - np.uint64(vma_start)).astype(np.uint32)
         if matched.any():
             src = pos + j[matched]
             part.flags[matched] = old.flags[src]
             part.seq[matched] = old.seq[src]
             part.cksum[matched] = old.cksum[src]
             part.node[matched] = old.node[src]
-            part.region[matched] = old.region[src]
-            part.off[matched] = old.off[src]
+            if tracks:
+                part.region[matched] = old.region[src]
+                part.off[matched] = old.off[src]
         self._matched = matched
         return end

@@ -9,7 +9,7 @@ from memfake import FakeSource, fill, unique
 from lksmfs.engine.crawler import SKIP_DENIED, SKIP_SHORT, Skipped
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_LISTED, KSM_MM_NEWCOMER, KSM_MM_SCANNED
-from lksmfs.engine.rmap import BYTES_PER_ITEM
+from lksmfs.engine.rmap import BYTES_PER_ITEM, BYTES_PER_ITEM_NO_FILTER
 from lksmfs.sources.base import AccessDenied, Mapping, TaskId, TaskStat
 
 KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
@@ -41,6 +41,22 @@ def counts(ksm: Ksm) -> tuple[int, int, int, int]:
 
 def test_rmap_item_columns_fit_the_kernels_64_bytes() -> None:
     assert BYTES_PER_ITEM <= 64
+
+
+@pytest.mark.parametrize("filter_enabled", [True, False])
+def test_region_columns_are_kept_only_with_lksm_filter(filter_enabled: bool) -> None:
+    """Without LKSM_FILTER nothing reads an item's region or offset: 8 bytes less a page."""
+    src = FakeSource()
+    t = src.anon("a", [fill("a")] * 10 + [unique(i) for i in range(10)])
+    src.anon("b", [fill("a")] * 5)
+    ksm = Ksm(src, filter_enabled=filter_enabled)
+    for _ in range(3):
+        ksm.full_scan()
+    rmap = ksm.slots[t].rmap
+    assert len(rmap) == 20
+    assert rmap.nbytes == 20 * (BYTES_PER_ITEM if filter_enabled else BYTES_PER_ITEM_NO_FILTER)
+    assert BYTES_PER_ITEM_NO_FILTER == BYTES_PER_ITEM - 8
+    assert counts(ksm) == (1, 14, 10, 0)
 
 
 def test_ltp_phases_with_unlimited_sharing() -> None:
