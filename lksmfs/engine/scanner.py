@@ -63,8 +63,7 @@ class Scanner:
         self._begin = 0.0
         self._pages_at_begin = 0
         self._unstable_hint = 0  # entries the last round's unstable tree ended with
-        self._bufs = [bytearray(), bytearray()]  # page contents of the chunks being read
-        self._chunks = 0
+        self._buf = bytearray()  # the page contents of the chunk being scanned
         self._last_prune = ksm.clock()
 
     # -- the thread's view -------------------------------------------------------------
@@ -177,7 +176,7 @@ class Scanner:
             # with the buffers pages were read into
             self._unstable_hint = len(k.unstable)
             k.unstable = HashIndex()
-            self._bufs = [bytearray(), bytearray()]
+            self._buf = bytearray()
             k.merger.release_buffers()
         self.scan_mode = LKSM_SCAN_NONE
         self.scan_state = False
@@ -197,17 +196,13 @@ class Scanner:
         self._started = False
         return cur
 
-    def _chunk_buffer(self, npages: int, ahead: int = 0) -> memoryview:
-        """The buffer chunk number `_chunks + ahead` is read into: two alternate, so the
-        next chunk can be read while this one is merged (MemorySource.prefetch).  They
-        are the scanner's to size, and are given back when a scan ends."""
-        if not ahead:
-            self._chunks += 1
-        i = (self._chunks + ahead) & 1
+    def _chunk_buffer(self, npages: int) -> memoryview:
+        """The buffer a chunk's pages are read into: the scanner's to size (CHUNK pages at
+        most), given back when a scan ends."""
         need = npages * PAGE_SIZE
-        if len(self._bufs[i]) < need:
-            self._bufs[i] = bytearray(need)
-        return memoryview(self._bufs[i])[:need]
+        if len(self._buf) < need:
+            self._buf = bytearray(need)
+        return memoryview(self._buf)[:need]
 
     def current_items(self) -> Rmap:
         """The items of the slot being scanned that are valid so far (this chunk included)."""
@@ -272,9 +267,6 @@ class Scanner:
                         if not inplace:
                             part.vpn[:] = run[j : j + n]
                         data = k.source.read_pages(slot.task, run[j : j + n], self._chunk_buffer(n))
-                        ahead = min(CHUNK, self._budget - n, int(run.shape[0]) - j - n)
-                        if ahead > 0:  # the next chunk is scanned in this batch: read it meanwhile
-                            k.source.prefetch(slot.task, run[j + n : j + n + ahead], self._chunk_buffer(ahead, 1))
                         self._cur_valid = filled + n
                         pos = self._scan_chunk(slot, vma.start_vpn, rid, part, data, old,
                                                filled if inplace else pos, inplace)

@@ -117,11 +117,6 @@ class MemorySource(Protocol):
         """
         ...
 
-    def prefetch(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> None:
-        """A hint: read_pages(task, vpns, out) comes next; a source may start reading
-        into `out` now (a no-op is a correct implementation)."""
-        ...
-
     def release(self, task: TaskId) -> None:
         """Forget per-task resources (open fds): the engine dropped the slot."""
         ...

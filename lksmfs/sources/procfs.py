@@ -25,7 +25,6 @@ from collections.abc import Iterator
 import numpy as np
 
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, Mapping, ProcessGone, TaskId, TaskStat
-from lksmfs.sources.readahead import ReadAhead
 from lksmfs.sources.scope import Scope
 from lksmfs.system.proc import (
     GONE_ERRNOS,
@@ -179,8 +178,8 @@ class _TaskHandle:
         self.stat0 = stat0
 
     def fd(self, name: str) -> int:
-        """The fd of `mem` or `pagemap`, opening it on first use (the scanner and the
-        read-ahead thread may both ask)."""
+        """The fd of `mem` or `pagemap`, opening it on first use (two threads reading
+        one task's pages may both ask)."""
         attr = "mem_fd" if name == "mem" else "pagemap_fd"
         fd: int = getattr(self, attr)
         if fd < 0:
@@ -235,7 +234,6 @@ class ProcfsSource:
         self._tls = threading.local()
         # set once present_anon had to use the pagemap-only approximation
         self.fallback_used = False
-        self._readahead: ReadAhead | None = None
         self._full_anon: dict[TaskId, set[tuple[int, int]]] = {}  # from the last mappings()
 
     # -- helpers ------------------------------------------------------------------
@@ -522,32 +520,10 @@ class ProcfsSource:
         got: np.ndarray | None = getattr(self._tls, "missing", None)
         return got if got is not None else np.zeros(0, dtype=np.uint64)
 
-    def prefetch(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> None:
-        """Start reading these pages into `out` on the read-ahead thread: the next
-        read_pages() of exactly them into `out` takes them from there."""
-        if self._readahead is None:
-            self._readahead = ReadAhead(self._read_ahead, name="readahead")
-        self._readahead.submit(task, vpns, out)
-
-    def _read_ahead(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> tuple[memoryview, np.ndarray]:
-        """The read the read-ahead thread does: (the pages, the vpns zero-filled)."""
-        mv = out[: len(vpns) * PAGE_SIZE]
-        return mv, self._read_into(task, vpns, mv)
-
     def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Page contents from /proc/PID/mem: one preadv per run of consecutive vpns."""
         v = np.asarray(vpns, dtype=np.uint64)
         n = len(v)
-        if out is not None and self._readahead is not None:
-            try:
-                got = self._readahead.take(task, v, out)
-            except ProcessGone:
-                self._drop(task)
-                raise
-            if got is not None:
-                mv, missing = got
-                self._tls.missing = missing if missing.size else None
-                return mv
         mv = (self._buffer(n * PAGE_SIZE) if out is None else out)[: n * PAGE_SIZE]
         missing = self._read_into(task, v, mv)
         self._tls.missing = missing if missing.size else None
@@ -649,10 +625,7 @@ class ProcfsSource:
             return len(self._handles)
 
     def close(self) -> None:
-        """Stop the read-ahead thread; close every fd we hold."""
-        if self._readahead is not None:
-            self._readahead.close()
-            self._readahead = None
+        """Close every fd we hold."""
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()

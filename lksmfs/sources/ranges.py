@@ -42,9 +42,6 @@ class RangeFilteredSource:
     def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         return self.inner.read_pages(task, vpns, out)
 
-    def prefetch(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> None:
-        self.inner.prefetch(task, vpns, out)
-
     def release(self, task: TaskId) -> None:
         self.inner.release(task)
 

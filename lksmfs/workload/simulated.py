@@ -155,9 +155,6 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
         buf[keys == 0] = 0
         return memoryview(buf.reshape(-1).view(np.uint8).data)
 
-    def prefetch(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> None:
-        """Pages are computed, not read: nothing to start early."""
-
     def release(self, task: TaskId) -> None:
         """Nothing is held per task."""
 

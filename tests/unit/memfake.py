@@ -118,9 +118,6 @@ class FakeSource:
         out[: len(data)] = data
         return out[: len(data)]
 
-    def prefetch(self, task: TaskId, vpns: np.ndarray, out: memoryview) -> None:
-        pass
-
     def release(self, task: TaskId) -> None:
         self.released.append(task)
 
