@@ -145,6 +145,7 @@ class Merger:
         flags = part.flags
         lo, hi = c.lo, c.hi
         klo = normkey(lo[idx])
+        all_idx = idx
         # the groups: pages of equal content, contiguous in `order`, address order within
         order = np.argsort(klo, kind="stable")
         sk = klo[order]
@@ -163,8 +164,27 @@ class Merger:
         gslow[gid[slow_page]] = True
         slow = gslow[gid]
 
-        # one content, once: vectorised where the trees hold no KSM page or a plain one
         sref = k.stable.index.get_many(klo)
+        if k.crawler.checksum_gate(k.scanner.scan_round):
+            # A content with no KSM page whose every page fails the checksum gate makes
+            # nothing (the first visit of every page, mostly): they leave last round's
+            # tree and record their checksum, all at once.
+            ck = (hi[idx] & CKSUM_MASK).astype(np.uint32)
+            fails = ((fl & FROZEN) == 0) & (part.cksum[idx] != ck) & (sref == -1) & ~slow
+            gquiet = np.ones(starts.shape[0], dtype=bool)
+            gquiet[gid[~fails]] = False
+            quiet = gquiet[gid]
+            if quiet.any():
+                q = idx[quiet]
+                k.stats.pages_unshared -= int(np.count_nonzero(flags[q] & UNSTABLE))
+                flags[q] &= NOT_UNSTABLE
+                part.cksum[q] = ck[quiet]
+                if quiet.all():
+                    return
+                keep = ~quiet  # the others go on; whole groups were settled
+                idx, klo, sref, size, slow, fl = idx[keep], klo[keep], sref[keep], size[keep], slow[keep], fl[keep]
+                gid = gid[keep]
+        # one content, once: vectorised where the trees hold no KSM page or a plain one
         single = (size == 1) & ~slow
         sn = np.where(sref >= 0, sref, 0)
         plain_room = (
@@ -181,7 +201,7 @@ class Merger:
         if grouped.any():
             gs = np.flatnonzero(np.bincount(gid[grouped], minlength=starts.shape[0]))
             for g in gs.tolist():
-                members = idx[order[starts[g] : starts[g] + counts[g]]]
+                members = all_idx[order[starts[g] : starts[g] + counts[g]]]
                 if not self._settle_group(c, members):
                     fallback.append(members)
         rest = [idx[slow], *fallback]
