@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from lksmfs.system.proc import PAGE_SIZE
-from testkit.patterns import Spec, expected_counts, spec_groups
+from testkit.patterns import Pages, Spec
 
 MIB = 1 << 20
+CLASSES = ("unique", "zero", "few", "single", "mixed")  # memory classes of the benches
+FEW = 48  # distinct contents of the `few` class
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -58,11 +57,6 @@ def make_specs(total_bytes: int, procs: int, share: float) -> list[Spec]:
     return specs
 
 
-def pattern_expected(specs: Sequence[Spec], max_page_sharing: int) -> tuple[int, int]:
-    """(pages_shared, pages_sharing) the pattern pages alone must give (runtime not included)."""
-    return expected_counts(spec_groups(specs).values(), max_page_sharing)
-
-
 def check_memory(total_bytes: int, factor: float = 1.5) -> None:
     """Refuse sizes the machine cannot hold (children's pages + copies made by unmerging)."""
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -75,27 +69,6 @@ def check_memory(total_bytes: int, factor: float = 1.5) -> None:
             return
 
 
-def lksmfs_scan(
-    pids: list[int], rounds: int, max_page_sharing: int
-) -> tuple[dict[str, Any] | None, str]:
-    """Run lksmfs.scan.scan_processes over `pids`; (counters incl. wall_s, '') or (None, why)."""
-    try:
-        from lksmfs.scan import scan_processes
-    except ImportError as exc:
-        return None, f"lksmfs.scan unavailable: {exc}"
-    t0 = time.monotonic()
-    counters = dict(
-        scan_processes(
-            pids=pids,
-            rounds=rounds,
-            settings={"max_page_sharing": max_page_sharing, "use_zero_pages": 0},
-            filter_enabled=False,
-        )
-    )
-    counters.setdefault("wall_s", time.monotonic() - t0)
-    return counters, ""
-
-
 def dump_json(obj: object) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True)
     print()
@@ -104,3 +77,19 @@ def dump_json(obj: object) -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise SystemExit("benches read other processes' memory and drive kernel KSM: run as root")
+
+
+def class_specs(content: str, size: int, procs: int) -> list[Pages]:
+    """The pattern specs of a synthetic class: SIZE bytes over `procs` processes."""
+    per = max(1, size // PAGE_SIZE // procs)
+    if content == "unique":
+        return [[(per // 2, "same"), (per - per // 2, "unique")]] * procs
+    if content == "zero":
+        return [[(per, "zero")]] * procs
+    if content == "few":
+        # runs of each content, in a different order in every process
+        return [[(per // FEW + (v < per % FEW), (v * 7 + p) % FEW + 1) for v in range(FEW)]
+                for p in range(procs)]
+    if content == "single":
+        return [[(per, 0x41 if p < 2 else 0x42 + p)] for p in range(procs)]
+    raise ValueError(content)

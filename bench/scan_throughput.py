@@ -1,132 +1,190 @@
-"""Scan throughput: lksmfs cold full scans vs the kernel's KSM converging on the same processes.
+"""Scan throughput: `lksmfs scan` against the kernel's KSM converging, on the same memory.
 
-    sudo .venv/bin/python -m bench.scan_throughput [--sizes 256M,1G] [--procs 4] [--share 0.5]
-                                                   [--max-page-sharing 256] [--json]
+    sudo .venv/bin/python -m bench.scan_throughput [--content unique,zero,few,single,mixed]
+        [--sizes 256M,1G,4G] [--procs 4] [--max-page-sharing 256,100000]
+        [--use-zero-pages 0,1] [--timeout 600] [--json]
 
-For each size, N stopped pattern processes (testkit/memchild.py) hold SIZE bytes in total; a
-`share` fraction of each process's pages equal the same pages in the others, the rest is unique.
-Measured on the same stopped processes:
+For each memory class, size and setting, N stopped processes hold SIZE bytes in total, and
+on those same processes, in the same run:
 
-* lksmfs: `scan_processes(rounds=1)` (one cold full scan: every page read and hashed) and the
-  default `rounds=3` (the LKSM initial rounds, after which merges are complete);
-* kernel: ksmd with pages_to_scan=10000, sleep_millisecs=0, smart_scan=0 from ``run=1`` to
-  convergence (`KernelKsm.converge`: final counters first seen at a full-scan boundary), plus the
-  time of its first 3 full scans; then ``run=2``.
+* lksmfs: the command ``lksmfs scan --pid ... --rounds 2 --json`` as a subprocess, start-up
+  included (2 rounds: LKSM's first round only records checksums, the second merges, so
+  its counters after round 2 are final on memory that does not move); its wall time, its
+  scan time (in-process), and its peak RSS (ru_maxrss) minus the same command's on a
+  process of one page, per tracked page (rmap item);
+* the kernel: ksmd with pages_to_scan 10000, sleep_millisecs 0, smart_scan 0 and the same
+  max_page_sharing / use_zero_pages, from ``run=1`` to convergence
+  (testkit.kernel_ksm.KernelKsm.converge: the final counters first seen at a full-scan
+  boundary), then unmerged.
 
-ratios: lksmfs time to its final counters (converge, the kernel's own definition), one cold
-full scan, and the 3 initial rounds, each over the kernel's convergence time (target <= 1.0).
+`ratio` = lksmfs's time to the kernel's converged counters (the command's wall time) over
+the kernel's convergence time (target <= 1.0, stretch <= 0.5); `equal` says whether
+pages_shared, pages_sharing, stable_node_chains, stable_node_dups (and ksm_zero_pages
+with use_zero_pages=1) are the kernel's.
+
+Memory classes (SIZE split over the processes):
+
+* unique: half of each process's pages are `same` (page i equal in every process), half
+  unique: the pattern of the original bench;
+* zero: every page written with zeros (not the shared zero page);
+* few: 48 distinct contents, repeated within and across processes;
+* single: LTP style: every page of a process holds one byte value; two processes share one;
+* mixed: config/workloads/tizen-tv.yaml spawned as real processes (its page counts scaled
+  to SIZE), LKSM_FILTER on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from bench.common import (
-    MIB,
-    check_memory,
-    dump_json,
-    human,
-    lksmfs_scan,
-    make_specs,
-    parse_sizes,
-    pattern_expected,
-    require_root,
-)
+from bench.common import CLASSES, check_memory, class_specs, dump_json, human, parse_sizes, require_root
 from lksmfs.system.proc import PAGE_SIZE
 from lksmfs.tables import print_table
+from testkit import REPO
 from testkit.kernel_ksm import KernelKsm
 from testkit.memproc import PatternGroup
 
+COMPARED = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups")
+TIZEN = REPO / "config" / "workloads" / "tizen-tv.yaml"
 
-def bench_size(size: int, procs: int, share: float, mps: int, timeout_s: float) -> dict[str, Any]:
-    """One size: start the children, scan with lksmfs, converge the kernel, unmerge, clean up."""
-    specs = make_specs(size, procs, share)
-    npages = sum(c for spec in specs for c, _ in spec)
-    row: dict[str, Any] = {
-        "size": human(size),
-        "procs": procs,
-        "share": share,
-        "pattern_pages": npages,
-        "max_page_sharing": mps,
-        "pattern_expected": pattern_expected(specs, mps),
-    }
+
+@contextlib.contextmanager
+def processes(content: str, size: int, procs: int, timeout_s: float) -> Iterator[list[int]]:
+    """The stopped, kernel-mergeable processes of one class; their pids."""
+    if content != "mixed":
+        with PatternGroup(class_specs(content, size, procs), timeout_s=timeout_s) as group:
+            yield group.pids
+        return
+    from lksmfs.workload.schema import load_workload, parse_workload
+    from lksmfs.workload.spawn import spawn_workload
+
+    wl = load_workload(str(TIZEN))
+    data = scale_workload(wl.to_dict(), size / (workload_pages(wl) * PAGE_SIZE))
+    with spawn_workload(parse_workload(data, str(TIZEN)), timeout=timeout_s, kernel_merge=True) as w:
+        yield w.pids()
+
+
+def workload_pages(wl: Any) -> int:
+    """Anonymous pages of a workload's initial instances (libraries' .data/.bss, heap,
+    stack, anonymous pools)."""
+    libs = {lib.name: lib for lib in wl.libraries}
+    total = 0
+    for app in wl.apps:
+        per = sum(libs[n].data_pages + libs[n].bss_pages for n in app.libraries)
+        per += app.heap.pages + app.stack.pages + sum(a.pages for a in app.anon)
+        total += per * app.count
+    return total
+
+
+def scale_workload(data: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The same workload with every section `factor` times larger (stacks excepted)."""
+    def s(n: int) -> int:
+        return max(1, round(n * factor)) if n else 0
+
+    for lib in data.get("libraries", []):
+        for key in ("data_pages", "bss_pages"):
+            if key in lib:
+                lib[key] = s(int(lib[key]))
+    for app in data.get("apps", []):
+        if "heap" in app:
+            app["heap"]["pages"] = s(int(app["heap"]["pages"]))
+        for a in app.get("anon", []):
+            a["pages"] = s(int(a["pages"]))
+    return data
+
+
+def _run_measured(cmd: list[str]) -> tuple[bytes, bytes, int, float, int]:
+    """Run `cmd`; (stdout, stderr, status, wall seconds, ru_maxrss KiB) via wait4."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = proc.stdout.read() if proc.stdout else b""
+    err = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return out, err, proc.returncode, time.perf_counter() - t0, usage.ru_maxrss
+
+
+def scan_command(pids: Sequence[int], mps: int, zp: int, filter_on: bool) -> dict[str, Any]:
+    """`lksmfs scan --rounds 2 --json` as a subprocess: its JSON, wall time, ru_maxrss."""
+    cmd = [sys.executable, "-m", "lksmfs.cli", "scan", "--rounds", "2", "--json",
+           "--set", f"max_page_sharing={mps}", "--set", f"use_zero_pages={zp}"]
+    if not filter_on:
+        cmd.append("--no-filter")
+    for pid in pids:
+        cmd += ["--pid", str(pid)]
+    out, err, rc, wall, maxrss = _run_measured(cmd)
+    if rc != 0:
+        raise RuntimeError(f"lksmfs scan failed ({rc}): {err.decode(errors='replace')[-2000:]}")
+    result: dict[str, Any] = json.loads(out)
+    result["command_s"] = wall
+    result["maxrss_kib"] = maxrss
+    return result
+
+
+def baseline_rss(mps: int, zp: int, filter_on: bool, timeout_s: float) -> int:
+    """ru_maxrss (KiB) of the same command over a process of a single page."""
+    with PatternGroup([[(1, 0x77)]], timeout_s=timeout_s) as group:
+        return int(scan_command(group.pids, mps, zp, filter_on)["maxrss_kib"])
+
+
+def kernel_converge(mps: int, zp: int, pids: Sequence[int], timeout_s: float) -> dict[str, Any]:
+    with KernelKsm() as k:
+        foreign = k.foreign_mergeable(pids)
+        k.configure(pages_to_scan=10000, sleep_millisecs=0, smart_scan=0,
+                    max_page_sharing=mps, use_zero_pages=zp)
+        conv = k.converge(timeout_s=timeout_s)
+        out = dict(conv.counters)
+        out["converge_s"] = conv.wall_s
+        out["full_scans_run"] = conv.full_scans
+        out["foreign"] = foreign
+        k.unmerge(timeout_s=timeout_s)
+    return out
+
+
+def bench_one(content: str, size: int, procs: int, mps: int, zp: int, timeout_s: float,
+              rss0: int) -> dict[str, Any]:
+    filter_on = content == "mixed"
+    row: dict[str, Any] = {"content": content, "size": human(size), "procs": procs,
+                           "max_page_sharing": mps, "use_zero_pages": zp, "filter": filter_on}
     t0 = time.monotonic()
-    with PatternGroup(specs, timeout_s=timeout_s) as group:
+    with processes(content, size, procs, timeout_s) as pids:
         row["spawn_s"] = time.monotonic() - t0
-        for rounds in (1, 3):
-            counters, why = lksmfs_scan(group.pids, rounds, mps)
-            key = f"lksmfs_r{rounds}"
-            if counters is None:
-                row[key] = None
-                row["lksmfs_note"] = why
-                continue
-            wall = float(counters["wall_s"])
-            scanned = int(counters.get("pages_scanned") or npages * rounds)  # all rounds
-            scans = counters.get("scans", [])
-            final = (counters.get("pages_shared"), counters.get("pages_sharing"))
-            # converged as the kernel side defines it: the end of the first round whose
-            # pages_shared/pages_sharing are already the final ones
-            conv_s = None
-            for i, x in enumerate(scans):
-                if (x.get("pages_shared"), x.get("pages_sharing")) == final:
-                    conv_s = sum(float(y["wall_s"]) for y in scans[: i + 1])
-                    break
-            row[key] = {
-                "wall_s": wall,
-                "converge_s": conv_s,
-                "pages": scanned // rounds,
-                "scan_s": [round(float(x["wall_s"]), 4) for x in counters.get("scans", [])],
-                "pages_per_s": scanned / wall if wall else None,
-                "mb_per_s": scanned * PAGE_SIZE / MIB / wall if wall else None,
-                "pages_shared": counters.get("pages_shared"),
-                "pages_sharing": counters.get("pages_sharing"),
-            }
-        with KernelKsm() as k:
-            foreign = k.foreign_mergeable(group.pids)
-            if foreign:
-                row["kernel_note"] = f"other mergeable pids {foreign}: counters include them"
-            k.configure(pages_to_scan=10000, sleep_millisecs=0, smart_scan=0,
-                        max_page_sharing=mps, use_zero_pages=0)
-            conv = k.converge(timeout_s=timeout_s)
-            c = conv.counters
-            rmap = c["pages_shared"] + c["pages_sharing"] + c["pages_unshared"] + c[
-                "pages_volatile"]
-            t1 = time.monotonic()
-            k.unmerge(timeout_s=timeout_s)
-            row["kernel"] = {
-                "converge_s": conv.wall_s,
-                "confirmed_s": conv.confirmed_s,
-                "scans3_s": conv.scans3_s,
-                "full_scans": conv.full_scans,
-                "unmerge_s": time.monotonic() - t1,
-                "rmap_items": rmap,
-                "pages_per_s": rmap * 3 / conv.scans3_s if conv.scans3_s else None,
-                "pages_shared": c["pages_shared"],
-                "pages_sharing": c["pages_sharing"],
-                "pages_unshared": c["pages_unshared"],
-                "stable_node_chains": c.get("stable_node_chains", 0),
-                "stable_node_dups": c.get("stable_node_dups", 0),
-            }
-    lk1 = row.get("lksmfs_r1")
-    lk3 = row.get("lksmfs_r3")
-    kern = row["kernel"]
-    kc = kern["converge_s"]
-    row["ratio_converge"] = lk3["converge_s"] / kc if lk3 and lk3.get("converge_s") and kc else None
-    row["ratio_cold_scan"] = lk1["wall_s"] / kc if lk1 and kc else None
-    row["ratio"] = lk3["wall_s"] / kc if lk3 and kc else None
-    row["ratio_3scans"] = lk3["wall_s"] / kern["scans3_s"] if lk3 and kern["scans3_s"] else None
+        row["nr_processes"] = len(pids)
+        lk = scan_command(pids, mps, zp, filter_on)
+        kern = kernel_converge(mps, zp, pids, timeout_s)
+    keys = COMPARED + (("ksm_zero_pages",) if zp else ())
+    items = sum(int(lk[k]) for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
+    row.update(
+        lksmfs_s=lk["command_s"],
+        lksmfs_scan_s=lk["wall_s"],
+        kernel_s=kern["converge_s"],
+        ratio=lk["command_s"] / kern["converge_s"] if kern["converge_s"] else None,
+        equal=all(int(lk[k]) == int(kern.get(k, 0)) for k in keys),
+        rmap_items=items,
+        peak_b_per_page=(lk["maxrss_kib"] - rss0) * 1024 / items if items else None,
+        lksmfs={k: lk.get(k) for k in (*keys, "pages_unshared", "pages_volatile")},
+        kernel={k: kern.get(k) for k in (*keys, "pages_unshared", "pages_volatile", "full_scans_run")},
+    )
+    if kern["foreign"]:
+        row["note"] = f"other mergeable pids {kern['foreign']}: the kernel's counters include them"
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="256M,1G", help="total sizes, e.g. 64M,256M,1G")
-    ap.add_argument("--procs", type=int, default=4, help="pattern processes per size")
-    ap.add_argument("--share", type=float, default=0.5, help="fraction of pages shared")
-    ap.add_argument("--max-page-sharing", type=int, default=256)
+    ap.add_argument("--content", default=",".join(CLASSES), help="memory classes, comma-separated")
+    ap.add_argument("--sizes", default="256M,1G,4G", help="total sizes, e.g. 256M,1G,4G")
+    ap.add_argument("--procs", type=int, default=4, help="processes of the synthetic classes")
+    ap.add_argument("--max-page-sharing", default="256,100000", help="values to run, comma-separated")
+    ap.add_argument("--use-zero-pages", default="0,1", help="values to run for the zero class")
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline per phase, seconds")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = ap.parse_args(argv)
@@ -135,54 +193,45 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print(f"kernel KSM unavailable: {why}", file=sys.stderr)
         return 2
-    rows = []
-    for size in parse_sizes(args.sizes):
-        check_memory(size)
-        rows.append(bench_size(size, args.procs, args.share, args.max_page_sharing, args.timeout))
-        if not args.json:
-            print(f"# {human(size)} done", file=sys.stderr)
+    contents = [c for c in args.content.split(",") if c]
+    for c in contents:
+        if c not in CLASSES:
+            ap.error(f"--content: unknown class {c!r} (one of {', '.join(CLASSES)})")
+    mpss = [int(x) for x in args.max_page_sharing.split(",") if x]
+    zps = [int(x) for x in args.use_zero_pages.split(",") if x]
+    rows: list[dict[str, Any]] = []
+    baselines: dict[tuple[int, int, bool], int] = {}
+    for content in contents:
+        for size in parse_sizes(args.sizes):
+            check_memory(size, factor=2.0 if content == "mixed" else 1.5)
+            for mps in mpss:
+                for zp in zps if content == "zero" else [0]:
+                    key = (mps, zp, content == "mixed")
+                    if key not in baselines:
+                        baselines[key] = baseline_rss(mps, zp, key[2], args.timeout)
+                    row = bench_one(content, size, args.procs, mps, zp, args.timeout, baselines[key])
+                    rows.append(row)
+                    print(f"# {content} {row['size']} mps={mps} zp={zp}: lksmfs {row['lksmfs_s']:.2f} s, "
+                          f"kernel {row['kernel_s']:.2f} s, ratio {row['ratio']:.2f}, equal {row['equal']}",
+                          file=sys.stderr)
     if args.json:
         dump_json(rows)
         return 0
-
-    def lk(r: dict[str, Any], rounds: int, key: str) -> object:
-        v = r.get(f"lksmfs_r{rounds}")
-        return v[key] if v else None
-
-    print("lksmfs (scan_processes, filter off)")
+    print("lksmfs scan --rounds 2 (start-up included) against the kernel's KSM converging "
+          "(pages_to_scan 10000, sleep 0, smart_scan 0)")
     print_table(
-        ["size", "procs", "pages", "r1 s", "r1 pages/s", "r1 MB/s", "converge s", "r3 s", "r3 pages/s",
-         "shared", "sharing"],
-        [[r["size"], r["procs"], lk(r, 1, "pages"), lk(r, 1, "wall_s"), lk(r, 1, "pages_per_s"),
-          lk(r, 1, "mb_per_s"), lk(r, 3, "converge_s"), lk(r, 3, "wall_s"), lk(r, 3, "pages_per_s"),
-          lk(r, 3, "pages_shared"), lk(r, 3, "pages_sharing")] for r in rows],
+        ["class", "size", "mps", "zp", "pages", "lksmfs s", "(scan s)", "kernel s", "ratio", "equal",
+         "peak B/page"],
+        [[r["content"], r["size"], r["max_page_sharing"], r["use_zero_pages"], r["rmap_items"],
+          r["lksmfs_s"], r["lksmfs_scan_s"], r["kernel_s"], r["ratio"], r["equal"], r["peak_b_per_page"]]
+         for r in rows],
     )
-    print()
-    print("kernel KSM (pages_to_scan 10000, sleep 0, smart_scan 0)")
-    print_table(
-        ["size", "rmap_items", "converge s", "3 scans s", "pages/s", "shared", "sharing",
-         "hand shared", "hand sharing", "unmerge s"],
-        [[r["size"], r["kernel"]["rmap_items"], r["kernel"]["converge_s"],
-          r["kernel"]["scans3_s"], r["kernel"]["pages_per_s"], r["kernel"]["pages_shared"],
-          r["kernel"]["pages_sharing"], r["pattern_expected"][0], r["pattern_expected"][1],
-          r["kernel"]["unmerge_s"]] for r in rows],
-    )
-    print("(hand = pattern pages only; the kernel adds the children's runtime pages)")
-    print()
-    print("ratios against the kernel's converge time (target <= 1.0):")
-    print("  converge = lksmfs time to its final counters (same definition as the kernel's)")
-    print("  cold scan = one lksmfs full scan (r1);  r3 = LKSM's 3 initial rounds")
-    print("  r3 / 3 scans = r3 against the kernel's time for 3 full scans (the same work)")
-    print_table(["size", "converge", "cold scan", "r3", "r3 / 3 scans", "counters equal"],
-                [[r["size"], r["ratio_converge"], r["ratio_cold_scan"], r["ratio"], r["ratio_3scans"],
-                  None if not r.get("lksmfs_r3") else
-                  (lk(r, 3, "pages_shared"), lk(r, 3, "pages_sharing"))
-                  == (r["kernel"]["pages_shared"], r["kernel"]["pages_sharing"])]
-                 for r in rows])
     for r in rows:
-        for note in ("lksmfs_note", "kernel_note"):
-            if note in r:
-                print(f"note ({r['size']}): {r[note]}")
+        if not r["equal"]:
+            print(f"counters differ ({r['content']} {r['size']} mps={r['max_page_sharing']} "
+                  f"zp={r['use_zero_pages']}): lksmfs {r['lksmfs']} kernel {r['kernel']}")
+        if "note" in r:
+            print(f"note ({r['content']} {r['size']}): {r['note']}")
     return 0
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+from lksmfs import __version__
+from lksmfs.helptext import add_command
 
 # subcommand modules: each has add_parser(subparsers) and sets `func` on its parser;
 # a (group, module) pair nests the module's command under `lksmfs GROUP`
@@ -17,24 +21,44 @@ _COMMANDS: tuple[str | tuple[str, str], ...] = (
     ("workload", "lksmfs.workload.spawn"),
     "lksmfs.share",
 )
+_GROUPS = {
+    "workload": ("workload commands: real processes that realise a workload file",
+                 "Workload files (config/workloads/*.yaml; `lksmfs share workloads`) describe apps, their "
+                 "memory and a timeline; `simulate` plays them without processes.",
+                 "examples:\n  lksmfs workload spawn \"$(lksmfs share small.yaml)\" --json"),
+}
+EPILOG = """\
+examples:
+  lksmfs scan --pid 1234 --pid 5678     what LKSM would save on two processes
+  lksmfs mount /run/lksm/ksm            the LKSM sysfs files (echo 8 > /run/lksm/ksm/run)
+  lksmfs simulate "$(lksmfs share tizen-tv.yaml)"
+  lksmfs COMMAND --help                 what a command does, with examples
+
+Docs: README.md, docs/fuse.md (the mount), docs/spec.md (every file); `lksmfs share docs`.
+"""
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lksmfs",
         description="Lightweight KSM (LKSM) in user space: shadow-mode engine, /proc scanner, sysfs ABI on FUSE.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"lksmfs {__version__}")
     parser.add_argument("--log-level", dest="global_log_level", default="WARNING", metavar="LEVEL",
                         help="DEBUG, INFO, WARNING (default), ERROR")
-    top = parser.add_subparsers(dest="command", required=True)
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
     for entry in _COMMANDS:
         group, name = entry if isinstance(entry, tuple) else (None, entry)
         sub = top
         if group is not None:
             if group not in groups:
-                g = top.add_parser(group, help=f"{group} commands")
-                groups[group] = g.add_subparsers(dest=f"{group}_command", required=True)
+                help_text, description, epilog = _GROUPS[group]
+                g = add_command(top, group, help=help_text, description=description, examples=epilog)
+                groups[group] = g.add_subparsers(dest=f"{group}_command", required=True, metavar="COMMAND")
             sub = groups[group]
         # every dependency is mandatory: a module that fails to import is a bug, said loudly
         importlib.import_module(name).add_parser(sub)
@@ -44,12 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from lksmfs.memtune import tune_allocator
 
-    tune_allocator()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.global_log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return int(args.func(args) or 0)
+    # numpy's OpenBLAS starts a pool of worker threads at import; nothing here does linear
+    # algebra, so they would only idle in `ps -L` as unnamed "lksmfs" threads
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        tune_allocator()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=getattr(logging, str(args.global_log_level).upper(), logging.WARNING),
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own handling: one line, no traceback
+        print("lksmfs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

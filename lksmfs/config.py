@@ -20,6 +20,7 @@ import yaml
 
 from lksmfs.engine.params import POLICIES, POLICY_LKSM, Tunables
 from lksmfs.sysfs.attrs import SettingError, check_setting, setting_order
+from lksmfs.system import cgroups
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -49,11 +50,15 @@ class ScopeConfig:
 
 @dataclass
 class FreezerConfig:
-    """Where frozen-task hints come from (the freeze_task/__thaw_task hooks)."""
+    """Where frozen-task hints come from (the freeze_task/__thaw_task hooks).
+
+    Roots None (the default): every v1 freezer hierarchy and every cgroup2 mount found
+    in /proc/self/mountinfo.  A list overrides that kind: exactly those directories
+    (each an existing group of the right hierarchy; [] watches none of that kind)."""
 
     enabled: bool = True
-    v1_root: str = "/sys/fs/cgroup/freezer"
-    v2_root: str = "/sys/fs/cgroup/unified"
+    v1_roots: list[str] | None = None
+    v2_roots: list[str] | None = None
     treat_sigstop_as_frozen: bool = False
     poll_interval_ms: int = 100
 
@@ -143,14 +148,19 @@ def config_from_dict(data: Any, src: str = "<config>") -> Config:
     cfg.scope.exclude_comms = _str_list(scope.get("exclude_comms"), f"{src}: scope.exclude_comms")
 
     frz = _section(data.get("freezer"), "freezer", src)
+    for old in ("v1_root", "v2_root"):
+        if old in frz:
+            raise ConfigError(f"{src}: freezer.{old}: replaced by {old}s, a list of directories; leave "
+                              f"it out to watch the hierarchies found in /proc/self/mountinfo")
     _check_keys(frz, FreezerConfig, f"{src}: freezer.")
     for key in ("enabled", "treat_sigstop_as_frozen"):
         if key in frz:
             value = _expect(frz[key], bool, "true or false", f"{src}: freezer.{key}")
             setattr(cfg.freezer, key, value)
-    for key in ("v1_root", "v2_root"):
-        if key in frz:
-            setattr(cfg.freezer, key, _expect(frz[key], str, "a path", f"{src}: freezer.{key}"))
+    for key, v2 in (("v1_roots", False), ("v2_roots", True)):
+        if frz.get(key) is not None:
+            where = f"{src}: freezer.{key}"
+            setattr(cfg.freezer, key, [check_cgroup_root(r, v2, where) for r in _str_list(frz[key], where)])
     if "poll_interval_ms" in frz:
         where = f"{src}: freezer.poll_interval_ms"
         ms = _expect(frz["poll_interval_ms"], int, "an integer 1..60000", where)
@@ -199,6 +209,16 @@ def check_metrics_textfile(value: str, where: str) -> str:
     if os.path.isdir(value):
         raise ConfigError(f"{where}: is a directory, expected a file path (got {value!r})")
     return value
+
+
+def check_cgroup_root(path: str, v2: bool, where: str) -> str:
+    """A directory of a cgroup2 (`v2`) or v1 freezer hierarchy, as mountinfo says."""
+    kind = "cgroup2" if v2 else "cgroup v1 freezer"
+    if not os.path.isdir(path):
+        raise ConfigError(f"{where}: {path}: no such directory (expected a {kind} group)")
+    if cgroups.hierarchy_of(path) is not v2:
+        raise ConfigError(f"{where}: {path}: not in a {kind} hierarchy (see /proc/self/mountinfo)")
+    return path
 
 
 def check_source(value: str, where: str) -> str:

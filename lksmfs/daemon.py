@@ -32,6 +32,7 @@ from typing import Any
 from lksmfs.config import (
     Config,
     ConfigError,
+    FreezerConfig,
     check_log_level,
     check_metrics_textfile,
     check_policy,
@@ -42,14 +43,18 @@ from lksmfs.config import (
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import POLICY_LKSM
 from lksmfs.freezer import FreezerWatcher
+from lksmfs.helptext import add_command
 from lksmfs.metrics_file import MetricsPublisher
 from lksmfs.sigquit import SigquitWatcher
 from lksmfs.sources.base import MemorySource, TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
+from lksmfs.summary import describe_scan
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
+from lksmfs.system import privilege
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount
 from lksmfs.system.proc import try_stat
+from lksmfs.system.threads import start_thread
 from lksmfs.workload.simulated import SimulatedSource
 
 log = logging.getLogger(__name__)
@@ -214,21 +219,49 @@ def scannable_task(src: ProcfsSource, pid: int) -> TaskId:
 
 
 def make_freezer(cfg: Config, on_hint: Callable[[TaskId, bool], None]) -> FreezerWatcher | None:
-    """A FreezerWatcher over the configured roots, or None when disabled (or useless:
-    mainline ksmd has no freezer hook)."""
-    if not cfg.freezer.enabled or cfg.source != "procfs" or cfg.policy != POLICY_LKSM:
+    """A FreezerWatcher over every hierarchy /proc/self/mountinfo lists (the roots a
+    config names instead, kind by kind), or None when disabled or useless (mainline ksmd
+    has no freezer hook).  It logs what it watches, and warns when that is nothing:
+    without it no frozen hint ever comes."""
+    if cfg.policy != POLICY_LKSM:
+        log.info("freezer: not watched (policy %s: mainline has no freezer hook)", cfg.policy)
         return None
-    v1 = [r for r in (cfg.freezer.v1_root,) if r and os.path.isdir(r)]
-    v2 = [r for r in (cfg.freezer.v2_root,) if r and os.path.isdir(r)]
-    return FreezerWatcher(
+    if not cfg.freezer.enabled or cfg.source != "procfs":
+        why = "--no-freezer or freezer.enabled: false" if not cfg.freezer.enabled else "simulated source"
+        log.info("freezer: not watched (%s); frozen-task hints come only from the hint file", why)
+        return None
+    f = cfg.freezer
+    w = FreezerWatcher(
         on_hint,
-        v1_roots=v1,
-        v2_roots=v2,
-        treat_sigstop_as_frozen=cfg.freezer.treat_sigstop_as_frozen,
-        poll_interval=cfg.freezer.poll_interval_ms / 1000,
+        v1_roots=f.v1_roots,
+        v2_roots=f.v2_roots,
+        treat_sigstop_as_frozen=f.treat_sigstop_as_frozen,
+        poll_interval=f.poll_interval_ms / 1000,
         scope=_scope(cfg),
         self_pid=os.getpid(),
     )
+    if w.v1_roots or w.v2_roots:
+        log.info("freezer: watching %s", _watched(w, f))
+    else:
+        where = "none configured" if f.v1_roots is not None and f.v2_roots is not None else \
+            "no cgroup v1 freezer and no cgroup2 in /proc/self/mountinfo"
+        log.warning("freezer: watching no cgroup (%s): frozen tasks are never hinted; write 'PID frozen' "
+                    "to the hint file, or set freezer.v1_roots/v2_roots", where)
+    return w
+
+
+def _watched(w: FreezerWatcher, f: FreezerConfig) -> str:
+    """'cgroup v1 freezer at A, cgroup2 at B (found in /proc/self/mountinfo)', with the
+    origin given per kind when one kind is configured and the other found."""
+    kinds = [(w.v1_roots, f.v1_roots is None, "cgroup v1 freezer"), (w.v2_roots, f.v2_roots is None, "cgroup2")]
+    origins = {found for roots, found, _ in kinds if roots}
+
+    def origin(found: bool) -> str:
+        return " (found in /proc/self/mountinfo)" if found else " (configured)"
+
+    items = [", ".join(f"{label} at {r}" for r in roots) + (origin(found) if len(origins) > 1 else "")
+             for roots, found, label in kinds if roots]
+    return ", ".join(items) + (origin(origins.pop()) if len(origins) == 1 else "")
 
 
 # -- the daemon -----------------------------------------------------------------------
@@ -309,6 +342,7 @@ class Daemon:
             self.cond.notify_all()
 
     def _on_mounted(self) -> None:
+        self._mounted = True
         try:
             log.info("mounted at %s", self.mountpoint)
             sd_notify(f"READY=1\nSTATUS=mounted at {self.mountpoint}\nMAINPID={os.getpid()}")
@@ -356,16 +390,25 @@ class Daemon:
                     self._scanner_kick.clear()
                     last_scan = self.ksm.last_scan
                     self.ksm.scan_batch()
+                    report = None
                     if self.ksm.last_scan is not last_scan:  # _finish_scan ran
                         self.metrics.publish()
+                        report = describe_scan(self.ksm.last_scan, self.ksm.counters())
                     running = self.ksm.scanner_should_run()
                     if not running:
                         self.cond.notify_all()  # scan over: the crawler may have work
+                if report is not None:  # outside the lock: a slow journal must not hold the engine
+                    self._report_scan(report)
                 self.lock.yield_to_waiters()
                 if running:
                     self._scanner_kick.wait(self.ksm.tunables.sleep_millisecs / 1000)
         except BaseException as e:  # noqa: BLE001
             self._fatal("scanner", e)
+
+    def _report_scan(self, report: str) -> None:
+        """One INFO line per completed scan, and the same words in systemctl status."""
+        log.info("%s", report)
+        sd_notify(f"STATUS=last {report} (at {time.strftime('%H:%M:%S')})")
 
     def _watchdog(self, interval: float) -> None:
         _block_signals()
@@ -376,9 +419,9 @@ class Daemon:
                 log.error("engine thread dead: not petting the watchdog")
 
     def _start(self, name: str, target: Callable[..., None], *args: Any) -> None:
-        t = threading.Thread(target=target, args=args, name=f"lksm-{name}", daemon=True)
-        t.start()
-        self._threads.append(_Thread(name, t))
+        """A thread called `name` in the log and in `ps -L` (the kernel's ksmd is
+        "ksmd"; ours are "crawler" and "scanner")."""
+        self._threads.append(_Thread(name, start_thread(name, target, *args)))
 
     def engine_alive(self) -> bool:
         """Are the crawler and the scanner still running (what the watchdog vouches for)?"""
@@ -418,12 +461,14 @@ class Daemon:
     # -- run -----------------------------------------------------------------------------
 
     _unmounting = False
+    _mounted = False  # libfuse called init: the kernel finished the handshake
 
     def run(self) -> int:
         """Mount and serve until unmounted or signalled; 0 on a clean stop."""
         from lksmfs.sysfs.fuse import mount
 
         prepare_mountpoint(self.mountpoint)
+        self.log_start()
         quit_watcher = SigquitWatcher(self._quit)
         quit_watcher.start()
         self.start_threads()
@@ -432,11 +477,34 @@ class Daemon:
         finally:
             self._unmounting = True
             sd_notify("STOPPING=1")
-            log.info("unmounted %s, stopping", self.mountpoint)
+            if self._mounted:
+                log.info("unmounted %s, stopping", self.mountpoint)
             self.stop_threads()
             self.metrics.stop()
             quit_watcher.stop()
         return 0 if self.error is None else 1
+
+    def log_start(self) -> None:
+        """Say at start what will be scanned, and warn about what names nothing: a pid
+        or cgroup of --pid/--cgroup that does not exist now."""
+        scope = self.config.scope
+        if self.config.source != "procfs":
+            log.info("source: %s", self.config.source)
+        elif not scope.pids and not scope.cgroups:
+            log.info("scope: every user process%s", f" but comm {', '.join(scope.exclude_comms)}"
+                     if scope.exclude_comms else "")
+        else:
+            log.info("scope: %s", ", ".join([f"pid {p}" for p in scope.pids] + [f"cgroup {d}" for d in scope.cgroups]))
+            unmatched = _scope(self.config).unmatched(self_pid=os.getpid())
+            for u in unmatched:
+                later = " (its processes are scanned once it has some)" if u.cgroup else ""
+                log.warning("scope: %s: %s%s", u.what, u.message, later)
+            if len(unmatched) == len(scope.pids) + len(scope.cgroups):
+                log.warning("scope: nothing in --pid/--cgroup can be scanned now: nothing will be until it can")
+        lacking = privilege.missing(privilege.READ_CAPS)
+        if self.config.source == "procfs" and lacking:
+            log.warning("not privileged (%s, without %s): other users' processes cannot be read; they are "
+                        "skipped and counted in tasks_denied", privilege.who(), " and ".join(lacking))
 
     def _quit(self) -> None:
         """SIGQUIT: the SIGTERM path (libfuse ends its loop and unmounts)."""
@@ -447,12 +515,31 @@ class Daemon:
 # -- command line ---------------------------------------------------------------------
 
 
+MOUNT_EXAMPLES = """\
+examples:
+  lksmfs mount /run/lksm/ksm &                    every user process, config defaults
+  echo 8 > /run/lksm/ksm/run                      one-shot mode: 3 initial full scans
+  echo 1 > /run/lksm/ksm/one_shot_scanning        a partial scan (frozen tasks, newcomers)
+  cat /run/lksm/ksm/pages_sharing /run/lksm/ksm/region_share
+  lksmfs mount /run/lksm/ksm --cgroup /sys/fs/cgroup/apps --set run=1 --log-level INFO
+
+Frozen-task hints come from every cgroup v1 freezer and cgroup2 hierarchy in
+/proc/self/mountinfo (the log says which at start). Exit status: 0 after a clean stop,
+1 on a runtime failure (no privilege, mount refused, an engine thread died), 2 on a
+bad option or configuration.
+"""
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """`lksmfs mount MOUNTPOINT ...`"""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "mount",
+    p = add_command(
+        subparsers, "mount",
         help="run the daemon: the LKSM sysfs ABI at MOUNTPOINT",
-        description="Run LKSM in shadow mode over real processes and serve its sysfs files.",
+        description="Run LKSM in shadow mode over real processes and serve its sysfs files "
+                    "(/sys/kernel/mm/ksm of an LKSM kernel) at MOUNTPOINT, in the foreground, until "
+                    "SIGTERM/SIGINT/SIGQUIT. Needs root (or CAP_SYS_ADMIN, CAP_SYS_PTRACE, "
+                    "CAP_DAC_READ_SEARCH). docs/fuse.md describes the mount.",
+        examples=MOUNT_EXAMPLES,
     )
     _add_arguments(p)
     p.set_defaults(func=run_mount)
@@ -509,6 +596,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def unprivileged_mount_error() -> str | None:
+    """Why this process cannot mount, said before libfuse tries (and prints its own
+    "fuse: failed to open /dev/fuse: Permission denied"); None when it can."""
+    lacking = privilege.missing(privilege.MOUNT_CAPS)
+    if not lacking:
+        return None
+    return (f"needs root: running as {privilege.who()} without {' and '.join(lacking)}. Mounting needs "
+            f"CAP_SYS_ADMIN, reading other processes' memory CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH: run it "
+            f"as root, or with the capabilities systemd/lksmfs.service grants "
+            f"({' '.join(privilege.UNIT_CAPS)})")
+
+
 def run_mount(args: argparse.Namespace) -> int:
     """Entry point of `lksmfs mount`."""
     try:
@@ -516,6 +615,10 @@ def run_mount(args: argparse.Namespace) -> int:
     except SettingError as e:  # ConfigError too
         print(f"lksmfs mount: {e}", file=sys.stderr)
         return 2
+    why = unprivileged_mount_error()
+    if why is not None:
+        print(f"lksmfs mount: {why}", file=sys.stderr)
+        return 1
     logging.basicConfig(  # force: the daemon's level comes from its config, not the CLI's
         level=cfg.log_level,
         format="%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s",
@@ -536,8 +639,8 @@ def run_mount(args: argparse.Namespace) -> int:
         print(f"lksmfs mount: {args.mountpoint}: {e}", file=sys.stderr)
         daemon.stop_threads()
         return 1
-    except RuntimeError as e:  # fuse_main failed (mount refused)
-        print(f"lksmfs mount: {args.mountpoint}: FUSE failed: {e}", file=sys.stderr)
+    except RuntimeError as e:  # fuse_main failed (mount refused): libfuse said why above
+        print(f"lksmfs mount: {args.mountpoint}: libfuse could not mount it (status {e})", file=sys.stderr)
         daemon.stop_threads()
         return 1
 

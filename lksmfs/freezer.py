@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from lksmfs.sources.scope import Scope, ScopeSnapshot
 from lksmfs.system import cgroups
 from lksmfs.system.proc import PROC_ROOT, StatFields, TaskId, pids, try_stat
+from lksmfs.system.threads import start_thread
 
 __all__ = ["FreezerWatcher", "Hint"]
 
@@ -194,8 +195,7 @@ class FreezerWatcher:
                     self._inotify = _Inotify()
                 except (OSError, AttributeError) as e:
                     self.log.warning("inotify unavailable (%s): polling cgroup.events", e)
-            self._thread = threading.Thread(target=self._run, name="lksmfs-freezer", daemon=True)
-            self._thread.start()
+            self._thread = start_thread("freezer", self._run)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop and join the thread, then close every fd (idempotent)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from lksmfs.config import ConfigError
 from lksmfs.metrics import Snapshot, render
+from lksmfs.system.threads import start_thread
 
 if TYPE_CHECKING:
     from lksmfs.sysfs.attrs import AttributeTable
@@ -101,8 +102,7 @@ class MetricsPublisher:
                         self.path)
         log.info("metrics: writing %s after every scan and attribute change", self.path)
         self._due.set()
-        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
-        self._thread.start()
+        self._thread = start_thread("metrics", self._run)
 
     def publish(self) -> None:
         self._due.set()

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lksmfs.helptext import add_command
+
 DATA = Path(__file__).resolve().with_name("data")
 
 
@@ -52,12 +54,15 @@ def locate(name: str, root: Path = DATA) -> Path:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "share",
+    p = add_command(
+        subparsers, "share",
         help="print where the installed config, workloads, scripts, unit and docs are",
         description="Print the path of a file shipped with lksmfs (the example config, the workloads, "
         "resourced-emu.sh, the systemd unit, the docs), or of every one without NAME.",
-        epilog='example: install -m 0644 "$(lksmfs share lksmfs.service)" /etc/systemd/system/',
+        examples='examples:\n'
+               '  lksmfs share                       every shipped file\n'
+               '  install -m 0644 "$(lksmfs share lksmfs.service)" /etc/systemd/system/\n'
+               '  lksmfs simulate "$(lksmfs share tizen-tv.yaml)"',
     )
     p.add_argument("name", nargs="?", metavar="NAME",
                    help="a file or directory: lksmfs.yaml, tizen-tv.yaml, workloads, docs, fuse.md, ...")

@@ -22,6 +22,8 @@ import signal
 import threading
 from collections.abc import Callable
 
+from lksmfs.system.threads import start_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,7 @@ class SigquitWatcher:
         self._pipe = (r, w)
         signal.signal(signal.SIGQUIT, lambda signum, frame: None)  # the pipe does the work
         self._old_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        self._thread = threading.Thread(target=self._wait, args=(r,), name="sigquit", daemon=True)
-        self._thread.start()
+        self._thread = start_thread("sigquit", self._wait, r)
         return True
 
     def _wait(self, r: int) -> None:

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from lksmfs.engine.ksm import Ksm
-from lksmfs.engine.params import INITIAL_ROUND, LKSM_SCAN_FULL, LKSM_SCAN_PARTIAL, POLICIES, POLICY_KSM, POLICY_LKSM
+from lksmfs.engine.params import INITIAL_ROUND, LKSM_SCAN_FULL, POLICIES, POLICY_KSM, POLICY_LKSM
+from lksmfs.helptext import add_command
+from lksmfs.summary import mode_name
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.tables import print_table
-
-MODE_NAMES = {LKSM_SCAN_PARTIAL: "partial", LKSM_SCAN_FULL: "full"}
 
 
 @dataclass
@@ -89,7 +89,7 @@ def simulate(
         s = ksm.last_scan
         rec.update(
             round=current_round[0],
-            mode=MODE_NAMES.get(int(s["mode"]), str(s["mode"])),
+            mode=mode_name(s["mode"]),
             slots_scanned=s["slots_scanned"],
             scanned=s["pages_scanned"],
             merged=s["merged"],
@@ -129,7 +129,17 @@ def simulate(
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("simulate", help="run the engine over a workload file, deterministically")
+    p = add_command(
+        sub, "simulate",
+        help="run the engine over a workload file, deterministically",
+        description="Play a workload's timeline (apps, their memory, freezes, one_shot requests) through "
+                    "the engine on simulated memory and a virtual clock: one row per scan, the same on "
+                    "every run. No process, no root needed.",
+        examples="examples:\n"
+               "  lksmfs simulate \"$(lksmfs share tizen-tv.yaml)\"\n"
+               "  lksmfs simulate config/workloads/small.yaml --rounds 4 --no-filter --json\n\n"
+               "stdout is the same on every run; the wall time the scans took goes to stderr.",
+    )
     p.add_argument("workload", help="workload YAML (see config/workloads/)")
     p.add_argument("--rounds", type=int, default=None, help="timeline rounds to play (default: to its last event)")
     p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
@@ -140,7 +150,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="policy ksm: ksmd passes (full scans) per round (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="initial attribute value")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per scan")
-    p.epilog = "stdout is the same on every run; the wall time the scans took goes to stderr."
     p.set_defaults(func=run)
 
 

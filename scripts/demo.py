@@ -407,8 +407,11 @@ def demo(args: argparse.Namespace, stack: contextlib.ExitStack) -> dict[str, Any
     settings = {"pages_to_scan": args.pages_to_scan, "sleep_millisecs": args.sleep_ms,
                 "scan_boost": max(100, min(10000, args.pages_to_scan))}
     say(f"mounting the daemon at {mp} (scope --cgroup {procs.freezer.root}) ...")
-    stack.enter_context(mounted_daemon(mp, procs.freezer.root, settings,
-                                       os.path.join(tmp, "daemon.log"), args.timeout))
+    daemon = stack.enter_context(mounted_daemon(mp, procs.freezer.root, settings,
+                                                os.path.join(tmp, "daemon.log"), args.timeout))
+    for line in daemon.log().splitlines():  # where the app's freeze will be seen from
+        if "]: freezer: " in line:
+            say(f"daemon: {line.split(']: ', 1)[1]}")
     start = snapshot(mp)
 
     gate = ReportGate(os.path.join(tmp, "emu"), mp)

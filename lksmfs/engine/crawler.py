@@ -13,6 +13,7 @@ checksum gate, which slots may be filtered, what a scan's start and end change).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -29,7 +30,6 @@ from lksmfs.engine.params import (
     KSM_RUN_MERGE,
     KSM_RUN_ONESHOT,
     KSM_RUN_UNMERGE,
-    KSM_SHORT_TASK_TIME_MS,
     LKSM_CRAWL_FROZEN_EVENT_WAIT_S,
     LKSM_DEFAULT_PAGES_TO_SCAN,
     LKSM_MAX_VIPS,
@@ -48,7 +48,21 @@ if TYPE_CHECKING:
 # crawler phases (lksm_crawl_thread's three loops)
 _WAIT_RUN, _INITIAL, _NORMAL = range(3)
 
-TaskInfo = tuple[bool, int, int, str]  # (is_short, faults, anon_pages, comm)
+TaskInfo = tuple[bool, int, int, str, int]  # (is_short, faults, anon_pages, comm, runtime_ns)
+
+# why a task the crawler found was not scanned (Ksm.skipped, what `lksmfs scan` reports)
+SKIP_SHORT = "short_task"  # check_short_task(): less CPU time than Ksm.short_task_ms
+SKIP_DENIED = "permission_denied"  # /proc refused its stat or its maps (AccessDenied)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A task the last prepared scan left out, and why.  Not a kernel structure: LKSM
+    skips silently; user space is told (lksmfs scan) what was left out and why."""
+
+    comm: str
+    reason: str  # SKIP_SHORT or SKIP_DENIED
+    runtime_ns: int = 0  # se.sum_exec_runtime when it was checked (SKIP_SHORT)
 
 
 class ScanPolicy(Protocol):
@@ -230,18 +244,21 @@ class LksmCrawler:
         return tasks
 
     def _short_task(self, task: TaskId) -> TaskInfo | None:
-        """check_short_task(): None when the task is gone or unreadable, else
-        (is_short, faults, anon_pages, comm)."""
+        """check_short_task() with the engine's threshold (Ksm.short_task_ms, LKSM's 100 ms
+        unless a user overrides it): None when the task is gone or unreadable, else
+        (is_short, faults, anon_pages, comm, runtime_ns)."""
         try:
             st = self.k.source.stat(task)
         except ProcessGone:
             return None
         except AccessDenied:
             self.k.stats.tasks_denied += 1
+            self.k.skipped[task] = Skipped("", SKIP_DENIED)
             return None
         if st.kthread:
             return None
-        return st.runtime_ns < KSM_SHORT_TASK_TIME_MS * 1_000_000, st.faults, st.anon_pages, st.comm
+        short = st.runtime_ns < self.k.short_task_ms * 1_000_000
+        return short, st.faults, st.anon_pages, st.comm, st.runtime_ns
 
     def _ksm_join(self, task: TaskId, frozen: bool, info: TaskInfo | None = None) -> tuple[MmSlot | None, bool]:
         """ksm_join(): register the task (if new) and mark its VMAs mergeable.
@@ -253,7 +270,7 @@ class LksmCrawler:
             info = info if info is not None else self._short_task(task)
             if info is None:
                 return None, False
-            _, faults, anon, comm = info
+            _, faults, anon, comm, _ = info
             # __ksm_enter_alloc_slot(): queued unless run=2 is in progress
             slot = k.mm.alloc(task, comm, faults, anon, frozen, queue=not k.tunables.run & KSM_RUN_UNMERGE)
             k.stats.nr_added_process += 1
@@ -272,7 +289,9 @@ class LksmCrawler:
         k = self.k
         try:
             maps = k.source.mappings(slot.task)
-        except SourceError:
+        except SourceError as e:
+            if isinstance(e, AccessDenied):
+                k.skipped[slot.task] = Skipped(slot.comm, SKIP_DENIED)
             return  # the scanner will take the exit path
         now: list[tuple[int, int, tuple[int, int] | None]] = []
         for i, vma in enumerate(maps):
@@ -297,7 +316,10 @@ class LksmCrawler:
             info = None
             if self.k.mm.get(task) is None:
                 info = self._short_task(task)
-                if info is None or info[0]:
+                if info is None:
+                    continue
+                if info[0]:
+                    self.k.skipped[task] = Skipped(info[3], SKIP_SHORT, info[4])
                     continue
             _, new = self._ksm_join(task, frozen=False, info=info)
             nr_added += new
@@ -333,6 +355,7 @@ class LksmCrawler:
         then every other task joins; returns the newcomers.  None when run=2 aborts."""
         if self.k.tunables.run & KSM_RUN_UNMERGE:
             return None
+        self.k.skipped.clear()  # what this scan leaves out replaces the last one's
         tasks = self._live_tasks()
         self._prepare_frozen_scan(set(tasks))
         nr_added = self._join_newcomers(tasks)

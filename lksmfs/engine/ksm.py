@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lksmfs.engine.crawler import ScanPolicy
+from lksmfs.engine.crawler import ScanPolicy, Skipped
 from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.ksmd import make_policy
 from lksmfs.engine.merge import Merger
@@ -36,6 +36,7 @@ from lksmfs.engine.params import (
     KSM_RUN_MERGE,
     KSM_RUN_ONESHOT,
     KSM_RUN_UNMERGE,
+    KSM_SHORT_TASK_TIME_MS,
     LKSM_SCAN_NONE,
     POLICY_LKSM,
     RMAP_ITEM_SIZE,
@@ -64,8 +65,11 @@ class Ksm:
         filter_enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
         self_pid: int | None = None,
+        short_task_ms: int = KSM_SHORT_TASK_TIME_MS,
         policy: str = POLICY_LKSM,
     ) -> None:
+        """`short_task_ms`: check_short_task()'s threshold (0 scans short tasks too);
+        `policy`: LKSM's crawler (`lksm`) or mainline's ksmd (`ksm`)."""
         self.source = source
         # the scheduling policy: LKSM's ksm_crawld, or mainline's ksmd (lksmfs.engine.ksmd)
         self.policy = policy
@@ -82,6 +86,8 @@ class Ksm:
         self.scanner = Scanner(self)
         self.crawler: ScanPolicy = make_policy(policy, self)
         self.last_scan: Record = {}
+        self.short_task_ms = short_task_ms
+        self.skipped: dict[TaskId, Skipped] = {}  # what the last prepared scan left out, and why
         self._snapshot: dict[str, int] = {}
         self._region_share: dict[str, int] = {}
         self.publish()

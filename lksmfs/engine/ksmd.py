@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from lksmfs.engine.crawler import LksmCrawler, ScanPolicy
+from lksmfs.engine.crawler import SKIP_DENIED, LksmCrawler, ScanPolicy, Skipped
 from lksmfs.engine.merge import CKSUM_MASK, SourceError
 from lksmfs.engine.params import (
     KSM_RUN_MERGE,
@@ -46,7 +46,7 @@ from lksmfs.engine.params import (
 )
 from lksmfs.engine.rmap import STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
-from lksmfs.sources.base import Mapping, SourceWrapper, TaskId
+from lksmfs.sources.base import AccessDenied, Mapping, SourceWrapper, TaskId
 
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 # ksmd sleeps until __ksm_enter() wakes it when no mm is registered; we look again this often
 IDLE_REGISTER_S = 1.0
 AGE_MAX = 255  # U8_MAX: rmap_age_t saturates
+SKIP_NOT_MERGEABLE = "not_mergeable"  # Ksm.skipped: in scope, but asked for no KSM
 SMART_SCAN_MIN_AGE = 3  # should_skip_rmap_item(): younger items are never skipped
 _NOT_TREE = np.uint8(~int(STABLE | UNSTABLE) & 0xFF)
 
@@ -72,7 +73,8 @@ def make_policy(name: str, ksm: Ksm) -> ScanPolicy:
 
 def skip_age(age: np.ndarray) -> np.ndarray:
     """skip_age(): passes a page may be skipped once its age says it keeps failing."""
-    return np.select([age <= 3, age <= 5, age <= 8], [1, 2, 4], 8).astype(np.uint8)
+    skips: np.ndarray = np.select([age <= 3, age <= 5, age <= 8], [1, 2, 4], 8).astype(np.uint8)
+    return skips
 
 
 def should_skip(part: Rmap, idx: np.ndarray) -> np.ndarray:
@@ -85,7 +87,7 @@ def should_skip(part: Rmap, idx: np.ndarray) -> np.ndarray:
     left = part.skips[idx]
     old = age >= SMART_SCAN_MIN_AGE
     reset = old & (left == 0)
-    skip = old & (left != 0)
+    skip: np.ndarray = old & (left != 0)
     part.skips[idx[reset]] = skip_age(age[reset])
     part.skips[idx[skip]] = left[skip] - 1
     return skip
@@ -118,7 +120,6 @@ class MainlineView(SourceWrapper):
 
     def tasks(self) -> list[TaskId]:
         return [t for t in self.inner.tasks() if self.registered(t)]
-
     def mappings(self, task: TaskId) -> list[Mapping]:
         return [m if m.vm_mergeable or not m.mergeable else dataclasses.replace(m, mergeable=False)
                 for m in self.inner.mappings(task)]
@@ -178,7 +179,14 @@ class KsmdPolicy:
         registered ones that are gone (or no longer have a VM_MERGEABLE mapping: ksmd
         frees such a slot when its scan finds none)."""
         k = self.k
-        tasks = [t for t in k.source.tasks() if t.pid != k.self_pid and t.pid != 0]
+        k.skipped.clear()  # what this pass leaves out replaces the last one's
+        view = k.source
+        assert isinstance(view, MainlineView)
+        everyone = [t for t in view.inner.tasks() if t.pid != k.self_pid and t.pid != 0]
+        tasks = [t for t in everyone if view.registered(t)]
+        for task in everyone:
+            if task not in tasks:
+                k.skipped[task] = Skipped("", SKIP_NOT_MERGEABLE)
         alive = set(tasks)
         for task in [t for t in k.mm.slots if t not in alive]:
             k.task_exit(task)
@@ -187,6 +195,9 @@ class KsmdPolicy:
                 continue
             try:
                 st = k.source.stat(task)
+            except AccessDenied:
+                k.skipped[task] = Skipped("", SKIP_DENIED)
+                continue
             except SourceError:
                 continue
             if st.kthread:

@@ -31,6 +31,7 @@ from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
+PARTNER_BATCH = 256  # partner pages read and compared at a time (1 MiB of buffer)
 SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
 VPN_BITS = 36  # an unstable tree entry is (slot id << VPN_BITS) | vpn
 VPN_MASK = (1 << VPN_BITS) - 1
@@ -50,19 +51,14 @@ class Chunk:
     vma_start: int
     rid: int
     part: Rmap
-    data: memoryview | bytes
+    data: memoryview | bytes  # valid for the chunk: partner reads go to another buffer
     lo: np.ndarray
     hi: np.ndarray
 
-    def own(self) -> bytes:
-        """The contents as our own bytes: the source reuses its buffer on the next read."""
-        if not isinstance(self.data, bytes):
-            self.data = bytes(self.data)
-        return self.data
-
     def offsets(self, i: np.ndarray) -> np.ndarray:
         """Page offsets of items `i` from the VMA's start (rmap_item->base_addr)."""
-        return (self.part.vpn[i] - np.uint64(self.vma_start)).astype(np.int64)
+        offs: np.ndarray = (self.part.vpn[i] - np.uint64(self.vma_start)).astype(np.int64)
+        return offs
 
 
 class Merger:
@@ -71,22 +67,43 @@ class Merger:
     def __init__(self, ksm: Ksm, grouped: bool = True) -> None:
         self.k = ksm
         self.grouped = grouped  # False: every page through cmp_and_merge_page(), one by one
+        self._partners = bytearray()  # partner pages are read here, never over a chunk
+
+    def release_buffers(self) -> None:
+        """A scan ended: the partner buffer goes back until the next one."""
+        self._partners = bytearray()
+
+    def read_partners(self, slot: MmSlot, vpns: np.ndarray) -> np.ndarray:
+        """get_mergeable_page(): the current contents of unstable tree partners, as rows of
+        words for memcmp_pages(), read into the merger's own buffer (the chunk being
+        merged stays where the scanner read it)."""
+        need = int(vpns.shape[0]) * PAGE_SIZE
+        if len(self._partners) < need:
+            self._partners = bytearray(max(need, 2 * len(self._partners)))
+        return as_words(self.k.source.read_pages(slot.task, vpns, memoryview(self._partners)[:need]))
 
     # -- the one bookkeeping path of a merge ------------------------------------------
 
-    def _append(self, blk: Rmap, ti: np.ndarray, nids: np.ndarray, rids: np.ndarray, offs: np.ndarray) -> None:
+    def _append(
+        self, blk: Rmap, ti: np.ndarray, nids: np.ndarray, c: Chunk | None, *, distinct: bool = False
+    ) -> None:
         """stable_tree_append() (+ LKSM_FILTER's stable_tree_append_region()) for items
-        `ti` of `blk` joining the distinct KSM pages `nids`: out of the unstable tree if
-        they were in it, mapped by their node, counted as shared or sharing (sharing
-        ones are merges for LKSM's statistics), and recorded in their region."""
+        `ti` of `blk` joining the KSM pages `nids` (`distinct` when no node repeats): out
+        of the unstable tree if they were in it, mapped by their node, counted as shared
+        or sharing (sharing ones are merges for LKSM's statistics), and recorded in
+        their region - the chunk's (ksm_scan.region) for pages of chunk `c`, the one the
+        item holds (rmap_item->region) for a partner from the unstable tree."""
         k = self.k
         flags = blk.flags
         k.stats.pages_unshared -= int(np.count_nonzero(flags[ti] & UNSTABLE))
         flags[ti] = (flags[ti] & NOT_UNSTABLE) | STABLE
         blk.node[ti] = nids
-        k.stats.merged(k.stable.append_many(nids))
+        k.stats.merged(k.stable.append_many(nids, distinct=distinct))
         if k.filter_enabled:
-            k.regions.account_merges(rids, offs)
+            if c is not None:
+                k.regions.account_merges(np.full(ti.shape[0], c.rid), c.offsets(ti))
+            else:
+                k.regions.account_merges(blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
 
     def remove_items(self, rm: Rmap) -> None:
         """remove_rmap_item_from_tree() + free for a block of items."""
@@ -128,6 +145,7 @@ class Merger:
         flags = part.flags
         lo, hi = c.lo, c.hi
         klo = normkey(lo[idx])
+        all_idx = idx
         # the groups: pages of equal content, contiguous in `order`, address order within
         order = np.argsort(klo, kind="stable")
         sk = klo[order]
@@ -146,8 +164,27 @@ class Merger:
         gslow[gid[slow_page]] = True
         slow = gslow[gid]
 
-        # one content, once: vectorised where the trees hold no KSM page or a plain one
         sref = k.stable.index.get_many(klo)
+        if k.crawler.checksum_gate(k.scanner.scan_round):
+            # A content with no KSM page whose every page fails the checksum gate makes
+            # nothing (the first visit of every page, mostly): they leave last round's
+            # tree and record their checksum, all at once.
+            ck = (hi[idx] & CKSUM_MASK).astype(np.uint32)
+            fails = ((fl & FROZEN) == 0) & (part.cksum[idx] != ck) & (sref == -1) & ~slow
+            gquiet = np.ones(starts.shape[0], dtype=bool)
+            gquiet[gid[~fails]] = False
+            quiet = gquiet[gid]
+            if quiet.any():
+                q = idx[quiet]
+                k.stats.pages_unshared -= int(np.count_nonzero(flags[q] & UNSTABLE))
+                flags[q] &= NOT_UNSTABLE
+                part.cksum[q] = ck[quiet]
+                if quiet.all():
+                    return
+                keep = ~quiet  # the others go on; whole groups were settled
+                idx, klo, sref, size, slow, fl = idx[keep], klo[keep], sref[keep], size[keep], slow[keep], fl[keep]
+                gid = gid[keep]
+        # one content, once: vectorised where the trees hold no KSM page or a plain one
         single = (size == 1) & ~slow
         sn = np.where(sref >= 0, sref, 0)
         plain_room = (
@@ -164,7 +201,7 @@ class Merger:
         if grouped.any():
             gs = np.flatnonzero(np.bincount(gid[grouped], minlength=starts.shape[0]))
             for g in gs.tolist():
-                members = idx[order[starts[g] : starts[g] + counts[g]]]
+                members = all_idx[order[starts[g] : starts[g] + counts[g]]]
                 if not self._settle_group(c, members):
                     fallback.append(members)
         rest = [idx[slow], *fallback]
@@ -183,7 +220,7 @@ class Merger:
         lo, hi = c.lo, c.hi
         if plain_room.any():  # J: stable_tree_search() finds a plain node with room
             j = i[plain_room]
-            self._append(part, j, sref[plain_room], np.full(j.shape[0], c.rid), c.offsets(j))
+            self._append(part, j, sref[plain_room], c, distinct=True)
             i = i[~plain_room]
         left = i[:0]
         if not i.size:
@@ -216,8 +253,9 @@ class Merger:
         part = c.part
         part.flags[i] |= UNSTABLE
         part.seq[i] = k.scanner.scan_round & SEQNR_MASK
-        part.region[i] = c.rid
-        part.off[i] = c.offsets(i).astype(np.uint32)
+        if part.tracks_regions:
+            part.region[i] = c.rid
+            part.off[i] = c.offsets(i).astype(np.uint32)
         refs = (np.int64(c.slot.sid) << VPN_BITS) | part.vpn[i].astype(np.int64)
         if stale:
             for key, ref in zip(c.lo[i].tolist(), refs.tolist(), strict=True):
@@ -240,7 +278,7 @@ class Merger:
         comparison fails (a digest collision, a page rewritten since it was read)."""
         k = self.k
         part = c.part
-        words = as_words(c.own())
+        words = as_words(c.data)
         first = int(m[0])
         lo, hi = int(c.lo[first]), int(c.hi[first])
         if not (bool((c.lo[m] == c.lo[first]).all()) and bool((c.hi[m] == c.hi[first]).all())):
@@ -263,7 +301,7 @@ class Merger:
         part.flags[m] &= NOT_UNSTABLE
         if taken:
             j = m[:taken]
-            self._append(part, j, np.array(nids), np.full(taken, c.rid), c.offsets(j))
+            self._append(part, j, np.array(nids), c)
         if plan is not None:
             plan.apply(self)
         return True
@@ -280,7 +318,7 @@ class Merger:
         blocks: list[Rmap] = []
         tsids = refs >> VPN_BITS
         tvpns = (refs & VPN_MASK).astype(np.uint64)
-        mine = as_words(c.own())
+        mine = as_words(c.data)
         for tsid in np.unique(tsids).tolist():
             sel = np.flatnonzero(tsids == tsid)
             tslot = k.mm.by_sid(int(tsid))
@@ -298,14 +336,16 @@ class Merger:
             got = sel[tblock[sel] >= 0]
             if not got.size:
                 continue
-            # get_mergeable_page() + memcmp_pages(), one read for this partner process
+            # get_mergeable_page() + memcmp_pages(), a few reads for this partner process
             order = np.argsort(tvpns[got], kind="stable")
             got = got[order]
-            try:
-                theirs = as_words(bytes(k.source.read_pages(tslot.task, tvpns[got])))
-            except SourceError:
-                continue
-            ok[got] = (theirs == mine[m[got]]).all(axis=1)
+            for b in range(0, got.shape[0], PARTNER_BATCH):
+                g = got[b : b + PARTNER_BATCH]
+                try:
+                    theirs = self.read_partners(tslot, tvpns[g])
+                except SourceError:
+                    break
+                ok[g] = (theirs == mine[m[g]]).all(axis=1)
         if not ok.any():
             return ok
         w = m[ok]
@@ -315,9 +355,9 @@ class Merger:
             sel = ok & (tblock == b)
             blk = blocks[b]
             ti = tidx[sel]
-            self._append(blk, ti, nids[sel[ok]], blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
+            self._append(blk, ti, nids[sel[ok]], None, distinct=True)
         # ... and this page joins each
-        self._append(c.part, w, nids, np.full(w.shape[0], c.rid), c.offsets(w))
+        self._append(c.part, w, nids, c, distinct=True)
         return ok
 
     # -- one page at a time -----------------------------------------------------------
@@ -325,7 +365,6 @@ class Merger:
     def _one_by_one(self, c: Chunk, s: np.ndarray) -> None:
         if not s.size:
             return
-        c.own()  # later reads reuse the source's buffer: keep our own copy
         for i in s.tolist():
             self.cmp_and_merge_page(c, i)
 
@@ -351,7 +390,7 @@ class Merger:
         part.flags[i] = flags
         if kn >= 0:
             # try_to_merge_with_ksm_page(): the KSM page's content is its digest
-            self._append(part, at, np.array([kn]), np.array([c.rid]), c.offsets(at))
+            self._append(part, at, np.array([kn]), c, distinct=True)
             return
         # the checksum gate (the policy says in which rounds; never for frozen tasks)
         if k.crawler.checksum_gate(k.scanner.scan_round) and not flags & int(FROZEN):
@@ -359,8 +398,7 @@ class Merger:
             if int(part.cksum[i]) != ck:
                 part.cksum[i] = ck
                 return
-        data = c.own()
-        page = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        page = bytes(c.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
         if k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page):
             # merged with the zero page: no longer anonymous until written again
             k.scanner.add_zero_pages(np.array([vpn], dtype=np.uint64))
@@ -378,15 +416,16 @@ class Merger:
                 nid = np.array([k.stable.insert(lo, hi)])
                 k.unstable.delete(key, ref)
                 tat = np.array([ti])
-                self._append(tblk, tat, nid, tblk.region[tat].astype(np.int64), tblk.off[tat].astype(np.int64))
-                self._append(part, at, nid, np.array([c.rid]), c.offsets(at))
+                self._append(tblk, tat, nid, None, distinct=True)
+                self._append(part, at, nid, c, distinct=True)
                 return
         # insert into the unstable tree (over any stale entry with this content)
         k.unstable.put(key, (c.slot.sid << VPN_BITS) | vpn)
         part.flags[i] = flags | int(UNSTABLE)
         part.seq[i] = k.scanner.scan_round & SEQNR_MASK
-        part.region[i] = c.rid
-        part.off[i] = vpn - c.vma_start
+        if part.tracks_regions:
+            part.region[i] = c.rid
+            part.off[i] = vpn - c.vma_start
         k.stats.pages_unshared += 1
 
     def _tree_item(self, ref: int, slot: MmSlot, vpn: int) -> tuple[MmSlot, Rmap, int] | None:
@@ -409,7 +448,7 @@ class Merger:
     def _read_page(self, slot: MmSlot, vpn: int) -> bytes | None:
         """get_mergeable_page() + the bytes for memcmp_pages()."""
         try:
-            return bytes(self.k.source.read_pages(slot.task, np.array([vpn], dtype=np.uint64)))
+            return self.read_partners(slot, np.array([vpn], dtype=np.uint64)).tobytes()
         except SourceError:
             return None
 
@@ -512,11 +551,11 @@ class _GroupPlan:
         if self.partner is not None:
             _, tblk, ti = self.partner
             tat = np.array([ti])
-            merger._append(tblk, tat, new[:1], tblk.region[tat].astype(np.int64), tblk.off[tat].astype(np.int64))
+            merger._append(tblk, tat, new[:1], None, distinct=True)
         joined = self.dup >= 0
         if joined.any():
             j = rest[joined]
-            merger._append(part, j, new[self.dup[joined]], np.full(j.shape[0], c.rid), c.offsets(j))
+            merger._append(part, j, new[self.dup[joined]], c)
         if self.fail.any():
             part.cksum[rest[self.fail]] = self.hi & 0xFFFFFFFE
         if self.zero.any():

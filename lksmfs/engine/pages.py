@@ -19,18 +19,23 @@ ZERO_HI = int.from_bytes(_ZERO_DIGEST[:8], "big")
 ZERO_LO = int.from_bytes(_ZERO_DIGEST[8:], "big")
 
 
+_SLICES = [slice(o, o + PAGE_SIZE) for o in range(0, CHUNK * PAGE_SIZE, PAGE_SIZE)]
+
+
 def digest_pages(data: memoryview | bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
     """128-bit xxh3 digest of each page, as (lo, hi) uint64 columns."""
     mv = memoryview(data)
     h = xxhash.xxh3_128_digest
-    raw = b"".join([h(mv[o : o + PAGE_SIZE]) for o in range(0, n * PAGE_SIZE, PAGE_SIZE)])
+    slices = _SLICES[:n] if n <= CHUNK else [slice(o, o + PAGE_SIZE) for o in range(0, n * PAGE_SIZE, PAGE_SIZE)]
+    raw = b"".join([h(mv[s]) for s in slices])
     a = np.frombuffer(raw, dtype=">u8").reshape(n, 2).astype(np.uint64)
     return a[:, 1].copy(), a[:, 0].copy()
 
 
 def is_zero_digest(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Which digests are the zero page's (bytes still to be checked before a merge)."""
-    return (lo == np.uint64(ZERO_LO)) & (hi == np.uint64(ZERO_HI))
+    zero: np.ndarray = (lo == np.uint64(ZERO_LO)) & (hi == np.uint64(ZERO_HI))
+    return zero
 
 
 def as_words(data: memoryview | bytes) -> np.ndarray:

@@ -1,7 +1,9 @@
 """A slot's rmap list as parallel numpy columns, sorted by virtual page number.
 
 The kernel keeps one `struct rmap_item` (64 bytes) per tracked page in a sorted singly
-linked list; here the same fields live in columns, 28 bytes a page:
+linked list; here the same fields live in columns, 28 bytes a page (20 without
+LKSM_FILTER, which alone needs `region` and `off`; 2 of them are mainline's smart_scan
+state, `age` and `skips`):
 
     vpn     uint64  address >> PAGE_SHIFT
     flags   uint8   UNSTABLE_FLAG / STABLE_FLAG / the LKSM frozen bit
@@ -36,12 +38,21 @@ COLUMNS: dict[str, type] = {
 }
 
 BYTES_PER_ITEM = sum(np.dtype(t).itemsize for t in COLUMNS.values())
+# kept only with LKSM_FILTER (nothing reads them without it): 20 bytes a page then
+REGION_COLUMNS = ("region", "off")
+BYTES_PER_ITEM_NO_FILTER = BYTES_PER_ITEM - sum(np.dtype(COLUMNS[c]).itemsize for c in REGION_COLUMNS)
+
+
+def _absent(dtype: type, n: int) -> np.ndarray:
+    """A column that is not kept: n zeros that take no memory (read-only)."""
+    return np.broadcast_to(np.zeros(1, dtype=dtype), (n,))
 
 
 class Rmap:
-    """One block of rmap items (a whole slot, or one scanned chunk of it)."""
+    """One block of rmap items (a whole slot, or one scanned chunk of it).
+    `tracks_regions` False: the region columns are not kept (no LKSM_FILTER)."""
 
-    __slots__ = tuple(COLUMNS)
+    __slots__ = (*COLUMNS, "tracks_regions")
 
     vpn: np.ndarray
     flags: np.ndarray
@@ -52,40 +63,50 @@ class Rmap:
     off: np.ndarray
     age: np.ndarray
     skips: np.ndarray
+    tracks_regions: bool
 
-    def __init__(self, n: int = 0) -> None:
+    def __init__(self, n: int = 0, tracks_regions: bool = True) -> None:
+        self.tracks_regions = tracks_regions
         for name, dt in COLUMNS.items():
-            setattr(self, name, np.zeros(n, dtype=dt))
+            kept = tracks_regions or name not in REGION_COLUMNS
+            setattr(self, name, np.zeros(n, dtype=dt) if kept else _absent(dt, n))
         if n:
             self.node[:] = -1
 
     def __len__(self) -> int:
         return int(self.vpn.shape[0])
 
+    def _kept(self) -> tuple[str, ...]:
+        return tuple(COLUMNS) if self.tracks_regions else tuple(c for c in COLUMNS if c not in REGION_COLUMNS)
+
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, c).nbytes for c in COLUMNS)
+        return sum(getattr(self, c).nbytes for c in self._kept())
+
+    def _derived(self, cols: dict[str, np.ndarray]) -> Rmap:
+        out = Rmap.__new__(Rmap)
+        out.tracks_regions = self.tracks_regions
+        n = int(cols["vpn"].shape[0])
+        for c, dt in COLUMNS.items():
+            setattr(out, c, cols[c] if c in cols else _absent(dt, n))
+        return out
 
     def view(self, start: int, stop: int) -> Rmap:
         """Items [start, stop) sharing this block's memory."""
-        out = Rmap.__new__(Rmap)
-        for c in COLUMNS:
-            setattr(out, c, getattr(self, c)[start:stop])
-        return out
+        return self._derived({c: getattr(self, c)[start:stop] for c in self._kept()})
 
     def take(self, idx: np.ndarray | slice) -> Rmap:
-        out = Rmap.__new__(Rmap)
-        for c in COLUMNS:
-            setattr(out, c, getattr(self, c)[idx])
-        return out
+        return self._derived({c: getattr(self, c)[idx] for c in self._kept()})
 
     def copy(self, n: int) -> Rmap:
         """A compact copy of the first `n` items (a scan that visited fewer pages than
         it allocated for gives the rest back)."""
-        out = Rmap.__new__(Rmap)
-        for c in COLUMNS:
-            setattr(out, c, getattr(self, c)[:n].copy())
-        return out
+        return self._derived({c: getattr(self, c)[:n].copy() for c in self._kept()})
+
+    def fill_from(self, other: Rmap, n: int) -> None:
+        """Items [0, n) of `other` become this block's first n items."""
+        for c in self._kept():
+            getattr(self, c)[:n] = getattr(other, c)[:n]
 
     def find(self, vpn: int) -> int:
         """Index of `vpn`, or -1."""

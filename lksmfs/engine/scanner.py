@@ -29,7 +29,7 @@ from lksmfs.engine.params import (
 from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
 from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
-from lksmfs.sources.base import AccessDenied, Mapping
+from lksmfs.sources.base import PAGE_SIZE, AccessDenied, Mapping
 
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
@@ -60,11 +60,13 @@ class Scanner:
         self._cur_new: Rmap | None = None  # the new rmap list of the slot being scanned
         self._cur_valid = 0
         self._new_zero: list[np.ndarray] = []  # pages of that slot merged with the zero page now
+        self._matched = np.zeros(0, dtype=bool)
         # the scan in progress
         self._started = False
         self._begin = 0.0
         self._pages_at_begin = 0
         self._unstable_hint = 0  # entries the last round's unstable tree ended with
+        self._buf = bytearray()  # the page contents of the chunk being scanned
         self._last_prune = ksm.clock()
 
     # -- the thread's view -------------------------------------------------------------
@@ -175,9 +177,12 @@ class Scanner:
         stats.end_scan()
         if not interrupted:
             self._at_head = True
-            # nothing reads this round's unstable tree once the scan is over: give it back
+            # nothing reads this round's unstable tree once the scan is over: give it back,
+            # with the buffers pages were read into
             self._unstable_hint = len(k.unstable)
             k.unstable = HashIndex()
+            self._buf = bytearray()
+            k.merger.release_buffers()
         self.scan_mode = LKSM_SCAN_NONE
         self.scan_state = False
         self._started = False
@@ -196,6 +201,14 @@ class Scanner:
         self._started = False
         return cur
 
+    def _chunk_buffer(self, npages: int) -> memoryview:
+        """The buffer a chunk's pages are read into: the scanner's to size (CHUNK pages at
+        most), given back when a scan ends."""
+        need = npages * PAGE_SIZE
+        if len(self._buf) < need:
+            self._buf = bytearray(need)
+        return memoryview(self._buf)[:need]
+
     def current_items(self) -> Rmap:
         """The items of the slot being scanned that are valid so far (this chunk included)."""
         return self._cur_new.view(0, self._cur_valid) if self._cur_new is not None else Rmap()
@@ -210,9 +223,11 @@ class Scanner:
         """Scan one mm_slot from its first VMA to its last, yielding pages scanned per
         chunk (the cursor's place in the slot lives in this generator's frame).
 
-        The present anonymous pages of every VMA are listed first, so the slot's new
-        rmap list is allocated once (an upper bound: the filter and the zero page only
-        remove pages) and filled in place; each VMA's region, size checks and filter are
+        The present anonymous pages of every VMA are listed first.  When they are the
+        pages of the slot's rmap list, that list is updated where it is (the common case:
+        nothing was mapped or unmapped); otherwise - or as soon as the scan visits other
+        pages, because of the filter or the zero page - a new list is allocated once (an
+        upper bound) and filled in place.  Each VMA's region, size checks and filter are
         decided when the scanner reaches it, as lksm_find_next_vma() does.
         """
         k = self.k
@@ -232,7 +247,10 @@ class Scanner:
                 for i, vma in enumerate(maps)
                 if vma.mergeable and vma.has_anon
             ]
-            new = Rmap(sum(int(v.shape[0]) for _, v in present))
+            total = sum(int(v.shape[0]) for _, v in present)
+            inplace = len(old) == total and (
+                total == 0 or np.array_equal(old.vpn, np.concatenate([v for _, v in present])))
+            new = old if inplace else Rmap(total, k.filter_enabled)
             self._cur_new = new
             for i, vpns in present:
                 vma = maps[i]
@@ -244,14 +262,25 @@ class Scanner:
                     j = 0
                     while j < run.shape[0]:
                         n = min(max(1, min(CHUNK, self._budget)), int(run.shape[0]) - j)
+                        if inplace and not np.array_equal(old.vpn[filled : filled + n], run[j : j + n]):
+                            # the scan leaves the old list's pages: from here on, a new list
+                            new = Rmap(total, k.filter_enabled)
+                            new.fill_from(old, filled)
+                            self._cur_new = new
+                            inplace = False
                         part = new.view(filled, filled + n)
-                        part.vpn[:] = run[j : j + n]
+                        if not inplace:
+                            part.vpn[:] = run[j : j + n]
+                        data = k.source.read_pages(slot.task, run[j : j + n], self._chunk_buffer(n))
                         self._cur_valid = filled + n
-                        pos, scanned = self._scan_chunk(slot, vma.start_vpn, rid, part, old, pos)
+                        pos, scanned = self._scan_chunk(slot, vma.start_vpn, rid, part, data, old,
+                                                        filled if inplace else pos, inplace)
                         filled += n
                         j += n
                         k.publish()
                         yield scanned  # hook: pages the policy skipped cost no budget
+            if inplace:
+                pos = filled
         except SourceError as e:
             k.merger.remove_items(new.view(0, filled))
             k.merger.remove_items(old.take(slice(pos, None)))
@@ -335,11 +364,15 @@ class Scanner:
         z = z[np.isin(z, vpns)]
         if not z.size:
             return vpns
-        data = self.k.source.read_pages(slot.task, z)
-        lo, hi = digest_pages(data, int(z.shape[0]))
-        still = z[is_zero_digest(lo, hi)]
-        kept.append(still)
-        return vpns[~np.isin(vpns, still)]
+        still: list[np.ndarray] = []
+        for b in range(0, z.shape[0], CHUNK):  # a chunk at a time: bounded buffers
+            part = z[b : b + CHUNK]
+            data = self.k.source.read_pages(slot.task, part, self._chunk_buffer(int(part.shape[0])))
+            lo, hi = digest_pages(data, int(part.shape[0]))
+            still.append(part[is_zero_digest(lo, hi)])
+        zs = np.concatenate(still)
+        kept.append(zs)
+        return vpns[~np.isin(vpns, zs)]
 
     def _slot_gone(self, slot: MmSlot, err: Exception) -> None:
         """The task exited (or shut us out) mid-scan: its items are gone, the slot goes
@@ -365,40 +398,25 @@ class Scanner:
     # -- one chunk -----------------------------------------------------------------
 
     def _scan_chunk(
-        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, old: Rmap, pos: int
+        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, data: memoryview, old: Rmap, pos: int,
+        inplace: bool = False,
     ) -> tuple[int, int]:
-        """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part`, a view of
-        the slot's new rmap list whose vpn column is already set.  Returns the position
-        in the slot's old rmap list after these pages, and how many were scanned."""
+        """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part` (contents
+        in `data`), a view of the slot's new rmap list whose vpn column is already set
+        (`inplace`: a view of the old list itself, whose items are these pages').
+        Returns the position in the slot's old rmap list after these pages, and how many
+        were scanned."""
         k = self.k
         vpns = part.vpn
         n = int(vpns.shape[0])
-        data = k.source.read_pages(slot.task, vpns)
         lo, hi = digest_pages(data, n)
 
-        # get_next_rmap_item(): reuse items at these addresses, free the ones passed by
-        end = int(np.searchsorted(old.vpn, vpns[-1], side="right"))
-        seg = old.vpn[pos:end]
-        j = np.searchsorted(seg, vpns)
-        jc = np.minimum(j, max(seg.shape[0] - 1, 0))
-        matched = (j < seg.shape[0]) & (seg[jc] == vpns) if seg.shape[0] else np.zeros(n, dtype=bool)
-        keep = np.zeros(seg.shape[0], dtype=bool)
-        keep[j[matched]] = True
-        if not keep.all():
-            k.merger.remove_items(old.take(pos + np.flatnonzero(~keep)))
-
-        part.region[:] = rid
-        part.off[:] = (vpns - np.uint64(vma_start)).astype(np.uint32)
-        if matched.any():
-            src = pos + j[matched]
-            part.flags[matched] = old.flags[src]
-            part.seq[matched] = old.seq[src]
-            part.cksum[matched] = old.cksum[src]
-            part.node[matched] = old.node[src]
-            part.region[matched] = old.region[src]
-            part.off[matched] = old.off[src]
-            part.age[matched] = old.age[src]  # mainline smart_scan state (lksmfs.engine.ksmd)
-            part.skips[matched] = old.skips[src]
+        if inplace:
+            end = pos + n
+            matched = np.ones(n, dtype=bool)
+        else:
+            end = self._get_next_rmap_items(part, old, pos, rid, vma_start)
+            matched = self._matched
         k.stats.rmap_items += n - int(np.count_nonzero(matched))
         flags = part.flags
         if slot.test(KSM_MM_FROZEN):
@@ -422,3 +440,39 @@ class Scanner:
         if idx.size:
             k.merger.cmp_and_merge(Chunk(slot, vma_start, rid, part, data, lo, hi), idx)
         return end, n - skipped
+
+    def _get_next_rmap_items(self, part: Rmap, old: Rmap, pos: int, rid: int, vma_start: int) -> int:
+        """get_next_rmap_item() for a chunk: items of the old list at these addresses are
+        reused (moved into `part`), the ones passed by are freed, and new items start in
+        the VMA's region.  Sets `_matched` (which pages had an item); returns the
+        position in the old list after the chunk."""
+        k = self.k
+        vpns = part.vpn
+        n = int(vpns.shape[0])
+        end = int(np.searchsorted(old.vpn, vpns[-1], side="right"))
+        seg = old.vpn[pos:end]
+        j = np.searchsorted(seg, vpns)
+        jc = np.minimum(j, max(seg.shape[0] - 1, 0))
+        matched = (j < seg.shape[0]) & (seg[jc] == vpns) if seg.shape[0] else np.zeros(n, dtype=bool)
+        keep = np.zeros(seg.shape[0], dtype=bool)
+        keep[j[matched]] = True
+        if not keep.all():
+            k.merger.remove_items(old.take(pos + np.flatnonzero(~keep)))
+
+        tracks = part.tracks_regions
+        if tracks:
+            part.region[:] = rid
+            part.off[:] = (vpns - np.uint64(vma_start)).astype(np.uint32)
+        if matched.any():
+            src = pos + j[matched]
+            part.flags[matched] = old.flags[src]
+            part.seq[matched] = old.seq[src]
+            part.cksum[matched] = old.cksum[src]
+            part.node[matched] = old.node[src]
+            if tracks:
+                part.region[matched] = old.region[src]
+                part.off[matched] = old.off[src]
+            part.age[matched] = old.age[src]  # mainline smart_scan state (lksmfs.engine.ksmd)
+            part.skips[matched] = old.skips[src]
+        self._matched = matched
+        return end

@@ -177,10 +177,11 @@ class StableTree:
         self.nr_nodes += k
         return nids
 
-    def append_many(self, nids: np.ndarray) -> int:
-        """append() for a mapping of each of `nids` (a node may repeat); returns how
-        many of the mappings are sharing ones (all but a node's first)."""
-        if nids.shape[0] > 1:
+    def append_many(self, nids: np.ndarray, distinct: bool = False) -> int:
+        """append() for a mapping of each of `nids` (a node may repeat unless
+        `distinct`); returns how many of the mappings are sharing ones (all but a
+        node's first)."""
+        if nids.shape[0] > 1 and not distinct:
             nodes, counts = np.unique(nids, return_counts=True)
         else:
             nodes, counts = nids, np.ones(nids.shape[0], dtype=np.int64)

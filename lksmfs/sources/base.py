@@ -60,6 +60,7 @@ class Mapping:
     path: str = ""
     mergeable: bool = True
     has_anon: bool = True
+    anon_pages: int = -1  # anonymous pages mapped (smaps `Anonymous:`), -1 when unknown
     vm_mergeable: bool = False
 
     @property
@@ -112,10 +113,12 @@ class MemorySource(Protocol):
         anonymous (follow_page + PageAnon): not the shared zero page, not a file page."""
         ...
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Contents of the given pages, concatenated in order (len(vpns) * PAGE_SIZE bytes).
 
-        The returned view may be a reused buffer, valid until the next call for any task.
+        Without `out` the returned view may be a reused buffer, valid until the next call
+        without `out` for any task; with `out` (at least that long) the pages are written
+        there and a view of it is returned: a second read need not disturb the first.
         """
         ...
 
@@ -147,8 +150,8 @@ class SourceWrapper:
     def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
         return self.inner.present_anon(task, start_vpn, end_vpn)
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
-        return self.inner.read_pages(task, vpns)
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
+        return self.inner.read_pages(task, vpns, out)
 
     def release(self, task: TaskId) -> None:
         self.inner.release(task)

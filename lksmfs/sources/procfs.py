@@ -111,6 +111,7 @@ def _make_mapping(
         mergeable=mergeable,
         # without smaps we cannot know about anon_vma: assume there may be anon pages
         has_anon=True if anon_kb is None else anon_kb > 0,
+        anon_pages=-1 if anon_kb is None else anon_kb * 1024 // PAGE_SIZE,
         vm_mergeable=vm_mergeable,
     )
 
@@ -164,6 +165,9 @@ def parse_smaps(data: bytes) -> list[Mapping]:
 # ------------------------------------------------------------------------------ source
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class _TaskHandle:
     """Open fds of one task being scanned: its /proc/PID dir, mem, pagemap (opened lazily)."""
 
@@ -179,12 +183,16 @@ class _TaskHandle:
         self.stat0 = stat0
 
     def fd(self, name: str) -> int:
-        """The fd of `mem` or `pagemap`, opening it on first use."""
+        """The fd of `mem` or `pagemap`, opening it on first use (two threads reading
+        one task's pages may both ask)."""
         attr = "mem_fd" if name == "mem" else "pagemap_fd"
         fd: int = getattr(self, attr)
         if fd < 0:
-            fd = self.dir.open_file(name)
-            setattr(self, attr, fd)
+            with _OPEN_LOCK:
+                fd = getattr(self, attr)
+                if fd < 0:
+                    fd = self.dir.open_file(name)
+                    setattr(self, attr, fd)
         return fd
 
     def close(self) -> None:
@@ -231,6 +239,7 @@ class ProcfsSource:
         self._tls = threading.local()
         # set once present_anon had to use the pagemap-only approximation
         self.fallback_used = False
+        self._full_anon: dict[TaskId, set[tuple[int, int]]] = {}  # from the last mappings()
 
     # -- helpers ------------------------------------------------------------------
 
@@ -351,12 +360,18 @@ class ProcfsSource:
             self._put(h)
 
     def mappings(self, task: TaskId) -> list[Mapping]:
-        """VMAs in address order, from one read of smaps (maps if smaps is missing)."""
+        """VMAs in address order, from one read of smaps (maps if smaps is missing).
+
+        VMAs whose every page smaps counts as anonymous are remembered: the next
+        present_anon() over exactly such a VMA needs no pagemap walk (a fully written
+        heap or buffer, the common case, and the bulk of a scan's pagemap reads)."""
         h = self._acquire(task, cache=False)
         try:
-            return self._mappings_at(h)
+            maps = self._mappings_at(h)
         finally:
             self._put(h)
+        self._full_anon[task] = {(m.start_vpn, m.end_vpn) for m in maps if m.anon_pages == m.npages > 0}
+        return maps
 
     def _mappings_at(self, h: _TaskHandle) -> list[Mapping]:
         try:
@@ -450,6 +465,10 @@ class ProcfsSource:
         empty = np.zeros(0, dtype=np.uint64)
         if end_vpn <= start_vpn:
             return empty
+        full = self._full_anon.get(task)
+        if full is not None and (start_vpn, end_vpn) in full:
+            full.discard((start_vpn, end_vpn))  # smaps said so a moment ago: once
+            return np.arange(start_vpn, end_vpn, dtype=np.uint64)
         h = self._acquire(task, cache=True)
         try:
             out: list[np.ndarray] = []
@@ -518,14 +537,20 @@ class ProcfsSource:
         got: np.ndarray | None = getattr(self._tls, "missing", None)
         return got if got is not None else np.zeros(0, dtype=np.uint64)
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Page contents from /proc/PID/mem: one preadv per run of consecutive vpns."""
         v = np.asarray(vpns, dtype=np.uint64)
         n = len(v)
-        mv = self._buffer(n * PAGE_SIZE)[: n * PAGE_SIZE]
-        self._tls.missing = None
+        mv = (self._buffer(n * PAGE_SIZE) if out is None else out)[: n * PAGE_SIZE]
+        missing = self._read_into(task, v, mv)
+        self._tls.missing = missing if missing.size else None
+        return mv
+
+    def _read_into(self, task: TaskId, v: np.ndarray, mv: memoryview) -> np.ndarray:
+        """Read pages `v` into `mv`; returns the vpns that had to be zero-filled."""
+        n = len(v)
         if n == 0:
-            return mv
+            return np.zeros(0, dtype=np.uint64)
         h = self._acquire(task, cache=True)
         try:
             fd = h.fd("mem")
@@ -538,9 +563,7 @@ class ProcfsSource:
             ranges: list[tuple[int, int]] | None = None
             for i0, i1 in zip(starts.tolist(), ends.tolist(), strict=True):
                 ranges = self._read_run(h, fd, mv, v, i0, i1, missing, ranges)
-            if missing:
-                self._tls.missing = np.array(missing, dtype=np.uint64)
-            return mv
+            return np.array(missing, dtype=np.uint64)
         except ProcessGone:
             self._drop(task)
             raise
@@ -605,6 +628,7 @@ class ProcfsSource:
 
     def release(self, task: TaskId) -> None:
         """Close the task's fds (the engine dropped its mm_slot)."""
+        self._full_anon.pop(task, None)
         self._drop(task)
 
     @property

@@ -22,9 +22,9 @@ import os
 from dataclasses import dataclass, field
 
 from lksmfs.system.cgroups import cgroup_pids
-from lksmfs.system.proc import PROC_ROOT, read_comm
+from lksmfs.system.proc import PROC_ROOT, read_comm, try_stat
 
-__all__ = ["Scope", "ScopeSnapshot"]
+__all__ = ["Scope", "ScopeSnapshot", "Unmatched"]
 
 _log = logging.getLogger(__name__)
 
@@ -40,6 +40,25 @@ class ScopeSnapshot:
         if self.members is not None and pid not in self.members:
             return False
         return comm not in self.scope.exclude_comms
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A pid or cgroup of the scope that names nothing scannable now, and why: what
+    `lksmfs scan` reports as skipped and `lksmfs mount` warns about at start."""
+
+    reason: str  # no_such_process, kernel_thread, itself, no_such_cgroup, not_a_cgroup, empty_cgroup
+    message: str
+    pid: int | None = None
+    comm: str | None = None
+    cgroup: str | None = None
+
+    @property
+    def what(self) -> str:
+        """'pid 4242 (sleep)' or 'cgroup /sys/fs/cgroup/app'."""
+        if self.pid is None:
+            return f"cgroup {self.cgroup}"
+        return f"pid {self.pid}" + (f" ({self.comm})" if self.comm else "")
 
 
 @dataclass
@@ -65,6 +84,26 @@ class Scope:
                 continue
             out |= cgroup_pids(d)
         return frozenset(out)
+
+    def unmatched(self, proc_root: str = PROC_ROOT, self_pid: int | None = None) -> list[Unmatched]:
+        """The listed pids and cgroups that name no process to scan right now."""
+        out: list[Unmatched] = []
+        for pid in sorted(self.pids):
+            st = try_stat(pid, proc_root)
+            if st is None:
+                out.append(Unmatched("no_such_process", "no such process", pid))
+            elif pid == self_pid:
+                out.append(Unmatched("itself", "that is lksmfs itself", pid, st.comm))
+            elif st.kthread:
+                out.append(Unmatched("kernel_thread", "a kernel thread: no user memory to scan", pid, st.comm))
+        for d in self.cgroups:
+            if not os.path.isdir(d):
+                out.append(Unmatched("no_such_cgroup", "no such cgroup directory", cgroup=d))
+            elif not os.path.exists(os.path.join(d, "cgroup.procs")):
+                out.append(Unmatched("not_a_cgroup", "not a cgroup directory (no cgroup.procs)", cgroup=d))
+            elif not cgroup_pids(d):
+                out.append(Unmatched("empty_cgroup", "no process in this cgroup or below", cgroup=d))
+        return out
 
     def snapshot(self) -> ScopeSnapshot:
         """Read cgroup membership once, for checking many pids (a tasks() pass)."""

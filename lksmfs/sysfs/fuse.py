@@ -37,6 +37,7 @@ import mfusepy as fuse
 from lksmfs.sysfs.attrs import MAX_WRITE, AttributeEngine, AttributeTable
 from lksmfs.sysfs.nodes import ROOT_OWNER, NodeAttrs, check_open, no_create, no_namespace_change, process_owner
 from lksmfs.system.proc import PROC_ROOT, AccessDenied, ProcessGone, TaskId, task_id
+from lksmfs.system.threads import name_current
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,24 @@ SYSFS_SIZE = 4096  # what sysfs reports for every attribute
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_worker = threading.local()
+
+
+def _name_worker() -> None:
+    """libfuse's worker threads reach Python unnamed ("Dummy-1" in the log, the process's
+    comm in `ps -L`): the first callback a thread runs names it "fuse"."""
+    _worker.named = True
+    if threading.current_thread() is not threading.main_thread():
+        name_current("fuse")
+
+
 def guarded(func: F) -> F:
     """OSError keeps its errno; anything else is a bug: log it, answer EIO, keep serving."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not getattr(_worker, "named", False):
+            _name_worker()
         try:
             return func(*args, **kwargs)
         except OSError as e:

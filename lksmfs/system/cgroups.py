@@ -16,14 +16,14 @@ import contextlib
 import errno
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lksmfs.system.mounts import MOUNTINFO, read_mountinfo
+from lksmfs.system.mounts import MOUNTINFO, Mount, read_mountinfo
 from lksmfs.system.waiting import wait_until
 
-# Where a new group goes when nobody says (the first that exists, cgroup2 first).
-# Fixed paths, not discovery: see discover() for that.
-V2_MOUNTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
+# The v1 freezer hierarchy's usual place (systemd's hybrid layout); the code finds
+# hierarchies in mountinfo (discover()), this name is for messages and tests.
 V1_FREEZER = "/sys/fs/cgroup/freezer"
 
 FROZEN = "FROZEN"
@@ -38,9 +38,22 @@ class CgroupError(OSError):
 # -------------------------------------------------------------------------- hierarchies
 
 
-def discover(mountinfo: str = MOUNTINFO) -> tuple[list[str], list[str]]:
+def visible(m: Mount) -> bool:
+    """Is mount `m` what its mountpoint shows now?  A mount covered by a later one (a
+    tmpfs over /sys/fs/cgroup, say) stays listed in mountinfo but cannot be reached: its
+    path is gone or leads to another file system."""
+    major, _, minor = m.device.partition(":")
+    try:
+        return os.stat(m.mountpoint).st_dev == os.makedev(int(major), int(minor))
+    except (OSError, ValueError):
+        return False
+
+
+def discover(mountinfo: str = MOUNTINFO, *, is_visible: Callable[[Mount], bool] = visible
+             ) -> tuple[list[str], list[str]]:
     """(v1 freezer mount points, cgroup2 mount points) from mountinfo, one per hierarchy
-    (bind mounts of a hierarchy share its device number); ([], []) if unreadable."""
+    (bind mounts of a hierarchy share its device number), leaving out mounts that others
+    cover (`is_visible`); ([], []) if mountinfo is unreadable."""
     v1: list[str] = []
     v2: list[str] = []
     seen: set[str] = set()
@@ -49,15 +62,33 @@ def discover(mountinfo: str = MOUNTINFO) -> tuple[list[str], list[str]]:
     except OSError:
         return v1, v2
     for m in mounts:
-        if m.device in seen:
-            continue
-        if m.fstype == "cgroup" and "freezer" in m.super_options:
-            v1.append(m.mountpoint)
-            seen.add(m.device)
-        elif m.fstype == "cgroup2":
-            v2.append(m.mountpoint)
+        freezer = m.fstype == "cgroup" and "freezer" in m.super_options
+        if (freezer or m.fstype == "cgroup2") and m.device not in seen and is_visible(m):
+            (v1 if freezer else v2).append(m.mountpoint)
             seen.add(m.device)
     return v1, v2
+
+
+def hierarchy_of(path: str, mountinfo: str = MOUNTINFO) -> bool | None:
+    """Is `path` in a cgroup2 hierarchy (True), a v1 freezer hierarchy (False), or
+    neither (None)?  Decided by the visible mount it lies on, not by file names."""
+    real = os.path.realpath(path)
+    best: Mount | None = None
+    try:
+        mounts = read_mountinfo(mountinfo)
+    except OSError:
+        return None
+    for m in mounts:
+        inside = real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/")
+        if inside and (best is None or len(m.mountpoint) >= len(best.mountpoint)) and visible(m):
+            best = m
+    if best is None:
+        return None
+    if best.fstype == "cgroup2":
+        return True
+    if best.fstype == "cgroup" and "freezer" in best.super_options:
+        return False
+    return None
 
 
 def is_v2(path: str) -> bool:
@@ -74,14 +105,15 @@ def is_v1_freezer(path: str) -> bool:
     )
 
 
-def default_hierarchy() -> tuple[str, bool]:
-    """(root, is cgroup2) of the first of V2_MOUNTS, else V1_FREEZER; CgroupError if none."""
-    for mnt in V2_MOUNTS:
-        if is_v2(mnt):
-            return mnt, True
-    if os.path.exists(os.path.join(V1_FREEZER, "tasks")):
-        return V1_FREEZER, False
-    raise CgroupError(errno.ENOENT, "no cgroup v2 hierarchy and no v1 freezer")
+def default_hierarchy(mountinfo: str = MOUNTINFO) -> tuple[str, bool]:
+    """(root, is cgroup2) where new groups go when nobody says: the first cgroup2 mount
+    in mountinfo, else the first v1 freezer; CgroupError when the machine has neither."""
+    v1, v2 = discover(mountinfo)
+    if v2:
+        return v2[0], True
+    if v1:
+        return v1[0], False
+    raise CgroupError(errno.ENOENT, f"no cgroup2 and no cgroup v1 freezer mounted ({mountinfo})")
 
 
 def default_root(name: str) -> str:

@@ -38,6 +38,7 @@ MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 MAP_FAILED = ctypes.c_void_p(-1).value
 LIB_AREA = (0x7000_0000_0000, 0x7E00_0000_0000)  # where random bases are drawn
 PR_SET_THP_DISABLE = 41
+PR_SET_MEMORY_MERGE = 67
 STACK_GAP = 16  # pages left between the live stack and the workload's stack pages
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -136,6 +137,8 @@ class Child:
     def __init__(self, init: dict[str, Any]) -> None:
         # no transparent huge pages: they would make untouched neighbours present
         _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        if init.get("kernel_merge"):  # benches: the kernel's own KSM may merge us too
+            _libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
         workload = parse_workload(init["workload"], "<spawn>")
         app = workload.app(init["app"])
         self.model = InstanceModel(workload, app, int(init["index"]))

@@ -140,8 +140,8 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
         lo, hi = np.searchsorted(inst.vpns, [start_vpn, end_vpn])
         return inst.vpns[lo:hi].copy()
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
-        return self.contents(self.page_keys(task, vpns))
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
+        return self.contents(self.page_keys(task, vpns), out)
 
     # -- content keys (what lksmfs.engine.fastpass needs to skip reading pages) ------------
 
@@ -157,10 +157,14 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
                 raise ValueError(f"{inst.name}: read of a page that is not present anon")
             return inst.keys[idx]
 
-    def contents(self, keys: np.ndarray) -> memoryview:
-        """The bytes of pages with these content keys, concatenated (a reused buffer)."""
+    def contents(self, keys: np.ndarray, out: memoryview | None = None) -> memoryview:
+        """The bytes of pages with these content keys, concatenated: into `out` when
+        given, else a reused buffer."""
         n = len(keys)
-        buf = self._buffer(n)
+        if out is None:
+            buf = self._buffer(n)
+        else:
+            buf = np.frombuffer(out, dtype=np.uint64, count=n * WORDS).reshape(n, WORDS)
         np.bitwise_xor(keys[:, None], _TABLE[None, :], out=buf)
         buf[keys == 0] = 0
         return memoryview(buf.reshape(-1).view(np.uint8).data)
@@ -327,7 +331,7 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
             # VM_MERGEABLE as the app's `ksm:` opt-in leaves it (mainline ksmd's scope)
             mg = app.ksm_mergeable(area)
             maps.append(Mapping(vpn << PAGE_SHIFT, (vpn + npages) << PAGE_SHIFT, perms, file,
-                                path, True, has_anon, mg))
+                                path, True, has_anon, vm_mergeable=mg))
             return vpn + npages
 
         binary = (SIM_DEV, self._bin_ino[app.name])

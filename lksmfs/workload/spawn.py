@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lksmfs
+from lksmfs.helptext import add_command
 from lksmfs.system.cgroups import Freezer, default_root
 from lksmfs.system.proc import PAGE_SIZE, ProcessGone, TaskId, task_id
 from lksmfs.workload.schema import Workload, WorkloadError, load_workload
@@ -116,10 +117,12 @@ class SpawnedWorkload(TimelinePlayer[SpawnedInstance]):
         python: str = sys.executable,
         timeout: float = 60.0,
         burn_cap_ms: int = 200,
+        kernel_merge: bool = False,
     ) -> None:
         super().__init__(workload)
         self.timeout = timeout
         self.burn_cap_ms = burn_cap_ms
+        self.kernel_merge = kernel_merge  # prctl(PR_SET_MEMORY_MERGE): the kernel oracle may merge them
         self._python = python
         self.freezer = Freezer.open(cgroup_root or default_root(ROOT_NAME))
         self._own_lib_dir = lib_dir is None
@@ -249,6 +252,7 @@ class SpawnedWorkload(TimelinePlayer[SpawnedInstance]):
                 "round": self.round,
                 "libs": {n: self.lib_files[n] for n in app.libraries},
                 "burn_cap_ms": self.burn_cap_ms,
+                "kernel_merge": self.kernel_merge,
             }
             inst.send(json.dumps(init))
         deadline = time.monotonic() + self.timeout
@@ -270,10 +274,12 @@ def spawn_workload(
     python: str = sys.executable,
     timeout: float = 60.0,
     burn_cap_ms: int = 200,
+    kernel_merge: bool = False,
 ) -> Iterator[SpawnedWorkload]:
-    """Start every initial instance of `workload`; on exit kill them and clean up, always."""
+    """Start every initial instance of `workload`; on exit kill them and clean up, always.
+    `kernel_merge`: the children opt in to the kernel's KSM (for benches against it)."""
     procs = SpawnedWorkload(workload, cgroup_root=cgroup_root, lib_dir=lib_dir, python=python,
-                            timeout=timeout, burn_cap_ms=burn_cap_ms)
+                            timeout=timeout, burn_cap_ms=burn_cap_ms, kernel_merge=kernel_merge)
     try:
         procs.start()
         yield procs
@@ -286,19 +292,24 @@ def spawn_workload(
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """`lksmfs workload spawn WORKLOAD.yaml [--json] [--cgroup-root DIR] ...`"""
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "spawn",
+    p = add_command(
+        subparsers, "spawn",
         help="start real processes realising a workload file",
         description="Start one process per workload instance, each in its own freezer cgroup "
                     "(ROOT/APP/K), print their pids and keep them until SIGTERM/SIGINT, then "
-                    "kill them and remove the cgroups.",
+                    "kill them and remove the cgroups. ROOT is on the first cgroup2 mount of "
+                    "/proc/self/mountinfo, else on the v1 freezer; stderr says where.",
+        examples="examples:\n"
+               "  lksmfs workload spawn \"$(lksmfs share small.yaml)\"            one pid per line\n"
+               "  lksmfs workload spawn config/workloads/tizen-tv.yaml --json --round-interval 5\n"
+               "  lksmfs workload spawn config/workloads/small.yaml --cgroup-root /sys/fs/cgroup/freezer/mine",
     )
     p.add_argument("workload", metavar="WORKLOAD.yaml")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {app, instance, pid, start_time, cgroup}")
     p.add_argument("--cgroup-root", metavar="DIR", default=None,
-                   help="cgroup to create the groups under (default: "
-                        "/sys/fs/cgroup/unified/lksmfs-workload, else the v1 freezer)")
+                   help="cgroup to create the groups under (default: lksmfs-workload on the first "
+                        "cgroup2 mount, else on the v1 freezer)")
     p.add_argument("--lib-dir", metavar="DIR", default=None,
                    help="where to create the library files (default: a fresh temp dir)")
     p.add_argument("--round-interval", metavar="SECONDS", type=float, default=0.0,
@@ -321,6 +332,9 @@ def run(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with spawn_workload(workload, cgroup_root=args.cgroup_root, lib_dir=args.lib_dir) as p:
+            print(f"lksmfs workload spawn: {len(p.live())} processes, one cgroup each under {p.freezer.root} "
+                  f"(cgroup {'v2' if p.freezer.v2 else 'v1 freezer'}: APP/K; removed at exit)",
+                  file=sys.stderr, flush=True)
             if args.json:
                 print(json.dumps(p.describe()), flush=True)
             else:

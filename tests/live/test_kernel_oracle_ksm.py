@@ -34,6 +34,7 @@ if not _OK:
     pytestmark = [pytest.mark.live, pytest.mark.skip(reason=_WHY)]
 
 N = 64
+PASS_GAP_MS = 20  # ksmd's sleep between passes (each batch is a whole pass here)
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
 
 # LTP ksm01's four phases (three processes, one letter each, then one page 'e'), then
@@ -86,7 +87,9 @@ def lksmfs_ksm(pids: list[int], mps: int, rounds: int = 3, smart_scan: int = 0) 
 def test_madvised_processes_agree_with_the_kernel(kernel_ksm: KernelKsm, mps: int) -> None:
     """Only the madvised mapping is scanned: its twin with the same pages and the
     runtime never merge, in the kernel as in lksmfs."""
-    kernel_ksm.configure(max_page_sharing=mps, smart_scan=0)
+    # a pass of these few pages takes microseconds: sleep between passes, so that the
+    # convergence check can read the counters at a pass boundary
+    kernel_ksm.configure(max_page_sharing=mps, smart_scan=0, sleep_millisecs=PASS_GAP_MS)
     with PatternGroup(PHASES[0], scope="madvise") as group:
         assert not kernel_ksm.foreign_mergeable(group.pids)
         for i, specs in enumerate(PHASES):
@@ -113,7 +116,7 @@ def _digest(data: bytes) -> bytes:
 
 def test_prctl_processes_agree_with_the_kernel(kernel_ksm: KernelKsm) -> None:
     """The whole process is mergeable: the runtime's pages join the pattern's (census)."""
-    kernel_ksm.configure(max_page_sharing=256, smart_scan=0)
+    kernel_ksm.configure(max_page_sharing=256, smart_scan=0, sleep_millisecs=PASS_GAP_MS)
     with PatternGroup(PHASES[0], scope="prctl") as group:
         assert not kernel_ksm.foreign_mergeable(group.pids)
         for i, specs in enumerate(PHASES[:2]):
@@ -159,7 +162,7 @@ def test_smart_scan_pages_skipped_per_full_scan(kernel_ksm: KernelKsm, scope: st
         kernel_ksm.unmerge()
         lk = lksmfs_ksm(group.pids, 256, rounds=PASSES, smart_scan=1)
     skipped_kernel = [p["pages_skipped"] for p in kernel]
-    skipped_ours = [s["pages_skipped"] for s in lk["scans"]]  # type: ignore[union-attr]
+    skipped_ours = [s["counters"]["pages_skipped"] for s in lk["scans"]]  # type: ignore[union-attr]
     rule, total = [], 0
     for visit in range(1, PASSES + 1):
         total += unmerged if visit in SKIPPED else 0

@@ -110,6 +110,61 @@ def test_read_pages_returns_written_bytes(src: ProcfsSource, spawn_mem_child: Sp
     assert src.last_missing.tolist() == []
 
 
+def test_a_fully_anonymous_vma_skips_the_pagemap_walk_with_the_same_answer(
+    src: ProcfsSource, spawn_mem_child: SpawnFn
+) -> None:
+    """After mappings(), a VMA smaps counts as all anonymous is listed without reading
+    pagemap (once); the answer is the pagemap walk's.  A VMA with a zero-page page or a
+    hole is walked."""
+    full = spawn_mem_child([1, 2, 3, 4])
+    holes = spawn_mem_child([5, 6], zero=1, untouched=1)
+    shortcuts = 0
+    for c in (full, holes):
+        t = _tid(c.pid)
+        v0 = c.vpn("private")
+        vma = next(m for m in src.mappings(t) if m.start_vpn <= v0 < m.end_vpn)
+        reads: list[object] = []
+        real = src._read_pagemap
+
+        def counting(*a: object, reads: list[object] = reads, real: object = real) -> object:
+            reads.append(a)
+            return real(*a)  # type: ignore[operator]
+
+        src._read_pagemap = counting  # type: ignore[assignment,method-assign]
+        try:
+            first = src.present_anon(t, vma.start_vpn, vma.end_vpn)
+            walked = len(reads)
+            second = src.present_anon(t, vma.start_vpn, vma.end_vpn)  # no shortcut left
+        finally:
+            src._read_pagemap = real  # type: ignore[method-assign]
+        assert first.tolist() == second.tolist()
+        assert len(reads) == walked + 1
+        shortcuts += walked == 0
+        if c is full:
+            assert vma.anon_pages == vma.npages and walked == 0, vma
+        else:
+            assert vma.anon_pages < vma.npages and walked == 1
+            assert [v0, v0 + 1] == [v for v in first.tolist() if v0 <= v < v0 + 4]
+    assert shortcuts == 1
+
+
+def test_a_read_into_a_callers_buffer_leaves_the_last_read_alone(
+    src: ProcfsSource, spawn_mem_child: SpawnFn
+) -> None:
+    """read_pages(..., out) writes only `out`: the merger reads unstable tree partners
+    so while the scanner's chunk stays where it was read."""
+    a, b = spawn_mem_child([0x10, 0x11]), spawn_mem_child([0xEE] * 2)
+    ta, tb = _tid(a.pid), _tid(b.pid)
+    chunk = memoryview(bytearray(2 * PAGE))
+    first = src.read_pages(ta, np.array([a.vpn("private"), a.vpn("private") + 1], dtype=np.uint64), chunk)
+    own = memoryview(bytearray(2 * PAGE))
+    theirs = src.read_pages(tb, np.array([b.vpn("private"), b.vpn("private") + 1], dtype=np.uint64), own)
+    assert bytes(theirs) == bytes([0xEE]) * 2 * PAGE and theirs.obj is own.obj
+    assert bytes(first) == bytes([0x10]) * PAGE + bytes([0x11]) * PAGE and first.obj is chunk.obj
+    plain = src.read_pages(ta, np.array([a.vpn("private")], dtype=np.uint64))
+    assert bytes(plain) == bytes([0x10]) * PAGE and bytes(first[:PAGE]) == bytes([0x10]) * PAGE
+
+
 def test_pid_reuse_and_dead_child_give_process_gone(
     src: ProcfsSource, spawn_mem_child: SpawnFn
 ) -> None:

@@ -109,10 +109,14 @@ class FakeSource:
             out += [s + o for o in v.pages if start_vpn <= s + o < end_vpn]
         return np.array(sorted(out), dtype=np.uint64)
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         p = self._get(task)
         self.reads += 1
-        return memoryview(b"".join(self._page(p, int(v)) for v in vpns))
+        data = b"".join(self._page(p, int(v)) for v in vpns)
+        if out is None:
+            return memoryview(data)
+        out[: len(data)] = data
+        return out[: len(data)]
 
     def release(self, task: TaskId) -> None:
         self.released.append(task)

@@ -61,6 +61,14 @@ def test_values_are_applied(tmp_path: Path) -> None:
         ({"scope": {"cgroups": "/sys/fs/cgroup/x"}}, "scope.cgroups: must be a list"),
         ({"freezer": {"enabled": "yes"}}, "freezer.enabled: must be true or false"),
         ({"freezer": {"poll_interval_ms": 0}}, "poll_interval_ms: must be 1..60000 (got 0)"),
+        ({"freezer": {"v2_root": "/sys/fs/cgroup"}},
+         "x.yaml: freezer.v2_root: replaced by v2_roots, a list of directories; leave it out to watch "
+         "the hierarchies found in /proc/self/mountinfo"),
+        ({"freezer": {"v1_roots": "/sys/fs/cgroup/freezer"}}, "freezer.v1_roots: must be a list"),
+        ({"freezer": {"v2_roots": ["/nonexistent/cg"]}},
+         "x.yaml: freezer.v2_roots: /nonexistent/cg: no such directory (expected a cgroup2 group)"),
+        ({"freezer": {"v1_roots": ["/"]}},
+         "x.yaml: freezer.v1_roots: /: not in a cgroup v1 freezer hierarchy (see /proc/self/mountinfo)"),
         ({"filter": 1}, "x.yaml: filter: must be true or false (got 1)"),
         ({"source": "sysfs"}, "x.yaml: source: must be 'procfs' or 'simulated:"),
         ({"log_level": "LOUD"}, "x.yaml: log_level: must be one of"),
@@ -72,6 +80,13 @@ def test_bad_config_names_file_key_and_reason(data: object, message: str) -> Non
     with pytest.raises(ConfigError) as ei:
         config_from_dict(data, "config/x.yaml")
     assert message in str(ei.value)
+
+
+def test_freezer_roots_default_to_discovery_and_empty_lists_watch_none() -> None:
+    """None: found in /proc/self/mountinfo at start; []: none of that kind (no check)."""
+    assert (Config().freezer.v1_roots, Config().freezer.v2_roots) == (None, None)
+    cfg = config_from_dict({"freezer": {"v1_roots": [], "v2_roots": None}}, "x.yaml")
+    assert (cfg.freezer.v1_roots, cfg.freezer.v2_roots) == ([], None)
 
 
 def test_empty_file_means_defaults(tmp_path: Path) -> None:

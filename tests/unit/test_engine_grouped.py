@@ -45,14 +45,14 @@ class RewritingSource(FakeSource):
         self.rewrites: dict[TaskId, tuple[TaskId, bytes]] = {}
         self.read_once: set[TaskId] = set()
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray) -> memoryview:
+    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         if task not in self.read_once:
             self.read_once.add(task)
             if task in self.rewrites:
                 victim, content = self.rewrites[task]
                 if victim in self.procs and 0 in self.procs[victim].vmas[0].pages:
                     self.procs[victim].vmas[0].pages[0] = content
-        return super().read_pages(task, vpns)
+        return super().read_pages(task, vpns, out)
 
 
 def build(spec: dict[str, Any]) -> tuple[RewritingSource, list[TaskId]]:

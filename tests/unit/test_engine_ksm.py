@@ -6,11 +6,32 @@ from __future__ import annotations
 import pytest
 from memfake import FakeSource, fill, unique
 
+from lksmfs.engine.crawler import SKIP_DENIED, SKIP_SHORT, Skipped
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_LISTED, KSM_MM_NEWCOMER, KSM_MM_SCANNED
-from lksmfs.engine.rmap import BYTES_PER_ITEM
+from lksmfs.engine.rmap import BYTES_PER_ITEM, BYTES_PER_ITEM_NO_FILTER
+from lksmfs.sources.base import AccessDenied, Mapping, TaskId, TaskStat
 
 KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+
+
+class DenyingSource(FakeSource):
+    """Processes /proc shuts us out of: their stat, or their maps (EACCES)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deny_stat: set[TaskId] = set()
+        self.deny_maps: set[TaskId] = set()
+
+    def stat(self, task: TaskId) -> TaskStat:
+        if task in self.deny_stat:
+            raise AccessDenied(f"{task} stat")
+        return super().stat(task)
+
+    def mappings(self, task: TaskId) -> list[Mapping]:
+        if task in self.deny_maps:
+            raise AccessDenied(f"{task} smaps")
+        return super().mappings(task)
 
 
 def counts(ksm: Ksm) -> tuple[int, int, int, int]:
@@ -20,6 +41,22 @@ def counts(ksm: Ksm) -> tuple[int, int, int, int]:
 
 def test_rmap_item_columns_fit_the_kernels_64_bytes() -> None:
     assert BYTES_PER_ITEM <= 64
+
+
+@pytest.mark.parametrize("filter_enabled", [True, False])
+def test_region_columns_are_kept_only_with_lksm_filter(filter_enabled: bool) -> None:
+    """Without LKSM_FILTER nothing reads an item's region or offset: 8 bytes less a page."""
+    src = FakeSource()
+    t = src.anon("a", [fill("a")] * 10 + [unique(i) for i in range(10)])
+    src.anon("b", [fill("a")] * 5)
+    ksm = Ksm(src, filter_enabled=filter_enabled)
+    for _ in range(3):
+        ksm.full_scan()
+    rmap = ksm.slots[t].rmap
+    assert len(rmap) == 20
+    assert rmap.nbytes == 20 * (BYTES_PER_ITEM if filter_enabled else BYTES_PER_ITEM_NO_FILTER)
+    assert BYTES_PER_ITEM_NO_FILTER == BYTES_PER_ITEM - 8
+    assert counts(ksm) == (1, 14, 10, 0)
 
 
 def test_ltp_phases_with_unlimited_sharing() -> None:
@@ -152,6 +189,41 @@ def test_short_tasks_are_not_registered() -> None:
     ksm.full_scan()
     assert ksm.counters()["scanning_process"] == 1
     assert [s.comm for s in ksm.slots.values()] == ["long"]
+
+
+def test_skipped_tasks_say_why() -> None:
+    """Ksm.skipped: what the last prepared scan left out (check_short_task with the
+    task's CPU time; /proc refusing its stat or its maps), replaced at every prepare."""
+    src = DenyingSource()
+    short = src.anon("short", [fill("a")] * 2, runtime_ms=99)
+    src.anon("long", [fill("a")] * 2, runtime_ms=100)
+    hidden_stat = src.anon("nostat", [fill("a")] * 2)
+    hidden_maps = src.anon("nomaps", [fill("a")] * 2)
+    src.deny_stat.add(hidden_stat)
+    src.deny_maps.add(hidden_maps)
+    ksm = Ksm(src)
+    ksm.full_scan()
+    assert ksm.skipped == {
+        short: Skipped("short", SKIP_SHORT, 99 * 10**6),
+        hidden_stat: Skipped("", SKIP_DENIED),
+        hidden_maps: Skipped("nomaps", SKIP_DENIED),
+    }
+    assert [s.comm for s in ksm.slots.values()] == ["long"]  # the denied slot left at the scan's end
+    src.kill(short)
+    src.deny_stat.clear()
+    ksm.full_scan()
+    assert set(ksm.skipped) == {hidden_maps}  # this scan's reasons only
+    assert sorted(s.comm for s in ksm.slots.values()) == ["long", "nostat"]
+
+
+def test_short_task_threshold_is_the_engines() -> None:
+    """short_task_ms=0 (`lksmfs scan --include-short-tasks`) scans a 1 ms task; the
+    default is LKSM's 100 ms (test_short_tasks_are_not_registered)."""
+    src = FakeSource()
+    src.anon("short", [fill("a")] * 2, runtime_ms=1)
+    ksm = Ksm(src, short_task_ms=0)
+    ksm.full_scan()
+    assert [s.comm for s in ksm.slots.values()] == ["short"] and ksm.skipped == {}
 
 
 def test_exit_is_deferred_to_the_end_of_the_scan() -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
-from lksmfs.system.cgroups import discover
-from lksmfs.system.mounts import is_mountpoint, parse_mountinfo, unescape
+from lksmfs.system.cgroups import discover, visible
+from lksmfs.system.mounts import is_mountpoint, parse_mountinfo, read_mountinfo, unescape
 
 
 def _mangle(path: bytes) -> bytes:
@@ -63,7 +64,34 @@ def test_discover_roots_from_mountinfo(tmp_path: Path) -> None:
         "90 31 0:34 / /mnt/again rw - cgroup cgroup rw,cpu,freezer\n"  # bind: same hierarchy
         "41 31 0:38 / /sys/fs/cgroup/my\\040unified rw - cgroup2 cgroup2 rw,nsdelegate\n"
     )
-    v1, v2 = discover(str(mi))
+    v1, v2 = discover(str(mi), is_visible=lambda m: True)
     assert v1 == ["/sys/fs/cgroup/cpu,freezer"]
     assert v2 == ["/sys/fs/cgroup/my unified"]
     assert discover(str(tmp_path / "missing")) == ([], [])
+
+
+def test_discover_skips_covered_mounts(tmp_path: Path) -> None:
+    """A cgroup2-only view made over a hybrid one: a tmpfs covers /sys/fs/cgroup and the
+    same cgroup2 hierarchy (0:38) is mounted again at /sys/fs/cgroup.  The covered
+    mounts are still listed; the hierarchy is found where it can be reached."""
+    mi = tmp_path / "mountinfo"
+    mi.write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755\n"
+        "37 31 0:34 / /sys/fs/cgroup/freezer rw - cgroup cgroup rw,freezer\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+        "90 31 0:90 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+        "91 90 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    )
+    covered = {"/sys/fs/cgroup/freezer", "/sys/fs/cgroup/unified"}  # stat() fails there
+    assert discover(str(mi), is_visible=lambda m: m.mountpoint not in covered) == ([], ["/sys/fs/cgroup"])
+    # without the visibility check the covered mounts would win (the old behaviour)
+    assert discover(str(mi), is_visible=lambda m: True) == (["/sys/fs/cgroup/freezer"], ["/sys/fs/cgroup/unified"])
+
+
+def test_visible_compares_the_mountpoint_with_the_mounts_device() -> None:
+    """This process's own /proc is what /proc shows; the same line with another device
+    (a mount covered since) or a path that is gone is not."""
+    proc = [m for m in read_mountinfo() if m.mountpoint == "/proc"][-1]
+    assert visible(proc)
+    assert not visible(replace(proc, device="0:0"))
+    assert not visible(replace(proc, mountpoint="/proc/no such dir"))
