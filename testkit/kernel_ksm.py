@@ -410,7 +410,9 @@ def anon_page_census(
 
     A deliberately naive second opinion (pagemap present + not file, kpageflags ANON and not the
     zero page, contents from /proc/PID/mem), used to derive by hand how many of the runtime's
-    pages can merge.  `exclude` maps pid -> (start, end) byte range left out (the pattern mapping).
+    pages can merge.  `exclude` maps pid -> (start, end) byte range left out (the pattern mapping),
+    page by page: the kernel merges a new anonymous mapping into an adjacent one with the same
+    flags, so the VMA holding the pattern often holds runtime pages too, which must be counted.
     Needs root (PFNs) and stopped processes (stable contents).
     """
     groups: dict[bytes, int] = {}
@@ -429,11 +431,11 @@ def anon_page_census(
                     path = fields_[5] if len(fields_) > 5 else ""
                     if path in _SPECIAL or "r" not in fields_[1] or fields_[1][3] == "s":
                         continue
-                    if skip is not None and start == skip[0]:
-                        continue
                     npages = (end - start) // PAGE_SIZE
                     entries = os.pread(pm.fileno(), npages * 8, (start // PAGE_SIZE) * 8)
                     for i in range(len(entries) // 8):
+                        if skip is not None and skip[0] <= start + i * PAGE_SIZE < skip[1]:
+                            continue
                         e = int.from_bytes(entries[i * 8 : i * 8 + 8], "little")
                         if not e & _PM_PRESENT or e & _PM_FILE:
                             continue

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from lksmfs.scan import scan_processes
+from lksmfs.system.proc import PAGE_SIZE
 from testkit.kernel_ksm import KernelKsm, anon_page_census
 from testkit.memproc import PATTERN, PatternGroup
 from testkit.patterns import Spec, expected_counts, pattern_page, spec_groups
@@ -91,6 +92,11 @@ SCENARIOS = {"ltp": LTP_PHASES, "mixed": MIXED_PHASES}
 CASES = [("ltp", 1000), ("ltp", 2), ("mixed", 1000), ("mixed", 3)]
 
 
+def _patterns(group: PatternGroup) -> dict[int, tuple[int, int]]:
+    """Each child's pattern mapping as a byte range, for anon_page_census to leave out."""
+    return {p.pid: (p.addr(PATTERN), p.addr(PATTERN) + p.npages(PATTERN) * PAGE_SIZE) for p in group.procs}
+
+
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
@@ -123,7 +129,7 @@ def run_phases(
         for i, phase in enumerate(phases):
             if i:
                 group.rewrite(phase.specs)
-            runtime = anon_page_census(group.pids, {p.pid: (p.addr(PATTERN), 0) for p in group.procs})
+            runtime = anon_page_census(group.pids, _patterns(group))
             combined = dict(runtime)
             pattern_sizes = spec_groups(phase.specs)
             for gkey, count in pattern_sizes.items():
@@ -204,7 +210,7 @@ def test_lksmfs_matches_kernel_with_use_zero_pages(kernel_ksm: KernelKsm, mps: i
     kernel_ksm.configure(max_page_sharing=mps, use_zero_pages=1)
     with PatternGroup(ZERO_SPECS) as group:
         assert not kernel_ksm.foreign_mergeable(group.pids)
-        runtime = anon_page_census(group.pids, {p.pid: (p.addr(PATTERN), 0) for p in group.procs})
+        runtime = anon_page_census(group.pids, _patterns(group))
         combined = dict(runtime)
         for gkey, count in spec_groups(ZERO_SPECS).items():
             key = _digest(pattern_page(gkey))
