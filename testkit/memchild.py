@@ -13,7 +13,9 @@ SPEC is JSON::
 
 Regions are mapped in order: `private` is MAP_PRIVATE|MAP_ANONYMOUS, `shared` is
 MAP_SHARED|MAP_ANONYMOUS (never mergeable), `file` maps FILE MAP_PRIVATE read-write (its
-written pages are anonymous COW pages in a file mapping: a library's .data).
+written pages are anonymous COW pages in a file mapping: a library's .data).  An
+anonymous region lies between two PROT_NONE guard pages, so that its VMA is exactly the
+region (the kernel would merge it into an adjacent anonymous mapping with the same flags).
 ``"madvise": true`` calls madvise(MADV_MERGEABLE) on the mapping before it is written
 (VM_MERGEABLE: mainline KSM's scope; the kernel merges it whenever its ksmd runs, so a
 test does this only under the kernel oracle's lock).  PAGES is
@@ -64,7 +66,7 @@ PR_SET_THP_DISABLE = 41
 PR_SET_MEMORY_MERGE = 67
 MADV_MERGEABLE = 12
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # the machine's (run by path: no lksmfs import here)
-PROT_READ, PROT_WRITE = 0x1, 0x2
+PROT_NONE, PROT_READ, PROT_WRITE = 0x0, 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
 UNIQUE_MAGIC = 0x6C6B736D_6F72636C  # "lksmorcl"
 SAME_MAGIC = 0x6C6B736D_73616D65  # "lksmsame"
@@ -78,6 +80,8 @@ _libc.mmap.argtypes = [
     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
 ]
 _libc.mmap.restype = ctypes.c_void_p
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mprotect.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 
@@ -136,22 +140,33 @@ def _prctl(option: int, arg: int) -> None:
 
 
 def _map(region: dict[str, Any], npages: int) -> int:
+    """The region's mapping.  An anonymous one lies between two PROT_NONE guard pages:
+    the kernel merges a new anonymous mapping into an adjacent one with the same flags,
+    and the region's VMA would then hold runtime pages too (smaps, a VMA's anonymous
+    pages, an oracle's census by VMA would count them)."""
     kind = region.get("kind", "private")
     size = max(npages, 1) * PAGE_SIZE
     fd = -1
+    guard = 0
     if kind == "file":
         fd = os.open(region["file"], os.O_RDONLY)
         flags = MAP_PRIVATE
+        prot = PROT_READ | PROT_WRITE
     else:
         flags = (MAP_SHARED if kind == "shared" else MAP_PRIVATE) | MAP_ANONYMOUS
+        guard = PAGE_SIZE
+        prot = PROT_NONE
     try:
-        addr = _libc.mmap(None, size, PROT_READ | PROT_WRITE, flags, fd, 0)
+        addr = _libc.mmap(None, size + 2 * guard, prot, flags, fd, 0)
     finally:
         if fd >= 0:
             os.close(fd)  # the mapping keeps the file
     if addr is None or addr == ctypes.c_void_p(-1).value:
         raise OSError(ctypes.get_errno(), f"mmap of region {region['name']!r} failed")
-    return int(addr)
+    addr = int(addr) + guard
+    if guard and _libc.mprotect(addr, size, PROT_READ | PROT_WRITE) != 0:
+        raise OSError(ctypes.get_errno(), f"mprotect of region {region['name']!r} failed")
+    return addr
 
 
 def _runtime_ns() -> int:
