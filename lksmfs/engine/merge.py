@@ -149,8 +149,11 @@ class Merger:
         # the groups: pages of equal content, contiguous in `order`, address order within
         order = np.argsort(klo, kind="stable")
         sk = klo[order]
-        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-        counts = np.diff(np.r_[starts, sk.shape[0]])
+        edge = np.empty(sk.shape[0], dtype=bool)
+        edge[0] = True
+        np.not_equal(sk[1:], sk[:-1], out=edge[1:])
+        starts = np.flatnonzero(edge)
+        counts = np.diff(starts, append=sk.shape[0])
         gid = np.empty(idx.shape[0], dtype=np.int64)
         gid[order] = np.repeat(np.arange(starts.shape[0]), counts)
         size = counts[gid]

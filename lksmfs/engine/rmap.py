@@ -43,6 +43,10 @@ REGION_COLUMNS = ("region", "off")
 BYTES_PER_ITEM_NO_FILTER = BYTES_PER_ITEM - sum(np.dtype(COLUMNS[c]).itemsize for c in REGION_COLUMNS)
 
 
+_ALL = tuple(COLUMNS)
+_NO_REGIONS = tuple(c for c in COLUMNS if c not in REGION_COLUMNS)
+
+
 def _absent(dtype: type, n: int) -> np.ndarray:
     """A column that is not kept: n zeros that take no memory (read-only)."""
     return np.broadcast_to(np.zeros(1, dtype=dtype), (n,))
@@ -77,7 +81,7 @@ class Rmap:
         return int(self.vpn.shape[0])
 
     def _kept(self) -> tuple[str, ...]:
-        return tuple(COLUMNS) if self.tracks_regions else tuple(c for c in COLUMNS if c not in REGION_COLUMNS)
+        return _ALL if self.tracks_regions else _NO_REGIONS
 
     @property
     def nbytes(self) -> int:
@@ -86,14 +90,21 @@ class Rmap:
     def _derived(self, cols: dict[str, np.ndarray]) -> Rmap:
         out = Rmap.__new__(Rmap)
         out.tracks_regions = self.tracks_regions
-        n = int(cols["vpn"].shape[0])
-        for c, dt in COLUMNS.items():
-            setattr(out, c, cols[c] if c in cols else _absent(dt, n))
+        for c, a in cols.items():
+            setattr(out, c, a)
+        if not self.tracks_regions:
+            n = int(cols["vpn"].shape[0])
+            for c in REGION_COLUMNS:
+                setattr(out, c, _absent(COLUMNS[c], n))
         return out
 
     def view(self, start: int, stop: int) -> Rmap:
-        """Items [start, stop) sharing this block's memory."""
-        return self._derived({c: getattr(self, c)[start:stop] for c in self._kept()})
+        """Items [start, stop) sharing this block's memory (the hot path: plain slices)."""
+        out = Rmap.__new__(Rmap)
+        out.tracks_regions = self.tracks_regions
+        for c in _ALL:  # a slice of a column that is not kept is still a free broadcast
+            setattr(out, c, getattr(self, c)[start:stop])
+        return out
 
     def take(self, idx: np.ndarray | slice) -> Rmap:
         return self._derived({c: getattr(self, c)[idx] for c in self._kept()})
