@@ -17,6 +17,7 @@ when they were compared byte for byte; a page joins it when its digest is the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,9 +52,20 @@ class Chunk:
     vma_start: int
     rid: int
     part: Rmap
-    data: memoryview | bytes  # valid for the chunk: partner reads go to another buffer
+    # the pages, valid for the chunk (partner reads go to another buffer); None when
+    # they were not read because their digests are known (`fetch` reads what is needed)
+    data: memoryview | bytes | None
     lo: np.ndarray
     hi: np.ndarray
+    fetch: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def words(self, i: np.ndarray) -> np.ndarray:
+        """Pages `i` of the chunk as rows of words (a copy), for memcmp_pages()."""
+        if self.data is not None:
+            rows: np.ndarray = as_words(self.data)[i]
+            return rows
+        assert self.fetch is not None
+        return self.fetch(i)
 
     def offsets(self, i: np.ndarray) -> np.ndarray:
         """Page offsets of items `i` from the VMA's start (rmap_item->base_addr)."""
@@ -281,7 +293,6 @@ class Merger:
         comparison fails (a digest collision, a page rewritten since it was read)."""
         k = self.k
         part = c.part
-        words = as_words(c.data)
         first = int(m[0])
         lo, hi = int(c.lo[first]), int(c.hi[first])
         if not (bool((c.lo[m] == c.lo[first]).all()) and bool((c.hi[m] == c.hi[first]).all())):
@@ -296,8 +307,8 @@ class Merger:
             if taken == m.shape[0]:
                 break
         rest = m[taken:]
-        plan = _GroupPlan.make(self, c, rest, words) if rest.size else None
-        if plan is not None and not plan.compared(self, words):
+        plan = _GroupPlan.make(self, c, rest) if rest.size else None
+        if plan is not None and not plan.compared(self):
             return False
         # remove_rmap_item_from_tree() for items left in last round's unstable tree
         k.stats.pages_unshared -= int(np.count_nonzero(part.flags[m] & UNSTABLE))
@@ -321,7 +332,6 @@ class Merger:
         blocks: list[Rmap] = []
         tsids = refs >> VPN_BITS
         tvpns = (refs & VPN_MASK).astype(np.uint64)
-        mine = as_words(c.data)
         for tsid in np.unique(tsids).tolist():
             sel = np.flatnonzero(tsids == tsid)
             tslot = k.mm.by_sid(int(tsid))
@@ -348,7 +358,7 @@ class Merger:
                     theirs = self.read_partners(tslot, tvpns[g])
                 except SourceError:
                     break
-                ok[g] = (theirs == mine[m[g]]).all(axis=1)
+                ok[g] = (theirs == c.words(m[g])).all(axis=1)
         if not ok.any():
             return ok
         w = m[ok]
@@ -401,7 +411,7 @@ class Merger:
             if int(part.cksum[i]) != ck:
                 part.cksum[i] = ck
                 return
-        page = bytes(c.data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+        page = c.words(np.array([i])).tobytes()
         if k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page):
             # merged with the zero page: no longer anonymous until written again
             k.scanner.add_zero_pages(np.array([vpn], dtype=np.uint64))
@@ -476,7 +486,7 @@ class _GroupPlan:
     partner: tuple[MmSlot, Rmap, int] | None
 
     @classmethod
-    def make(cls, merger: Merger, c: Chunk, rest: np.ndarray, words: np.ndarray) -> _GroupPlan:
+    def make(cls, merger: Merger, c: Chunk, rest: np.ndarray) -> _GroupPlan:
         k = merger.k
         part = c.part
         n = int(rest.shape[0])
@@ -486,7 +496,8 @@ class _GroupPlan:
             passing = ((part.flags[rest] & FROZEN) != 0) | (part.cksum[rest] == (hi & 0xFFFFFFFE))
         else:
             passing = np.ones(n, dtype=bool)
-        is_zero = bool(k.tunables.use_zero_pages) and lo == ZERO_LO and hi == ZERO_HI and not words[first].any()
+        is_zero = (bool(k.tunables.use_zero_pages) and lo == ZERO_LO and hi == ZERO_HI
+                   and not c.words(np.array([first])).any())
         partner = None
         if not is_zero:
             ref = k.unstable.get(lo if lo >= 2 else lo + 2)
@@ -530,12 +541,17 @@ class _GroupPlan:
         used = partner if pairs and pairs[0][0] < 0 else None
         return cls(c, rest, lo, hi, dup, fail, zero, waiting, pairs, used)
 
-    def compared(self, merger: Merger, words: np.ndarray) -> bool:
+    def compared(self, merger: Merger) -> bool:
         """memcmp_pages() for the two pages of every new KSM page."""
+        if not self.pairs:
+            return True
+        need = np.unique(np.array([self.rest[x] for pair in self.pairs for x in pair if x >= 0]))
+        rows = self.c.words(need)
+        row = {int(p): r for p, r in zip(need.tolist(), rows, strict=True)}
         for a, b in self.pairs:
-            mine = words[int(self.rest[b])]
+            mine = row[int(self.rest[b])]
             if a >= 0:
-                if not np.array_equal(words[int(self.rest[a])], mine):
+                if not np.array_equal(row[int(self.rest[a])], mine):
                     return False
             else:
                 assert self.partner is not None

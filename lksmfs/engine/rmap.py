@@ -3,7 +3,8 @@
 The kernel keeps one `struct rmap_item` (64 bytes) per tracked page in a sorted singly
 linked list; here the same fields live in columns, 28 bytes a page (20 without
 LKSM_FILTER, which alone needs `region` and `off`; 2 of them are mainline's smart_scan
-state, `age` and `skips`):
+state, `age` and `skips`), and 16 more for the page's digest where the source can tell
+whether a process ran since its last scan:
 
     vpn     uint64  address >> PAGE_SHIFT
     flags   uint8   UNSTABLE_FLAG / STABLE_FLAG / the LKSM frozen bit
@@ -14,6 +15,7 @@ state, `age` and `skips`):
     off     uint32  page offset inside its VMA (rmap_item->base_addr)
     age     uint8   mainline's rmap_item->age (smart_scan: visits, saturating at 255)
     skips   uint8   mainline's rmap_item->remaining_skips (smart_scan)
+    dlo/dhi uint64  the page's digest at its last visit (no kernel field: see scanner.py)
 """
 
 from __future__ import annotations
@@ -35,16 +37,25 @@ COLUMNS: dict[str, type] = {
     # mainline ksmd's smart_scan state (rmap_age_t, one byte each): lksmfs.engine.ksmd
     "age": np.uint8,
     "skips": np.uint8,
+    # the page's 128-bit digest at its last visit: with it the scanner need not read
+    # again a page of a process that has not run since (kept where the source can tell)
+    "dlo": np.uint64,
+    "dhi": np.uint64,
 }
 
-BYTES_PER_ITEM = sum(np.dtype(t).itemsize for t in COLUMNS.values())
-# kept only with LKSM_FILTER (nothing reads them without it): 20 bytes a page then
+# kept only with LKSM_FILTER (nothing reads them without it)
 REGION_COLUMNS = ("region", "off")
-BYTES_PER_ITEM_NO_FILTER = BYTES_PER_ITEM - sum(np.dtype(COLUMNS[c]).itemsize for c in REGION_COLUMNS)
+# kept only when the source can tell whether a process ran (MemorySource.cpu_mark)
+DIGEST_COLUMNS = ("dlo", "dhi")
 
 
-_ALL = tuple(COLUMNS)
-_NO_REGIONS = tuple(c for c in COLUMNS if c not in REGION_COLUMNS)
+def _size(cols: tuple[str, ...]) -> int:
+    return sum(np.dtype(COLUMNS[c]).itemsize for c in cols)
+
+
+BYTES_PER_ITEM = _size(tuple(COLUMNS))  # every column
+BYTES_PER_ITEM_NO_FILTER = BYTES_PER_ITEM - _size(REGION_COLUMNS)
+BYTES_PER_ITEM_NO_DIGESTS = BYTES_PER_ITEM - _size(DIGEST_COLUMNS)
 
 
 def _absent(dtype: type, n: int) -> np.ndarray:
@@ -52,11 +63,19 @@ def _absent(dtype: type, n: int) -> np.ndarray:
     return np.broadcast_to(np.zeros(1, dtype=dtype), (n,))
 
 
-class Rmap:
-    """One block of rmap items (a whole slot, or one scanned chunk of it).
-    `tracks_regions` False: the region columns are not kept (no LKSM_FILTER)."""
+_KEPT: dict[tuple[bool, bool], tuple[str, ...]] = {
+    (r, d): tuple(c for c in COLUMNS if (r or c not in REGION_COLUMNS) and (d or c not in DIGEST_COLUMNS))
+    for r in (False, True) for d in (False, True)
+}
+_ALL = tuple(COLUMNS)
 
-    __slots__ = (*COLUMNS, "tracks_regions")
+
+class Rmap:
+    """One block of rmap items (a whole slot, or one scanned chunk of it).  Columns
+    nothing will read are not kept: `tracks_regions` False without LKSM_FILTER,
+    `tracks_digests` False when the source cannot tell whether a process ran."""
+
+    __slots__ = (*COLUMNS, "tracks_regions", "tracks_digests")
 
     vpn: np.ndarray
     flags: np.ndarray
@@ -67,13 +86,17 @@ class Rmap:
     off: np.ndarray
     age: np.ndarray
     skips: np.ndarray
+    dlo: np.ndarray
+    dhi: np.ndarray
     tracks_regions: bool
+    tracks_digests: bool
 
-    def __init__(self, n: int = 0, tracks_regions: bool = True) -> None:
+    def __init__(self, n: int = 0, tracks_regions: bool = True, tracks_digests: bool = False) -> None:
         self.tracks_regions = tracks_regions
+        self.tracks_digests = tracks_digests
+        kept = _KEPT[tracks_regions, tracks_digests]
         for name, dt in COLUMNS.items():
-            kept = tracks_regions or name not in REGION_COLUMNS
-            setattr(self, name, np.zeros(n, dtype=dt) if kept else _absent(dt, n))
+            setattr(self, name, np.zeros(n, dtype=dt) if name in kept else _absent(dt, n))
         if n:
             self.node[:] = -1
 
@@ -81,27 +104,28 @@ class Rmap:
         return int(self.vpn.shape[0])
 
     def _kept(self) -> tuple[str, ...]:
-        return _ALL if self.tracks_regions else _NO_REGIONS
+        return _KEPT[self.tracks_regions, self.tracks_digests]
 
     @property
     def nbytes(self) -> int:
         return sum(getattr(self, c).nbytes for c in self._kept())
 
-    def _derived(self, cols: dict[str, np.ndarray]) -> Rmap:
+    def _new_like(self) -> Rmap:
         out = Rmap.__new__(Rmap)
         out.tracks_regions = self.tracks_regions
-        for c, a in cols.items():
-            setattr(out, c, a)
-        if not self.tracks_regions:
-            n = int(cols["vpn"].shape[0])
-            for c in REGION_COLUMNS:
-                setattr(out, c, _absent(COLUMNS[c], n))
+        out.tracks_digests = self.tracks_digests
+        return out
+
+    def _derived(self, cols: dict[str, np.ndarray]) -> Rmap:
+        out = self._new_like()
+        n = int(cols["vpn"].shape[0])
+        for c, dt in COLUMNS.items():
+            setattr(out, c, cols[c] if c in cols else _absent(dt, n))
         return out
 
     def view(self, start: int, stop: int) -> Rmap:
         """Items [start, stop) sharing this block's memory (the hot path: plain slices)."""
-        out = Rmap.__new__(Rmap)
-        out.tracks_regions = self.tracks_regions
+        out = self._new_like()
         for c in _ALL:  # a slice of a column that is not kept is still a free broadcast
             setattr(out, c, getattr(self, c)[start:stop])
         return out
@@ -115,9 +139,12 @@ class Rmap:
         return self._derived({c: getattr(self, c)[:n].copy() for c in self._kept()})
 
     def fill_from(self, other: Rmap, n: int) -> None:
-        """Items [0, n) of `other` become this block's first n items."""
+        """Items [0, n) of `other` become this block's first n items (columns `other`
+        does not keep stay zero)."""
+        theirs = set(other._kept())
         for c in self._kept():
-            getattr(self, c)[:n] = getattr(other, c)[:n]
+            if c in theirs:
+                getattr(self, c)[:n] = getattr(other, c)[:n]
 
     def find(self, vpn: int) -> int:
         """Index of `vpn`, or -1."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.merge import Chunk, SourceError
-from lksmfs.engine.pages import CHUNK, digest_pages, is_zero_digest
+from lksmfs.engine.pages import CHUNK, as_words, digest_pages, is_zero_digest
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
     KSM_MM_NEWCOMER,
@@ -209,6 +209,16 @@ class Scanner:
             self._buf = bytearray(need)
         return memoryview(self._buf)[:need]
 
+    def _fetcher(self, slot: MmSlot, part: Rmap) -> Callable[[np.ndarray], np.ndarray]:
+        """For a chunk that was not read: read just the pages a comparison needs."""
+
+        def fetch(i: np.ndarray) -> np.ndarray:
+            n = int(i.shape[0])
+            data = self.k.source.read_pages(slot.task, part.vpn[i], self._chunk_buffer(n))
+            return as_words(data).copy()
+
+        return fetch
+
     def current_items(self) -> Rmap:
         """The items of the slot being scanned that are valid so far (this chunk included)."""
         return self._cur_new.view(0, self._cur_valid) if self._cur_new is not None else Rmap()
@@ -241,21 +251,29 @@ class Scanner:
         self._new_zero = []
         self.region = -1  # ksm_scan.region is NULL when a slot starts
         try:
+            # Taken before anything is read: equal to the mark taken before the last
+            # scan, it says the task ran nothing since, so its pages are those the last
+            # scan read, with the digests that scan kept (the items' dlo/dhi).
+            mark = k.source.cpu_mark(slot.task)
+            quiet = mark is not None and mark == slot.cpu_mark and old.tracks_digests
+            slot.cpu_mark = mark
+            keep_digests = mark is not None
             maps = k.source.mappings(slot.task)
-            present = [
-                (i, k.source.present_anon(slot.task, vma.start_vpn, vma.end_vpn))
-                for i, vma in enumerate(maps)
-                if vma.mergeable and vma.has_anon
-            ]
+            present: list[tuple[int, np.ndarray]] = []
+            for i, vma in enumerate(maps):
+                if vma.mergeable and vma.has_anon:
+                    vpns = k.source.present_anon(slot.task, vma.start_vpn, vma.end_vpn)
+                    if prev_zero.size:
+                        vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept,
+                                                     quiet)
+                    present.append((i, vpns))
             total = sum(int(v.shape[0]) for _, v in present)
-            inplace = len(old) == total and (
+            inplace = len(old) == total and old.tracks_digests == keep_digests and (
                 total == 0 or np.array_equal(old.vpn, np.concatenate([v for _, v in present])))
-            new = old if inplace else Rmap(total, k.filter_enabled)
+            new = old if inplace else Rmap(total, k.filter_enabled, keep_digests)
             self._cur_new = new
             for i, vpns in present:
                 vma = maps[i]
-                if prev_zero.size:
-                    vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept)
                 for rid, run, event in self._walk_vma(slot, maps, i, vpns):
                     if event is not None:
                         event()
@@ -264,16 +282,21 @@ class Scanner:
                         n = min(max(1, min(CHUNK, self._budget)), int(run.shape[0]) - j)
                         if inplace and not np.array_equal(old.vpn[filled : filled + n], run[j : j + n]):
                             # the scan leaves the old list's pages: from here on, a new list
-                            new = Rmap(total, k.filter_enabled)
+                            new = Rmap(total, k.filter_enabled, keep_digests)
                             new.fill_from(old, filled)
                             self._cur_new = new
                             inplace = False
                         part = new.view(filled, filled + n)
                         if not inplace:
                             part.vpn[:] = run[j : j + n]
-                        data = k.source.read_pages(slot.task, run[j : j + n], self._chunk_buffer(n))
+                        data: memoryview | None
+                        if quiet and inplace:  # the pages the last scan read: not read again
+                            data, lo, hi = None, part.dlo.copy(), part.dhi.copy()
+                        else:
+                            data = k.source.read_pages(slot.task, run[j : j + n], self._chunk_buffer(n))
+                            lo, hi = digest_pages(data, n)
                         self._cur_valid = filled + n
-                        pos, scanned = self._scan_chunk(slot, vma.start_vpn, rid, part, data, old,
+                        pos, scanned = self._scan_chunk(slot, vma.start_vpn, rid, part, data, lo, hi, old,
                                                         filled if inplace else pos, inplace)
                         filled += n
                         j += n
@@ -356,21 +379,26 @@ class Scanner:
         assert conflicted, "a smaller mapping's second size check conflicts its region"
 
     def _zero_page_check(
-        self, slot: MmSlot, zero: np.ndarray, start: int, end: int, vpns: np.ndarray, kept: list[np.ndarray]
+        self, slot: MmSlot, zero: np.ndarray, start: int, end: int, vpns: np.ndarray, kept: list[np.ndarray],
+        quiet: bool = False,
     ) -> np.ndarray:
         """Pages merged with the zero page are the zero page while they stay zero (not
-        anonymous: follow_page() skips them); a write brings them back as anon pages."""
+        anonymous: follow_page() skips them); a write brings them back as anon pages.
+        A task that has not run (`quiet`) has written none of them."""
         z = zero[(zero >= np.uint64(start)) & (zero < np.uint64(end))]
         z = z[np.isin(z, vpns)]
         if not z.size:
             return vpns
-        still: list[np.ndarray] = []
-        for b in range(0, z.shape[0], CHUNK):  # a chunk at a time: bounded buffers
-            part = z[b : b + CHUNK]
-            data = self.k.source.read_pages(slot.task, part, self._chunk_buffer(int(part.shape[0])))
-            lo, hi = digest_pages(data, int(part.shape[0]))
-            still.append(part[is_zero_digest(lo, hi)])
-        zs = np.concatenate(still)
+        if quiet:
+            zs = z
+        else:
+            still: list[np.ndarray] = []
+            for b in range(0, z.shape[0], CHUNK):  # a chunk at a time: bounded buffers
+                part = z[b : b + CHUNK]
+                data = self.k.source.read_pages(slot.task, part, self._chunk_buffer(int(part.shape[0])))
+                lo, hi = digest_pages(data, int(part.shape[0]))
+                still.append(part[is_zero_digest(lo, hi)])
+            zs = np.concatenate(still)
         kept.append(zs)
         return vpns[~np.isin(vpns, zs)]
 
@@ -398,18 +426,17 @@ class Scanner:
     # -- one chunk -----------------------------------------------------------------
 
     def _scan_chunk(
-        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, data: memoryview, old: Rmap, pos: int,
-        inplace: bool = False,
+        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, data: memoryview | None, lo: np.ndarray,
+        hi: np.ndarray, old: Rmap, pos: int, inplace: bool = False,
     ) -> tuple[int, int]:
         """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part` (contents
-        in `data`), a view of the slot's new rmap list whose vpn column is already set
-        (`inplace`: a view of the old list itself, whose items are these pages').
-        Returns the position in the slot's old rmap list after these pages, and how many
-        were scanned."""
+        in `data`, None when not read, digests `lo`/`hi`), a view of the slot's new rmap
+        list whose vpn column is already set (`inplace`: a view of the old list itself,
+        whose items are these pages').  Returns the position in the slot's old rmap list
+        after these pages, and how many were scanned."""
         k = self.k
         vpns = part.vpn
         n = int(vpns.shape[0])
-        lo, hi = digest_pages(data, n)
 
         if inplace:
             end = pos + n
@@ -418,6 +445,9 @@ class Scanner:
             end = self._get_next_rmap_items(part, old, pos, rid, vma_start)
             matched = self._matched
         k.stats.rmap_items += n - int(np.count_nonzero(matched))
+        if part.tracks_digests:
+            part.dlo[:] = lo
+            part.dhi[:] = hi
         flags = part.flags
         if slot.test(KSM_MM_FROZEN):
             # an old item keeps the frozen bit only if it sat in the unstable tree
@@ -438,7 +468,7 @@ class Scanner:
         k.stats.pages_scanned += n - skipped
         slot.nr_scans += n - skipped
         if idx.size:
-            k.merger.cmp_and_merge(Chunk(slot, vma_start, rid, part, data, lo, hi), idx)
+            k.merger.cmp_and_merge(Chunk(slot, vma_start, rid, part, data, lo, hi, self._fetcher(slot, part)), idx)
         return end, n - skipped
 
     def _get_next_rmap_items(self, part: Rmap, old: Rmap, pos: int, rid: int, vma_start: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import numpy as np
 
@@ -19,7 +19,7 @@ class MmSlot:
     __slots__ = (
         "sid", "task", "comm", "state", "merge_win", "merge_idx", "nr_merged",
         "scanning_size", "fault_cnt", "elapsed", "nr_scans", "rmap", "zero_vpns",
-        "regions", "marked", "vip_seq", "removed",
+        "regions", "marked", "vip_seq", "removed", "cpu_mark",
     )
 
     def __init__(self, sid: int, task: TaskId, comm: str, frozen: bool) -> None:
@@ -39,6 +39,7 @@ class MmSlot:
         self.zero_vpns = np.zeros(0, dtype=np.uint64)  # pages merged with the zero page
         self.regions: set[int] = set()  # lksm_region_ref list
         self.marked = MarkedVmas()  # the VMAs ksm_join() has marked VM_MERGEABLE
+        self.cpu_mark: Hashable | None = None  # MemorySource.cpu_mark before its last scan
         self.vip_seq = -1  # position in vips_list, -1 when not in it
         self.removed = False
 

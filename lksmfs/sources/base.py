@@ -8,6 +8,7 @@ page) so that the engine can stay a faithful port of mm/lksm.c.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -122,6 +123,13 @@ class MemorySource(Protocol):
         """
         ...
 
+    def cpu_mark(self, task: TaskId) -> Hashable | None:
+        """Something equal at two moments only if the task ran no instruction in
+        between (per-thread CPU time), or None when the source cannot tell.  A task that
+        did not run has the same private anonymous memory, so pages read and digested
+        before are not read again (the scanner's cpu_mark rule)."""
+        ...
+
     def release(self, task: TaskId) -> None:
         """Forget per-task resources (open fds): the engine dropped the slot."""
         ...
@@ -152,6 +160,9 @@ class SourceWrapper:
 
     def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         return self.inner.read_pages(task, vpns, out)
+
+    def cpu_mark(self, task: TaskId) -> Hashable | None:
+        return self.inner.cpu_mark(task)
 
     def release(self, task: TaskId) -> None:
         self.inner.release(task)

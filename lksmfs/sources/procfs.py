@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import numpy as np
 
@@ -625,6 +625,14 @@ class ProcfsSource:
         return ranges
 
     # -- lifetime -----------------------------------------------------------------
+
+    def cpu_mark(self, task: TaskId) -> Hashable | None:
+        """(tid, sum_exec_runtime) of every thread, from /proc/PID/task/*/schedstat."""
+        h = self._acquire(task, cache=True)
+        try:
+            return h.dir.threads_cpu()
+        finally:
+            self._put(h)
 
     def release(self, task: TaskId) -> None:
         """Close the task's fds (the engine dropped its mm_slot)."""

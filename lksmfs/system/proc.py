@@ -339,6 +339,29 @@ class TaskDir:
     def rss_anon_pages(self) -> int:
         return parse_rss_anon(self.read("status"))
 
+    def threads_cpu(self) -> tuple[tuple[int, int], ...] | None:
+        """(tid, se.sum_exec_runtime) of every thread of the task, sorted: equal at two
+        moments only if no thread of it ran in between (threads that come or go change
+        it too).  None without per-thread schedstat (CONFIG_SCHED_INFO=n)."""
+        with wrap_exceptions(f"{self.task} task"):
+            tfd = os.open("task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            out = []
+            with wrap_exceptions(f"{self.task} task"):
+                tids = sorted(int(n) for n in os.listdir(tfd) if n.isdigit())
+            for tid in tids:
+                try:
+                    out.append((tid, parse_schedstat(read_all(f"{tid}/schedstat", dir_fd=tfd))))
+                except FileNotFoundError:
+                    if not self.alive():
+                        raise ProcessGone(f"{self.task}: gone") from None
+                    return None  # a thread that just ended, or no schedstat: no answer
+                except (IndexError, ValueError):
+                    return None
+            return tuple(out)
+        finally:
+            os.close(tfd)
+
     def runtime_ns(self, st: StatFields) -> int:
         """sum_exec_runtime from schedstat; utime+stime ticks (`st`) without schedstat
         (CONFIG_SCHED_INFO=n).  ProcessGone when it is gone meanwhile."""

@@ -179,6 +179,10 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
         self._get(task)
         return 0
 
+    def cpu_mark(self, task: TaskId) -> None:
+        """Pages are computed, never read: nothing to save by knowing."""
+        return None
+
     def release(self, task: TaskId) -> None:
         """Nothing is held per task."""
 

@@ -47,8 +47,10 @@ class FakeSource:
         self.released: list[TaskId] = []
         # alive and readable, but not listed by tasks(): outside the daemon's scope
         self.hidden: set[TaskId] = set()
+        self.cpu_marks = False  # tell the engine when a process has not run (cpu_mark)
         self._next_pid = 1000
         self.reads = 0
+        self.pages_read = 0
 
     def add(
         self, comm: str, vmas: list[tuple[Mapping, dict[int, bytes]]], runtime_ms: int = 1000, pid: int | None = None
@@ -112,11 +114,20 @@ class FakeSource:
     def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         p = self._get(task)
         self.reads += 1
+        self.pages_read += len(vpns)
         data = b"".join(self._page(p, int(v)) for v in vpns)
         if out is None:
             return memoryview(data)
         out[: len(data)] = data
         return out[: len(data)]
+
+    def cpu_mark(self, task: TaskId) -> tuple[int, int] | None:
+        """None (the engine reads every page every time), unless `cpu_marks`: then the
+        runtime and the writes, which change whenever set_page() writes."""
+        if not self.cpu_marks:
+            return None
+        p = self._get(task)
+        return p.runtime_ns, p.faults
 
     def release(self, task: TaskId) -> None:
         self.released.append(task)

@@ -52,6 +52,7 @@ class RewritingSource(FakeSource):
                 victim, content = self.rewrites[task]
                 if victim in self.procs and 0 in self.procs[victim].vmas[0].pages:
                     self.procs[victim].vmas[0].pages[0] = content
+                    self.procs[victim].faults += 1  # the victim wrote: it ran (cpu_mark moves)
         return super().read_pages(task, vpns, out)
 
 
@@ -86,8 +87,9 @@ specs = st.fixed_dictionaries({
 })
 
 
-def run(spec: dict[str, Any], grouped: bool) -> list[tuple[dict[str, int], dict[str, int]]]:
+def run(spec: dict[str, Any], grouped: bool, cpu_marks: bool = False) -> list[tuple[dict[str, int], dict[str, int]]]:
     src, tasks = build(spec)
+    src.cpu_marks = cpu_marks
     ksm = Ksm(src, filter_enabled=spec["filter"])
     ksm.merger = Merger(ksm, grouped=grouped)
     ksm.tunables.max_page_sharing = spec["mps"]
@@ -121,6 +123,21 @@ def test_grouped_path_equals_page_by_page(spec: dict[str, Any], digest: str) -> 
         assert run(spec, grouped=True) == run(spec, grouped=False)
 
 
+@pytest.mark.parametrize("digest", ["xxh3", "weak"])
+@settings(max_examples=100, deadline=None)
+@given(spec=specs)
+def test_pages_of_a_task_that_did_not_run_are_not_read_again_and_nothing_changes(spec: dict[str, Any],
+                                                                                 digest: str) -> None:
+    """With a source that says when a task ran (cpu_mark), a task that did not run since
+    its last scan has its pages' digests from then: the counters are the same as when
+    every page is read every time."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
+        if digest == "weak":
+            mp.setattr(scanner_mod, "digest_pages", weak_digest)
+        assert run(spec, grouped=True, cpu_marks=True) == run(spec, grouped=False)
+
+
 def test_a_chunk_of_identical_pages_fills_dups_then_pairs_new_ones() -> None:
     """10 pages of 'q' in one process, max_page_sharing 4, a frozen newcomer (no gate):
     page 1 waits in the unstable tree, page 2 merges with it (dup A: 2 mappings), pages
@@ -137,6 +154,31 @@ def test_a_chunk_of_identical_pages_fills_dups_then_pairs_new_ones() -> None:
     assert (c["stable_node_chains"], c["stable_node_dups"]) == (1, 3)
     assert sorted(ksm.stable.nlen[:3].tolist()) == [2, 4, 4]
     assert ksm.last_scan["merged"] == 7
+
+
+def test_a_stopped_task_is_read_again_only_where_pages_become_one() -> None:
+    """Two processes that do not run, 300 pages of one content each: the first scan reads
+    them all (checksums); the second reads none but the pages a new KSM page is made
+    of (two per dup: 600 pages, max_page_sharing 256, so 3 dups: 6 pages), and counts
+    exactly what reading everything counts; a third reads nothing at all."""
+    counted = []
+    for marks in (True, False):
+        src = FakeSource()
+        src.cpu_marks = marks
+        for name in ("p", "q"):
+            src.anon(name, [fill("z")] * 300)
+        ksm = Ksm(src)
+        pages = []
+        for _ in range(3):
+            before = src.pages_read
+            ksm.full_scan()
+            pages.append(src.pages_read - before)
+        counted.append((ksm.counters()["pages_shared"], ksm.counters()["pages_sharing"]))
+        if marks:
+            assert pages == [600, 6, 0]
+        else:
+            assert pages == [600, 600, 600]
+    assert counted[0] == counted[1] == (3, 597)
 
 
 def test_use_zero_pages_settles_a_chunk_of_zero_pages_at_once() -> None:

@@ -9,7 +9,7 @@ from memfake import FakeSource, fill, unique
 from lksmfs.engine.crawler import SKIP_DENIED, SKIP_SHORT, Skipped
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_LISTED, KSM_MM_NEWCOMER, KSM_MM_SCANNED
-from lksmfs.engine.rmap import BYTES_PER_ITEM, BYTES_PER_ITEM_NO_FILTER
+from lksmfs.engine.rmap import BYTES_PER_ITEM, BYTES_PER_ITEM_NO_DIGESTS, BYTES_PER_ITEM_NO_FILTER
 from lksmfs.sources.base import AccessDenied, Mapping, TaskId, TaskStat
 
 KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
@@ -44,9 +44,12 @@ def test_rmap_item_columns_fit_the_kernels_64_bytes() -> None:
 
 
 @pytest.mark.parametrize("filter_enabled", [True, False])
-def test_region_columns_are_kept_only_with_lksm_filter(filter_enabled: bool) -> None:
-    """Without LKSM_FILTER nothing reads an item's region or offset: 8 bytes less a page."""
+@pytest.mark.parametrize("cpu_marks", [True, False])
+def test_columns_are_kept_only_where_something_reads_them(filter_enabled: bool, cpu_marks: bool) -> None:
+    """Without LKSM_FILTER nothing reads an item's region or offset (8 bytes); without a
+    source that tells whether a process ran, nothing reads its digest (16 bytes)."""
     src = FakeSource()
+    src.cpu_marks = cpu_marks
     t = src.anon("a", [fill("a")] * 10 + [unique(i) for i in range(10)])
     src.anon("b", [fill("a")] * 5)
     ksm = Ksm(src, filter_enabled=filter_enabled)
@@ -54,8 +57,9 @@ def test_region_columns_are_kept_only_with_lksm_filter(filter_enabled: bool) -> 
         ksm.full_scan()
     rmap = ksm.slots[t].rmap
     assert len(rmap) == 20
-    assert rmap.nbytes == 20 * (BYTES_PER_ITEM if filter_enabled else BYTES_PER_ITEM_NO_FILTER)
-    assert BYTES_PER_ITEM_NO_FILTER == BYTES_PER_ITEM - 8
+    per_item = BYTES_PER_ITEM - (0 if filter_enabled else 8) - (0 if cpu_marks else 16)
+    assert rmap.nbytes == 20 * per_item
+    assert (BYTES_PER_ITEM_NO_FILTER, BYTES_PER_ITEM_NO_DIGESTS) == (BYTES_PER_ITEM - 8, BYTES_PER_ITEM - 16)
     assert counts(ksm) == (1, 14, 10, 0)
 
 
