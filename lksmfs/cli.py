@@ -21,6 +21,10 @@ _COMMANDS: tuple[str | tuple[str, str], ...] = (
     ("workload", "lksmfs.workload.spawn"),
     "lksmfs.share",
 )
+# the command word each entry adds (a group adds its own word): which module a command
+# line needs, so that `lksmfs scan` imports the scan and not the FUSE daemon (start-up
+# time is part of every answer `scan` gives)
+_WORDS = {"simulate": 0, "compare": 1, "scan": 2, "mount": 3, "workload": 4, "share": 5}
 _GROUPS = {
     "workload": ("workload commands: real processes that realise a workload file",
                  "Workload files (config/workloads/*.yaml; `lksmfs share workloads`) describe apps, their "
@@ -39,7 +43,25 @@ Docs: README.md, docs/fuse.md (the mount), docs/spec.md (every file); `lksmfs sh
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand word of a command line (after the global options), if any."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--log-level":
+            i += 2
+            continue
+        if a.startswith("-"):
+            return None  # --help, --version, --log-level=X ...: every command is needed
+        return a
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or, when `argv` names a command, a parser with just that one
+    (the same parser for it: its help, its errors)."""
+    word = _command_word(argv) if argv is not None else None
+    only = _WORDS.get(word) if word is not None else None
     parser = argparse.ArgumentParser(
         prog="lksmfs",
         description="Lightweight KSM (LKSM) in user space: shadow-mode engine, /proc scanner, sysfs ABI on FUSE.",
@@ -51,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DEBUG, INFO, WARNING (default), ERROR")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
-    for entry in _COMMANDS:
+    for n, entry in enumerate(_COMMANDS):
+        if only is not None and n != only:
+            continue
         group, name = entry if isinstance(entry, tuple) else (None, entry)
         sub = top
         if group is not None:
@@ -73,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         tune_allocator()
-        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else argv
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         logging.basicConfig(level=getattr(logging, str(args.global_log_level).upper(), logging.WARNING),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
