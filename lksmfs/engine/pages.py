@@ -12,7 +12,7 @@ import xxhash
 
 from lksmfs.sources.base import PAGE_SIZE
 
-CHUNK = 1024  # pages the scanner reads, digests and merges per vectorised step
+CHUNK = 2048  # pages the scanner reads, digests and merges per vectorised step
 
 _ZERO_DIGEST = xxhash.xxh3_128_digest(bytes(PAGE_SIZE))
 ZERO_HI = int.from_bytes(_ZERO_DIGEST[:8], "big")

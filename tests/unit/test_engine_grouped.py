@@ -38,14 +38,16 @@ def weak_digest(data: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class RewritingSource(FakeSource):
-    """Reading task B's pages for the first time rewrites page 0 of an earlier task."""
+    """When the scanner starts on task B (its first present_anon of a scan), page 0 of
+    an earlier task is rewritten: a partner in the unstable tree that no longer matches.
+    (Not on a read: a task that did not run is not read at all with cpu_marks.)"""
 
     def __init__(self) -> None:
         super().__init__()
         self.rewrites: dict[TaskId, tuple[TaskId, bytes]] = {}
         self.read_once: set[TaskId] = set()
 
-    def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
+    def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
         if task not in self.read_once:
             self.read_once.add(task)
             if task in self.rewrites:
@@ -53,7 +55,7 @@ class RewritingSource(FakeSource):
                 if victim in self.procs and 0 in self.procs[victim].vmas[0].pages:
                     self.procs[victim].vmas[0].pages[0] = content
                     self.procs[victim].faults += 1  # the victim wrote: it ran (cpu_mark moves)
-        return super().read_pages(task, vpns, out)
+        return super().present_anon(task, start_vpn, end_vpn)
 
 
 def build(spec: dict[str, Any]) -> tuple[RewritingSource, list[TaskId]]:
