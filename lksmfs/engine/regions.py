@@ -11,7 +11,6 @@ offsets.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -82,12 +81,20 @@ class Region:
 
     def set_offset(self, offset: int) -> None:
         """The filter half of stable_tree_append_region()."""
+        self.set_offsets(np.array([offset], dtype=np.int64))
+
+    def set_offsets(self, offsets: np.ndarray) -> None:
+        """set_offset() for many pages: test_and_set_bit() on each, filter_cnt counting
+        the bits that were not set yet (an offset past the filter sets nothing)."""
         if self.bits is None:
             self.bits = bitarray(self._nbits())
             self.bits.setall(0)
-        if 0 <= offset < len(self.bits) and not self.bits[offset]:
-            self.bits[offset] = 1
-            self.filter_cnt += 1
+        inside = offsets[(offsets >= 0) & (offsets < len(self.bits))]
+        if not inside.size:
+            return
+        before = self.bits.count()
+        self.bits[np.unique(inside).tolist()] = 1
+        self.filter_cnt += self.bits.count() - before
 
     def grow(self, new_len: int) -> None:
         """Resize in lksm_find_next_vma(): a larger zeroed filter, old bits copied."""
@@ -264,19 +271,18 @@ class RegionTable:
 
     def account_merge(self, rid: int, offset: int) -> None:
         """stable_tree_append_region() for one page."""
-        self._account(self.get(rid), (offset,), 1)
+        self._account(self.get(rid), np.array([offset], dtype=np.int64), 1)
 
     def account_merges(self, rids: np.ndarray, offsets: np.ndarray) -> None:
         """stable_tree_append_region() for many pages at once."""
         for rid in np.unique(rids).tolist():
             sel = rids == rid
-            self._account(self.get(int(rid)), offsets[sel].tolist(), int(np.count_nonzero(sel)))
+            self._account(self.get(int(rid)), offsets[sel], int(np.count_nonzero(sel)))
 
-    def _account(self, region: Region, offsets: Iterable[int], n: int) -> None:
+    def _account(self, region: Region, offsets: np.ndarray, n: int) -> None:
         """Record the offsets in a file region's filter and count the merges by type."""
         if region.type in (RegionType.FILE1, RegionType.FILE2):
-            for off in offsets:
-                region.set_offset(int(off))
+            region.set_offsets(offsets.astype(np.int64, copy=False))
         region.merge_cnt += n
         self.region_share[region.type] += n
 

@@ -239,7 +239,8 @@ class ProcfsSource:
         self._tls = threading.local()
         # set once present_anon had to use the pagemap-only approximation
         self.fallback_used = False
-        self._full_anon: dict[TaskId, set[tuple[int, int]]] = {}  # from the last mappings()
+        self._full_anon: dict[TaskId, set[tuple[int, int]]] = {}  # from the last smaps read
+        self._maps: dict[TaskId, tuple[Hashable | None, list[Mapping]]] = {}  # cpu_mark -> VMAs
 
     # -- helpers ------------------------------------------------------------------
 
@@ -310,6 +311,8 @@ class ProcfsSource:
             return out
         with it:
             pids = sorted(int(d.name) for d in it if d.name.isdigit())
+        if allowed is not None and allowed.members is not None:
+            pids = [p for p in pids if p in allowed.members]  # only those can be in scope
         for pid in pids:
             if pid == self.self_pid:
                 continue
@@ -362,16 +365,24 @@ class ProcfsSource:
     def mappings(self, task: TaskId) -> list[Mapping]:
         """VMAs in address order, from one read of smaps (maps if smaps is missing).
 
-        VMAs whose every page smaps counts as anonymous are remembered: the next
+        A task that has not run since its last read (cpu_mark) has the same VMAs: the
+        last answer is given again without reading smaps, which walks the task's page
+        tables (the crawler's ksm_join and the scanner both ask, every scan).  VMAs whose
+        every page a fresh smaps counts as anonymous are remembered: the next
         present_anon() over exactly such a VMA needs no pagemap walk (a fully written
-        heap or buffer, the common case, and the bulk of a scan's pagemap reads)."""
-        h = self._acquire(task, cache=False)
+        heap or buffer, the common case)."""
+        h = self._acquire(task, cache=True)
         try:
+            mark = h.dir.threads_cpu()
+            cached = self._maps.get(task)
+            if cached is not None and mark is not None and cached[0] == mark:
+                return list(cached[1])
             maps = self._mappings_at(h)
         finally:
             self._put(h)
+        self._maps[task] = (mark, maps)
         self._full_anon[task] = {(m.start_vpn, m.end_vpn) for m in maps if m.anon_pages == m.npages > 0}
-        return maps
+        return list(maps)
 
     def _mappings_at(self, h: _TaskHandle) -> list[Mapping]:
         try:
@@ -637,6 +648,7 @@ class ProcfsSource:
     def release(self, task: TaskId) -> None:
         """Close the task's fds (the engine dropped its mm_slot)."""
         self._full_anon.pop(task, None)
+        self._maps.pop(task, None)
         self._drop(task)
 
     @property

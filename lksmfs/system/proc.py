@@ -343,8 +343,17 @@ class TaskDir:
         """(tid, se.sum_exec_runtime) of every thread of the task, sorted: equal at two
         moments only if no thread of it ran in between (threads that come or go change
         it too).  None without per-thread schedstat (CONFIG_SCHED_INFO=n)."""
-        with wrap_exceptions(f"{self.task} task"):
+        try:
             tfd = os.open("task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            if not self.alive():
+                raise ProcessGone(f"{self.task}: gone") from None
+            return None  # no task/ directory (a minimal /proc tree): no answer
+        except OSError as e:
+            err = as_task_error(e, f"{self.task} task")
+            if err is e:
+                raise
+            raise err from e
         try:
             out = []
             with wrap_exceptions(f"{self.task} task"):
