@@ -44,13 +44,14 @@ SourceError = (ProcessGone, AccessDenied)
 
 @dataclass
 class Chunk:
-    """Up to CHUNK consecutive pages of one VMA being scanned: their rmap items (`part`,
-    a view of the slot's new rmap list), contents and digests, and the VMA's start and
-    region (ksm_scan.vma_base_addr and ksm_scan.region)."""
+    """Up to CHUNK consecutive pages being scanned, of one VMA or several: their rmap
+    items (`part`, a view of the slot's new rmap list), contents and digests, and for
+    each page its VMA's start and region (ksm_scan.vma_base_addr and ksm_scan.region
+    when the scanner visited it)."""
 
     slot: MmSlot
-    vma_start: int
-    rid: int
+    base: np.ndarray  # uint64 per page: its VMA's first page
+    rid: np.ndarray  # int32 per page: its region
     part: Rmap
     # the pages, valid for the chunk (partner reads go to another buffer); None when
     # they were not read because their digests are known (`fetch` reads what is needed)
@@ -69,7 +70,7 @@ class Chunk:
 
     def offsets(self, i: np.ndarray) -> np.ndarray:
         """Page offsets of items `i` from the VMA's start (rmap_item->base_addr)."""
-        offs: np.ndarray = (self.part.vpn[i] - np.uint64(self.vma_start)).astype(np.int64)
+        offs: np.ndarray = (self.part.vpn[i] - self.base[i]).astype(np.int64)
         return offs
 
 
@@ -94,6 +95,19 @@ class Merger:
             self._partners = bytearray(max(need, 2 * len(self._partners)))
         return as_words(self.k.source.read_pages(slot.task, vpns, memoryview(self._partners)[:need]))
 
+    def may_merge(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Which of these pages, scanned now in this order, could become part of a KSM
+        page (stable_tree_append()): those whose content has a KSM page or an unstable
+        tree item, or is another of them too.  A superset (a digest match is not a byte
+        match); the zero page is no KSM page (no stable_tree_append())."""
+        k = self.k
+        key = normkey(lo)
+        m: np.ndarray = (k.stable.index.get_many(key) != -1) | (k.unstable.get_many(key) != -1)  # -1: no entry
+        if key.shape[0] > 1:
+            _, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+            m |= cnt[inv] > 1
+        return m
+
     # -- the one bookkeeping path of a merge ------------------------------------------
 
     def _append(
@@ -113,7 +127,7 @@ class Merger:
         k.stats.merged(k.stable.append_many(nids, distinct=distinct))
         if k.filter_enabled:
             if c is not None:
-                k.regions.account_merges(np.full(ti.shape[0], c.rid), c.offsets(ti))
+                k.regions.account_merges(c.rid[ti].astype(np.int64), c.offsets(ti))
             else:
                 k.regions.account_merges(blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
 
@@ -269,7 +283,7 @@ class Merger:
         part.flags[i] |= UNSTABLE
         part.seq[i] = k.scanner.scan_round & SEQNR_MASK
         if part.tracks_regions:
-            part.region[i] = c.rid
+            part.region[i] = c.rid[i]
             part.off[i] = c.offsets(i).astype(np.uint32)
         refs = (np.int64(c.slot.sid) << VPN_BITS) | part.vpn[i].astype(np.int64)
         if stale:
@@ -437,8 +451,8 @@ class Merger:
         part.flags[i] = flags | int(UNSTABLE)
         part.seq[i] = k.scanner.scan_round & SEQNR_MASK
         if part.tracks_regions:
-            part.region[i] = c.rid
-            part.off[i] = vpn - c.vma_start
+            part.region[i] = c.rid[i]
+            part.off[i] = vpn - int(c.base[i])
         k.stats.pages_unshared += 1
 
     def _tree_item(self, ref: int, slot: MmSlot, vpn: int) -> tuple[MmSlot, Rmap, int] | None:

@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 _NOT_FROZEN = np.uint8(~int(FROZEN) & 0xFF)
 
 VmaRun = tuple[int, np.ndarray, Callable[[], None] | None]
+Read = tuple[memoryview | None, np.ndarray, np.ndarray]  # pages (None: not read), digests lo, hi
+
+
+def filter_may_start() -> None:
+    """The event of a run whose region's filter may get its first bit on the way: the
+    run is scanned while watching for it (Scanner._scan_slot)."""
 
 
 class Scanner:
@@ -272,36 +278,127 @@ class Scanner:
                 total == 0 or np.array_equal(old.vpn, np.concatenate([v for _, v in present])))
             new = old if inplace else Rmap(total, k.filter_enabled, keep_digests)
             self._cur_new = new
+            # The pages to scan next, from one or more VMAs: a chunk may span VMAs (a
+            # process of many small mappings costs per chunk, not per VMA).  In the seed
+            # every page is merged before the scanner walks on, so the pending pages are
+            # scanned first whenever the next walk could tell the difference: when it
+            # may conflict its region (whose type a merge's accounting reads) or consult
+            # its filter (whose bits a merge sets - for the page's own region or its
+            # unstable tree partner's, any region).  Otherwise walk and merges commute.
+            segs: list[tuple[int, int, np.ndarray]] = []  # (region, VMA start, pages)
+            seg_n = 0
+
+            def scan_pending(pre: Read | None = None) -> Generator[int, None, None]:
+                nonlocal segs, seg_n, new, inplace, filled, pos
+                if not seg_n:
+                    return
+                n = seg_n
+                if len(segs) == 1:
+                    run = segs[0][2]
+                    rids = np.full(n, segs[0][0], dtype=np.int32)
+                    bases = np.full(n, segs[0][1], dtype=np.uint64)
+                else:
+                    lens = [int(sg[2].shape[0]) for sg in segs]
+                    run = np.concatenate([sg[2] for sg in segs])
+                    rids = np.repeat(np.array([sg[0] for sg in segs], dtype=np.int32), lens)
+                    bases = np.repeat(np.array([sg[1] for sg in segs], dtype=np.uint64), lens)
+                segs, seg_n = [], 0
+                if inplace and not np.array_equal(old.vpn[filled : filled + n], run):
+                    # the scan leaves the old list's pages: from here on, a new list
+                    new = Rmap(total, k.filter_enabled, keep_digests)
+                    new.fill_from(old, filled)
+                    self._cur_new = new
+                    inplace = False
+                part = new.view(filled, filled + n)
+                if not inplace:
+                    part.vpn[:] = run
+                data: memoryview | None
+                if pre is not None:  # read already (scan_watching_filter)
+                    data, lo, hi = pre
+                elif quiet and inplace:  # the pages the last scan read: not read again
+                    data, lo, hi = None, part.dlo.copy(), part.dhi.copy()
+                else:
+                    data = k.source.read_pages(slot.task, run, self._chunk_buffer(n))
+                    lo, hi = digest_pages(data, n)
+                self._cur_valid = filled + n
+                pos, scanned = self._scan_chunk(slot, bases, rids, part, data, lo, hi, old,
+                                                filled if inplace else pos, inplace)
+                filled += n
+                k.publish()
+                yield scanned  # hook: pages the policy skipped cost no budget
+
+            def add(rid: int, base: int, run: np.ndarray) -> Generator[int, None, None]:
+                """Pages to scan, scanned whenever a chunk is full."""
+                nonlocal segs, seg_n
+                j = 0
+                while j < run.shape[0]:
+                    take = min(self._chunk_limit() - seg_n, int(run.shape[0]) - j)
+                    if take > 0:
+                        segs.append((rid, base, run[j : j + take]))
+                        seg_n += take
+                        j += take
+                    if seg_n >= self._chunk_limit():
+                        yield from scan_pending()
+
+            def read(run: np.ndarray) -> Read:
+                """The pages scan_pending() would read next, and their digests."""
+                n = int(run.shape[0])
+                if quiet and inplace and np.array_equal(old.vpn[filled : filled + n], run):
+                    return None, old.dlo[filled : filled + n].copy(), old.dhi[filled : filled + n].copy()
+                data = k.source.read_pages(slot.task, run, self._chunk_buffer(n))
+                lo, hi = digest_pages(data, n)
+                return data, lo, hi
+
+            def scan_watching_filter(rid: int, vma: Mapping, run: np.ndarray) -> Generator[int, None, None]:
+                """A mature region with no filter yet (lksm_region_skipped()): every page
+                goes through __scan_next_rmap_item()'s filter until a merge sets the
+                region's first bit, and from the next page on the filter applies - to
+                the rest of this mapping too.  Only a page whose content has a KSM page
+                or an unstable tree item, or another page of the chunk, can merge: the
+                pages between two such pages are scanned as one chunk, those pages one
+                at a time, each followed by a look at the filter."""
+                nonlocal segs, seg_n
+                regions = k.regions
+                j = 0
+                while j < run.shape[0]:
+                    if regions.use_filter(rid, self.scan_round):
+                        yield from add(rid, vma.start_vpn, self._filtered(rid, vma, run[j:]))
+                        return
+                    piece = run[j : j + self._chunk_limit()]
+                    data, lo, hi = read(piece)
+                    cand = np.flatnonzero(k.merger.may_merge(lo, hi))
+                    if cand.size and data is not None:
+                        data = memoryview(bytearray(data))  # sliced below: our own copy
+                    s = 0
+                    for f in [*cand.tolist(), int(piece.shape[0])]:
+                        for a, b in ((s, f), (f, f + 1)):
+                            b = min(b, int(piece.shape[0]))
+                            if a >= b:
+                                continue
+                            segs, seg_n = [(rid, vma.start_vpn, piece[a:b])], b - a
+                            d = None if data is None else data[a * PAGE_SIZE : b * PAGE_SIZE]
+                            yield from scan_pending((d, lo[a:b], hi[a:b]))
+                        s = f + 1
+                        if f < piece.shape[0] and regions.use_filter(rid, self.scan_round):
+                            yield from add(rid, vma.start_vpn, self._filtered(rid, vma, run[j + s :]))
+                            return
+                    j += int(piece.shape[0])
+
             for i, vpns in present:
                 vma = maps[i]
-                for rid, run, event in self._walk_vma(slot, maps, i, vpns):
+                vma_rid = self._vma_region(maps, i)
+                if seg_n and not self._walk_commutes(slot, maps[i], vma_rid):
+                    yield from scan_pending()
+                for rid, run, event in self._walk_vma(slot, maps, i, vpns, vma_rid):
+                    if event is filter_may_start:
+                        yield from scan_pending()
+                        yield from scan_watching_filter(rid, vma, run)
+                        continue
                     if event is not None:
+                        yield from scan_pending()
                         event()
-                    j = 0
-                    while j < run.shape[0]:
-                        n = min(max(1, min(CHUNK, self._budget)), int(run.shape[0]) - j)
-                        if inplace and not np.array_equal(old.vpn[filled : filled + n], run[j : j + n]):
-                            # the scan leaves the old list's pages: from here on, a new list
-                            new = Rmap(total, k.filter_enabled, keep_digests)
-                            new.fill_from(old, filled)
-                            self._cur_new = new
-                            inplace = False
-                        part = new.view(filled, filled + n)
-                        if not inplace:
-                            part.vpn[:] = run[j : j + n]
-                        data: memoryview | None
-                        if quiet and inplace:  # the pages the last scan read: not read again
-                            data, lo, hi = None, part.dlo.copy(), part.dhi.copy()
-                        else:
-                            data = k.source.read_pages(slot.task, run[j : j + n], self._chunk_buffer(n))
-                            lo, hi = digest_pages(data, n)
-                        self._cur_valid = filled + n
-                        pos, scanned = self._scan_chunk(slot, vma.start_vpn, rid, part, data, lo, hi, old,
-                                                        filled if inplace else pos, inplace)
-                        filled += n
-                        j += n
-                        k.publish()
-                        yield scanned  # hook: pages the policy skipped cost no budget
+                    yield from add(rid, vma.start_vpn, run)
+            yield from scan_pending()
             if inplace:
                 pos = filled
         except SourceError as e:
@@ -322,10 +419,33 @@ class Scanner:
         slot.zero_vpns = np.sort(np.concatenate([kept, *self._new_zero])) if self._new_zero else kept
         self._slot_done(slot, k.clock() - begin)
 
-    def _walk_vma(self, slot: MmSlot, maps: list[Mapping], i: int, vpns: np.ndarray) -> list[VmaRun]:
-        """lksm_find_next_vma() and the filter of __scan_next_rmap_item() for maps[i]:
-        the present pages the scanner visits, as runs of (region, pages, what happens
-        to the region first).
+    def _vma_region(self, maps: list[Mapping], i: int) -> int:
+        """The lksm_find_region() half of lksm_find_next_vma() for maps[i]: its region, or
+        HEAP_REGION, or UNKNOWN_REGION (NULL or conflicted).  Reads nothing merges change."""
+        k = self.k
+        if not k.filter_enabled:
+            return UNKNOWN_REGION
+        rid = k.regions.find(maps, i, self.region, k.crawler.crawl_round)
+        if rid != HEAP_REGION and not k.regions.is_file(rid):
+            rid = UNKNOWN_REGION  # NULL or conflicted: the unknown region
+        return rid
+
+    def _walk_commutes(self, slot: MmSlot, vma: Mapping, rid: int) -> bool:
+        """Does _walk_vma() for `vma` in region `rid` give the same, and leave the regions
+        the same, whether pages before it are merged first or after?  Merges change a
+        region's filter bits and counts, never its type or size; a walk reads the bits
+        only where the filter may apply, and changes a type only on a size mismatch."""
+        k = self.k
+        if not k.filter_enabled or not k.regions.is_file(rid):
+            return True
+        if k.regions.size_mismatch(rid, vma.npages):
+            return False
+        return not (k.crawler.filtering_allowed(slot) and k.regions.get(rid).mature(self.scan_round))
+
+    def _walk_vma(self, slot: MmSlot, maps: list[Mapping], i: int, vpns: np.ndarray, rid: int) -> list[VmaRun]:
+        """The rest of lksm_find_next_vma() and the filter of __scan_next_rmap_item() for
+        maps[i] in region `rid` (from _vma_region()): the present pages the scanner
+        visits, as runs of (region, pages, what happens to the region first).
 
         The seed runs the region size check once per call, that is once before each
         page it returns and once more when the VMA is exhausted.  A larger mapping
@@ -341,9 +461,6 @@ class Scanner:
         regions = k.regions
         vma = maps[i]
         prior = self.region
-        rid = regions.find(maps, i, prior, k.crawler.crawl_round)
-        if rid != HEAP_REGION and not regions.is_file(rid):
-            rid = UNKNOWN_REGION  # NULL or conflicted: the unknown region
         if not regions.is_file(rid):
             self.region = rid
             return [(rid, vpns, None)]
@@ -354,14 +471,13 @@ class Scanner:
             self.region = UNKNOWN_REGION if vpns.size else prior
             return [(UNKNOWN_REGION, vpns, None)]
         sel = vpns
-        if k.crawler.filtering_allowed(slot) and regions.use_filter(rid, self.scan_round):
-            region = regions.get(rid)
-            if region.filter_cnt > 0:
-                offs = (vpns - np.uint64(vma.start_vpn)).astype(np.int64)
-                sel = vpns[region.filtered_offsets(offs)]
-            else:
-                sel = vpns[:0]  # an emptied filter skips the whole mapping
         self.region = rid
+        if k.crawler.filtering_allowed(slot):
+            if regions.use_filter(rid, self.scan_round):
+                sel = self._filtered(rid, vma, vpns)
+            elif regions.get(rid).mature(self.scan_round) and not regions.size_mismatch(rid, vma.npages):
+                # no filter yet: until a merge in this mapping gives the region one
+                return [(rid, vpns, filter_may_start)]
         if not regions.size_mismatch(rid, vma.npages) or not sel.size:
             return [(rid, sel, None)]
         # a smaller mapping: the check after its first visited page conflicts the region
@@ -373,6 +489,20 @@ class Scanner:
             (rid, rest[:1], lambda: self._conflict(rid, vma.npages)),
             (UNKNOWN_REGION, rest[1:], None),
         ]
+
+    def _filtered(self, rid: int, vma: Mapping, vpns: np.ndarray) -> np.ndarray:
+        """The pages of `vma` a region's filter lets through: those at offsets whose bit
+        is set (lksm_get_next_filtered_address()); an emptied filter skips them all."""
+        region = self.k.regions.get(rid)
+        if region.filter_cnt == 0:
+            return vpns[:0]
+        offs = (vpns - np.uint64(vma.start_vpn)).astype(np.int64)
+        sel: np.ndarray = vpns[region.filtered_offsets(offs)]
+        return sel
+
+    def _chunk_limit(self) -> int:
+        """Pages a chunk may hold now: CHUNK, or less when the budget is smaller."""
+        return max(1, min(CHUNK, self._budget))
 
     def _conflict(self, rid: int, npages: int) -> None:
         conflicted = not self.k.regions.size_check(rid, npages)
@@ -426,8 +556,8 @@ class Scanner:
     # -- one chunk -----------------------------------------------------------------
 
     def _scan_chunk(
-        self, slot: MmSlot, vma_start: int, rid: int, part: Rmap, data: memoryview | None, lo: np.ndarray,
-        hi: np.ndarray, old: Rmap, pos: int, inplace: bool = False,
+        self, slot: MmSlot, bases: np.ndarray, rids: np.ndarray, part: Rmap, data: memoryview | None,
+        lo: np.ndarray, hi: np.ndarray, old: Rmap, pos: int, inplace: bool = False,
     ) -> tuple[int, int]:
         """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part` (contents
         in `data`, None when not read, digests `lo`/`hi`), a view of the slot's new rmap
@@ -442,7 +572,7 @@ class Scanner:
             end = pos + n
             matched = np.ones(n, dtype=bool)
         else:
-            end = self._get_next_rmap_items(part, old, pos, rid, vma_start)
+            end = self._get_next_rmap_items(part, old, pos, rids, bases)
             matched = self._matched
         k.stats.rmap_items += n - int(np.count_nonzero(matched))
         if part.tracks_digests:
@@ -468,10 +598,10 @@ class Scanner:
         k.stats.pages_scanned += n - skipped
         slot.nr_scans += n - skipped
         if idx.size:
-            k.merger.cmp_and_merge(Chunk(slot, vma_start, rid, part, data, lo, hi, self._fetcher(slot, part)), idx)
+            k.merger.cmp_and_merge(Chunk(slot, bases, rids, part, data, lo, hi, self._fetcher(slot, part)), idx)
         return end, n - skipped
 
-    def _get_next_rmap_items(self, part: Rmap, old: Rmap, pos: int, rid: int, vma_start: int) -> int:
+    def _get_next_rmap_items(self, part: Rmap, old: Rmap, pos: int, rids: np.ndarray, bases: np.ndarray) -> int:
         """get_next_rmap_item() for a chunk: items of the old list at these addresses are
         reused (moved into `part`), the ones passed by are freed, and new items start in
         the VMA's region.  Sets `_matched` (which pages had an item); returns the
@@ -491,8 +621,8 @@ class Scanner:
 
         tracks = part.tracks_regions
         if tracks:
-            part.region[:] = rid
-            part.off[:] = (vpns - np.uint64(vma_start)).astype(np.uint32)
+            part.region[:] = rids
+            part.off[:] = (vpns - bases).astype(np.uint32)
         if matched.any():
             src = pos + j[matched]
             part.flags[matched] = old.flags[src]

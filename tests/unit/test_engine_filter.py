@@ -79,6 +79,31 @@ def test_mature_regions_scan_only_offsets_that_merged() -> None:
     assert c["pages_unshared"] == 2 * (3 + 2 + 1)
 
 
+def test_a_first_merge_in_a_mature_region_filters_the_rest_of_its_mapping() -> None:
+    """__scan_next_rmap_item() consults the filter before every page: G never merged, so
+    its mature region is lksm_region_skipped() and each page goes through - until p's G
+    page 0, rewritten to the heap's 'h' (a KSM page since the first scans), merges and
+    stable_tree_append_region() sets the region's first bit.  From p's next page on, G is
+    filtered: p's G pages 1-2 are passed over, and so are q's, later in the same scan."""
+    src = FakeSource()
+    p = process(src, "p", 0x10000000, 1)
+    process(src, "q", 0x30000000, 2)
+    ksm = Ksm(src)
+    for _ in range(6):
+        ksm.full_scan()
+    assert ksm.last_scan["pages_scanned"] == 28  # G still scanned whole (see above)
+    assert ksm.region_share()["file_data"] == 8
+    src.set_page(p, 4, 0, fill("h"))
+    ksm.full_scan()
+    # per process: F data 4 + F bss 1 + G page 0 + heap 4 + stack 2
+    assert ksm.last_scan["pages_scanned"] == 2 * 12
+    c = ksm.counters()
+    assert (c["pages_shared"], c["pages_sharing"]) == (8, 9)  # 'h': both heaps and p's G page 0
+    # unique pages left: q's G page 0, the heaps' 2 and the stacks' 1 each
+    assert c["pages_unshared"] == 1 + 2 * (2 + 1)
+    assert ksm.region_share()["file_data"] == 9
+
+
 def test_frozen_and_newcomer_slots_are_not_filtered() -> None:
     src = FakeSource()
     process(src, "p", 0x10000000, 1)

@@ -1,10 +1,12 @@
 """The grouped merge path gives exactly what the page-at-a-time path gives (issue 10).
 
 Two engines scan the same randomized memory - many duplicates, zero pages, small
-max_page_sharing (chains), LKSM_FILTER regions, frozen tasks, exits and rewrites - one
-settling a chunk content by content (the default), the other sending every page
-through cmp_and_merge_page() one by one.  After every scan their counters, chains and
-region_share must be equal.  Two variants make the grouped path's fallbacks happen: a
+max_page_sharing (chains), LKSM_FILTER regions (libraries mapped once or twice, with
+bss, of sizes that conflict), frozen tasks, exits and rewrites - one settling chunks
+of many pages, across VMAs, content by content (the default), the other reading one
+page at a time and sending it through cmp_and_merge_page(): the seed's own order,
+every page merged before the scanner walks on.  After every scan their counters,
+chains and region_share must be equal.  Two variants make the grouped path's fallbacks happen: a
 weak digest (only a page's first 8 bytes), so that different contents collide, and a
 source that rewrites an already scanned page while another process is being read, so
 that an unstable tree partner no longer matches.
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from memfake import FakeSource, fill, unique
 
@@ -26,9 +28,16 @@ from lksmfs.engine.merge import Merger
 from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
 
 F = (1, 100)
+LIBS = {"F": (F, "/lib/libF.so"), "G": ((1, 200), "/lib/libG.so")}
 PALETTE = [bytes(PAGE_SIZE), fill("a"), fill("b"), fill("c"), unique(1), unique(2)]
 # two contents whose first 8 bytes agree: they collide under the weak digest
 PALETTE.append(fill("a")[:8] + fill("z")[8:])
+DISTINCT = len(PALETTE)  # a content no other page has (a library's data that never merges)
+
+
+def page(c: int, p: int, v: int, o: int) -> bytes:
+    """Content `c` of the palette, or for DISTINCT one of page `o` of mapping `v` of process `p` alone."""
+    return PALETTE[c] if c < DISTINCT else unique(1000 + (p * 16 + v) * 4096 + o)
 
 
 def weak_digest(data: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,21 +72,33 @@ def build(spec: dict[str, Any]) -> tuple[RewritingSource, list[TaskId]]:
     tasks = []
     for p, (anon, data) in enumerate(spec["procs"]):
         base = 0x1000000 * (p + 1)
-        vmas = [(Mapping(base, base + 64 * PAGE_SIZE), {o: PALETTE[c] for o, c in enumerate(anon)})]
+        vmas = [(Mapping(base, base + 64 * PAGE_SIZE), {o: page(c, p, 0, o) for o, c in enumerate(anon)})]
         if data:  # a library's .data: a file region for LKSM_FILTER
             vmas.append((Mapping(base + 128 * PAGE_SIZE, base + (128 + 80) * PAGE_SIZE, "rw-p", F, "/lib/libF.so"),
-                         {o: PALETTE[c] for o, c in enumerate(data)}))
+                         {o: page(c, p, 1, o) for o, c in enumerate(data)}))
+        at = base + 256 * PAGE_SIZE
+        for kind, npages, cs in spec["libs"][p] if p < len(spec["libs"]) else []:
+            # more mappings: a library's data (F again: the same region; G: another), or
+            # a bss after whatever precedes it
+            file, path = LIBS.get(kind, (None, ""))
+            vmas.append((Mapping(at, at + npages * PAGE_SIZE, "rw-p", file, path),
+                         {o: page(c, p, len(vmas), o) for o, c in enumerate(cs) if o < npages}))
+            at += (npages + 1) * PAGE_SIZE
         tasks.append(src.add(f"p{p}", vmas))
     for b, (victim, content) in spec["rewrites"].items():
         if b < len(tasks) and victim < len(tasks):
-            src.rewrites[tasks[b]] = (tasks[victim], PALETTE[content])
+            src.rewrites[tasks[b]] = (tasks[victim], page(content, victim, 0, 200))
     return src, tasks
 
 
-contents = st.integers(0, len(PALETTE) - 1)
+contents = st.integers(0, DISTINCT)
+# a library's data: often pages that never merge (until a late write)
+lib_pages = st.one_of(st.lists(st.just(DISTINCT), max_size=20), st.lists(contents, max_size=20))
 specs = st.fixed_dictionaries({
     "procs": st.lists(st.tuples(st.lists(contents, min_size=1, max_size=40),
                                 st.lists(contents, max_size=20)), min_size=1, max_size=4),
+    "libs": st.lists(st.lists(st.tuples(st.sampled_from(["F", "G", "bss"]), st.sampled_from([1, 30, 80, 100, 200]),
+                                        lib_pages), max_size=4), max_size=4),
     "rewrites": st.dictionaries(st.integers(0, 3), st.tuples(st.integers(0, 3), contents), max_size=2),
     "mps": st.sampled_from([2, 3, 5, 256]),
     "zero": st.booleans(),
@@ -86,10 +107,30 @@ specs = st.fixed_dictionaries({
     "chunk": st.sampled_from([1, 3, 8, 1024]),
     "writes": st.lists(st.tuples(st.integers(0, 3), st.integers(0, 39), contents), max_size=8),
     "kill": st.one_of(st.none(), st.integers(0, 3)),
+    # writes once the regions are mature: a region whose filter had no bit may get one
+    # in the middle of a mapping (process, mapping, page, content)
+    "late": st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5), st.integers(0, 20), contents), max_size=10),
 })
 
 
-def run(spec: dict[str, Any], grouped: bool, cpu_marks: bool = False) -> list[tuple[dict[str, int], dict[str, int]]]:
+Result = list[tuple[dict[str, int], dict[str, int]]]
+
+# G's data never merges; once its region is mature, page 2 gets the anonymous page's
+# content: it merges, and the region's first bit filters G's pages 3-4 (and q's G
+# mapping, walked next) in that very scan
+FIRST_BIT = {"procs": [([1], []), ([2], [])], "libs": [[("G", 30, [DISTINCT] * 5)], [("G", 30, [DISTINCT] * 5)]],
+             "rewrites": {}, "mps": 256, "zero": False, "filter": True, "frozen": [], "chunk": 1024,
+             "writes": [], "kill": None, "late": [(0, 1, 2, 1)]}
+
+
+def page_by_page(spec: dict[str, Any]) -> Result:
+    """The reference: chunks of one page, each through cmp_and_merge_page()."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scanner_mod, "CHUNK", 1)
+        return run(spec, grouped=False)
+
+
+def run(spec: dict[str, Any], grouped: bool, cpu_marks: bool = False) -> Result:
     src, tasks = build(spec)
     src.cpu_marks = cpu_marks
     ksm = Ksm(src, filter_enabled=spec["filter"])
@@ -97,7 +138,7 @@ def run(spec: dict[str, Any], grouped: bool, cpu_marks: bool = False) -> list[tu
     ksm.tunables.max_page_sharing = spec["mps"]
     ksm.tunables.use_zero_pages = int(spec["zero"])
     out = []
-    for scan in range(5):
+    for scan in range(8):  # regions mature after 5: the filter works in the last ones
         if scan == 1:
             for p in spec["frozen"]:
                 if p < len(tasks):
@@ -105,9 +146,14 @@ def run(spec: dict[str, Any], grouped: bool, cpu_marks: bool = False) -> list[tu
         if scan == 3:  # rewrites between scans (pages present: offsets < the anon list)
             for p, off, content in spec["writes"]:
                 if p < len(tasks) and tasks[p] in src.procs and off in src.procs[tasks[p]].vmas[0].pages:
-                    src.set_page(tasks[p], 0, off, PALETTE[content])
+                    src.set_page(tasks[p], 0, off, page(content, p, 0, off + 100))
             if spec["kill"] is not None and spec["kill"] < len(tasks):
                 src.kill(tasks[spec["kill"]])
+        if scan == 6:
+            for p, v, off, content in spec["late"]:
+                if p < len(tasks) and tasks[p] in src.procs and v < len(vmas := src.procs[tasks[p]].vmas) \
+                        and off < vmas[v].mapping.npages:
+                    src.set_page(tasks[p], v, off, page(content, p, v, off + 100))
         src.read_once.clear()
         ksm.full_scan()
         out.append((dict(ksm.counters()), dict(ksm.region_share())))
@@ -117,27 +163,31 @@ def run(spec: dict[str, Any], grouped: bool, cpu_marks: bool = False) -> list[tu
 @pytest.mark.parametrize("digest", ["xxh3", "weak"])
 @settings(max_examples=150, deadline=None)
 @given(spec=specs)
+@example(spec=FIRST_BIT)
 def test_grouped_path_equals_page_by_page(spec: dict[str, Any], digest: str) -> None:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
         if digest == "weak":
             mp.setattr(scanner_mod, "digest_pages", weak_digest)
-        assert run(spec, grouped=True) == run(spec, grouped=False)
+        expected = page_by_page(spec)
+        mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
+        assert run(spec, grouped=True) == expected
 
 
 @pytest.mark.parametrize("digest", ["xxh3", "weak"])
 @settings(max_examples=100, deadline=None)
 @given(spec=specs)
+@example(spec=FIRST_BIT)
 def test_pages_of_a_task_that_did_not_run_are_not_read_again_and_nothing_changes(spec: dict[str, Any],
                                                                                  digest: str) -> None:
     """With a source that says when a task ran (cpu_mark), a task that did not run since
     its last scan has its pages' digests from then: the counters are the same as when
     every page is read every time."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
         if digest == "weak":
             mp.setattr(scanner_mod, "digest_pages", weak_digest)
-        assert run(spec, grouped=True, cpu_marks=True) == run(spec, grouped=False)
+        expected = page_by_page(spec)
+        mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
+        assert run(spec, grouped=True, cpu_marks=True) == expected
 
 
 def test_a_chunk_of_identical_pages_fills_dups_then_pairs_new_ones() -> None:
