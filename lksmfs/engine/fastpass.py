@@ -104,7 +104,7 @@ def smart_scan_step(age: np.ndarray, skips: np.ndarray) -> tuple[np.ndarray, np.
 
 
 class Digests:
-    """Content key -> the engine's 128-bit digest, each content hashed once."""
+    """Content key -> the engine's 96-bit digest, each content hashed once."""
 
     def __init__(self, source: KeyedSource) -> None:
         self.source = source

@@ -15,7 +15,7 @@ Nothing here sleeps or starts a thread: the daemon calls `crawl(now)` and
 `partial_scan()`) directly, and both serialise calls with one lock.
 
 Shadow mode: a "merge" records what the kernel would have done.  A KSM page is the
-128-bit digest of the content two pages had when they were compared byte for byte and
+96-bit digest of the content two pages had when they were compared byte for byte and
 merged; a mapped page whose content no longer has that digest was written to, which on
 a kernel would have broken COW: its rmap item leaves the stable node (a broken merge).
 """

@@ -11,7 +11,7 @@ sharing a content inside the chunk, broken merges, chains, full nodes, zero page
 through the page-at-a-time `cmp_and_merge_page()`, in address order.  Either way the
 bookkeeping of a merge is one function, `_append()`: ksm.c's stable_tree_append().
 
-Shadow mode: a KSM page is the 128-bit digest of the content its first two pages had
+Shadow mode: a KSM page is the 96-bit digest of the content its first two pages had
 when they were compared byte for byte; a page joins it when its digest is the same.
 """
 
@@ -54,7 +54,8 @@ class Chunk:
     rid: np.ndarray  # int32 per page: its region
     part: Rmap
     # the pages, valid for the chunk (partner reads go to another buffer); None when
-    # they were not read because their digests are known (`fetch` reads what is needed)
+    # they are not kept - digests known from the last scan, or a chunk larger than
+    # pages.READ_BLOCK - and `fetch` reads what a comparison needs
     data: memoryview | bytes | None
     lo: np.ndarray
     hi: np.ndarray

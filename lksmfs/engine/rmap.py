@@ -15,7 +15,7 @@ whether a process ran since its last scan:
     off     uint32  page offset inside its VMA (rmap_item->base_addr)
     age     uint8   mainline's rmap_item->age (smart_scan: visits, saturating at 255)
     skips   uint8   mainline's rmap_item->remaining_skips (smart_scan)
-    dlo/dhi uint64  the page's digest at its last visit (no kernel field: see scanner.py)
+    dlo/dhi uint64/uint32  the page's digest at its last visit (no kernel field: see scanner.py)
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ COLUMNS: dict[str, type] = {
     # mainline ksmd's smart_scan state (rmap_age_t, one byte each): lksmfs.engine.ksmd
     "age": np.uint8,
     "skips": np.uint8,
-    # the page's 128-bit digest at its last visit: with it the scanner need not read
+    # the page's 96-bit digest at its last visit: with it the scanner need not read
     # again a page of a process that has not run since (kept where the source can tell)
     "dlo": np.uint64,
-    "dhi": np.uint64,
+    "dhi": np.uint32,  # a digest's hi fits (pages.HI_MASK)
 }
 
 # kept only with LKSM_FILTER (nothing reads them without it)

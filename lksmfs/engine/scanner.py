@@ -17,7 +17,7 @@ import numpy as np
 
 from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.merge import Chunk, SourceError
-from lksmfs.engine.pages import CHUNK, as_words, digest_pages, is_zero_digest
+from lksmfs.engine.pages import CHUNK, READ_BLOCK, as_words, digest_pages, is_zero_digest
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
     KSM_MM_NEWCOMER,
@@ -208,12 +208,31 @@ class Scanner:
         return cur
 
     def _chunk_buffer(self, npages: int) -> memoryview:
-        """The buffer a chunk's pages are read into: the scanner's to size (CHUNK pages at
-        most), given back when a scan ends."""
+        """The buffer pages are read into: the scanner's to size (READ_BLOCK pages, or the
+        pages a comparison needs), given back when a scan ends."""
         need = npages * PAGE_SIZE
         if len(self._buf) < need:
             self._buf = bytearray(need)
         return memoryview(self._buf)[:need]
+
+    def _read_digests(self, slot: MmSlot, run: np.ndarray) -> Read:
+        """Read pages and digest them.  Up to READ_BLOCK pages are read at once and their
+        bytes serve the chunk's comparisons; more are read a block at a time and only
+        their digests kept: what a comparison needs is read again (Chunk.fetch), so a
+        scan's buffers stay at READ_BLOCK pages whatever the chunk."""
+        n = int(run.shape[0])
+        task = slot.task
+        if n <= READ_BLOCK:
+            data = self.k.source.read_pages(task, run, self._chunk_buffer(n))
+            lo, hi = digest_pages(data, n)
+            return data, lo, hi
+        lo = np.empty(n, dtype=np.uint64)
+        hi = np.empty(n, dtype=np.uint64)
+        for b in range(0, n, READ_BLOCK):
+            block = run[b : b + READ_BLOCK]
+            m = int(block.shape[0])
+            lo[b : b + m], hi[b : b + m] = digest_pages(self.k.source.read_pages(task, block, self._chunk_buffer(m)), m)
+        return None, lo, hi
 
     def _fetcher(self, slot: MmSlot, part: Rmap) -> Callable[[np.ndarray], np.ndarray]:
         """For a chunk that was not read: read just the pages a comparison needs."""
@@ -316,10 +335,9 @@ class Scanner:
                 if pre is not None:  # read already (scan_watching_filter)
                     data, lo, hi = pre
                 elif quiet and inplace:  # the pages the last scan read: not read again
-                    data, lo, hi = None, part.dlo.copy(), part.dhi.copy()
+                    data, lo, hi = None, part.dlo.copy(), part.dhi.astype(np.uint64)
                 else:
-                    data = k.source.read_pages(slot.task, run, self._chunk_buffer(n))
-                    lo, hi = digest_pages(data, n)
+                    data, lo, hi = self._read_digests(slot, run)
                 self._cur_valid = filled + n
                 pos, scanned = self._scan_chunk(slot, bases, rids, part, data, lo, hi, old,
                                                 filled if inplace else pos, inplace)
@@ -344,10 +362,8 @@ class Scanner:
                 """The pages scan_pending() would read next, and their digests."""
                 n = int(run.shape[0])
                 if quiet and inplace and np.array_equal(old.vpn[filled : filled + n], run):
-                    return None, old.dlo[filled : filled + n].copy(), old.dhi[filled : filled + n].copy()
-                data = k.source.read_pages(slot.task, run, self._chunk_buffer(n))
-                lo, hi = digest_pages(data, n)
-                return data, lo, hi
+                    return None, old.dlo[filled : filled + n].copy(), old.dhi[filled : filled + n].astype(np.uint64)
+                return self._read_digests(slot, run)
 
             def scan_watching_filter(rid: int, vma: Mapping, run: np.ndarray) -> Generator[int, None, None]:
                 """A mature region with no filter yet (lksm_region_skipped()): every page
@@ -523,8 +539,8 @@ class Scanner:
             zs = z
         else:
             still: list[np.ndarray] = []
-            for b in range(0, z.shape[0], CHUNK):  # a chunk at a time: bounded buffers
-                part = z[b : b + CHUNK]
+            for b in range(0, z.shape[0], READ_BLOCK):  # a block at a time: bounded buffers
+                part = z[b : b + READ_BLOCK]
                 data = self.k.source.read_pages(slot.task, part, self._chunk_buffer(int(part.shape[0])))
                 lo, hi = digest_pages(data, int(part.shape[0]))
                 still.append(part[is_zero_digest(lo, hi)])

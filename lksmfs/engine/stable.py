@@ -1,7 +1,7 @@
 """The stable tree: KSM pages, their mapping counts, and max_page_sharing chains.
 
 Mirrors the stable_node side of mm/ksm.c.  A stable node stands for one KSM page: in
-shadow mode the page is its 128-bit content digest (lo/hi), fixed when the node was
+shadow mode the page is its 96-bit content digest (lo/hi), fixed when the node was
 created from two pages compared byte for byte.  `rmap_hlist_len` counts the mappings.
 When every node with some content is full (rmap_hlist_len == max_page_sharing), a new
 node for the same content is chained: the kernel's stable_node chain with its dups.

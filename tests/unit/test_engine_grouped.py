@@ -5,8 +5,9 @@ max_page_sharing (chains), LKSM_FILTER regions (libraries mapped once or twice, 
 bss, of sizes that conflict), frozen tasks, exits and rewrites - one settling chunks
 of many pages, across VMAs, content by content (the default), the other reading one
 page at a time and sending it through cmp_and_merge_page(): the seed's own order,
-every page merged before the scanner walks on.  After every scan their counters,
-chains and region_share must be equal.  Two variants make the grouped path's fallbacks happen: a
+every page merged before the scanner walks on; chunks larger than READ_BLOCK keep only
+their pages' digests, and comparisons read again what they need.  After every scan
+their counters, chains and region_share must be equal.  Two variants make the grouped path's fallbacks happen: a
 weak digest (only a page's first 8 bytes), so that different contents collide, and a
 source that rewrites an already scanned page while another process is being read, so
 that an unstable tree partner no longer matches.
@@ -105,6 +106,7 @@ specs = st.fixed_dictionaries({
     "filter": st.booleans(),
     "frozen": st.lists(st.integers(0, 3), max_size=2),
     "chunk": st.sampled_from([1, 3, 8, 1024]),
+    "block": st.sampled_from([1, 2, 256]),  # READ_BLOCK: chunks larger keep only digests
     "writes": st.lists(st.tuples(st.integers(0, 3), st.integers(0, 39), contents), max_size=8),
     "kill": st.one_of(st.none(), st.integers(0, 3)),
     # writes once the regions are mature: a region whose filter had no bit may get one
@@ -120,7 +122,7 @@ Result = list[tuple[dict[str, int], dict[str, int]]]
 # mapping, walked next) in that very scan
 FIRST_BIT = {"procs": [([1], []), ([2], [])], "libs": [[("G", 30, [DISTINCT] * 5)], [("G", 30, [DISTINCT] * 5)]],
              "rewrites": {}, "mps": 256, "zero": False, "filter": True, "frozen": [], "chunk": 1024,
-             "writes": [], "kill": None, "late": [(0, 1, 2, 1)]}
+             "block": 2, "writes": [], "kill": None, "late": [(0, 1, 2, 1)]}
 
 
 def page_by_page(spec: dict[str, Any]) -> Result:
@@ -170,6 +172,7 @@ def test_grouped_path_equals_page_by_page(spec: dict[str, Any], digest: str) -> 
             mp.setattr(scanner_mod, "digest_pages", weak_digest)
         expected = page_by_page(spec)
         mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
+        mp.setattr(scanner_mod, "READ_BLOCK", spec["block"])
         assert run(spec, grouped=True) == expected
 
 
@@ -187,6 +190,7 @@ def test_pages_of_a_task_that_did_not_run_are_not_read_again_and_nothing_changes
             mp.setattr(scanner_mod, "digest_pages", weak_digest)
         expected = page_by_page(spec)
         mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
+        mp.setattr(scanner_mod, "READ_BLOCK", spec["block"])
         assert run(spec, grouped=True, cpu_marks=True) == expected
 
 
@@ -212,7 +216,9 @@ def test_a_stopped_task_is_read_again_only_where_pages_become_one() -> None:
     """Two processes that do not run, 300 pages of one content each: the first scan reads
     them all (checksums); the second reads none but the pages a new KSM page is made
     of (two per dup: 600 pages, max_page_sharing 256, so 3 dups: 6 pages), and counts
-    exactly what reading everything counts; a third reads nothing at all."""
+    exactly what reading everything counts; a third reads nothing at all.  Reading
+    everything, a process's 300 pages are one chunk, more than a READ_BLOCK (256): they
+    are read for their digests, and the 6 pages of the new KSM pages again to be compared."""
     counted = []
     for marks in (True, False):
         src = FakeSource()
@@ -229,7 +235,7 @@ def test_a_stopped_task_is_read_again_only_where_pages_become_one() -> None:
         if marks:
             assert pages == [600, 6, 0]
         else:
-            assert pages == [600, 600, 600]
+            assert pages == [600, 606, 600]
     assert counted[0] == counted[1] == (3, 597)
 
 
