@@ -370,9 +370,10 @@ class Scanner:
                 goes through __scan_next_rmap_item()'s filter until a merge sets the
                 region's first bit, and from the next page on the filter applies - to
                 the rest of this mapping too.  Only a page whose content has a KSM page
-                or an unstable tree item, or another page of the chunk, can merge: the
-                pages between two such pages are scanned as one chunk, those pages one
-                at a time, each followed by a look at the filter."""
+                (other than its own, unchanged) or an unstable tree item, or another
+                page of the chunk, can merge: the pages between two such pages are
+                scanned as one chunk, those pages one at a time, each followed by a look
+                at the filter."""
                 nonlocal segs, seg_n
                 regions = k.regions
                 j = 0
@@ -382,7 +383,16 @@ class Scanner:
                         return
                     piece = run[j : j + self._chunk_limit()]
                     data, lo, hi = read(piece)
-                    cand = np.flatnonzero(k.merger.may_merge(lo, hi))
+                    may = k.merger.may_merge(lo, hi)
+                    m = int(piece.shape[0])
+                    if inplace and np.array_equal(old.vpn[filled : filled + m], piece):
+                        # an unchanged KSM page is left as it is (cmp_and_merge_page()
+                        # returns at once): it sets no bit
+                        st = np.flatnonzero((old.flags[filled : filled + m] & STABLE) != 0)
+                        if st.size:
+                            nid = old.node[filled : filled + m][st]
+                            may[st[(k.stable.lo[nid] == lo[st]) & (k.stable.hi[nid] == hi[st])]] = False
+                    cand = np.flatnonzero(may)
                     if cand.size and data is not None:
                         data = memoryview(bytearray(data))  # sliced below: our own copy
                     s = 0
