@@ -32,7 +32,7 @@ from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
-PARTNER_BATCH = 256  # partner pages read and compared at a time (1 MiB of buffer)
+PARTNER_BATCH = 64  # partner pages read and compared at a time (256 KiB of buffer)
 SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
 VPN_BITS = 36  # an unstable tree entry is (slot id << VPN_BITS) | vpn
 VPN_MASK = (1 << VPN_BITS) - 1

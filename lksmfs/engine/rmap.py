@@ -47,6 +47,8 @@ COLUMNS: dict[str, type] = {
 REGION_COLUMNS = ("region", "off")
 # kept only when the source can tell whether a process ran (MemorySource.cpu_mark)
 DIGEST_COLUMNS = ("dlo", "dhi")
+# kept only for mainline's policy (smart_scan: lksmfs.engine.ksmd)
+AGE_COLUMNS = ("age", "skips")
 
 
 def _size(cols: tuple[str, ...]) -> int:
@@ -56,6 +58,7 @@ def _size(cols: tuple[str, ...]) -> int:
 BYTES_PER_ITEM = _size(tuple(COLUMNS))  # every column
 BYTES_PER_ITEM_NO_FILTER = BYTES_PER_ITEM - _size(REGION_COLUMNS)
 BYTES_PER_ITEM_NO_DIGESTS = BYTES_PER_ITEM - _size(DIGEST_COLUMNS)
+BYTES_PER_ITEM_NO_AGES = BYTES_PER_ITEM - _size(AGE_COLUMNS)
 
 
 def _absent(dtype: type, n: int) -> np.ndarray:
@@ -63,9 +66,10 @@ def _absent(dtype: type, n: int) -> np.ndarray:
     return np.broadcast_to(np.zeros(1, dtype=dtype), (n,))
 
 
-_KEPT: dict[tuple[bool, bool], tuple[str, ...]] = {
-    (r, d): tuple(c for c in COLUMNS if (r or c not in REGION_COLUMNS) and (d or c not in DIGEST_COLUMNS))
-    for r in (False, True) for d in (False, True)
+_KEPT: dict[tuple[bool, bool, bool], tuple[str, ...]] = {
+    (r, d, a): tuple(c for c in COLUMNS if (r or c not in REGION_COLUMNS) and (d or c not in DIGEST_COLUMNS)
+                     and (a or c not in AGE_COLUMNS))
+    for r in (False, True) for d in (False, True) for a in (False, True)
 }
 _ALL = tuple(COLUMNS)
 
@@ -73,9 +77,10 @@ _ALL = tuple(COLUMNS)
 class Rmap:
     """One block of rmap items (a whole slot, or one scanned chunk of it).  Columns
     nothing will read are not kept: `tracks_regions` False without LKSM_FILTER,
-    `tracks_digests` False when the source cannot tell whether a process ran."""
+    `tracks_digests` False when the source cannot tell whether a process ran,
+    `tracks_ages` False but for mainline's policy."""
 
-    __slots__ = (*COLUMNS, "tracks_regions", "tracks_digests")
+    __slots__ = (*COLUMNS, "tracks_regions", "tracks_digests", "tracks_ages")
 
     vpn: np.ndarray
     flags: np.ndarray
@@ -90,11 +95,14 @@ class Rmap:
     dhi: np.ndarray
     tracks_regions: bool
     tracks_digests: bool
+    tracks_ages: bool
 
-    def __init__(self, n: int = 0, tracks_regions: bool = True, tracks_digests: bool = False) -> None:
+    def __init__(self, n: int = 0, tracks_regions: bool = True, tracks_digests: bool = False,
+                 tracks_ages: bool = False) -> None:
         self.tracks_regions = tracks_regions
         self.tracks_digests = tracks_digests
-        kept = _KEPT[tracks_regions, tracks_digests]
+        self.tracks_ages = tracks_ages
+        kept = _KEPT[tracks_regions, tracks_digests, tracks_ages]
         for name, dt in COLUMNS.items():
             setattr(self, name, np.zeros(n, dtype=dt) if name in kept else _absent(dt, n))
         if n:
@@ -104,7 +112,7 @@ class Rmap:
         return int(self.vpn.shape[0])
 
     def _kept(self) -> tuple[str, ...]:
-        return _KEPT[self.tracks_regions, self.tracks_digests]
+        return _KEPT[self.tracks_regions, self.tracks_digests, self.tracks_ages]
 
     @property
     def nbytes(self) -> int:
@@ -114,6 +122,7 @@ class Rmap:
         out = Rmap.__new__(Rmap)
         out.tracks_regions = self.tracks_regions
         out.tracks_digests = self.tracks_digests
+        out.tracks_ages = self.tracks_ages
         return out
 
     def _derived(self, cols: dict[str, np.ndarray]) -> Rmap:

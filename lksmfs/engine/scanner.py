@@ -9,6 +9,7 @@ sleeps: `batch()` does one ksm_do_scan(pages_to_scan) and returns.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from lksmfs.engine.params import (
     KSM_RUN_MERGE,
     LKSM_SCAN_FULL,
     LKSM_SCAN_NONE,
+    POLICY_KSM,
 )
 from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
 from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
@@ -187,11 +189,33 @@ class Scanner:
             # with the buffers pages were read into
             self._unstable_hint = len(k.unstable)
             k.unstable = HashIndex()
+            if k.crawler.checksum_gate(self.scan_round):
+                # pages failed the gate this round and may wait in the tree the next one:
+                # sized for them, it is not rehashed while it fills (the old and the new
+                # table side by side: the peak of a round)
+                self._unstable_hint = max(self._unstable_hint, self._distinct_unmerged())
             self._buf = bytearray()
             k.merger.release_buffers()
         self.scan_mode = LKSM_SCAN_NONE
         self.scan_state = False
         self._started = False
+
+    def _distinct_unmerged(self) -> int:
+        """About how many distinct contents the items outside KSM pages hold, from the
+        digests of their last visit (linear counting over a 2^20-entry sketch, 1 MiB):
+        the most a round can put in the unstable tree.  0 where items keep no digest."""
+        m = 1 << 20
+        seen = np.zeros(m, dtype=bool)
+        for slot in self.k.slots.values():
+            rm = slot.rmap
+            if not len(rm):
+                continue
+            if not rm.tracks_digests:
+                return 0
+            free = (rm.flags & STABLE) == 0
+            seen[(rm.dlo[free] & np.uint64(m - 1)).astype(np.intp)] = True
+        zeros = m - int(np.count_nonzero(seen))
+        return 4 * m if zeros == 0 else int(-m * math.log(zeros / m))
 
     def cancel(self) -> MmSlot | None:
         """Drop the scan in progress (run=2); returns the slot that was under the cursor."""
@@ -293,9 +317,10 @@ class Scanner:
                                                      quiet)
                     present.append((i, vpns))
             total = sum(int(v.shape[0]) for _, v in present)
-            inplace = len(old) == total and old.tracks_digests == keep_digests and (
-                total == 0 or np.array_equal(old.vpn, np.concatenate([v for _, v in present])))
-            new = old if inplace else Rmap(total, k.filter_enabled, keep_digests)
+            ages = k.policy == POLICY_KSM  # smart_scan's columns
+            inplace = len(old) == total and (old.tracks_digests, old.tracks_ages) == (keep_digests, ages) and \
+                self._same_pages(old, [v for _, v in present])
+            new = old if inplace else Rmap(total, k.filter_enabled, keep_digests, ages)
             self._cur_new = new
             # The pages to scan next, from one or more VMAs: a chunk may span VMAs (a
             # process of many small mappings costs per chunk, not per VMA).  In the seed
@@ -324,7 +349,7 @@ class Scanner:
                 segs, seg_n = [], 0
                 if inplace and not np.array_equal(old.vpn[filled : filled + n], run):
                     # the scan leaves the old list's pages: from here on, a new list
-                    new = Rmap(total, k.filter_enabled, keep_digests)
+                    new = Rmap(total, k.filter_enabled, keep_digests, ages)
                     new.fill_from(old, filled)
                     self._cur_new = new
                     inplace = False
@@ -444,6 +469,18 @@ class Scanner:
         k.stats.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
         slot.zero_vpns = np.sort(np.concatenate([kept, *self._new_zero])) if self._new_zero else kept
         self._slot_done(slot, k.clock() - begin)
+
+    @staticmethod
+    def _same_pages(old: Rmap, present: list[np.ndarray]) -> bool:
+        """Are the present pages, VMA after VMA, those of the old list (compared a VMA at
+        a time: no copy of a whole process's page list)?"""
+        at = 0
+        for vpns in present:
+            n = int(vpns.shape[0])
+            if not np.array_equal(old.vpn[at : at + n], vpns):
+                return False
+            at += n
+        return at == len(old)
 
     def _vma_region(self, maps: list[Mapping], i: int) -> int:
         """The lksm_find_region() half of lksm_find_next_vma() for maps[i]: its region, or
@@ -658,7 +695,8 @@ class Scanner:
             if tracks:
                 part.region[matched] = old.region[src]
                 part.off[matched] = old.off[src]
-            part.age[matched] = old.age[src]  # mainline smart_scan state (lksmfs.engine.ksmd)
-            part.skips[matched] = old.skips[src]
+            if part.tracks_ages:  # mainline smart_scan state (lksmfs.engine.ksmd)
+                part.age[matched] = old.age[src]
+                part.skips[matched] = old.skips[src]
         self._matched = matched
         return end

@@ -29,7 +29,7 @@ class _Grow:
         if n > self.a.shape[0]:
             cap = self.a.shape[0]
             while cap < n:
-                cap *= 2
+                cap += cap // 4  # a quarter more: at most 25% unused (doubling: 50%)
             b = np.full(cap, fill, dtype=self.a.dtype)
             b[: self.a.shape[0]] = self.a
             self.a = b
@@ -45,7 +45,7 @@ class StableTree:
     def __init__(self) -> None:
         self.index = HashIndex()
         self._lo = _Grow(np.uint64)
-        self._hi = _Grow(np.uint64)
+        self._hi = _Grow(np.uint32)  # a digest's hi fits (pages.HI_MASK)
         self._len = _Grow(np.int32)
         self._chain = _Grow(np.int32, -1)
         self._next_id = 0
@@ -77,7 +77,7 @@ class StableTree:
     @property
     def nbytes(self) -> int:
         n = self._next_id
-        return self.index.nbytes + n * (8 + 8 + 4 + 4)
+        return self.index.nbytes + n * (8 + 4 + 4 + 4)
 
     # -- search / insert ----------------------------------------------------------
 
