@@ -16,7 +16,7 @@ from lksmfs.sources.base import PAGE_SIZE
 
 CHUNK = 2048  # pages the scanner digests and merges per vectorised step
 # pages read at a time: a chunk larger than this is read block by block and only its
-# digests are kept (a comparison reads again the pages it needs): 1 MiB of buffer, not 8
+# digests are kept (a comparison reads again the pages it needs): 256 KiB of buffer, not 8 MiB
 READ_BLOCK = 64
 
 HI_MASK = np.uint64(0xFFFFFFFF)  # the bits of the high word a digest keeps

@@ -217,7 +217,7 @@ def test_a_stopped_task_is_read_again_only_where_pages_become_one() -> None:
     them all (checksums); the second reads none but the pages a new KSM page is made
     of (two per dup: 600 pages, max_page_sharing 256, so 3 dups: 6 pages), and counts
     exactly what reading everything counts; a third reads nothing at all.  Reading
-    everything, a process's 300 pages are one chunk, more than a READ_BLOCK (256): they
+    everything, a process's 300 pages are one chunk, more than a READ_BLOCK (64): they
     are read for their digests, and the 6 pages of the new KSM pages again to be compared."""
     counted = []
     for marks in (True, False):
