@@ -299,8 +299,7 @@ class FastScanner:
         flags = np.concatenate([sl.rmap.flags for sl in slots])
         node = np.concatenate([sl.rmap.node for sl in slots])
         stable = (flags & STABLE) != 0
-        nd = np.where(stable, node, 0)
-        ksm_page = stable & (k.stable.lo[nd] == lo) & (k.stable.hi[nd] == hi)
+        ksm_page = k.stable.unchanged(flags, node, lo, hi)
         if (stable & ~ksm_page).any():
             return None
         non = np.flatnonzero(~ksm_page)
@@ -537,8 +536,7 @@ class FastScanner:
         rm = slot.rmap
         n = len(rm)
         stable = (rm.flags & STABLE) != 0
-        node = np.where(stable, rm.node, 0)
-        ksm_page = stable & (k.stable.lo[node] == lo) & (k.stable.hi[node] == hi)
+        ksm_page = k.stable.unchanged(rm.flags, rm.node, lo, hi)
         if (stable & ~ksm_page).any():
             return None  # a broken merge: its KSM page loses a mapping
         other = ~ksm_page

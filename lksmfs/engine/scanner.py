@@ -332,6 +332,14 @@ class Scanner:
             segs: list[tuple[int, int, np.ndarray]] = []  # (region, VMA start, pages)
             seg_n = 0
 
+            def read(run: np.ndarray) -> Read:
+                """The next pages of the slot and their digests: those the last scan read,
+                of a task that has not run since, are not read again."""
+                n = int(run.shape[0])
+                if quiet and inplace and np.array_equal(old.vpn[filled : filled + n], run):
+                    return None, old.dlo[filled : filled + n].copy(), old.dhi[filled : filled + n].astype(np.uint64)
+                return self._read_digests(slot, run)
+
             def scan_pending(pre: Read | None = None) -> Generator[int, None, None]:
                 nonlocal segs, seg_n, new, inplace, filled, pos
                 if not seg_n:
@@ -356,13 +364,7 @@ class Scanner:
                 part = new.view(filled, filled + n)
                 if not inplace:
                     part.vpn[:] = run
-                data: memoryview | None
-                if pre is not None:  # read already (scan_watching_filter)
-                    data, lo, hi = pre
-                elif quiet and inplace:  # the pages the last scan read: not read again
-                    data, lo, hi = None, part.dlo.copy(), part.dhi.astype(np.uint64)
-                else:
-                    data, lo, hi = self._read_digests(slot, run)
+                data, lo, hi = pre if pre is not None else read(run)  # pre: scan_watching_filter's
                 self._cur_valid = filled + n
                 pos, scanned = self._scan_chunk(slot, bases, rids, part, data, lo, hi, old,
                                                 filled if inplace else pos, inplace)
@@ -382,13 +384,6 @@ class Scanner:
                         j += take
                     if seg_n >= self._chunk_limit():
                         yield from scan_pending()
-
-            def read(run: np.ndarray) -> Read:
-                """The pages scan_pending() would read next, and their digests."""
-                n = int(run.shape[0])
-                if quiet and inplace and np.array_equal(old.vpn[filled : filled + n], run):
-                    return None, old.dlo[filled : filled + n].copy(), old.dhi[filled : filled + n].astype(np.uint64)
-                return self._read_digests(slot, run)
 
             def scan_watching_filter(rid: int, vma: Mapping, run: np.ndarray) -> Generator[int, None, None]:
                 """A mature region with no filter yet (lksm_region_skipped()): every page
@@ -413,13 +408,11 @@ class Scanner:
                     if inplace and np.array_equal(old.vpn[filled : filled + m], piece):
                         # an unchanged KSM page is left as it is (cmp_and_merge_page()
                         # returns at once): it sets no bit
-                        st = np.flatnonzero((old.flags[filled : filled + m] & STABLE) != 0)
-                        if st.size:
-                            nid = old.node[filled : filled + m][st]
-                            may[st[(k.stable.lo[nid] == lo[st]) & (k.stable.hi[nid] == hi[st])]] = False
+                        may &= ~k.stable.unchanged(old.flags[filled : filled + m], old.node[filled : filled + m],
+                                                   lo, hi)
                     cand = np.flatnonzero(may)
-                    if cand.size and data is not None:
-                        data = memoryview(bytearray(data))  # sliced below: our own copy
+                    # `data` (the read buffer) stays valid below: with the pages given,
+                    # nothing reads into it until the piece is done (Chunk.fetch is unused)
                     s = 0
                     for f in [*cand.tolist(), int(piece.shape[0])]:
                         for a, b in ((s, f), (f, f + 1)):
@@ -585,13 +578,8 @@ class Scanner:
         if quiet:
             zs = z
         else:
-            still: list[np.ndarray] = []
-            for b in range(0, z.shape[0], READ_BLOCK):  # a block at a time: bounded buffers
-                part = z[b : b + READ_BLOCK]
-                data = self.k.source.read_pages(slot.task, part, self._chunk_buffer(int(part.shape[0])))
-                lo, hi = digest_pages(data, int(part.shape[0]))
-                still.append(part[is_zero_digest(lo, hi)])
-            zs = np.concatenate(still)
+            _, lo, hi = self._read_digests(slot, z)  # a block at a time: bounded buffers
+            zs = z[is_zero_digest(lo, hi)]
         kept.append(zs)
         return vpns[~np.isin(vpns, zs)]
 
@@ -651,9 +639,7 @@ class Scanner:
             flags &= _NOT_FROZEN
 
         # cmp_and_merge_page(): an unchanged KSM page is left alone
-        is_stable = (flags & STABLE) != 0
-        node = np.where(is_stable, part.node, 0)
-        stable_ok = is_stable & (k.stable.lo[node] == lo) & (k.stable.hi[node] == hi)
+        stable_ok = k.stable.unchanged(flags, part.node, lo, hi)
         # hook: the policy's word on the other pages before cmp_and_merge_page() - LKSM
         # leaves them all to it; mainline ksmd skips some (smart_scan: visited, not
         # scanned) and gates the rest on their checksum first (lksmfs.engine.ksmd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from lksmfs.engine.hashindex import HashIndex, normkey
+from lksmfs.engine.rmap import STABLE
 
 
 class _Grow:
@@ -106,6 +107,15 @@ class StableTree:
                 return []
             return [(ref, max_page_sharing - n)]
         return self._chain_rooms(-ref - 2, lo, hi, max_page_sharing)
+
+    def unchanged(self, flags: np.ndarray, node: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Which items (their flags and node columns, the pages' digests) are unchanged
+        KSM pages: STABLE, with their node's content - cmp_and_merge_page() leaves them
+        alone; a STABLE one that is not is a broken merge."""
+        stable = (flags & STABLE) != 0
+        nd = np.where(stable, node, 0)
+        ok: np.ndarray = stable & (self._lo.a[nd] == lo) & (self._hi.a[nd] == hi)
+        return ok
 
     def _same(self, nid: int, lo: int, hi: int) -> bool:
         """Is node `nid`'s content this digest (the index folds keys 0 and 1 onto 2 and 3,

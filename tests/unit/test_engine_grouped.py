@@ -167,13 +167,20 @@ def run(spec: dict[str, Any], grouped: bool, cpu_marks: bool = False) -> Result:
 @given(spec=specs)
 @example(spec=FIRST_BIT)
 def test_grouped_path_equals_page_by_page(spec: dict[str, Any], digest: str) -> None:
+    grouped, expected = grouped_and_page_by_page(spec, digest, cpu_marks=False)
+    assert grouped == expected
+
+
+def grouped_and_page_by_page(spec: dict[str, Any], digest: str, cpu_marks: bool) -> tuple[Result, Result]:
+    """The spec run by the grouped path (its chunk and read block sizes) and by the
+    page-at-a-time reference, both with `digest` (xxh3, or the weak one)."""
     with pytest.MonkeyPatch.context() as mp:
         if digest == "weak":
             mp.setattr(scanner_mod, "digest_pages", weak_digest)
         expected = page_by_page(spec)
         mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
         mp.setattr(scanner_mod, "READ_BLOCK", spec["block"])
-        assert run(spec, grouped=True) == expected
+        return run(spec, grouped=True, cpu_marks=cpu_marks), expected
 
 
 @pytest.mark.parametrize("digest", ["xxh3", "weak"])
@@ -185,13 +192,8 @@ def test_pages_of_a_task_that_did_not_run_are_not_read_again_and_nothing_changes
     """With a source that says when a task ran (cpu_mark), a task that did not run since
     its last scan has its pages' digests from then: the counters are the same as when
     every page is read every time."""
-    with pytest.MonkeyPatch.context() as mp:
-        if digest == "weak":
-            mp.setattr(scanner_mod, "digest_pages", weak_digest)
-        expected = page_by_page(spec)
-        mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
-        mp.setattr(scanner_mod, "READ_BLOCK", spec["block"])
-        assert run(spec, grouped=True, cpu_marks=True) == expected
+    grouped, expected = grouped_and_page_by_page(spec, digest, cpu_marks=True)
+    assert grouped == expected
 
 
 def test_a_chunk_of_identical_pages_fills_dups_then_pairs_new_ones() -> None:
