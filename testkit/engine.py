@@ -18,6 +18,7 @@ import numpy as np
 from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.rmap import STABLE, UNSTABLE
+from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, TaskId
 from lksmfs.system.proc import try_stat
 from testkit.memproc import MemProcess
@@ -185,6 +186,16 @@ def _entries(index: HashIndex) -> dict[int, int]:
     return dict(zip(keys[live].tolist(), vals[live].tolist(), strict=True))
 
 
+def _tree_entries(tree: UnstableTree) -> dict[int, tuple[int, int] | None]:
+    """The live entries of an unstable tree: key -> (slot id, list index), None for an
+    entry of an earlier visit (the numbering of the visits aside)."""
+    out: dict[int, tuple[int, int] | None] = {}
+    for key, ref in _entries(tree.index).items():
+        got = tree.where(ref)
+        out[key] = None if got is None else (got[0].sid, got[1])
+    return out
+
+
 def engine_state(ksm: Ksm) -> dict[str, object]:
     """Everything the engine will ever act on, as plain values: two engines with equal
     states behave alike from here on (lksmfs.engine.fastpass is checked against the
@@ -221,7 +232,7 @@ def engine_state(ksm: Ksm) -> dict[str, object]:
                    "chain": st._chain.a[:n].tolist(), "free": list(st._free), "chains": {c: list(d) for c, d in
                                                                                        st.chains.items()},
                    "room": {c: list(d) for c, d in st._room.items()}, "index": _entries(st.index)},
-        "unstable": _entries(ksm.unstable),
+        "unstable": _tree_entries(ksm.unstable),
         "regions": (regions, dict(ksm.regions.by_key), ksm.regions.nr_regions, list(ksm.regions.region_share)),
         "scanner": {"scan_state": sc.scan_state, "scan_mode": sc.scan_mode, "scan_round": sc.scan_round,
                     "cur": None if sc.cur is None else sc.cur.sid, "gen": sc.gen is not None,

@@ -40,7 +40,7 @@ from lksmfs.engine.params import (
 from lksmfs.engine.regions import RegionTable
 from lksmfs.engine.rmap import Rmap
 from lksmfs.engine.slot import MarkedVmas, MmSlot
-from lksmfs.sources.base import AccessDenied, ProcessGone, TaskId
+from lksmfs.sources.base import AccessDenied, Mapping, ProcessGone, TaskId
 
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
@@ -293,11 +293,11 @@ class LksmCrawler:
             if isinstance(e, AccessDenied):
                 k.skipped[slot.task] = Skipped(slot.comm, SKIP_DENIED)
             return  # the scanner will take the exit path
-        now: list[tuple[int, int, tuple[int, int] | None]] = []
+        now: list[Mapping] = []
         for i, vma in enumerate(maps):
             if not vma.mergeable:
                 continue
-            now.append((vma.start, vma.end, vma.file))
+            now.append(vma)
             if slot.marked.covers(vma.start, vma.end, vma.file):
                 continue  # already VM_MERGEABLE: ksm_join() skips it
             if not k.filter_enabled or not RegionTable.is_file_anon_candidate(vma):

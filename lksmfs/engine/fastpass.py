@@ -35,7 +35,7 @@ import numpy as np
 
 from lksmfs.engine.hashindex import HashIndex, normkey
 from lksmfs.engine.ksmd import SMART_SCAN_MIN_AGE, KsmdPolicy, skip_age
-from lksmfs.engine.merge import CKSUM_MASK, SEQNR_MASK, VPN_BITS, SourceError
+from lksmfs.engine.merge import CKSUM_MASK, SEQNR_MASK, SourceError
 from lksmfs.engine.pages import digest_pages
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
@@ -48,6 +48,7 @@ from lksmfs.engine.params import (
 )
 from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE
 from lksmfs.engine.slot import MmSlot
+from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import MemorySource, TaskId
 
 if TYPE_CHECKING:
@@ -461,7 +462,7 @@ class FastScanner:
         k.crawler.crawl_round = rnd
         sc._unstable_hint = waiting
         sc._last_prune = last_prune
-        k.unstable = HashIndex()
+        k.unstable = UnstableTree()
         sc.scan_mode = LKSM_SCAN_NONE
         sc.scan_state = False
         sc._started = False
@@ -606,7 +607,7 @@ class FastScanner:
         if c.size:
             flags[c] |= UNSTABLE
             rm.seq[c] = sc.scan_round & SEQNR_MASK
-            refs = (np.int64(slot.sid) << VPN_BITS) | rm.vpn[c].astype(np.int64)
+            refs = c.astype(np.int64) + k.unstable.visit(slot, len(rm))
             k.unstable.put_many(normkey(p.lo[c]), refs)
             st.pages_unshared += int(c.size)
         st.pages_scanned += p.scanned

@@ -1,12 +1,14 @@
-"""An open-addressing hash table in two numpy arrays: uint64 key -> int64 value.
+"""An open-addressing hash table in two numpy arrays: uint64 key -> int value.
 
 The kernel keeps its stable and unstable trees as rb-trees ordered by memcmp().  We key
 them by a 64-bit content hash instead (the full comparison still happens before any
-merge), and store them here rather than in a dict: 16 bytes a slot, no Python object per
-page, and lookups for a whole chunk of pages at once.
+merge), and store them here rather than in a dict: 12 or 16 bytes a slot (int32 or int64
+values), no Python object per page, and lookups for a whole chunk of pages at once.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +16,7 @@ EMPTY = np.uint64(0)
 TOMB = np.uint64(1)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _SHIFT = np.uint64(29)
+_32 = np.uint64(32)
 
 
 def normkey(keys: np.ndarray) -> np.ndarray:
@@ -28,27 +31,38 @@ def _norm1(key: int) -> int:
     return key + 2 if key < 2 else key
 
 
-_REHASH_BLOCK = 1 << 14  # slots moved at a time when the table grows
-MAX_LOAD_NUM, MAX_LOAD_DEN = 3, 4  # grow past 75% full: 21 B a live entry on average
+_REHASH_BLOCK = 1 << 12  # slots moved at a time when the table grows (a dozen temporaries of 32 KiB)
+MAX_LOAD_NUM, MAX_LOAD_DEN = 3, 4  # grow past 75% full
+GROWTH_NUM, GROWTH_DEN = 3, 2  # ... to half again the room the entries need
+MIN_CAPACITY = 1024
+
+
+def slots_for(entries: int) -> int:
+    """The capacity that holds `entries` at the maximum load."""
+    return max(MIN_CAPACITY, -(-entries * MAX_LOAD_DEN // MAX_LOAD_NUM))
 
 
 class HashIndex:
-    """Linear probing, tombstones on delete, doubling past 75% load.
+    """Linear probing, tombstones on delete, growing by half past 75% load.
 
     The unstable tree holds an entry for every page waiting for a partner, so its size
-    is a large part of the engine's memory during a scan; 75% keeps probe sequences
-    short (about 2.5 slots for a hit) at 16 bytes a slot."""
+    is a large part of the engine's memory during a scan.  The capacity is any number of
+    slots, not a power of two (a key's home slot is its hash scaled to the capacity,
+    Lemire's fastrange): a table sized for a known number of entries gets that size,
+    not up to twice it, and one that grows holds the old table and one half again as
+    large side by side, not the old and one twice as large.  75% load keeps probe
+    sequences short (about 2.5 slots for a hit, 8.5 for a miss)."""
 
-    def __init__(self, capacity: int = 1024) -> None:
-        cap = 1
-        while cap * MAX_LOAD_NUM < capacity * MAX_LOAD_DEN:
-            cap <<= 1
-        self._alloc(cap)
+    def __init__(self, capacity: int = MIN_CAPACITY, vals: type = np.int64) -> None:
+        """Room for `capacity` entries; values of dtype `vals` (np.int32 saves a third)."""
+        self._vdtype: np.dtype[Any] = np.dtype(vals)
+        self._alloc(slots_for(capacity))
 
     def _alloc(self, cap: int) -> None:
         self.keys = np.zeros(cap, dtype=np.uint64)
-        self.vals = np.full(cap, -1, dtype=np.int64)
-        self.mask = cap - 1
+        self.vals = np.full(cap, -1, dtype=self._vdtype)
+        self.capacity = cap
+        self._cap = np.uint64(cap)
         self.used = 0  # live entries
         self.filled = 0  # live + tombstones
 
@@ -61,16 +75,28 @@ class HashIndex:
 
     def clear(self) -> None:
         if self.filled:
-            self._alloc(1024 if self.mask + 1 > 4096 else self.mask + 1)
+            self._alloc(MIN_CAPACITY if self.capacity > 4 * MIN_CAPACITY else self.capacity)
+
+    def widen(self) -> None:
+        """Values from here on may not fit int32: keep them as int64."""
+        self._vdtype = np.dtype(np.int64)
+        self.vals = self.vals.astype(np.int64)
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
             h = keys * _MIX
-        return ((h ^ (h >> _SHIFT)) & np.uint64(self.mask)).astype(np.int64)
+        h ^= h >> _SHIFT
+        return (((h >> _32) * self._cap) >> _32).astype(np.int64)
 
     def _home1(self, key: int) -> int:
         h = (key * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        return (h ^ (h >> 29)) & self.mask
+        h ^= h >> 29
+        return ((h >> 32) * self.capacity) >> 32
+
+    def _next(self, pos: np.ndarray) -> np.ndarray:
+        pos += 1
+        pos[pos == self.capacity] = 0
+        return pos
 
     # -- vectorised ---------------------------------------------------------------
 
@@ -83,7 +109,6 @@ class HashIndex:
         pos = self._home(keys)
         idx = np.arange(n)
         tk = self.keys
-        mask = self.mask
         while idx.size:
             k = tk[pos]
             hit = k == keys[idx]
@@ -91,7 +116,7 @@ class HashIndex:
                 out[idx[hit]] = self.vals[pos[hit]]
             go = ~hit & (k != EMPTY)
             idx = idx[go]
-            pos = (pos[go] + 1) & mask
+            pos = self._next(pos[go])
         return out
 
     def put_many(self, keys: np.ndarray, vals: np.ndarray) -> None:
@@ -103,7 +128,6 @@ class HashIndex:
         pos = self._home(keys)
         idx = np.arange(n)
         tk = self.keys
-        mask = self.mask
         while idx.size:
             k = tk[pos]
             cand = np.flatnonzero((k == EMPTY) | (k == TOMB))
@@ -122,7 +146,7 @@ class HashIndex:
             keep = ~placed
             idx = idx[keep]
             # losers on a free slot retry the same slot (now taken) -> advance all
-            pos = (pos[keep] + 1) & mask
+            pos = self._next(pos[keep])
         self.used += n
 
     # -- scalar -------------------------------------------------------------------
@@ -130,7 +154,7 @@ class HashIndex:
     def _slot_of(self, key: int) -> int:
         """Position of a normalised key, or -1 (the probe stops at an empty slot)."""
         tk = self.keys
-        mask = self.mask
+        cap = self.capacity
         p = self._home1(key)
         while True:
             k = int(tk[p])
@@ -138,7 +162,9 @@ class HashIndex:
                 return p
             if k == 0:
                 return -1
-            p = (p + 1) & mask
+            p += 1
+            if p == cap:
+                p = 0
 
     def get(self, key: int) -> int:
         p = self._slot_of(_norm1(key))
@@ -149,7 +175,7 @@ class HashIndex:
         key = _norm1(key)
         self._reserve(1)
         tk = self.keys
-        mask = self.mask
+        cap = self.capacity
         p = self._home1(key)
         first_free = -1
         while True:
@@ -161,7 +187,9 @@ class HashIndex:
                 first_free = p
             if k == 0:
                 break
-            p = (p + 1) & mask
+            p += 1
+            if p == cap:
+                p = 0
         if first_free < 0:
             first_free = p
             self.filled += 1
@@ -180,12 +208,10 @@ class HashIndex:
         return True
 
     def _reserve(self, extra: int) -> None:
-        cap = self.mask + 1
-        if (self.filled + extra) * MAX_LOAD_DEN <= cap * MAX_LOAD_NUM:
+        if (self.filled + extra) * MAX_LOAD_DEN <= self.capacity * MAX_LOAD_NUM:
             return
         need = self.used + extra
-        while need * MAX_LOAD_DEN > cap * MAX_LOAD_NUM:
-            cap <<= 1
+        cap = max(self.capacity, slots_for(need * GROWTH_NUM // GROWTH_DEN))
         # rehash: grows when needed, and always drops the tombstones.  The old arrays are
         # moved over a block at a time, so that next to the old and the new table only
         # one block's worth of temporaries exists (the peak of a growing tree)

@@ -29,7 +29,6 @@ from collections.abc import Callable
 import numpy as np
 
 from lksmfs.engine.crawler import ScanPolicy, Skipped
-from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.ksmd import make_policy
 from lksmfs.engine.merge import Merger
 from lksmfs.engine.params import (
@@ -48,6 +47,7 @@ from lksmfs.engine.scanner import Scanner
 from lksmfs.engine.slot import MmList, MmSlot
 from lksmfs.engine.stable import StableTree
 from lksmfs.engine.stats import KsmStats
+from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, MemorySource, TaskId
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Ksm:
         self.stats = KsmStats()
         self.mm = MmList()
         self.stable = StableTree()
-        self.unstable = HashIndex()  # root_unstable_tree, rebuilt every round
+        self.unstable = UnstableTree()  # root_unstable_tree, rebuilt every round
         self.regions = RegionTable()
         self.merger = Merger(self)
         self.scanner = Scanner(self)
@@ -286,7 +286,7 @@ class Ksm:
             slot.zero_vpns = slot.zero_vpns[:0]
         self.flush_removed_mm_list()
         self.stable.clear()
-        self.unstable = HashIndex()
+        self.unstable = UnstableTree()
         st = self.stats
         st.pages_unshared = st.rmap_items = st.ksm_zero_pages = 0
         st.end_slot()

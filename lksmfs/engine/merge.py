@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 PARTNER_BATCH = 64  # partner pages read and compared at a time (256 KiB of buffer)
 SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
-VPN_BITS = 36  # an unstable tree entry is (slot id << VPN_BITS) | vpn
-VPN_MASK = (1 << VPN_BITS) - 1
 NOT_UNSTABLE = np.uint8(~int(UNSTABLE) & 0xFF)
 CKSUM_MASK = np.uint64(0xFFFFFFFE)  # calc_checksum() keeps bit 0 for the frozen flag
 
@@ -47,7 +45,8 @@ class Chunk:
     """Up to CHUNK consecutive pages being scanned, of one VMA or several: their rmap
     items (`part`, a view of the slot's new rmap list), contents and digests, and for
     each page its VMA's start and region (ksm_scan.vma_base_addr and ksm_scan.region
-    when the scanner visited it)."""
+    when the scanner visited it).  Item i of `part` is number `at` + i in the unstable
+    tree (UnstableTree.visit)."""
 
     slot: MmSlot
     base: np.ndarray  # uint64 per page: its VMA's first page
@@ -60,6 +59,7 @@ class Chunk:
     lo: np.ndarray
     hi: np.ndarray
     fetch: Callable[[np.ndarray], np.ndarray] | None = None
+    at: int = 0
 
     def words(self, i: np.ndarray) -> np.ndarray:
         """Pages `i` of the chunk as rows of words (a copy), for memcmp_pages()."""
@@ -286,7 +286,7 @@ class Merger:
         if part.tracks_regions:
             part.region[i] = c.rid[i]
             part.off[i] = c.offsets(i).astype(np.uint32)
-        refs = (np.int64(c.slot.sid) << VPN_BITS) | part.vpn[i].astype(np.int64)
+        refs = i.astype(np.int64) + c.at
         if stale:
             for key, ref in zip(c.lo[i].tolist(), refs.tolist(), strict=True):
                 k.unstable.put(key, ref)
@@ -344,23 +344,23 @@ class Merger:
         ok = np.zeros(n, dtype=bool)
         tblock = np.full(n, -1, dtype=np.int64)
         tidx = np.full(n, -1, dtype=np.int64)
+        tvpns = np.zeros(n, dtype=np.uint64)
         blocks: list[Rmap] = []
-        tsids = refs >> VPN_BITS
-        tvpns = (refs & VPN_MASK).astype(np.uint64)
-        for tsid in np.unique(tsids).tolist():
-            sel = np.flatnonzero(tsids == tsid)
-            tslot = k.mm.by_sid(int(tsid))
-            if tslot is None:
-                continue
+        visits, tpos = k.unstable.where_many(refs)
+        for v in np.unique(visits).tolist():
+            sel = np.flatnonzero(visits == v)
+            tslot = k.unstable.visit_slot(v)
+            if tslot is None or k.mm.by_sid(tslot.sid) is not tslot:
+                continue  # visited again since, or left
             blk = k.scanner.current_items() if tslot is c.slot else tslot.rmap
             if len(blk):
-                pos = np.searchsorted(blk.vpn, tvpns[sel])
+                pos = tpos[sel]
                 posc = np.minimum(pos, len(blk) - 1)
-                found = (pos < len(blk)) & (blk.vpn[posc] == tvpns[sel])
-                live = found & ((blk.flags[posc] & UNSTABLE) != 0) & (blk.seq[posc] == cur_seq)
+                live = (pos < len(blk)) & ((blk.flags[posc] & UNSTABLE) != 0) & (blk.seq[posc] == cur_seq)
                 blocks.append(blk)
                 tblock[sel[live]] = len(blocks) - 1
                 tidx[sel[live]] = posc[live]
+                tvpns[sel[live]] = blk.vpn[posc[live]]
             got = sel[tblock[sel] >= 0]
             if not got.size:
                 continue
@@ -435,7 +435,7 @@ class Merger:
         # unstable_tree_search_insert()
         key = lo if lo >= 2 else lo + 2
         ref = k.unstable.get(key)
-        tree = self._tree_item(ref, c.slot, vpn) if ref >= 0 else None
+        tree = self._tree_item(ref, c.slot, c.at + i) if ref >= 0 else None
         if tree is not None:
             tslot, tblk, ti = tree
             tpage = self._read_page(tslot, int(tblk.vpn[ti]))
@@ -448,7 +448,7 @@ class Merger:
                 self._append(part, at, nid, c, distinct=True)
                 return
         # insert into the unstable tree (over any stale entry with this content)
-        k.unstable.put(key, (c.slot.sid << VPN_BITS) | vpn)
+        k.unstable.put(key, c.at + i)
         part.flags[i] = flags | int(UNSTABLE)
         part.seq[i] = k.scanner.scan_round & SEQNR_MASK
         if part.tracks_regions:
@@ -456,20 +456,21 @@ class Merger:
             part.off[i] = vpn - int(c.base[i])
         k.stats.pages_unshared += 1
 
-    def _tree_item(self, ref: int, slot: MmSlot, vpn: int) -> tuple[MmSlot, Rmap, int] | None:
+    def _tree_item(self, ref: int, slot: MmSlot, own: int) -> tuple[MmSlot, Rmap, int] | None:
         """Resolve an unstable tree entry to a live item of this round, or None for a
-        stale one (its slot left, or the item moved on since it was inserted)."""
+        stale one (its slot left or was visited again, or the item moved on since it
+        was inserted) or for the page asking (`own`: its number in the tree)."""
         k = self.k
-        tsid = ref >> VPN_BITS
-        tvpn = ref & VPN_MASK
-        if tsid == slot.sid and tvpn == vpn:
+        if ref == own:
             return None
-        tslot = k.mm.by_sid(tsid)
-        if tslot is None:
+        got = k.unstable.where(ref)
+        if got is None:
+            return None
+        tslot, ti = got
+        if k.mm.by_sid(tslot.sid) is not tslot:
             return None
         b = k.scanner.current_items() if tslot is slot else tslot.rmap
-        ti = b.find(tvpn)
-        if ti >= 0 and int(b.flags[ti]) & UNSTABLE and int(b.seq[ti]) == k.scanner.scan_round & SEQNR_MASK:
+        if ti < len(b) and int(b.flags[ti]) & UNSTABLE and int(b.seq[ti]) == k.scanner.scan_round & SEQNR_MASK:
             return tslot, b, ti
         return None
 
@@ -516,7 +517,7 @@ class _GroupPlan:
         partner = None
         if not is_zero:
             ref = k.unstable.get(lo if lo >= 2 else lo + 2)
-            partner = merger._tree_item(ref, c.slot, int(part.vpn[first])) if ref >= 0 else None
+            partner = merger._tree_item(ref, c.slot, c.at + first) if ref >= 0 else None
         mps = k.tunables.max_page_sharing
         dup = np.full(n, -1, dtype=np.int64)
         pairs: list[tuple[int, int]] = []

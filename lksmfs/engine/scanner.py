@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.merge import Chunk, SourceError
 from lksmfs.engine.pages import CHUNK, READ_BLOCK, as_words, digest_pages, is_zero_digest
 from lksmfs.engine.params import (
@@ -31,6 +30,7 @@ from lksmfs.engine.params import (
 from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
 from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
+from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, AccessDenied, Mapping
 
 if TYPE_CHECKING:
@@ -147,8 +147,9 @@ class Scanner:
             return None
         if self._at_head and self.scan_round < k.crawler.crawl_round:
             self.scan_round = k.crawler.crawl_round
-            # sized like the last round's tree: no rehashing while it fills again
-            k.unstable = HashIndex(max(1024, self._unstable_hint))
+            # sized like the last round's tree (and a little more): no rehashing while
+            # it fills again
+            k.unstable = UnstableTree(self._unstable_hint + self._unstable_hint // 32)
             self._maybe_prune_chains()
         self._at_head = False
         slot = k.mm.scan_list.pop_first()
@@ -188,7 +189,7 @@ class Scanner:
             # nothing reads this round's unstable tree once the scan is over: give it back,
             # with the buffers pages were read into
             self._unstable_hint = len(k.unstable)
-            k.unstable = HashIndex()
+            k.unstable = UnstableTree()
             if k.crawler.checksum_gate(self.scan_round):
                 # pages failed the gate this round and may wait in the tree the next one:
                 # sized for them, it is not rehashed while it fills (the old and the new
@@ -322,6 +323,7 @@ class Scanner:
                 self._same_pages(old, [v for _, v in present])
             new = old if inplace else Rmap(total, k.filter_enabled, keep_digests, ages)
             self._cur_new = new
+            at = k.unstable.visit(slot, total)  # the tree's number of the list's item 0
             # The pages to scan next, from one or more VMAs: a chunk may span VMAs (a
             # process of many small mappings costs per chunk, not per VMA).  In the seed
             # every page is merged before the scanner walks on, so the pending pages are
@@ -367,7 +369,7 @@ class Scanner:
                 data, lo, hi = pre if pre is not None else read(run)  # pre: scan_watching_filter's
                 self._cur_valid = filled + n
                 pos, scanned = self._scan_chunk(slot, bases, rids, part, data, lo, hi, old,
-                                                filled if inplace else pos, inplace)
+                                                filled if inplace else pos, at + filled, inplace)
                 filled += n
                 k.publish()
                 yield scanned  # hook: pages the policy skipped cost no budget
@@ -608,12 +610,13 @@ class Scanner:
 
     def _scan_chunk(
         self, slot: MmSlot, bases: np.ndarray, rids: np.ndarray, part: Rmap, data: memoryview | None,
-        lo: np.ndarray, hi: np.ndarray, old: Rmap, pos: int, inplace: bool = False,
+        lo: np.ndarray, hi: np.ndarray, old: Rmap, pos: int, at: int, inplace: bool = False,
     ) -> tuple[int, int]:
         """get_next_rmap_item() + cmp_and_merge_page() for the pages of `part` (contents
         in `data`, None when not read, digests `lo`/`hi`), a view of the slot's new rmap
         list whose vpn column is already set (`inplace`: a view of the old list itself,
-        whose items are these pages').  Returns the position in the slot's old rmap list
+        whose items are these pages'); `at` is the unstable tree's number of its first
+        item.  Returns the position in the slot's old rmap list
         after these pages, and how many were scanned."""
         k = self.k
         vpns = part.vpn
@@ -647,7 +650,7 @@ class Scanner:
         k.stats.pages_scanned += n - skipped
         slot.nr_scans += n - skipped
         if idx.size:
-            k.merger.cmp_and_merge(Chunk(slot, bases, rids, part, data, lo, hi, self._fetcher(slot, part)), idx)
+            k.merger.cmp_and_merge(Chunk(slot, bases, rids, part, data, lo, hi, self._fetcher(slot, part), at), idx)
         return end, n - skipped
 
     def _get_next_rmap_items(self, part: Rmap, old: Rmap, pos: int, rids: np.ndarray, bases: np.ndarray) -> int:

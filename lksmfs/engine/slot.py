@@ -10,7 +10,7 @@ import numpy as np
 
 from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_LISTED, KSM_MM_NEWCOMER, KSM_MM_SCANNED, MERGE_WIN
 from lksmfs.engine.rmap import Rmap
-from lksmfs.sources.base import TaskId
+from lksmfs.sources.base import Mapping, TaskId
 
 
 class MmSlot:
@@ -70,31 +70,35 @@ class MmSlot:
 
 
 class MarkedVmas:
-    """The VMAs of one mm that carry VM_MERGEABLE, as (start, end, file) at their last
-    ksm_join().  The kernel keeps the flag on the VMA itself; from /proc a VMA is the
-    same one when it overlaps a marked VMA of the same file (or both are anonymous):
-    growing, shrinking and splitting keep the flag."""
+    """The VMAs of one mm that carry VM_MERGEABLE, as the source described them at their
+    last ksm_join().  The kernel keeps the flag on the VMA itself; from /proc a VMA is
+    the same one when it overlaps a marked VMA of the same file (or both are
+    anonymous): growing, shrinking and splitting keep the flag.  The source's own
+    Mapping objects are kept (no copy of each: a scope holds thousands)."""
 
-    __slots__ = ("_starts", "_vmas")
+    __slots__ = ("_vmas",)
 
-    def __init__(self, vmas: list[tuple[int, int, tuple[int, int] | None]] | None = None) -> None:
-        self._vmas = sorted(vmas or [])
-        self._starts = [v[0] for v in self._vmas]
+    def __init__(self, vmas: list[Mapping] | None = None) -> None:
+        self._vmas = sorted(vmas or [], key=_start)
 
     def __len__(self) -> int:
         return len(self._vmas)
 
     def covers(self, start: int, end: int, file: tuple[int, int] | None) -> bool:
         """Was a VMA overlapping [start, end) with this file marked?"""
-        i = bisect.bisect_left(self._starts, end) - 1
+        i = bisect.bisect_left(self._vmas, end, key=_start) - 1
         while i >= 0:
-            s, e, f = self._vmas[i]
-            if e <= start:
+            v = self._vmas[i]
+            if v.end <= start:
                 return False  # sorted, non-overlapping: nothing further left overlaps
-            if f == file:
+            if v.file == file:
                 return True
             i -= 1
         return False
+
+
+def _start(vma: Mapping) -> int:
+    return vma.start
 
 
 class ScanList:

@@ -44,7 +44,7 @@ class StableTree:
     """Stable nodes in columns; the index maps a digest's low half to a node or a chain."""
 
     def __init__(self) -> None:
-        self.index = HashIndex()
+        self.index = HashIndex(vals=np.int32)  # a node, or a chain (negative)
         self._lo = _Grow(np.uint64)
         self._hi = _Grow(np.uint32)  # a digest's hi fits (pages.HI_MASK)
         self._len = _Grow(np.int32)

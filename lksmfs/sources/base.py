@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskStat:
     """What the crawler needs about a task besides its memory (struct task_struct fields)."""
 
@@ -41,7 +41,7 @@ class TaskStat:
     kthread: bool = False  # PF_KTHREAD: no mm, never scanned
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # thousands per scope: no __dict__ each
 class Mapping:
     """One VMA, as a line of /proc/PID/maps plus the smaps VmFlags ksm_join cares about.
 

@@ -89,9 +89,9 @@ def test_the_first_merging_round_finds_its_unstable_tree_sized() -> None:
     real = HashIndex._reserve
 
     def reserve(self: HashIndex, extra: int) -> None:
-        cap = self.mask + 1
+        cap = self.capacity
         real(self, extra)
-        if self is ksm.unstable and self.mask + 1 != cap:
+        if self is ksm.unstable and self.capacity != cap:
             grown.append(cap)
 
     with pytest.MonkeyPatch.context() as mp:

@@ -47,3 +47,23 @@ def test_clear_empties_and_shrinks() -> None:
     assert h.get(10_000) == 9_990
     h.clear()
     assert len(h) == 0 and h.get(10_000) == -1 and h.nbytes <= 2048 * 16
+
+
+def test_a_table_sized_for_its_entries_holds_them_without_growing() -> None:
+    """The capacity is not rounded up to a power of two: 100,000 entries at 75% load
+    take 133,334 slots (a power of two would be 262,144), and filling them all moves
+    nothing; one entry more grows the table by half the room the entries need."""
+    h = HashIndex(100_000)
+    assert h.capacity == 133_334
+    h.put_many(np.arange(2, 100_002, dtype=np.uint64), np.arange(100_000, dtype=np.int64))
+    assert h.capacity == 133_334 and len(h) == 100_000
+    h.put(5_000_000, 7)
+    assert h.capacity == 200_002 and len(h) == 100_001
+    assert h.get(5_000_000) == 7 and h.get(99_999) == 99_997 and h.get(100_002) == -1
+
+
+def test_int32_values_take_twelve_bytes_a_slot() -> None:
+    h = HashIndex(3000, vals=np.int32)
+    assert h.nbytes == h.capacity * 12
+    h.put_many(np.array([10, 11], dtype=np.uint64), np.array([-5, 2**31 - 1], dtype=np.int64))
+    assert h.get_many(np.array([10, 11, 12], dtype=np.uint64)).tolist() == [-5, 2**31 - 1, -1]
