@@ -502,55 +502,51 @@ class ProcfsSource:
             return np.arange(start_vpn, end_vpn, dtype=np.uint64)
         h = self._acquire(task, cache=True)
         try:
-            out: list[np.ndarray] = []
+            out: list[np.ndarray] = []  # ascending: one piece per pagemap read
             for first, ent in self._read_pagemap(h, start_vpn, end_vpn):
                 present = np.flatnonzero(ent >> np.uint64(PM_PRESENT_BIT))
                 if len(present) == 0:
                     continue
                 pe = ent[present]
-                vpns = present.astype(np.uint64) + np.uint64(first)
                 # PM_FILE is set exactly for mapped pages that are not PageAnon, and an
                 # exclusively mapped page without it is an anonymous page (the zero pages
                 # are never exclusive): only the rest needs /proc/kpageflags
                 not_file = ((pe >> np.uint64(PM_FILE_OR_SHARED_ANON_BIT)) & np.uint64(1)) == 0
-                excl = ((pe >> np.uint64(PM_MMAP_EXCLUSIVE_BIT)) & np.uint64(1)) == 1
-                sure = not_file & excl
-                if sure.all():
-                    out.append(vpns)
-                    continue
-                if sure.any():
-                    out.append(vpns[sure])
-                    check = not_file & ~excl
-                    pe, vpns = pe[check], vpns[check]
-                    if not len(pe):
-                        continue
-                pfns = pe & PM_PFN_MASK
-                have_pfns = bool(pfns.any())
-                kfd = self._kpageflags() if have_pfns else None
-                fl: np.ndarray | None = None
-                if kfd is not None:
-                    try:
-                        fl = self._flags_of(kfd, pfns)
-                    except OSError as e:
-                        self._kpf_state = "unavailable"
-                        self._warn_fallback(f"/proc/kpageflags read failed ({e.strerror})")
-                elif not have_pfns:
-                    self._warn_fallback("page frame numbers read as 0 (no CAP_SYS_ADMIN?)")
-                if fl is None:
-                    file_or_shared = (pe >> np.uint64(PM_FILE_OR_SHARED_ANON_BIT)) & np.uint64(1)
-                    out.append(vpns[file_or_shared == 0])
-                    continue
-                anon = (fl >> np.uint64(KPF_ANON_BIT)) & np.uint64(1)
-                zero = (fl >> np.uint64(KPF_ZERO_PAGE_BIT)) & np.uint64(1)
-                out.append(vpns[(anon == 1) & (zero == 0)])
+                keep = not_file & (((pe >> np.uint64(PM_MMAP_EXCLUSIVE_BIT)) & np.uint64(1)) == 1)
+                check = np.flatnonzero(not_file & ~keep)
+                if check.size:
+                    keep[check] = self._anon_not_zero(pe[check])
+                out.append(present[keep].astype(np.uint64) + np.uint64(first))
             if not out:
                 return empty
-            return np.sort(np.concatenate(out)) if len(out) > 1 else out[0]
+            return np.concatenate(out) if len(out) > 1 else out[0]
         except ProcessGone:
             self._drop(task)
             raise
         finally:
             self._put(h)
+
+    def _anon_not_zero(self, pe: np.ndarray) -> np.ndarray:
+        """Which of these present, not file-backed, shared pages (pagemap entries) are
+        anonymous pages and not the zero page: /proc/kpageflags, or - without it - every
+        one of them (the approximation `fallback_used` reports)."""
+        pfns = pe & PM_PFN_MASK
+        have_pfns = bool(pfns.any())
+        kfd = self._kpageflags() if have_pfns else None
+        if kfd is not None:
+            try:
+                fl = self._flags_of(kfd, pfns)
+            except OSError as e:
+                self._kpf_state = "unavailable"
+                self._warn_fallback(f"/proc/kpageflags read failed ({e.strerror})")
+            else:
+                anon = (fl >> np.uint64(KPF_ANON_BIT)) & np.uint64(1)
+                zero = (fl >> np.uint64(KPF_ZERO_PAGE_BIT)) & np.uint64(1)
+                ok: np.ndarray = (anon == 1) & (zero == 0)
+                return ok
+        elif not have_pfns:
+            self._warn_fallback("page frame numbers read as 0 (no CAP_SYS_ADMIN?)")
+        return np.ones(pe.shape[0], dtype=bool)
 
     def _buffer(self, nbytes: int) -> memoryview:
         """This thread's reusable page buffer, at least `nbytes` long."""
