@@ -62,6 +62,9 @@ NOT_A_VMA = frozenset({"[vsyscall]"})
 # bounded memory; 16 Ki entries = 128 KiB per read (the arrays derived from one read are
 # a scan's largest temporaries: a few MiB at 64 Ki entries).
 _PAGEMAP_CHUNK = 1 << 14
+# present_anon reserves room for this many pages at most before it knows how many there
+# are: 64 MiB of virtual memory (32 GiB of address space), touched only where filled
+_ROOM_AT_ONCE = 1 << 23
 # Two PFN runs closer than this are fetched from kpageflags with one pread: reading a
 # few unneeded flags words is much cheaper than another syscall.
 _KPF_GAP = 64
@@ -502,7 +505,12 @@ class ProcfsSource:
             return np.arange(start_vpn, end_vpn, dtype=np.uint64)
         h = self._acquire(task, cache=True)
         try:
-            out: list[np.ndarray] = []  # ascending: one piece per pagemap read
+            # Filled in address order, a pagemap read at a time, into room for every page
+            # of the range: only the part written is ever touched (RSS), so a full range
+            # costs its pages once - no pieces and their concatenation side by side.  A
+            # huge reservation (sanitizers map terabytes) gets room as pages turn up.
+            out = np.empty(min(end_vpn - start_vpn, _ROOM_AT_ONCE), dtype=np.uint64)
+            n = 0
             for first, ent in self._read_pagemap(h, start_vpn, end_vpn):
                 present = np.flatnonzero(ent >> np.uint64(PM_PRESENT_BIT))
                 if len(present) == 0:
@@ -516,10 +524,15 @@ class ProcfsSource:
                 check = np.flatnonzero(not_file & ~keep)
                 if check.size:
                     keep[check] = self._anon_not_zero(pe[check])
-                out.append(present[keep].astype(np.uint64) + np.uint64(first))
-            if not out:
-                return empty
-            return np.concatenate(out) if len(out) > 1 else out[0]
+                got = present[keep]
+                m = int(got.shape[0])
+                if n + m > out.shape[0]:
+                    out = np.concatenate([out[:n], np.empty(max(m, n), dtype=np.uint64)])
+                np.add(got, first, out=out[n : n + m], casting="unsafe")
+                n += m
+            if n < out.shape[0] // 2 and n < _PAGEMAP_CHUNK:
+                return out[:n].copy()  # a sparse range: give the room back
+            return out[:n]
         except ProcessGone:
             self._drop(task)
             raise

@@ -237,6 +237,24 @@ def test_present_anon_pagemap_and_kpageflags(fake: FakeProc) -> None:
         assert not s.fallback_used
 
 
+def test_present_anon_over_many_pagemap_reads_keeps_address_order(
+    fake: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages come out in address order however the range is read (4 entries a read
+    here) and however little room was reserved at first (3 pages: it grows)."""
+    monkeypatch.setattr(procfs_mod, "_PAGEMAP_CHUNK", 4)
+    monkeypatch.setattr(procfs_mod, "_ROOM_AT_ONCE", 3)
+    t = fake.task(100)
+    # every third page absent, the others alternately exclusive (no lookup) and shared
+    entries = [0 if i % 3 == 2 else _entry(10 + i, EXCLUSIVE) if i % 2 else _entry(10 + i) for i in range(22)]
+    fake.pagemap(100, V0, entries)
+    fake.kpageflags({10 + i: KPF_ANON for i in range(22)} | {10 + 4: KPF_ZERO}, npfn=64)
+    with _src(fake) as s:
+        got = s.present_anon(t, V0, V0 + 22)
+    want = [V0 + i for i in range(22) if i % 3 != 2 and i != 4]
+    assert got.tolist() == want
+
+
 def test_exclusive_anon_pages_need_no_kpageflags(fake: FakeProc, monkeypatch: pytest.MonkeyPatch) -> None:
     """Exclusively mapped and not PM_FILE: anonymous without asking kpageflags; only the
     shared mappings (a KSM page, the zero page) are looked up."""
