@@ -28,7 +28,7 @@ from lksmfs.engine.ksmd import SKIP_NOT_MERGEABLE
 from lksmfs.engine.params import INITIAL_ROUND, KSM_SHORT_TASK_TIME_MS, POLICIES, POLICY_LKSM
 from lksmfs.helptext import add_command
 from lksmfs.progress import Progress
-from lksmfs.sources.base import TaskId
+from lksmfs.sources.base import AccessDenied, MemorySource, ProcessGone, TaskId
 from lksmfs.sources.scope import Scope
 from lksmfs.summary import describe_scan, mib, saved_pages
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
@@ -142,9 +142,31 @@ def scan_processes(
         out["tasks_exited"] = ksm.counters()["tasks_exited"]
         out["tasks_denied"] = ksm.counters()["tasks_denied"]
         out["scanned_processes"] = len(scanned - set(ksm.skipped))
+        out["thp_pages"] = huge_pages(source, scanned - set(ksm.skipped))
         out["skipped"] = skipped + [skipped_record(t, why, short_ms, proc_root)
                                     for t, why in sorted(ksm.skipped.items(), key=lambda kv: kv[0].pid)]
         return out
+
+
+def huge_pages(source: MemorySource, tasks: set[TaskId]) -> int:
+    """Pages of these tasks' mergeable VMAs in transparent huge pages (smaps'
+    AnonHugePages): what a kernel's split may give the zero page (`THP_NOTE`)."""
+    total = 0
+    for task in tasks:
+        try:
+            total += sum(m.huge_pages for m in source.mappings(task) if m.mergeable)
+        except (ProcessGone, AccessDenied):
+            continue
+    return total
+
+
+THP_NOTE = (
+    "{n} of the scanned pages are in transparent huge pages. To merge one of its pages a "
+    "kernel splits the huge page, and from Linux 6.12 on the split maps its zero-filled pages to "
+    "the shared zero page (no longer anonymous, never merged). Shadow mode splits nothing: "
+    "pages_sharing can exceed the kernel's by up to the number of zero-filled pages among them "
+    "(README, limits of shadow mode)."
+)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -204,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
     elif out["scanned_processes"]:
         print_summary(out, args.rounds)
     print_skipped(out["skipped"], nothing_scanned=status != 0)
+    if out.get("thp_pages"):
+        print("lksmfs scan: note: " + THP_NOTE.format(n=out["thp_pages"]), file=sys.stderr)
     return status
 
 

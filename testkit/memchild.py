@@ -32,7 +32,9 @@ test does this only under the kernel oracle's lock).  PAGES is
 Why each step is here:
 
 * prctl(PR_SET_THP_DISABLE) first, before any sizeable allocation: every page is a 4 KiB
-  page, so an untouched neighbour never becomes present through a huge page.
+  page, so an untouched neighbour never becomes present through a huge page.  Unless
+  ``thp``: then a region with ``"hugepage": true`` is 2 MiB aligned and
+  madvise(MADV_HUGEPAGE)'d, and the kernel may back it with transparent huge pages.
   ``merge``: prctl(PR_SET_MEMORY_MERGE), every VMA mergeable by the kernel's KSM (only for
   the kernel oracle: a mergeable process skews its global counters).
 * Pages are written with memset/memmove through ctypes: no Python-level copy of a
@@ -65,6 +67,8 @@ from typing import Any
 PR_SET_THP_DISABLE = 41
 PR_SET_MEMORY_MERGE = 67
 MADV_MERGEABLE = 12
+MADV_HUGEPAGE = 14
+HPAGE_SIZE = 2 << 20  # a PMD-mapped transparent huge page (x86-64, arm64 with 4 KiB pages)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # the machine's (run by path: no lksmfs import here)
 PROT_NONE, PROT_READ, PROT_WRITE = 0x0, 0x1, 0x2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
@@ -148,6 +152,7 @@ def _map(region: dict[str, Any], npages: int) -> int:
     size = max(npages, 1) * PAGE_SIZE
     fd = -1
     guard = 0
+    huge = bool(region.get("hugepage"))
     if kind == "file":
         fd = os.open(region["file"], os.O_RDONLY)
         flags = MAP_PRIVATE
@@ -157,15 +162,19 @@ def _map(region: dict[str, Any], npages: int) -> int:
         guard = PAGE_SIZE
         prot = PROT_NONE
     try:
-        addr = _libc.mmap(None, size + 2 * guard, prot, flags, fd, 0)
+        addr = _libc.mmap(None, size + 2 * guard + (HPAGE_SIZE if huge else 0), prot, flags, fd, 0)
     finally:
         if fd >= 0:
             os.close(fd)  # the mapping keeps the file
     if addr is None or addr == ctypes.c_void_p(-1).value:
         raise OSError(ctypes.get_errno(), f"mmap of region {region['name']!r} failed")
     addr = int(addr) + guard
+    if huge:  # huge-page aligned, so that every whole 2 MiB of it can be one huge page
+        addr += -addr % HPAGE_SIZE
     if guard and _libc.mprotect(addr, size, PROT_READ | PROT_WRITE) != 0:
         raise OSError(ctypes.get_errno(), f"mprotect of region {region['name']!r} failed")
+    if huge and _libc.madvise(addr, size, MADV_HUGEPAGE) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise(MADV_HUGEPAGE) of region {region['name']!r} failed")
     return addr
 
 
@@ -222,7 +231,8 @@ def _fork(spec: dict[str, Any]) -> int:
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
-    _prctl(PR_SET_THP_DISABLE, 1)
+    if not spec.get("thp"):
+        _prctl(PR_SET_THP_DISABLE, 1)
     if spec.get("merge"):
         _prctl(PR_SET_MEMORY_MERGE, 1)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)

@@ -42,14 +42,15 @@ class MemProcess:
         wait: bool = True,
         user: Sequence[str] = (),
         python: str = sys.executable,
+        thp: bool = False,
     ) -> None:
         """Start the child; unless `wait` is False, wait until its memory is built.
         `user` prefixes the command (e.g. testkit.mount.NOBODY, with a `python` that user
-        may run)."""
+        may run).  `thp`: transparent huge pages stay allowed (regions with `hugepage`)."""
         self.stop_mode = stop
         self.timeout_s = timeout_s
         self.regions: dict[str, tuple[int, int]] = {}  # name -> (address, npages)
-        options: dict[str, object] = {"cpu_ms": cpu_ms, "merge": merge, "stop": stop}
+        options: dict[str, object] = {"cpu_ms": cpu_ms, "merge": merge, "stop": stop, "thp": thp}
         if comm is not None:
             options["comm"] = comm
         self.proc = subprocess.Popen(

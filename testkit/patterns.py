@@ -27,13 +27,15 @@ GroupKey = int | tuple[str, int]
 class Region:
     """One mapping of a child: `kind` private (anonymous), shared (MAP_SHARED anonymous)
     or file (FILE mapped MAP_PRIVATE; it must be at least as long as the region).
-    `madvise`: madvise(MADV_MERGEABLE) on it (VM_MERGEABLE: mainline KSM may merge it)."""
+    `madvise`: madvise(MADV_MERGEABLE) on it (VM_MERGEABLE: mainline KSM may merge it).
+    `hugepage`: 2 MiB aligned and madvise(MADV_HUGEPAGE) (a child started with `thp`)."""
 
     name: str
     pages: Pages
     kind: str = "private"
     file: str | None = None
     madvise: bool = False
+    hugepage: bool = False
 
     @property
     def npages(self) -> int:
@@ -45,6 +47,8 @@ class Region:
             out["file"] = self.file
         if self.madvise:
             out["madvise"] = True
+        if self.hugepage:
+            out["hugepage"] = True
         return out
 
 

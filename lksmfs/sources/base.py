@@ -62,6 +62,7 @@ class Mapping:
     mergeable: bool = True
     has_anon: bool = True
     anon_pages: int = -1  # anonymous pages mapped (smaps `Anonymous:`), -1 when unknown
+    huge_pages: int = 0  # of those, in PMD-mapped transparent huge pages (`AnonHugePages:`)
     vm_mergeable: bool = False
 
     @property

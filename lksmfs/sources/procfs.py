@@ -112,7 +112,8 @@ def _parse_vma_line(line: bytes) -> tuple[int, int, str, int, int, str] | None:
 
 
 def _make_mapping(
-    fields: tuple[int, int, str, int, int, str], vmflags: frozenset[str] | None, anon_kb: int | None
+    fields: tuple[int, int, str, int, int, str], vmflags: frozenset[str] | None, anon_kb: int | None,
+    huge_kb: int = 0,
 ) -> Mapping | None:
     """Build the Mapping ksm_join would see; None for things that are not VMAs."""
     start, end, perms, dev, inode, path = fields
@@ -135,6 +136,7 @@ def _make_mapping(
         # without smaps we cannot know about anon_vma: assume there may be anon pages
         has_anon=True if anon_kb is None else anon_kb > 0,
         anon_pages=-1 if anon_kb is None else anon_kb * 1024 // PAGE_SIZE,
+        huge_pages=huge_kb * 1024 // PAGE_SIZE,
         vm_mergeable=vm_mergeable,
     )
 
@@ -158,10 +160,11 @@ def parse_smaps(data: bytes) -> list[Mapping]:
     cur: tuple[int, int, str, int, int, str] | None = None
     vmflags: frozenset[str] | None = None
     anon_kb: int | None = None
+    huge_kb = 0
 
     def flush() -> None:
         if cur is not None:
-            m = _make_mapping(cur, vmflags, anon_kb)
+            m = _make_mapping(cur, vmflags, anon_kb, huge_kb)
             if m is not None:
                 out.append(m)
 
@@ -175,12 +178,17 @@ def parse_smaps(data: bytes) -> list[Mapping]:
                     anon_kb = int(line.split()[1])
                 except (IndexError, ValueError):
                     anon_kb = None
+            elif head == b"AnonHugePages:":
+                try:
+                    huge_kb = int(line.split()[1])
+                except (IndexError, ValueError):
+                    huge_kb = 0
             continue
         f = _parse_vma_line(line)
         if f is None:
             continue
         flush()
-        cur, vmflags, anon_kb = f, None, None
+        cur, vmflags, anon_kb, huge_kb = f, None, None, 0
     flush()
     return out
 

@@ -162,6 +162,34 @@ def test_scan_summary_counts_zero_pages_when_use_zero_pages_is_on() -> None:
     assert j["ksm_zero_pages"] >= 4096 and j["general_profit"] >= 15 * 2**20
 
 
+def _thp_mode() -> str:
+    """The host's transparent_hugepage/enabled choice (never, madvise or always)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    m = re.search(r"\[(\w+)\]", text)
+    return m[1] if m else "never"
+
+
+def test_scan_names_the_pages_in_transparent_huge_pages() -> None:
+    """A region the kernel backs with huge pages (8 MiB, madvise(MADV_HUGEPAGE)): the scan
+    counts its pages in huge pages - smaps' AnonHugePages, read here by the test itself -
+    and says on stderr what a kernel's split would do with the zero-filled ones."""
+    if _thp_mode() == "never":
+        pytest.skip("transparent huge pages are disabled on this host")
+    with MemProcess(Region("heap", [(2048, "a")], hugepage=True), cpu_ms=150, thp=True) as c:
+        smaps = Path(f"/proc/{c.pid}/smaps").read_text()
+        huge_kb = sum(int(line.split()[1]) for line in smaps.splitlines() if line.startswith("AnonHugePages:"))
+        if huge_kb == 0:
+            pytest.skip("the kernel backed the region with no huge page (fragmented memory?)")
+        r = lksmfs_cmd("scan", "--pid", str(c.pid), "--json")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["thp_pages"] == huge_kb * 1024 // PAGE_SIZE
+    assert f"lksmfs scan: note: {j['thp_pages']} of the scanned pages are in transparent huge pages." in r.stderr
+
+
 # -- lksmfs scan on a terminal: progress and Ctrl-C -------------------------------------------
 
 

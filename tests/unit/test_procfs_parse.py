@@ -88,3 +88,16 @@ def test_smaps_entry_without_vmflags_uses_perms_only() -> None:
     shared, priv = parse_smaps(text.encode())
     assert not shared.mergeable and shared.file == (os.makedev(0, 1), 5)
     assert priv.mergeable and priv.has_anon
+
+
+def test_smaps_anon_huge_pages_per_vma() -> None:
+    """AnonHugePages belongs to the VMA it follows: a THP-backed heap counts its 4 KiB
+    pages, the next VMA starts again at 0."""
+    text = (
+        "7f0000000000-7f0000600000 rw-p 00000000 00:00 0\nAnonymous:   6144 kB\n"
+        "AnonHugePages:   4096 kB\nVmFlags: rd wr mr mw me ac\n"
+        "7f0000600000-7f0000601000 rw-p 00000000 00:00 0\nAnonymous:      4 kB\nVmFlags: rd wr mr mw me ac\n"
+    )
+    thp, small = parse_smaps(text.encode())
+    assert (thp.anon_pages, thp.huge_pages) == (1536, 1024)
+    assert (small.anon_pages, small.huge_pages) == (1, 0)
