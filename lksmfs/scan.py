@@ -150,7 +150,8 @@ def scan_processes(
 
 def huge_pages(source: MemorySource, tasks: set[TaskId]) -> int:
     """Pages of these tasks' mergeable VMAs in transparent huge pages (smaps'
-    AnonHugePages): what a kernel's split may give the zero page (`THP_NOTE`)."""
+    AnonHugePages, as mapped: shadow mode splits none), where KSM's split of a huge page
+    before a merge changes what merges (lksmfs.engine.thp)."""
     total = 0
     for task in tasks:
         try:
@@ -158,15 +159,6 @@ def huge_pages(source: MemorySource, tasks: set[TaskId]) -> int:
         except (ProcessGone, AccessDenied):
             continue
     return total
-
-
-THP_NOTE = (
-    "{n} of the scanned pages are in transparent huge pages. To merge one of its pages a "
-    "kernel splits the huge page, and from Linux 6.12 on the split maps its zero-filled pages to "
-    "the shared zero page (no longer anonymous, never merged). Shadow mode splits nothing: "
-    "pages_sharing can exceed the kernel's by up to the number of zero-filled pages among them "
-    "(README, limits of shadow mode)."
-)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -226,8 +218,6 @@ def run(args: argparse.Namespace) -> int:
     elif out["scanned_processes"]:
         print_summary(out, args.rounds)
     print_skipped(out["skipped"], nothing_scanned=status != 0)
-    if out.get("thp_pages"):
-        print("lksmfs scan: note: " + THP_NOTE.format(n=out["thp_pages"]), file=sys.stderr)
     return status
 
 
@@ -242,6 +232,9 @@ def print_summary(out: Mapping[str, Any], rounds: int) -> None:
         print(f"general_profit {out['general_profit']} bytes ({out['general_profit'] / 2**20:.1f} MiB: "
               f"the pages saved less 64 bytes per rmap item)")
     print(f"pages_unshared {out['pages_unshared']}  pages_volatile {out['pages_volatile']}")
+    if out.get("thp_pages"):
+        print(f"thp_pages {out['thp_pages']}  (in transparent huge pages: a merge splits one first, "
+              "and its zero-filled pages become the shared zero page)")
     if "pages_skipped" in out:  # policy ksm: mainline's smart_scan
         print(f"pages_scanned {out['pages_scanned']}  pages_skipped {out['pages_skipped']}"
               f"  (smart_scan {out['smart_scan']})")

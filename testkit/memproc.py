@@ -178,28 +178,29 @@ OUTSIDE = "outside"  # the madvise scope's twin of the pattern mapping, not madv
 
 
 def pattern_process(spec: Pages, *, cpu_ms: int = 150, timeout_s: float = 60.0,
-                    wait: bool = True, scope: str = "prctl") -> MemProcess:
+                    wait: bool = True, scope: str = "prctl", thp: bool = False) -> MemProcess:
     """A kernel-oracle process, stopped whenever we look: one pattern mapping, mergeable
     through prctl(PR_SET_MEMORY_MERGE) (`scope` prctl: the whole process, runtime
     included) or through madvise(MADV_MERGEABLE) on the pattern mapping alone (`scope`
-    madvise: a second mapping with the same pages, not madvised, stays out of KSM)."""
+    madvise: a second mapping with the same pages, not madvised, stays out of KSM).
+    `thp`: the pattern mapping is 2 MiB aligned and madvised for transparent huge pages."""
     if scope == "madvise":
         regions = (Region(PATTERN, spec, madvise=True), Region(OUTSIDE, spec))
         return MemProcess(*regions, cpu_ms=cpu_ms, stop=True, timeout_s=timeout_s, wait=wait)
-    return MemProcess(Region(PATTERN, spec), cpu_ms=cpu_ms, merge=True, stop=True,
-                      timeout_s=timeout_s, wait=wait)
+    return MemProcess(Region(PATTERN, spec, hugepage=thp), cpu_ms=cpu_ms, merge=True, stop=True,
+                      timeout_s=timeout_s, wait=wait, thp=thp)
 
 
 class PatternGroup:
     """Several pattern processes started together and closed together (always)."""
 
     def __init__(self, specs: Sequence[Pages], *, cpu_ms: int = 150, timeout_s: float = 60.0,
-                 scope: str = "prctl") -> None:
+                 scope: str = "prctl", thp: bool = False) -> None:
         self.procs: list[MemProcess] = []
         try:
             for spec in specs:  # spawn all first: they fill their pages in parallel
                 self.procs.append(pattern_process(spec, cpu_ms=cpu_ms, timeout_s=timeout_s, wait=False,
-                                                  scope=scope))
+                                                  scope=scope, thp=thp))
             for p in self.procs:
                 p.wait_ready()
         except BaseException:

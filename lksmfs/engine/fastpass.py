@@ -510,7 +510,7 @@ class FastScanner:
         """The digests of the slot's pages, if the engine's last complete scan of it still
         says which pages a scan visits (its rmap list, its layout); else None."""
         rec = self.records.get(slot.sid)
-        if rec is None or rec.rmap is not slot.rmap or slot.zero_vpns.size or self.keyed is None:
+        if rec is None or rec.rmap is not slot.rmap or slot.zero_vpns.size or slot.thp_zero.size or self.keyed is None:
             return None
         if not self.k.filter_enabled or rec.regions == self._regions():
             try:

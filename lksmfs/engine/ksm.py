@@ -173,7 +173,7 @@ class Ksm:
     @property
     def nbytes(self) -> int:
         """Bytes of per-page engine state (rmap columns, trees)."""
-        rm = sum(s.rmap.nbytes + s.zero_vpns.nbytes for s in self.mm.slots.values())
+        rm = sum(s.rmap.nbytes + s.zero_vpns.nbytes + s.thp_zero.nbytes for s in self.mm.slots.values())
         return rm + self.stable.nbytes + self.unstable.nbytes
 
     # -- stores (run_store(), one_shot_scanning_store(), ...) after validation ---------

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lksmfs.engine import thp
 from lksmfs.engine.hashindex import normkey
 from lksmfs.engine.pages import ZERO_HI, ZERO_LO, as_words, is_zero_digest
 from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
@@ -167,6 +168,15 @@ class Merger:
         if not self.grouped:
             self._one_by_one(c, idx)
             return
+        if c.slot.thp_blocks.size:
+            self._by_huge_page(c, idx)
+            return
+        self._settle(c, idx)
+
+    def _settle(self, c: Chunk, idx: np.ndarray) -> None:
+        """cmp_and_merge() for pages no THP split can touch."""
+        if not idx.size:
+            return
         k = self.k
         part = c.part
         flags = part.flags
@@ -190,11 +200,11 @@ class Merger:
         slow_page = old_stable | (((fl & UNSTABLE) != 0) & (part.seq[idx] == cur_seq))
         if old_stable.any():  # ... which frees room for the contents of those pages
             slow_page |= np.isin(klo, normkey(k.stable.lo[part.node[idx[old_stable]]]))
+        sref = k.stable.index.get_many(klo)
         gslow = np.zeros(starts.shape[0], dtype=bool)
         gslow[gid[slow_page]] = True
         slow = gslow[gid]
 
-        sref = k.stable.index.get_many(klo)
         if k.crawler.checksum_gate(k.scanner.scan_round):
             # A content with no KSM page whose every page fails the checksum gate makes
             # nothing (the first visit of every page, mostly): they leave last round's
@@ -237,6 +247,61 @@ class Merger:
         rest = [idx[slow], *fallback]
         s = np.sort(np.concatenate(rest)) if len(rest) > 1 else rest[0]
         self._one_by_one(c, s)
+
+    def _by_huge_page(self, c: Chunk, idx: np.ndarray) -> None:
+        """cmp_and_merge() for a chunk with pages in THPs no merge has split
+        (lksmfs.engine.thp), in address order: the pages of such a THP where some page
+        may merge now (its content has a KSM page, an unstable tree item, or another page
+        of the chunk) go one at a time until the THP is split - which takes its
+        zero-filled pages away - and the rest of it as usual; the pages between such
+        THPs as usual too."""
+        k = self.k
+        slot = c.slot
+        vpns = c.part.vpn[idx]
+        inthp = thp.in_unsplit(slot, vpns)
+        if not inthp.any():
+            self._settle(c, idx)
+            return
+        klo = normkey(c.lo[idx])
+        _, inv, cnt = np.unique(klo, return_inverse=True, return_counts=True)
+        may = (cnt[inv] > 1) | (k.unstable.get_many(klo) != -1)
+        if k.crawler.checksum_gate(k.scanner.scan_round):  # a page failing it tries no merge
+            ck = (c.hi[idx] & CKSUM_MASK).astype(np.uint32)
+            may &= ((c.part.flags[idx] & FROZEN) != 0) | (c.part.cksum[idx] == ck)
+        may |= k.stable.index.get_many(klo) != -1  # (stable_tree_search() comes first)
+        blocks = thp.blocks_of(vpns)
+        busy = inthp & np.isin(blocks, blocks[inthp & may])
+        if not busy.any():
+            self._settle(c, idx)
+            return
+        # runs of pages: the pages of one busy THP, or the pages between two
+        key = np.where(busy, blocks, -1)
+        edges = np.flatnonzero(np.diff(key) != 0) + 1
+        for seg in np.split(np.arange(idx.shape[0]), edges):
+            part = idx[seg]
+            if key[seg[0]] < 0:
+                self._settle(c, self._visited(c, part))
+                continue
+            for j, i in enumerate(part.tolist()):
+                if not thp.in_unsplit(slot, c.part.vpn[i : i + 1])[0]:
+                    self._settle(c, self._visited(c, part[j:]))  # split: the rest as usual
+                    break
+                if thp.is_vanished(slot, int(c.part.vpn[i])):
+                    self._gone(c.part, i)
+                    continue
+                self.cmp_and_merge_page(c, i)
+
+    def _visited(self, c: Chunk, idx: np.ndarray) -> np.ndarray:
+        """The pages of `idx` the scanner still visits: those a THP split during this scan
+        gave the zero page are not (their items leave the trees, and the list at the
+        slot's next scan)."""
+        if not c.slot.thp_zero.size:
+            return idx
+        gone = thp.vanished(c.slot, c.part.vpn[idx])
+        for i in idx[gone].tolist():
+            self._gone(c.part, i)
+        out: np.ndarray = idx[~gone]
+        return out
 
     def _settle_singles(self, c: Chunk, i: np.ndarray, sref: np.ndarray, plain_room: np.ndarray) -> np.ndarray:
         """Pages whose content no other page of the chunk has, and which find no KSM page
@@ -323,6 +388,11 @@ class Merger:
                 break
         rest = m[taken:]
         plan = _GroupPlan.make(self, c, rest) if rest.size else None
+        if plan is not None and plan.partner is not None:
+            tslot, tblk, ti = plan.partner
+            pv = tblk.vpn[ti : ti + 1]
+            if thp.in_unsplit(tslot, pv)[0] or thp.vanished(tslot, pv)[0]:
+                return False  # lksmfs.engine.thp: page by page
         if plan is not None and not plan.compared(self):
             return False
         # remove_rmap_item_from_tree() for items left in last round's unstable tree
@@ -357,6 +427,9 @@ class Merger:
                 pos = tpos[sel]
                 posc = np.minimum(pos, len(blk) - 1)
                 live = (pos < len(blk)) & ((blk.flags[posc] & UNSTABLE) != 0) & (blk.seq[posc] == cur_seq)
+                if tslot.thp_blocks.size or tslot.thp_zero.size:  # lksmfs.engine.thp: page by page
+                    pv = blk.vpn[posc]
+                    live &= ~thp.in_unsplit(tslot, pv) & ~thp.vanished(tslot, pv)
                 blocks.append(blk)
                 tblock[sel[live]] = len(blocks) - 1
                 tidx[sel[live]] = posc[live]
@@ -393,8 +466,20 @@ class Merger:
     def _one_by_one(self, c: Chunk, s: np.ndarray) -> None:
         if not s.size:
             return
+        slot = c.slot
         for i in s.tolist():
+            if slot.thp_zero.size and thp.is_vanished(slot, int(c.part.vpn[i])):
+                self._gone(c.part, i)  # a split this scan gave it the zero page: not visited
+                continue
             self.cmp_and_merge_page(c, i)
+
+    def _gone(self, part: Rmap, i: int) -> None:
+        """An item whose page is no longer anonymous leaves the trees (the kernel frees it
+        when the scanner passes its address; here it goes at the slot's next scan)."""
+        flags = int(part.flags[i])
+        if flags & UNSTABLE:
+            self.k.stats.pages_unshared -= 1
+        part.flags[i] = flags & ~int(UNSTABLE)
 
     def cmp_and_merge_page(self, c: Chunk, i: int) -> None:
         """cmp_and_merge_page() for page `i` of the chunk (mm/lksm.c)."""
@@ -418,7 +503,8 @@ class Merger:
         part.flags[i] = flags
         if kn >= 0:
             # try_to_merge_with_ksm_page(): the KSM page's content is its digest
-            self._append(part, at, np.array([kn]), c, distinct=True)
+            if not thp.merge_fails(k, c.slot, vpn, self._known(c)):
+                self._append(part, at, np.array([kn]), c, distinct=True)
             return
         # the checksum gate (the policy says in which rounds; never for frozen tasks)
         if k.crawler.checksum_gate(k.scanner.scan_round) and not flags & int(FROZEN):
@@ -427,7 +513,8 @@ class Merger:
                 part.cksum[i] = ck
                 return
         page = c.words(np.array([i])).tobytes()
-        if k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page):
+        if (k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page)
+                and not thp.merge_fails(k, c.slot, vpn, self._known(c))):  # failed: "not really empty", go on
             # merged with the zero page: no longer anonymous until written again
             k.scanner.add_zero_pages(np.array([vpn], dtype=np.uint64))
             k.stats.ksm_zero_pages += 1
@@ -435,11 +522,16 @@ class Merger:
         # unstable_tree_search_insert()
         key = lo if lo >= 2 else lo + 2
         ref = k.unstable.get(key)
+        if ref >= 0 and self._tree_page_gone(ref, c.slot, c.at + i):
+            return  # get_mergeable_page() finds no anonymous page: the search ends, no insert
         tree = self._tree_item(ref, c.slot, c.at + i) if ref >= 0 else None
         if tree is not None:
             tslot, tblk, ti = tree
-            tpage = self._read_page(tslot, int(tblk.vpn[ti]))
+            tvpn = int(tblk.vpn[ti])
+            tpage = self._read_page(tslot, tvpn)
             if tpage is not None and tpage == page:
+                if self._thp_pair_fails(c, vpn, tslot, tblk, tvpn):
+                    return
                 # try_to_merge_two_pages() + stable_tree_insert()
                 nid = np.array([k.stable.insert(lo, hi)])
                 k.unstable.delete(key, ref)
@@ -455,6 +547,38 @@ class Merger:
             part.region[i] = c.rid[i]
             part.off[i] = vpn - int(c.base[i])
         k.stats.pages_unshared += 1
+
+    def _thp_pair_fails(self, c: Chunk, vpn: int, tslot: MmSlot, tblk: Rmap, tvpn: int) -> bool:
+        """try_to_merge_two_pages() as far as THPs go (lksmfs.engine.thp): the page's THP
+        is split, then its partner's; the merge fails if either page is now the zero
+        page.  Two pages of one THP do not merge at all: each holds the THP, so its split
+        fails, and cmp_and_merge_page() splits it afterwards."""
+        k = self.k
+        slot = c.slot
+        if tslot is slot and vpn >> thp.HPAGE_PMD_ORDER == tvpn >> thp.HPAGE_PMD_ORDER and \
+                thp.in_unsplit(slot, np.array([vpn], dtype=np.uint64))[0]:
+            thp.split(k, slot, vpn >> thp.HPAGE_PMD_ORDER, self._known(c))
+            return True
+        theirs = [(tblk.vpn, tblk.dlo, tblk.dhi.astype(np.uint64))] if tblk.tracks_digests else []
+        return thp.merge_fails(k, slot, vpn, self._known(c)) or thp.merge_fails(k, tslot, tvpn, theirs)
+
+    def _known(self, c: Chunk) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Digests of this scan for the slot being scanned: the chunk's, and those of the
+        items before it when items keep digests (a THP split reads only the rest)."""
+        known = [(c.part.vpn, c.lo, c.hi)]
+        cur = self.k.scanner.current_items()
+        if cur.tracks_digests and len(cur):
+            known.append((cur.vpn, cur.dlo, cur.dhi.astype(np.uint64)))
+        return known
+
+    def _tree_page_gone(self, ref: int, slot: MmSlot, own: int) -> bool:
+        """Is the entry a live item of this round whose page a THP split gave the zero
+        page (lksmfs.engine.thp)?"""
+        got = self._tree_item(ref, slot, own)
+        if got is None:
+            return False
+        tslot, tblk, ti = got
+        return bool(tslot.thp_zero.size) and bool(thp.vanished(tslot, tblk.vpn[ti : ti + 1])[0])
 
     def _tree_item(self, ref: int, slot: MmSlot, own: int) -> tuple[MmSlot, Rmap, int] | None:
         """Resolve an unstable tree entry to a live item of this round, or None for a

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lksmfs.engine import thp
 from lksmfs.engine.merge import Chunk, SourceError
 from lksmfs.engine.pages import CHUNK, READ_BLOCK, as_words, digest_pages, is_zero_digest
 from lksmfs.engine.params import (
@@ -298,6 +299,8 @@ class Scanner:
         new = Rmap()
         zero_kept: list[np.ndarray] = []
         prev_zero, slot.zero_vpns = slot.zero_vpns, slot.zero_vpns[:0]
+        prev_thp_zero, slot.thp_zero = slot.thp_zero, slot.thp_zero[:0]
+        thp_zero_kept: list[np.ndarray] = []
         self._new_zero = []
         self.region = -1  # ksm_scan.region is NULL when a slot starts
         try:
@@ -310,13 +313,22 @@ class Scanner:
             keep_digests = mark is not None
             maps = k.source.mappings(slot.task)
             present: list[tuple[int, np.ndarray]] = []
+            huge: list[np.ndarray] = []
             for i, vma in enumerate(maps):
                 if vma.mergeable and vma.has_anon:
                     vpns = k.source.present_anon(slot.task, vma.start_vpn, vma.end_vpn)
                     if prev_zero.size:
                         vpns = self._zero_page_check(slot, prev_zero, vma.start_vpn, vma.end_vpn, vpns, zero_kept,
                                                      quiet)
+                    if prev_thp_zero.size:
+                        vpns = self._zero_page_check(slot, prev_thp_zero, vma.start_vpn, vma.end_vpn, vpns,
+                                                     thp_zero_kept, quiet)
+                    if vma.huge_pages:
+                        huge.append(k.source.thp_blocks(slot.task, vma.start_vpn, vma.end_vpn))
                     present.append((i, vpns))
+            if thp_zero_kept:
+                slot.thp_zero = np.sort(np.concatenate(thp_zero_kept))
+            self._thp_blocks_now(slot, huge)
             total = sum(int(v.shape[0]) for _, v in present)
             ages = k.policy == POLICY_KSM  # smart_scan's columns
             inplace = len(old) == total and (old.tracks_digests, old.tracks_ages) == (keep_digests, ages) and \
@@ -340,6 +352,10 @@ class Scanner:
                 n = int(run.shape[0])
                 if quiet and inplace and np.array_equal(old.vpn[filled : filled + n], run):
                     return None, old.dlo[filled : filled + n].copy(), old.dhi[filled : filled + n].astype(np.uint64)
+                if quiet and len(old):  # the list moved (a THP split took pages away): look them up
+                    at = np.minimum(np.searchsorted(old.vpn, run), len(old) - 1)
+                    if bool((old.vpn[at] == run).all()):
+                        return None, old.dlo[at], old.dhi[at].astype(np.uint64)
                 return self._read_digests(slot, run)
 
             def scan_pending(pre: Read | None = None) -> Generator[int, None, None]:
@@ -357,6 +373,14 @@ class Scanner:
                     rids = np.repeat(np.array([sg[0] for sg in segs], dtype=np.int32), lens)
                     bases = np.repeat(np.array([sg[1] for sg in segs], dtype=np.uint64), lens)
                 segs, seg_n = [], 0
+                if slot.thp_zero.size:
+                    # pages a split gave the zero page during this scan are not visited
+                    keep = ~thp.vanished(slot, run)
+                    if not keep.all():
+                        run, rids, bases, pre = run[keep], rids[keep], bases[keep], None
+                        n = int(run.shape[0])
+                        if not n:
+                            return
                 if inplace and not np.array_equal(old.vpn[filled : filled + n], run):
                     # the scan leaves the old list's pages: from here on, a new list
                     new = Rmap(total, k.filter_enabled, keep_digests, ages)
@@ -464,6 +488,16 @@ class Scanner:
         k.stats.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
         slot.zero_vpns = np.sort(np.concatenate([kept, *self._new_zero])) if self._new_zero else kept
         self._slot_done(slot, k.clock() - begin)
+
+    @staticmethod
+    def _thp_blocks_now(slot: MmSlot, huge: list[np.ndarray]) -> None:
+        """The slot's THPs as the source maps them now, less those a merge split (which
+        the kernel would have split: shadow mode splits nothing)."""
+        blocks = np.unique(np.concatenate(huge)) if huge else np.zeros(0, dtype=np.int64)
+        slot.split_blocks &= set(blocks.tolist())
+        if slot.split_blocks:
+            blocks = blocks[~np.isin(blocks, np.fromiter(slot.split_blocks, dtype=np.int64))]
+        slot.thp_blocks = blocks
 
     @staticmethod
     def _same_pages(old: Rmap, present: list[np.ndarray]) -> bool:

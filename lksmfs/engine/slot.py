@@ -19,7 +19,7 @@ class MmSlot:
     __slots__ = (
         "sid", "task", "comm", "state", "merge_win", "merge_idx", "nr_merged",
         "scanning_size", "fault_cnt", "elapsed", "nr_scans", "rmap", "zero_vpns",
-        "regions", "marked", "vip_seq", "removed", "cpu_mark",
+        "regions", "marked", "vip_seq", "removed", "cpu_mark", "thp_blocks", "split_blocks", "thp_zero",
     )
 
     def __init__(self, sid: int, task: TaskId, comm: str, frozen: bool) -> None:
@@ -37,6 +37,12 @@ class MmSlot:
         self.nr_scans = 0
         self.rmap = Rmap()
         self.zero_vpns = np.zeros(0, dtype=np.uint64)  # pages merged with the zero page
+        # Transparent huge pages (lksmfs.engine.thp): the blocks (vpn // 512) mapped as a
+        # huge page that no merge has split yet, the ones a merge split, and the pages a
+        # split gave the shared zero page (zero-filled then)
+        self.thp_blocks = np.zeros(0, dtype=np.int64)
+        self.split_blocks: set[int] = set()
+        self.thp_zero = np.zeros(0, dtype=np.uint64)
         self.regions: set[int] = set()  # lksm_region_ref list
         self.marked = MarkedVmas()  # the VMAs ksm_join() has marked VM_MERGEABLE
         self.cpu_mark: Hashable | None = None  # MemorySource.cpu_mark before its last scan

@@ -124,6 +124,11 @@ class MemorySource(Protocol):
         """
         ...
 
+    def thp_blocks(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
+        """The 2 MiB blocks (vpn // 512, int64, sorted) of [start_vpn, end_vpn) mapped as
+        a PMD-sized transparent huge page; empty where the source knows of none."""
+        ...
+
     def cpu_mark(self, task: TaskId) -> Hashable | None:
         """Something equal at two moments only if the task ran no instruction in
         between (per-thread CPU time), or None when the source cannot tell.  A task that
@@ -161,6 +166,9 @@ class SourceWrapper:
 
     def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         return self.inner.read_pages(task, vpns, out)
+
+    def thp_blocks(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
+        return self.inner.thp_blocks(task, start_vpn, end_vpn)
 
     def cpu_mark(self, task: TaskId) -> Hashable | None:
         return self.inner.cpu_mark(task)

@@ -47,7 +47,10 @@ PM_FILE_OR_SHARED_ANON_BIT = 61
 PM_PRESENT_BIT = 63
 # /proc/kpageflags bits
 KPF_ANON_BIT = 12
+KPF_COMPOUND_HEAD_BIT = 15
+KPF_THP_BIT = 22
 KPF_ZERO_PAGE_BIT = 24
+HPAGE_PMD_NR = 512  # pages of a PMD-mapped transparent huge page (4 KiB pages)
 
 # VmFlags mnemonics of what ksm_join refuses: VM_SHARED, VM_PFNMAP, VM_IO,
 # VM_DONTEXPAND, VM_HUGETLB, VM_MIXEDMAP.
@@ -546,6 +549,45 @@ class ProcfsSource:
             raise
         finally:
             self._put(h)
+
+    def thp_blocks(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
+        """The PMD-mapped transparent huge pages in [start_vpn, end_vpn), as block numbers
+        (vpn // 512): 512 present pages at an aligned address, on 512 contiguous page
+        frames from an aligned one that kpageflags calls the head of a THP.  Empty
+        without page frame numbers or kpageflags (no root)."""
+        first = -(-start_vpn // HPAGE_PMD_NR) * HPAGE_PMD_NR
+        last = end_vpn // HPAGE_PMD_NR * HPAGE_PMD_NR
+        kfd = self._kpageflags()
+        if first >= last or kfd is None:
+            return np.zeros(0, dtype=np.int64)
+        h = self._acquire(task, cache=True)
+        found: list[int] = []
+        try:
+            for at, ent in self._read_pagemap(h, first, last):
+                nblk = ent.shape[0] // HPAGE_PMD_NR
+                if not nblk:
+                    continue
+                e = ent[: nblk * HPAGE_PMD_NR].reshape(nblk, HPAGE_PMD_NR)
+                pfn = (e & PM_PFN_MASK).astype(np.int64)
+                ok = ((e >> np.uint64(PM_PRESENT_BIT)).astype(bool).all(axis=1)
+                      & (pfn[:, 0] % HPAGE_PMD_NR == 0) & (pfn[:, 0] != 0)
+                      & (np.diff(pfn, axis=1) == 1).all(axis=1))
+                cand = np.flatnonzero(ok)
+                if not cand.size:
+                    continue
+                try:
+                    fl = self._flags_of(kfd, pfn[cand, 0].astype(np.uint64))
+                except OSError:
+                    return np.zeros(0, dtype=np.int64)
+                head = ((fl >> np.uint64(KPF_THP_BIT)) & (fl >> np.uint64(KPF_COMPOUND_HEAD_BIT))
+                        & np.uint64(1)).astype(bool)
+                found.extend((cand[head] + at // HPAGE_PMD_NR).tolist())
+        except ProcessGone:
+            self._drop(task)
+            raise
+        finally:
+            self._put(h)
+        return np.array(found, dtype=np.int64)
 
     def _anon_not_zero(self, pe: np.ndarray) -> np.ndarray:
         """Which of these present, not file-backed, shared pages (pagemap entries) are

@@ -143,6 +143,9 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
     def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         return self.contents(self.page_keys(task, vpns), out)
 
+    def thp_blocks(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)  # a simulated page is a 4 KiB page
+
     # -- content keys (what lksmfs.engine.fastpass needs to skip reading pages) ------------
 
     def page_keys(self, task: TaskId, vpns: np.ndarray) -> np.ndarray:

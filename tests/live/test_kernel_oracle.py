@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -229,3 +230,47 @@ def test_lksmfs_matches_kernel_with_use_zero_pages(kernel_ksm: KernelKsm, mps: i
         lksmfs = (lk["pages_shared"], lk["pages_sharing"], lk["ksm_zero_pages"])
     assert kernel == expected, f"kernel {kernel} != hand {expected}"
     assert lksmfs == kernel, f"lksmfs {lksmfs} != kernel {kernel}"
+
+
+# Transparent huge pages (lksmfs.engine.thp).  Each process: one 2 MiB huge page, 'a'
+# then 511 zero-filled pages.  By hand, whatever the order: a merge attempt in each huge
+# page comes before any of its zero pages merges (two zero pages of one huge page cannot
+# merge with each other; one that finds a KSM page or a partner elsewhere splits its huge
+# page first and is itself the zero page then), so every pattern zero page becomes the
+# shared zero page, out of KSM's reach; the two 'a' pages make one KSM page.  What merges
+# is the runtime's pages plus that pair.
+THP_SPECS = (((1, "a"), (511, "zero")), ((1, "a"), (511, "zero")))
+
+
+def _huge_kb(pid: int) -> int:
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("AnonHugePages:"))
+
+
+@pytest.mark.parametrize("use_zero_pages", [0, 1])
+def test_lksmfs_matches_kernel_on_transparent_huge_pages(kernel_ksm: KernelKsm, use_zero_pages: int) -> None:
+    """lksmfs first (it splits nothing for real), then the kernel on the same pages."""
+    mps = 256
+    kernel_ksm.configure(max_page_sharing=mps, use_zero_pages=use_zero_pages)
+    with PatternGroup(THP_SPECS, thp=True) as group:
+        assert not kernel_ksm.foreign_mergeable(group.pids)
+        huge = [_huge_kb(pid) for pid in group.pids]
+        if min(huge) < 2048:
+            pytest.skip(f"the kernel gave the pattern no huge page (AnonHugePages {huge} kB)")
+        runtime = anon_page_census(group.pids, _patterns(group))
+        lk = scan_processes(pids=group.pids, rounds=4, filter_enabled=False,
+                            settings={"max_page_sharing": mps, "use_zero_pages": use_zero_pages})
+        c = kernel_ksm.converge(timeout_s=60).counters
+        kernel_ksm.unmerge()
+    keys = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups", "ksm_zero_pages")
+    kernel = tuple(c[k] for k in keys)
+    lksmfs = tuple(lk[k] for k in keys)
+    assert lksmfs == kernel, f"lksmfs {lksmfs} != kernel {kernel}"
+    assert lk["thp_pages"] == 1024
+    if max(huge) == 2048:  # no huge page in the runtime: the census says what merges
+        groups = dict(runtime)
+        key = _digest(pattern_page(ord("a")))
+        groups[key] = groups.get(key, 0) + 2
+        zero = groups.pop(_digest(bytes(PAGE_SIZE)), 0) if use_zero_pages else 0
+        assert (c["pages_shared"], c["pages_sharing"]) == expected_counts(groups.values(), mps)
+        assert c["ksm_zero_pages"] == zero

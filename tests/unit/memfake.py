@@ -51,6 +51,7 @@ class FakeSource:
         self._next_pid = 1000
         self.reads = 0
         self.pages_read = 0
+        self.huge: dict[TaskId, set[int]] = {}  # blocks (vpn // 512) mapped as a THP
 
     def add(
         self, comm: str, vmas: list[tuple[Mapping, dict[int, bytes]]], runtime_ms: int = 1000, pid: int | None = None
@@ -66,6 +67,14 @@ class FakeSource:
         """A process with one anonymous mapping holding `pages` in order."""
         m = Mapping(base, base + len(pages) * PAGE_SIZE)
         return self.add(comm, [(m, dict(enumerate(pages)))], **kw)
+
+    def anon_thp(self, comm: str, pages: list[bytes], base: int = 0x10000000, **kw: int) -> TaskId:
+        """A process with one anonymous mapping (2 MiB aligned) of `pages`, every whole
+        512 pages of it mapped as a transparent huge page."""
+        m = Mapping(base, base + len(pages) * PAGE_SIZE, huge_pages=len(pages) // 512 * 512)
+        task = self.add(comm, [(m, dict(enumerate(pages)))], **kw)
+        self.huge[task] = {(m.start_vpn >> 9) + b for b in range(len(pages) // 512)}
+        return task
 
     def set_page(self, task: TaskId, vma: int, offset: int, content: bytes | None) -> None:
         """Write (or unmap, with None) one page; a write counts as a fault."""
@@ -120,6 +129,11 @@ class FakeSource:
             return memoryview(data)
         out[: len(data)] = data
         return out[: len(data)]
+
+    def thp_blocks(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
+        self._get(task)
+        return np.array(sorted(b for b in self.huge.get(task, ()) if start_vpn <= b << 9 and (b + 1) << 9 <= end_vpn),
+                        dtype=np.int64)
 
     def cpu_mark(self, task: TaskId) -> tuple[int, int] | None:
         """None (the engine reads every page every time), unless `cpu_marks`: then the
