@@ -11,7 +11,7 @@ from lksmfs.system.proc import PAGE_SIZE
 from testkit.patterns import Pages, Spec
 
 MIB = 1 << 20
-CLASSES = ("unique", "zero", "few", "single", "mixed")  # memory classes of the benches
+CLASSES = ("unique", "zero", "few", "single", "thp", "mixed")  # memory classes of the benches
 FEW = 48  # distinct contents of the `few` class
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -92,4 +92,8 @@ def class_specs(content: str, size: int, procs: int) -> list[Pages]:
                 for p in range(procs)]
     if content == "single":
         return [[(per, 0x41 if p < 2 else 0x42 + p)] for p in range(procs)]
+    if content == "thp":
+        # the `few` class with zero-filled pages for one of its contents, in huge pages
+        return [[(per // FEW + (v < per % FEW), (v * 7 + p) % FEW) for v in range(FEW)]
+                for p in range(procs)]
     raise ValueError(content)

@@ -82,7 +82,7 @@ def worker(pids: list[int], rounds: int, mps: int) -> dict[str, Any]:
 
 def bench_size(size: int, procs: int, share: float, rounds: int, mps: int, content: str) -> dict[str, Any]:
     specs = make_specs(size, procs, share) if content == "unique" else class_specs(content, size, procs)
-    with PatternGroup(specs, timeout_s=600) as group:
+    with PatternGroup(specs, timeout_s=600, thp=content == "thp") as group:
         out = subprocess.run(
             [sys.executable, "-m", "bench.engine_memory", "--worker",
              "--pids", ",".join(map(str, group.pids)),

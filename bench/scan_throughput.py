@@ -29,6 +29,9 @@ Memory classes (SIZE split over the processes):
 * zero: every page written with zeros (not the shared zero page);
 * few: 48 distinct contents, repeated within and across processes;
 * single: LTP style: every page of a process holds one byte value; two processes share one;
+* thp: the `few` class, one of its contents zero-filled, in transparent huge pages
+  (madvise(MADV_HUGEPAGE)): a merge splits a huge page first and takes its zero-filled
+  pages away; lksmfs scans 3 rounds (two pages of one huge page merge a round later);
 * mixed: config/workloads/tizen-tv.yaml spawned as real processes (its page counts scaled
   to SIZE), LKSM_FILTER on.  Its helper apps burn less than 100 ms of CPU, which LKSM
   rightly skips and the kernel (prctl PR_SET_MEMORY_MERGE) does not: the scan runs with
@@ -62,7 +65,7 @@ TIZEN = REPO / "config" / "workloads" / "tizen-tv.yaml"
 def processes(content: str, size: int, procs: int, timeout_s: float) -> Iterator[list[int]]:
     """The stopped, kernel-mergeable processes of one class; their pids."""
     if content != "mixed":
-        with PatternGroup(class_specs(content, size, procs), timeout_s=timeout_s) as group:
+        with PatternGroup(class_specs(content, size, procs), timeout_s=timeout_s, thp=content == "thp") as group:
             yield group.pids
         return
     from lksmfs.workload.schema import load_workload, parse_workload
@@ -114,10 +117,10 @@ def _run_measured(cmd: list[str]) -> tuple[bytes, bytes, int, float, int]:
     return out, err, proc.returncode, time.perf_counter() - t0, usage.ru_maxrss
 
 
-def scan_command(pids: Sequence[int], mps: int, zp: int, mixed: bool) -> dict[str, Any]:
-    """`lksmfs scan --rounds 2 --json` as a subprocess: its JSON, wall time, ru_maxrss.
+def scan_command(pids: Sequence[int], mps: int, zp: int, mixed: bool, rounds: int = 2) -> dict[str, Any]:
+    """`lksmfs scan --rounds N --json` as a subprocess: its JSON, wall time, ru_maxrss.
     The mixed class scans with the filter and short tasks (module docstring)."""
-    cmd = [sys.executable, "-m", "lksmfs.cli", "scan", "--rounds", "2", "--json",
+    cmd = [sys.executable, "-m", "lksmfs.cli", "scan", "--rounds", str(rounds), "--json",
            "--set", f"max_page_sharing={mps}", "--set", f"use_zero_pages={zp}"]
     cmd += ["--include-short-tasks"] if mixed else ["--no-filter"]
     for pid in pids:
@@ -160,7 +163,7 @@ def bench_one(content: str, size: int, procs: int, mps: int, zp: int, timeout_s:
     with processes(content, size, procs, timeout_s) as pids:
         row["spawn_s"] = time.monotonic() - t0
         row["nr_processes"] = len(pids)
-        lk = scan_command(pids, mps, zp, mixed)
+        lk = scan_command(pids, mps, zp, mixed, rounds=3 if content == "thp" else 2)
         kern = kernel_converge(mps, zp, pids, timeout_s)
     keys = COMPARED + (("ksm_zero_pages",) if zp else ())
     items = sum(int(lk[k]) for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
@@ -171,6 +174,7 @@ def bench_one(content: str, size: int, procs: int, mps: int, zp: int, timeout_s:
         ratio=lk["command_s"] / kern["converge_s"] if kern["converge_s"] else None,
         equal=all(int(lk[k]) == int(kern.get(k, 0)) for k in keys),
         rmap_items=items,
+        thp_pages=lk.get("thp_pages", 0),
         peak_b_per_page=(lk["maxrss_kib"] - rss0) * 1024 / items if items else None,
         lksmfs={k: lk.get(k) for k in (*keys, "pages_unshared", "pages_volatile")},
         kernel={k: kern.get(k) for k in (*keys, "pages_unshared", "pages_volatile", "full_scans_run")},
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in parse_sizes(args.sizes):
             check_memory(size, factor=2.0 if content == "mixed" else 1.5)
             for mps in mpss:
-                for zp in zps if content == "zero" else [0]:
+                for zp in zps if content in ("zero", "thp") else [0]:
                     key = (mps, zp, content == "mixed")
                     if key not in baselines:
                         baselines[key] = baseline_rss(mps, zp, key[2], args.timeout)
