@@ -274,22 +274,32 @@ class Merger:
         if not busy.any():
             self._settle(c, idx)
             return
-        # runs of pages: the pages of one busy THP, or the pages between two
+        # runs of pages: the pages of one busy THP, or the pages between two; what goes
+        # as usual is settled at once up to the next busy THP
         key = np.where(busy, blocks, -1)
         edges = np.flatnonzero(np.diff(key) != 0) + 1
+        usual: list[np.ndarray] = []
+
+        def settle_usual() -> None:
+            if usual:
+                self._settle(c, self._visited(c, np.concatenate(usual) if len(usual) > 1 else usual[0]))
+                usual.clear()
+
         for seg in np.split(np.arange(idx.shape[0]), edges):
             part = idx[seg]
             if key[seg[0]] < 0:
-                self._settle(c, self._visited(c, part))
+                usual.append(part)
                 continue
+            settle_usual()
             for j, i in enumerate(part.tolist()):
                 if not thp.in_unsplit(slot, c.part.vpn[i : i + 1])[0]:
-                    self._settle(c, self._visited(c, part[j:]))  # split: the rest as usual
+                    usual.append(part[j:])  # split: the rest as usual
                     break
                 if thp.is_vanished(slot, int(c.part.vpn[i])):
                     self._gone(c.part, i)
                     continue
                 self.cmp_and_merge_page(c, i)
+        settle_usual()
 
     def _visited(self, c: Chunk, idx: np.ndarray) -> np.ndarray:
         """The pages of `idx` the scanner still visits: those a THP split during this scan

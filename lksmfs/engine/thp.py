@@ -74,11 +74,11 @@ def split(k: Ksm, slot: MmSlot, block: int, known: Known = ()) -> None:
     vpns = np.arange(first, first + HPAGE_PMD_NR, dtype=np.uint64)
     zero = np.zeros(HPAGE_PMD_NR, dtype=bool)
     have = np.zeros(HPAGE_PMD_NR, dtype=bool)
-    for kv, klo, khi in known:
-        sel = np.flatnonzero((kv >= vpns[0]) & (kv <= vpns[-1]))
-        if sel.size:
-            at = (kv[sel] - vpns[0]).astype(np.intp)
-            zero[at] = is_zero_digest(klo[sel], khi[sel])
+    for kv, klo, khi in known:  # (vpns ascending)
+        a, b = np.searchsorted(kv, [vpns[0], vpns[-1] + np.uint64(1)])
+        if b > a:
+            at = (kv[a:b] - vpns[0]).astype(np.intp)
+            zero[at] = is_zero_digest(klo[a:b], khi[a:b])
             have[at] = True
     need = np.flatnonzero(~have)
     if need.size:
