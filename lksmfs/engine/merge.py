@@ -26,7 +26,7 @@ import numpy as np
 from lksmfs.engine import thp
 from lksmfs.engine.hashindex import normkey
 from lksmfs.engine.pages import ZERO_HI, ZERO_LO, as_words, is_zero_digest
-from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
 from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
 
@@ -139,6 +139,7 @@ class Merger:
         if not n:
             return
         k = self.k
+        n -= int(np.count_nonzero(rm.flags & GONE))  # freed already
         st = (rm.flags & STABLE) != 0
         if st.any():
             for nid in rm.node[st].tolist():
@@ -252,9 +253,9 @@ class Merger:
         """cmp_and_merge() for a chunk with pages in THPs no merge has split
         (lksmfs.engine.thp), in address order: the pages of such a THP where some page
         may merge now (its content has a KSM page, an unstable tree item, or another page
-        of the chunk) go one at a time until the THP is split - which takes its
-        zero-filled pages away - and the rest of it as usual; the pages between such
-        THPs as usual too."""
+        of the chunk, or is the zero page's with use_zero_pages) go one at a time until
+        the THP is split - which takes its zero-filled pages away - and the rest of it as
+        usual; the pages between such THPs as usual too."""
         k = self.k
         slot = c.slot
         vpns = c.part.vpn[idx]
@@ -265,6 +266,8 @@ class Merger:
         klo = normkey(c.lo[idx])
         _, inv, cnt = np.unique(klo, return_inverse=True, return_counts=True)
         may = (cnt[inv] > 1) | (k.unstable.get_many(klo) != -1)
+        if k.tunables.use_zero_pages:  # a merge with the zero page splits the THP too
+            may |= is_zero_digest(c.lo[idx], c.hi[idx])
         if k.crawler.checksum_gate(k.scanner.scan_round):  # a page failing it tries no merge
             ck = (c.hi[idx] & CKSUM_MASK).astype(np.uint32)
             may &= ((c.part.flags[idx] & FROZEN) != 0) | (c.part.cksum[idx] == ck)
@@ -296,7 +299,7 @@ class Merger:
                     usual.append(part[j:])  # split: the rest as usual
                     break
                 if thp.is_vanished(slot, int(c.part.vpn[i])):
-                    self._gone(c.part, i)
+                    self._gone(c, i)
                     continue
                 self.cmp_and_merge_page(c, i)
         settle_usual()
@@ -309,7 +312,7 @@ class Merger:
             return idx
         gone = thp.vanished(c.slot, c.part.vpn[idx])
         for i in idx[gone].tolist():
-            self._gone(c.part, i)
+            self._gone(c, i)
         out: np.ndarray = idx[~gone]
         return out
 
@@ -479,17 +482,20 @@ class Merger:
         slot = c.slot
         for i in s.tolist():
             if slot.thp_zero.size and thp.is_vanished(slot, int(c.part.vpn[i])):
-                self._gone(c.part, i)  # a split this scan gave it the zero page: not visited
+                self._gone(c, i)  # a split this scan gave it the zero page: not visited
                 continue
             self.cmp_and_merge_page(c, i)
 
-    def _gone(self, part: Rmap, i: int) -> None:
-        """An item whose page is no longer anonymous leaves the trees (the kernel frees it
-        when the scanner passes its address; here it goes at the slot's next scan)."""
-        flags = int(part.flags[i])
-        if flags & UNSTABLE:
-            self.k.stats.pages_unshared -= 1
-        part.flags[i] = flags & ~int(UNSTABLE)
+    def _gone(self, c: Chunk, i: int) -> None:
+        """A page of the chunk a THP split took away is not visited after all: its item
+        is freed, as the kernel's scanner frees it when it passes the address, and
+        leaves the list at the slot's next scan (marked GONE until then)."""
+        part = c.part
+        self.remove_items(part.take(np.array([i])))
+        part.flags[i] = GONE
+        part.node[i] = -1
+        self.k.stats.pages_scanned -= 1
+        c.slot.nr_scans -= 1
 
     def cmp_and_merge_page(self, c: Chunk, i: int) -> None:
         """cmp_and_merge_page() for page `i` of the chunk (mm/lksm.c)."""

@@ -25,6 +25,9 @@ import numpy as np
 UNSTABLE = np.uint8(0x1)
 STABLE = np.uint8(0x2)
 FROZEN = np.uint8(0x4)
+# the page a THP split took away during this scan (lksmfs.engine.thp): the item is freed
+# already (counted), and leaves the list at the slot's next scan
+GONE = np.uint8(0x8)
 
 COLUMNS: dict[str, type] = {
     "vpn": np.uint64,

@@ -29,7 +29,7 @@ from lksmfs.engine.params import (
     POLICY_KSM,
 )
 from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
-from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
 from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, AccessDenied, Mapping
@@ -658,7 +658,9 @@ class Scanner:
 
         if inplace:
             end = pos + n
-            matched = np.ones(n, dtype=bool)
+            matched = (part.flags & GONE) == 0
+            if not matched.all():  # freed by a THP split, the page back: a new item
+                self._renew(part, np.flatnonzero(~matched), rids, bases)
         else:
             end = self._get_next_rmap_items(part, old, pos, rids, bases)
             matched = self._matched
@@ -687,6 +689,20 @@ class Scanner:
             k.merger.cmp_and_merge(Chunk(slot, bases, rids, part, data, lo, hi, self._fetcher(slot, part), at), idx)
         return end, n - skipped
 
+    @staticmethod
+    def _renew(part: Rmap, i: np.ndarray, rids: np.ndarray, bases: np.ndarray) -> None:
+        """Items `i` of `part` start again, as new items of their pages would."""
+        part.flags[i] = 0
+        part.seq[i] = 0
+        part.cksum[i] = 0
+        part.node[i] = -1
+        if part.tracks_regions:
+            part.region[i] = rids[i]
+            part.off[i] = (part.vpn[i] - bases[i]).astype(np.uint32)
+        if part.tracks_ages:
+            part.age[i] = 0
+            part.skips[i] = 0
+
     def _get_next_rmap_items(self, part: Rmap, old: Rmap, pos: int, rids: np.ndarray, bases: np.ndarray) -> int:
         """get_next_rmap_item() for a chunk: items of the old list at these addresses are
         reused (moved into `part`), the ones passed by are freed, and new items start in
@@ -700,6 +716,9 @@ class Scanner:
         j = np.searchsorted(seg, vpns)
         jc = np.minimum(j, max(seg.shape[0] - 1, 0))
         matched = (j < seg.shape[0]) & (seg[jc] == vpns) if seg.shape[0] else np.zeros(n, dtype=bool)
+        if matched.any():  # an item a THP split freed (GONE) is no item: its page gets a new one
+            mi = np.flatnonzero(matched)
+            matched[mi[(old.flags[pos + j[mi]] & GONE) != 0]] = False
         keep = np.zeros(seg.shape[0], dtype=bool)
         keep[j[matched]] = True
         if not keep.all():

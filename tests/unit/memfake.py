@@ -6,10 +6,12 @@ Each fake process is a list of VMAs whose present anonymous pages are given expl
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from lksmfs.engine import thp
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, Mapping, ProcessGone, TaskId, TaskStat
 
 
@@ -70,11 +72,20 @@ class FakeSource:
 
     def anon_thp(self, comm: str, pages: list[bytes], base: int = 0x10000000, **kw: int) -> TaskId:
         """A process with one anonymous mapping (2 MiB aligned) of `pages`, every whole
-        512 pages of it mapped as a transparent huge page."""
-        m = Mapping(base, base + len(pages) * PAGE_SIZE, huge_pages=len(pages) // 512 * 512)
+        huge page's worth of it (thp.HPAGE_PMD_NR pages) mapped as a huge page."""
+        m = Mapping(base, base + len(pages) * PAGE_SIZE)
         task = self.add(comm, [(m, dict(enumerate(pages)))], **kw)
-        self.huge[task] = {(m.start_vpn >> 9) + b for b in range(len(pages) // 512)}
+        self.make_huge(task, 0)
         return task
+
+    def make_huge(self, task: TaskId, vma: int) -> None:
+        """Map every whole huge page's worth of VMA `vma` whose pages are all present as a
+        huge page."""
+        v = self.procs[task].vmas[vma]
+        nr = thp.HPAGE_PMD_NR
+        full = [b for b in range(v.mapping.npages // nr) if all(b * nr + o in v.pages for o in range(nr))]
+        v.mapping = dataclasses.replace(v.mapping, huge_pages=len(full) * nr)
+        self.huge.setdefault(task, set()).update((v.mapping.start_vpn >> thp.HPAGE_PMD_ORDER) + b for b in full)
 
     def set_page(self, task: TaskId, vma: int, offset: int, content: bytes | None) -> None:
         """Write (or unmap, with None) one page; a write counts as a fault."""
@@ -132,8 +143,9 @@ class FakeSource:
 
     def thp_blocks(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
         self._get(task)
-        return np.array(sorted(b for b in self.huge.get(task, ()) if start_vpn <= b << 9 and (b + 1) << 9 <= end_vpn),
-                        dtype=np.int64)
+        order = thp.HPAGE_PMD_ORDER
+        return np.array(sorted(b for b in self.huge.get(task, ())
+                               if start_vpn <= b << order and (b + 1) << order <= end_vpn), dtype=np.int64)
 
     def cpu_mark(self, task: TaskId) -> tuple[int, int] | None:
         """None (the engine reads every page every time), unless `cpu_marks`: then the

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from memfake import FakeSource, fill, unique
 
 import lksmfs.engine.scanner as scanner_mod
+from lksmfs.engine import thp
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.merge import Merger
 from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
@@ -45,6 +46,12 @@ def weak_digest(data: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Only the first 8 bytes of each page: collisions on purpose."""
     words = np.frombuffer(bytes(data), dtype=np.uint64).reshape(n, PAGE_SIZE // 8)
     return words[:, 0].copy(), np.zeros(n, dtype=np.uint64)
+
+
+def weak_zero(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The zero page's weak digest (no palette page but the zero page starts with 8 zeros)."""
+    zero: np.ndarray = (lo == 0) & (hi == 0)
+    return zero
 
 
 class RewritingSource(FakeSource):
@@ -86,6 +93,8 @@ def build(spec: dict[str, Any]) -> tuple[RewritingSource, list[TaskId]]:
                          {o: page(c, p, len(vmas), o) for o, c in enumerate(cs) if o < npages}))
             at += (npages + 1) * PAGE_SIZE
         tasks.append(src.add(f"p{p}", vmas))
+        if spec.get("thp"):  # the anonymous mapping in huge pages (of 8 pages here)
+            src.make_huge(tasks[-1], 0)
     for b, (victim, content) in spec["rewrites"].items():
         if b < len(tasks) and victim < len(tasks):
             src.rewrites[tasks[b]] = (tasks[victim], page(content, victim, 0, 200))
@@ -112,6 +121,7 @@ specs = st.fixed_dictionaries({
     # writes once the regions are mature: a region whose filter had no bit may get one
     # in the middle of a mapping (process, mapping, page, content)
     "late": st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5), st.integers(0, 20), contents), max_size=10),
+    "thp": st.booleans(),
 })
 
 
@@ -122,14 +132,21 @@ Result = list[tuple[dict[str, int], dict[str, int]]]
 # mapping, walked next) in that very scan
 FIRST_BIT = {"procs": [([1], []), ([2], [])], "libs": [[("G", 30, [DISTINCT] * 5)], [("G", 30, [DISTINCT] * 5)]],
              "rewrites": {}, "mps": 256, "zero": False, "filter": True, "frozen": [], "chunk": 1024,
-             "block": 2, "writes": [], "kill": None, "late": [(0, 1, 2, 1)]}
+             "block": 2, "writes": [], "kill": None, "late": [(0, 1, 2, 1)], "thp": False}
 
 
 def page_by_page(spec: dict[str, Any]) -> Result:
     """The reference: chunks of one page, each through cmp_and_merge_page()."""
     with pytest.MonkeyPatch.context() as mp:
+        small_huge_pages(mp)
         mp.setattr(scanner_mod, "CHUNK", 1)
         return run(spec, grouped=False)
+
+
+def small_huge_pages(mp: pytest.MonkeyPatch) -> None:
+    """Huge pages of 8 pages (lksmfs.engine.thp): small mappings hold several."""
+    mp.setattr(thp, "HPAGE_PMD_ORDER", 3)
+    mp.setattr(thp, "HPAGE_PMD_NR", 8)
 
 
 def run(spec: dict[str, Any], grouped: bool, cpu_marks: bool = False) -> Result:
@@ -177,7 +194,12 @@ def grouped_and_page_by_page(spec: dict[str, Any], digest: str, cpu_marks: bool)
     with pytest.MonkeyPatch.context() as mp:
         if digest == "weak":
             mp.setattr(scanner_mod, "digest_pages", weak_digest)
+            # zero-filled pages told by the same digest (a THP split, the pages it took)
+            mp.setattr(thp, "digest_pages", weak_digest)
+            mp.setattr(thp, "is_zero_digest", weak_zero)
+            mp.setattr(scanner_mod, "is_zero_digest", weak_zero)
         expected = page_by_page(spec)
+        small_huge_pages(mp)
         mp.setattr(scanner_mod, "CHUNK", spec["chunk"])
         mp.setattr(scanner_mod, "READ_BLOCK", spec["block"])
         return run(spec, grouped=True, cpu_marks=cpu_marks), expected

@@ -49,7 +49,8 @@ def test_a_merge_in_a_huge_page_gives_its_zero_pages_the_zero_page(use_zero_page
     The second zero page finds it - two pages of one THP: the THP cannot be split while
     both are held, so no merge; cmp_and_merge_page() splits it afterwards, and its 511
     zero pages become the zero page (the one waiting stays in the tree until its item
-    goes).  The rest of them are not visited.  p2's 'a' then merges with p1's 'a' (its
+    goes; the second is volatile).  The rest of them are not visited: their items are
+    freed as the scanner passes them.  p2's 'a' then merges with p1's 'a' (its
     THP split already).  With use_zero_pages, the first zero page's merge with the zero
     page splits the THP itself, fails ("not really empty") and the page waits in the
     unstable tree all the same.  Round 3: the zero pages are gone from p1."""
@@ -58,7 +59,9 @@ def test_a_merge_in_a_huge_page_gives_its_zero_pages_the_zero_page(use_zero_page
     ksm.full_scan()
     assert counts(ksm) == (0, 0, 0, 513)
     ksm.full_scan()
-    assert counts(ksm) == (1, 1, 1, 510)
+    # volatile: the second zero page (no merge, no insert); with use_zero_pages the
+    # split came at the first, so the second is not visited at all
+    assert counts(ksm) == (1, 1, 1, 0 if use_zero_pages else 1)
     assert ksm.counters()["ksm_zero_pages"] == 0
     ksm.full_scan()
     assert counts(ksm) == (1, 1, 0, 0)
