@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
@@ -51,6 +52,18 @@ KPF_COMPOUND_HEAD_BIT = 15
 KPF_THP_BIT = 22
 KPF_ZERO_PAGE_BIT = 24
 HPAGE_PMD_NR = 512  # pages of a PMD-mapped transparent huge page (4 KiB pages)
+
+
+def _kernel_version(release: str) -> tuple[int, int]:
+    """(major, minor) of a uname release such as '6.18.44-fc-v1045'; (0, 0) if unknown."""
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+# From Linux 6.12 the split of an anonymous THP gives its zero-filled pages the shared zero
+# page (lksmfs.engine.thp); before, a split changes nothing KSM counts once converged, and
+# huge pages are told as none (scanned as small pages).
+THP_SPLIT_REMAPS_ZERO = _kernel_version(os.uname().release) >= (6, 12)
 
 # VmFlags mnemonics of what ksm_join refuses: VM_SHARED, VM_PFNMAP, VM_IO,
 # VM_DONTEXPAND, VM_HUGETLB, VM_MIXEDMAP.
@@ -554,11 +567,14 @@ class ProcfsSource:
         """The PMD-mapped transparent huge pages in [start_vpn, end_vpn), as block numbers
         (vpn // 512): 512 present pages at an aligned address, on 512 contiguous page
         frames from an aligned one that kpageflags calls the head of a THP.  Empty
-        without page frame numbers or kpageflags (no root)."""
+        without page frame numbers or kpageflags (no root), and before Linux 6.12
+        (THP_SPLIT_REMAPS_ZERO)."""
         first = -(-start_vpn // HPAGE_PMD_NR) * HPAGE_PMD_NR
         last = end_vpn // HPAGE_PMD_NR * HPAGE_PMD_NR
+        if first >= last or not THP_SPLIT_REMAPS_ZERO:
+            return np.zeros(0, dtype=np.int64)
         kfd = self._kpageflags()
-        if first >= last or kfd is None:
+        if kfd is None:
             return np.zeros(0, dtype=np.int64)
         h = self._acquire(task, cache=True)
         found: list[int] = []

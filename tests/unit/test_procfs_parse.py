@@ -101,3 +101,14 @@ def test_smaps_anon_huge_pages_per_vma() -> None:
     thp, small = parse_smaps(text.encode())
     assert (thp.anon_pages, thp.huge_pages) == (1536, 1024)
     assert (small.anon_pages, small.huge_pages) == (1, 0)
+
+
+def test_kernel_version_of_a_uname_release() -> None:
+    from lksmfs.sources.procfs import _kernel_version
+
+    assert _kernel_version("6.18.44-fc-v1045") == (6, 18)
+    assert _kernel_version("6.12.0") == (6, 12)
+    assert _kernel_version("5.15.0-91-generic") == (5, 15)
+    assert _kernel_version("6.13-rc1") == (6, 13)
+    assert _kernel_version("6.1rc2") == (6, 1)
+    assert _kernel_version("weird") == (0, 0)
