@@ -295,13 +295,10 @@ class Merger:
                 continue
             settle_usual()
             for j, i in enumerate(part.tolist()):
-                if not thp.in_unsplit(slot, c.part.vpn[i : i + 1])[0]:
+                if not thp.is_unsplit(slot, int(c.part.vpn[i])):
                     usual.append(part[j:])  # split: the rest as usual
                     break
-                if thp.is_vanished(slot, int(c.part.vpn[i])):
-                    self._gone(c, i)
-                    continue
-                self.cmp_and_merge_page(c, i)
+                self._visit(c, i)
         settle_usual()
 
     def _visited(self, c: Chunk, idx: np.ndarray) -> np.ndarray:
@@ -403,8 +400,8 @@ class Merger:
         plan = _GroupPlan.make(self, c, rest) if rest.size else None
         if plan is not None and plan.partner is not None:
             tslot, tblk, ti = plan.partner
-            pv = tblk.vpn[ti : ti + 1]
-            if thp.in_unsplit(tslot, pv)[0] or thp.vanished(tslot, pv)[0]:
+            tvpn = int(tblk.vpn[ti])
+            if thp.is_unsplit(tslot, tvpn) or thp.is_vanished(tslot, tvpn):
                 return False  # lksmfs.engine.thp: page by page
         if plan is not None and not plan.compared(self):
             return False
@@ -479,11 +476,15 @@ class Merger:
     def _one_by_one(self, c: Chunk, s: np.ndarray) -> None:
         if not s.size:
             return
-        slot = c.slot
         for i in s.tolist():
-            if slot.thp_zero.size and thp.is_vanished(slot, int(c.part.vpn[i])):
-                self._gone(c, i)  # a split this scan gave it the zero page: not visited
-                continue
+            self._visit(c, i)
+
+    def _visit(self, c: Chunk, i: int) -> None:
+        """cmp_and_merge_page() for page `i`, unless a THP split during this scan gave it
+        the zero page: then it is not visited at all."""
+        if thp.is_vanished(c.slot, int(c.part.vpn[i])):
+            self._gone(c, i)
+        else:
             self.cmp_and_merge_page(c, i)
 
     def _gone(self, c: Chunk, i: int) -> None:
@@ -538,12 +539,12 @@ class Merger:
         # unstable_tree_search_insert()
         key = lo if lo >= 2 else lo + 2
         ref = k.unstable.get(key)
-        if ref >= 0 and self._tree_page_gone(ref, c.slot, c.at + i):
-            return  # get_mergeable_page() finds no anonymous page: the search ends, no insert
         tree = self._tree_item(ref, c.slot, c.at + i) if ref >= 0 else None
         if tree is not None:
             tslot, tblk, ti = tree
             tvpn = int(tblk.vpn[ti])
+            if thp.is_vanished(tslot, tvpn):
+                return  # get_mergeable_page() finds no anonymous page: the search ends, no insert
             tpage = self._read_page(tslot, tvpn)
             if tpage is not None and tpage == page:
                 if self._thp_pair_fails(c, vpn, tslot, tblk, tvpn):
@@ -572,29 +573,20 @@ class Merger:
         k = self.k
         slot = c.slot
         if tslot is slot and vpn >> thp.HPAGE_PMD_ORDER == tvpn >> thp.HPAGE_PMD_ORDER and \
-                thp.in_unsplit(slot, np.array([vpn], dtype=np.uint64))[0]:
+                thp.is_unsplit(slot, vpn):
             thp.split(k, slot, vpn >> thp.HPAGE_PMD_ORDER, self._known(c))
             return True
         theirs = [(tblk.vpn, tblk.dlo, tblk.dhi.astype(np.uint64))] if tblk.tracks_digests else []
         return thp.merge_fails(k, slot, vpn, self._known(c)) or thp.merge_fails(k, tslot, tvpn, theirs)
 
     def _known(self, c: Chunk) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Digests of this scan for the slot being scanned: the chunk's, and those of the
-        items before it when items keep digests (a THP split reads only the rest)."""
-        known = [(c.part.vpn, c.lo, c.hi)]
+        """Digests of this scan for the slot being scanned (a THP split reads only the
+        rest): those of its items so far, this chunk's included, where items keep
+        digests; else the chunk's."""
         cur = self.k.scanner.current_items()
-        if cur.tracks_digests and len(cur):
-            known.append((cur.vpn, cur.dlo, cur.dhi.astype(np.uint64)))
-        return known
-
-    def _tree_page_gone(self, ref: int, slot: MmSlot, own: int) -> bool:
-        """Is the entry a live item of this round whose page a THP split gave the zero
-        page (lksmfs.engine.thp)?"""
-        got = self._tree_item(ref, slot, own)
-        if got is None:
-            return False
-        tslot, tblk, ti = got
-        return bool(tslot.thp_zero.size) and bool(thp.vanished(tslot, tblk.vpn[ti : ti + 1])[0])
+        if cur.tracks_digests:
+            return [(cur.vpn, cur.dlo, cur.dhi.astype(np.uint64))]
+        return [(c.part.vpn, c.lo, c.hi)]
 
     def _tree_item(self, ref: int, slot: MmSlot, own: int) -> tuple[MmSlot, Rmap, int] | None:
         """Resolve an unstable tree entry to a live item of this round, or None for a

@@ -349,10 +349,7 @@ class Scanner:
             def read(run: np.ndarray) -> Read:
                 """The next pages of the slot and their digests: those the last scan read,
                 of a task that has not run since, are not read again."""
-                n = int(run.shape[0])
-                if quiet and inplace and np.array_equal(old.vpn[filled : filled + n], run):
-                    return None, old.dlo[filled : filled + n].copy(), old.dhi[filled : filled + n].astype(np.uint64)
-                if quiet and len(old):  # the list moved (a THP split took pages away): look them up
+                if quiet and len(old):  # where the last scan's items are (the list may have moved)
                     at = np.minimum(np.searchsorted(old.vpn, run), len(old) - 1)
                     if bool((old.vpn[at] == run).all()):
                         return None, old.dlo[at], old.dhi[at].astype(np.uint64)

@@ -55,8 +55,17 @@ def vanished(slot: MmSlot, vpns: np.ndarray) -> np.ndarray:
     return _member(slot.thp_zero, vpns.astype(np.uint64))
 
 
+def is_unsplit(slot: MmSlot, vpn: int) -> bool:
+    """in_unsplit() for one page."""
+    b = slot.thp_blocks
+    return bool(b.size) and bool((b == vpn >> HPAGE_PMD_ORDER).any())
+
+
 def is_vanished(slot: MmSlot, vpn: int) -> bool:
+    """vanished() for one page."""
     z = slot.thp_zero
+    if not z.size:
+        return False
     at = int(np.searchsorted(z, np.uint64(vpn)))
     return at < z.shape[0] and int(z[at]) == vpn
 
@@ -98,7 +107,6 @@ def split(k: Ksm, slot: MmSlot, block: int, known: Known = ()) -> None:
 def merge_fails(k: Ksm, slot: MmSlot, vpn: int, known: Known = ()) -> bool:
     """try_to_merge_one_page() for page `vpn` of `slot`, as far as THPs go: a THP is split
     first; the merge fails if the page is (now) the zero page."""
-    block = vpn >> HPAGE_PMD_ORDER
-    if slot.thp_blocks.size and bool((slot.thp_blocks == block).any()):
-        split(k, slot, block, known)
+    if is_unsplit(slot, vpn):
+        split(k, slot, vpn >> HPAGE_PMD_ORDER, known)
     return is_vanished(slot, vpn)
