@@ -28,16 +28,7 @@ import numpy as np
 
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, AccessDenied, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.sources.scope import Scope
-from lksmfs.system.proc import (
-    GONE_ERRNOS,
-    PROC_ROOT,
-    StatFields,
-    TaskDir,
-    as_task_error,
-    ksm_registered,
-    read_all,
-    try_stat,
-)
+from lksmfs.system.proc import PROC_ROOT, StatFields, TaskDir, try_stat
 
 __all__ = ["ProcfsSource", "parse_maps", "parse_smaps"]
 
@@ -382,11 +373,16 @@ class ProcfsSource:
     def ksm_registered(self, task: TaskId) -> bool:
         """Hook for mainline ksmd's scope (lksmfs.engine.ksmd.KsmRegistry): is the mm
         registered with KSM?  /proc/PID/ksm_stat says it cheaply; a kernel without its
-        ksm_mergeable line is asked through the mappings' VmFlags."""
-        known = ksm_registered(task.pid, self.proc_root)
-        if known is not None:
-            return known
+        ksm_mergeable line is asked through the mappings' VmFlags.  False once the task
+        is gone (a zombie, one reaped meanwhile) or unreadable."""
         try:
+            h = self._acquire(task, cache=True)
+            try:
+                known = h.dir.ksm_registered()
+            finally:
+                self._put(h)
+            if known is not None:
+                return known
             return any(m.vm_mergeable for m in self.mappings(task))
         except (ProcessGone, AccessDenied):
             return False
@@ -433,12 +429,9 @@ class ProcfsSource:
 
     def _mappings_at(self, h: _TaskHandle) -> list[Mapping]:
         try:
-            return parse_smaps(read_all("smaps", dir_fd=h.dir.fd))
-        except OSError as e:
-            if e.errno != errno.ENOENT or not h.dir.alive():
-                raise as_task_error(e, f"{h.task} smaps") from e
-        # a kernel without smaps (CONFIG_PROC_PAGE_MONITOR=n): maps only
-        return parse_maps(h.dir.read("maps"))
+            return parse_smaps(h.dir.read("smaps"))
+        except FileNotFoundError:  # alive: a kernel without smaps (CONFIG_PROC_PAGE_MONITOR=n)
+            return parse_maps(h.dir.read("maps"))
 
     def _vma_ranges(self, h: _TaskHandle) -> list[tuple[int, int]]:
         """Current [start_vpn, end_vpn) of every VMA (cheap maps re-read)."""
@@ -475,17 +468,15 @@ class ProcfsSource:
         vpn = start_vpn
         while vpn < end_vpn:
             n = min(_PAGEMAP_CHUNK, end_vpn - vpn)
-            try:
-                data = os.pread(fd, n * 8, vpn * 8)
-            except OSError as e:
-                if e.errno == errno.EIO or e.errno in GONE_ERRNOS:
-                    if not h.dir.alive():
-                        raise ProcessGone(f"{h.task} pagemap") from e
+            with h.dir.errors("pagemap"):
+                try:
+                    data = os.pread(fd, n * 8, vpn * 8)
+                except OSError as e:
+                    if e.errno != errno.EIO or not h.dir.alive():
+                        raise
                     return  # range vanished under us: nothing present there
-                raise as_task_error(e, f"{h.task} pagemap") from e
             if not data:
-                if not h.dir.alive():
-                    raise ProcessGone(f"{h.task} pagemap")
+                h.dir.ensure_alive("pagemap", "a read of 0 bytes")
                 return
             usable = len(data) - len(data) % 8
             yield vpn, np.frombuffer(data, dtype=np.uint64, count=usable // 8)
@@ -700,19 +691,19 @@ class ProcfsSource:
         addr = int(v[i0]) << PAGE_SHIFT
         retried_at = -1
         while pos < end:
-            try:
-                got = os.preadv(fd, [mv[pos:end]], addr)
-            except OSError as e:
-                if e.errno not in (errno.EIO, errno.EFAULT) and e.errno not in GONE_ERRNOS:
-                    raise as_task_error(e, f"{h.task} mem") from e
-                got = 0
+            with h.dir.errors("mem"):
+                try:
+                    got = os.preadv(fd, [mv[pos:end]], addr)
+                except OSError as e:
+                    if e.errno not in (errno.EIO, errno.EFAULT) or not h.dir.alive():
+                        raise
+                    got = 0
             if got > 0:
                 pos += got
                 addr += got
                 continue
-            # the page at `addr` is unreadable
-            if not h.dir.alive():
-                raise ProcessGone(f"{h.task}: exited while its memory was read")
+            # the page at `addr` is unreadable (EIO, EFAULT or a 0-byte read)
+            h.dir.ensure_alive("mem", "an unreadable page")
             if ranges is None:
                 ranges = self._vma_ranges(h)
                 if not ranges:  # mm already torn down

@@ -7,11 +7,13 @@
 - status:    RssAnon (get_mm_counter(mm, MM_ANONPAGES)), VmRSS, VmHWM
 - comm:      the task's name, at most 15 characters
 
-Errors: an OSError on a task's file becomes ProcessGone (ENOENT, ESRCH) or AccessDenied
-(EACCES, EPERM) in one place, `as_task_error` / `wrap_exceptions`, as psutil's
-`wrap_exceptions` does.  EIO from /proc/PID/mem or pagemap means "gone" only when the
-task is gone: an unmapped page answers the same, so the procfs source asks
-`TaskDir.alive()` before it says ProcessGone.
+Errors: every failure to read a task's file is mapped in one place, `as_task_error` (the
+context manager `wrap_exceptions`), as psutil's `wrap_exceptions` does.  Read through a
+pinned `TaskDir`, whatever went wrong (ESRCH, ENOENT, EIO, an empty or truncated file, a
+0-byte read) is ProcessGone once the task is gone or a zombie - a task that is going fails
+every file it has in its own way - and AccessDenied for EACCES/EPERM; while it is alive
+and well the error is the caller's (an optional file missing, an unmapped page).  By pid,
+without a pinned directory, ENOENT/ESRCH mean gone.
 
 The root is a parameter everywhere (`proc_root`, psutil's PROCFS_PATH), so unit tests run
 on a fake tree.  `TaskDir` pins /proc/PID with a directory fd: once open it keeps naming
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 PROC_ROOT = "/proc"
@@ -60,23 +62,43 @@ class TaskId:
 # ----------------------------------------------------------------------------- errors
 
 
-def as_task_error(exc: OSError, what: str) -> Exception:
-    """The project's exception for `exc`, met on a task's /proc file named by `what`:
-    ProcessGone, AccessDenied, or `exc` itself for anything else."""
-    if exc.errno in GONE_ERRNOS:
-        return ProcessGone(f"{what}: {exc.strerror}")
-    if exc.errno in DENIED_ERRNOS:
-        return AccessDenied(f"{what}: {exc.strerror}")
+def as_task_error(exc: BaseException, what: str, alive: Callable[[], bool] | None = None) -> BaseException:
+    """The one mapping of a failed read of a task's /proc file named by `what`.
+
+    With `alive` (the task's liveness, from a pinned directory): any OSError, or a parse
+    error of an empty or truncated file, is ProcessGone when the task is gone or a zombie;
+    otherwise EACCES/EPERM are AccessDenied and anything else is `exc` itself.  Without
+    it: ENOENT/ESRCH are ProcessGone, EACCES/EPERM AccessDenied, the rest `exc`."""
+    if isinstance(exc, (ProcessGone, AccessDenied)):
+        return exc
+    if not isinstance(exc, (OSError, ValueError, IndexError)):
+        return exc
+    why = _why(exc)
+    if alive is not None and not alive():
+        return ProcessGone(f"{what}: {why} (the task is gone or exiting)")
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in DENIED_ERRNOS:
+        return AccessDenied(f"{what}: {why}")
+    if alive is None and code in GONE_ERRNOS:
+        return ProcessGone(f"{what}: {why}")
     return exc
 
 
+def _why(exc: BaseException) -> str:
+    """`[Errno 3] ESRCH No such process`: the errno's number and name where there is one."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return f"[Errno {code}] {errno.errorcode.get(code, '?')} {os.strerror(code)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 @contextlib.contextmanager
-def wrap_exceptions(what: str) -> Iterator[None]:
-    """Run a block that reads a task's /proc files; OSErrors leave as `as_task_error`'s."""
+def wrap_exceptions(what: str, alive: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Run a block that reads a task's /proc files; failures leave as `as_task_error`'s."""
     try:
         yield
-    except OSError as e:
-        err = as_task_error(e, what)
+    except (OSError, ValueError, IndexError) as e:
+        err = as_task_error(e, what, alive)
         if err is e:
             raise
         raise err from e
@@ -268,20 +290,6 @@ def parse_ksm_stat(data: bytes) -> dict[str, str]:
     return out
 
 
-def ksm_registered(pid: int, proc_root: str = PROC_ROOT) -> bool | None:
-    """Is the task's mm registered with the kernel's KSM: a VM_MERGEABLE mapping
-    (madvise(MADV_MERGEABLE), `ksm_mergeable: yes`) or prctl(PR_SET_MEMORY_MERGE)
-    (`ksm_merge_any: yes`)?  False when it is gone; None when ksm_stat has no such
-    lines (a kernel before 6.x: ask its smaps)."""
-    try:
-        fields = parse_ksm_stat(read_all(f"{proc_root}/{pid}/ksm_stat"))
-    except OSError as e:
-        return False if e.errno in GONE_ERRNOS else None
-    if "ksm_mergeable" not in fields and "ksm_merge_any" not in fields:
-        return None
-    return "yes" in (fields.get("ksm_mergeable"), fields.get("ksm_merge_any"))
-
-
 def pids(proc_root: str = PROC_ROOT) -> list[int]:
     """Every pid in /proc, in order (for_each_process, kernel threads included)."""
     with os.scandir(proc_root) as it:
@@ -315,58 +323,75 @@ class TaskDir:
             raise
         return d, st
 
+    def errors(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """The block reads the task's file `name`: its failures leave as `as_task_error`'s,
+        ProcessGone whenever the task is gone or a zombie by then."""
+        return wrap_exceptions(f"{self.task} {name}", self.alive)
+
     def read(self, name: str) -> bytes:
-        """A whole file of the task's directory."""
-        with wrap_exceptions(f"{self.task} {name}"):
-            return read_all(name, dir_fd=self.fd)
+        """A whole file of the task's directory.  Empty only for a task that is alive (a
+        kernel thread's smaps): a zombie's files are empty too, and it is gone."""
+        with self.errors(name):
+            data = read_all(name, dir_fd=self.fd)
+        if not data:
+            self.ensure_alive(name, "empty")
+        return data
+
+    def ensure_alive(self, name: str, what: str) -> None:
+        """ProcessGone unless the task is alive: `what` (an empty file, a 0-byte read of
+        `name`) is how a task that is going answers."""
+        if not self.alive():
+            raise ProcessGone(f"{self.task} {name}: {what} (the task is gone or exiting)")
 
     def open_file(self, name: str) -> int:
         """An O_RDONLY fd on a file of the task's directory (mem, pagemap)."""
-        with wrap_exceptions(f"{self.task} {name}"):
+        with self.errors(name):
             return os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.fd)
 
     def stat(self) -> StatFields:
         return _parse_or_gone(self.read("stat"), f"{self.task} stat")
 
     def alive(self) -> bool:
-        """Is the task still there with an mm (not gone, not a zombie)?"""
+        """Is the task still there with an mm (not gone, not a zombie)?  Reads stat
+        directly: every error mapping asks this, so it must not map errors itself."""
         try:
-            st = self.stat()
-        except (ProcessGone, AccessDenied):
+            st = parse_stat(read_all("stat", dir_fd=self.fd))
+        except (OSError, ValueError):
             return False
         return st.alive and st.starttime == self.task.start_time
 
     def rss_anon_pages(self) -> int:
-        return parse_rss_anon(self.read("status"))
+        data = self.read("status")
+        with self.errors("status"):
+            return parse_rss_anon(data)
 
     def threads_cpu(self) -> tuple[tuple[int, int], ...] | None:
         """(tid, se.sum_exec_runtime) of every thread of the task, sorted: equal at two
         moments only if no thread of it ran in between (threads that come or go change
-        it too).  None without per-thread schedstat (CONFIG_SCHED_INFO=n)."""
-        try:
-            tfd = os.open("task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-        except FileNotFoundError:
-            if not self.alive():
-                raise ProcessGone(f"{self.task}: gone") from None
-            return None  # no task/ directory (a minimal /proc tree): no answer
-        except OSError as e:
-            err = as_task_error(e, f"{self.task} task")
-            if err is e:
-                raise
-            raise err from e
-        try:
-            out = []
-            with wrap_exceptions(f"{self.task} task"):
-                tids = sorted(int(n) for n in os.listdir(tfd) if n.isdigit())
-            for tid in tids:
-                try:
-                    out.append((tid, parse_schedstat(read_all(f"{tid}/schedstat", dir_fd=tfd))))
-                except FileNotFoundError:
-                    if not self.alive():
-                        raise ProcessGone(f"{self.task}: gone") from None
-                    return None  # a thread that just ended, or no schedstat: no answer
-                except (IndexError, ValueError):
+        it too).  None when there is no answer while the task lives: no task/ directory
+        (a minimal /proc tree), no schedstat (CONFIG_SCHED_INFO=n), a thread that ended
+        between the listing and its read.  ProcessGone once the task itself is gone."""
+        with self.errors("task"):
+            try:
+                tfd = os.open("task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
+            except FileNotFoundError:
+                if self.alive():
                     return None
+                raise
+        try:
+            with self.errors("task"):
+                tids = sorted(int(n) for n in os.listdir(tfd) if n.isdigit())
+            if not tids and not self.alive():  # a reaped task's task/ lists nothing
+                raise ProcessGone(f"{self.task} task: no threads")
+            out = []
+            for tid in tids:
+                with self.errors(f"task/{tid}/schedstat"):
+                    try:
+                        out.append((tid, parse_schedstat(read_all(f"{tid}/schedstat", dir_fd=tfd))))
+                    except (OSError, IndexError, ValueError):
+                        if self.alive():
+                            return None  # a thread that just ended, or no schedstat: no answer
+                        raise
             return tuple(out)
         finally:
             os.close(tfd)
@@ -374,14 +399,26 @@ class TaskDir:
     def runtime_ns(self, st: StatFields) -> int:
         """sum_exec_runtime from schedstat; utime+stime ticks (`st`) without schedstat
         (CONFIG_SCHED_INFO=n).  ProcessGone when it is gone meanwhile."""
+        with self.errors("schedstat"):
+            try:
+                return parse_schedstat(read_all("schedstat", dir_fd=self.fd))
+            except (OSError, IndexError, ValueError):
+                if self.alive():
+                    return st.cpu_ns
+                raise
+
+    def ksm_registered(self) -> bool | None:
+        """Is the task's mm registered with the kernel's KSM: a VM_MERGEABLE mapping
+        (madvise(MADV_MERGEABLE), `ksm_mergeable: yes`) or prctl(PR_SET_MEMORY_MERGE)
+        (`ksm_merge_any: yes`)?  None when ksm_stat has no such lines (a kernel before
+        6.x: ask its smaps); ProcessGone when it is gone (a zombie's ksm_stat is empty)."""
         try:
-            return parse_schedstat(read_all("schedstat", dir_fd=self.fd))
-        except OSError as e:
-            if e.errno in GONE_ERRNOS and not self.alive():
-                raise ProcessGone(f"{self.task} schedstat") from e
-        except (IndexError, ValueError):
-            pass
-        return st.cpu_ns
+            fields = parse_ksm_stat(self.read("ksm_stat"))
+        except FileNotFoundError:  # alive, but no ksm_stat in this kernel
+            return None
+        if "ksm_mergeable" not in fields and "ksm_merge_any" not in fields:
+            return None
+        return "yes" in (fields.get("ksm_mergeable"), fields.get("ksm_merge_any"))
 
     def close(self) -> None:
         if self.fd >= 0:
