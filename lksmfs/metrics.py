@@ -58,6 +58,7 @@ LAST_SCAN = (  # key of Ksm.last_scan, metric suffix, help
     ("merged", "merged", "Pages merged by the last completed scan."),
     ("broken", "broken", "Merges broken (copy-on-write) seen by the last completed scan."),
     ("wall_s", "duration_seconds", "Wall-clock duration of the last completed scan."),
+    ("tasks_failed", "tasks_failed", "Processes the last completed scan dropped after an unexpected error."),
 )
 
 

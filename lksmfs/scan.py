@@ -141,6 +141,7 @@ def scan_processes(
         out["scans"] = scans
         out["tasks_exited"] = ksm.counters()["tasks_exited"]
         out["tasks_denied"] = ksm.counters()["tasks_denied"]
+        out["tasks_failed"] = ksm.counters()["tasks_failed"]
         out["scanned_processes"] = len(scanned - set(ksm.skipped))
         out["thp_pages"] = huge_pages(source, scanned - set(ksm.skipped))
         out["skipped"] = skipped + [skipped_record(t, why, short_ms, proc_root)

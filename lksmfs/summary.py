@@ -31,9 +31,14 @@ def mib(pages: int) -> str:
 
 def describe_scan(rec: Mapping[str, float | int], counters: Mapping[str, int]) -> str:
     """'full scan: 12 processes, 30120 pages scanned, 200 merged, 3 broken; pages_sharing
-    1234 (4.8 MiB saved); 0.52 s' - a completed scan and the totals after it."""
+    1234 (4.8 MiB saved); 0.52 s' - a completed scan and the totals after it; a scan that
+    gave tasks up after unexpected errors says how many ('..., 2 processes dropped after
+    errors; ...')."""
     zero = counters.get("ksm_zero_pages", 0)
+    failed = int(rec.get("tasks_failed", 0))
     return (f"{mode_name(rec['mode'])} scan: {rec['slots_scanned']} processes, {rec['pages_scanned']} pages "
-            f"scanned, {rec['merged']} merged, {rec['broken']} broken; pages_sharing {counters['pages_sharing']}"
+            f"scanned, {rec['merged']} merged, {rec['broken']} broken"
+            + (f", {failed} processes dropped after errors" if failed else "")
+            + f"; pages_sharing {counters['pages_sharing']}"
             + (f", ksm_zero_pages {zero}" if zero else "")
             + f" ({mib(saved_pages(counters))} saved); {float(rec['wall_s']):.2f} s")

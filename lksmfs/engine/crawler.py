@@ -249,7 +249,8 @@ class LksmCrawler:
         (is_short, faults, anon_pages, comm, runtime_ns)."""
         try:
             st = self.k.source.stat(task)
-        except ProcessGone:
+        except ProcessGone as e:
+            self.k.stats.failed(e)
             return None
         except AccessDenied:
             self.k.stats.tasks_denied += 1
@@ -407,7 +408,8 @@ class LksmCrawler:
                     continue
                 try:  # pruning by fault count
                     st = k.source.stat(slot.task)
-                except SourceError:
+                except SourceError as e:
+                    k.stats.failed(e)
                     k.ksm_exit(slot)
                     continue
                 if st.faults == slot.fault_cnt:

@@ -468,7 +468,7 @@ class FastScanner:
         sc._started = False
         sc._at_head = True
         k.last_scan = {"mode": LKSM_SCAN_FULL, "slots_scanned": nslots, "pages_scanned": last_scanned,
-                       "merged": 0, "broken": 0, "wall_s": 0.0}
+                       "merged": 0, "broken": 0, "wall_s": 0.0, "tasks_failed": 0}
         if isinstance(k.crawler, KsmdPolicy):  # as scan_wrapped() says it, at the wrap
             k.crawler.set_next_pass(wrap_ms / 1000 + k.tunables.sleep_millisecs / 1000)
 

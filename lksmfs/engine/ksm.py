@@ -144,6 +144,7 @@ class Ksm:
             "rmap_items": items,
             "tasks_exited": st.tasks_exited,
             "tasks_denied": st.tasks_denied,
+            "tasks_failed": st.tasks_failed,
         }
         self._region_share = self.regions.share()
 
@@ -318,7 +319,7 @@ class Ksm:
                 if self.tunables.run & KSM_RUN_ONESHOT:
                     self.tunables.one_shot_scanning = LKSM_SCAN_NONE
                 self.last_scan = {"mode": scanner.scan_mode, "slots_scanned": 0, "pages_scanned": 0,
-                                  "merged": 0, "broken": 0, "wall_s": 0.0}
+                                  "merged": 0, "broken": 0, "wall_s": 0.0, "tasks_failed": 0}
                 scanner.scan_mode = LKSM_SCAN_NONE
         finally:
             scanner.sync = False

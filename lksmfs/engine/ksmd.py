@@ -198,7 +198,8 @@ class KsmdPolicy:
             except AccessDenied:
                 k.skipped[task] = Skipped("", SKIP_DENIED)
                 continue
-            except SourceError:
+            except SourceError as e:
+                k.stats.failed(e)
                 continue
             if st.kthread:
                 continue

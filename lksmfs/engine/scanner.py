@@ -9,6 +9,7 @@ sleeps: `batch()` does one ksm_do_scan(pages_to_scan) and returns.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Generator
@@ -32,10 +33,13 @@ from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
 from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
 from lksmfs.engine.unstable import UnstableTree
-from lksmfs.sources.base import PAGE_SIZE, AccessDenied, Mapping
+from lksmfs.sources.base import PAGE_SIZE, Mapping
+from lksmfs.system.proc import TaskFailed, describe_error
 
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
+
+log = logging.getLogger(__name__)
 
 _NOT_FROZEN = np.uint8(~int(FROZEN) & 0xFF)
 
@@ -74,6 +78,7 @@ class Scanner:
         self._started = False
         self._begin = 0.0
         self._pages_at_begin = 0
+        self._failed_at_begin = 0
         self._unstable_hint = 0  # entries the last round's unstable tree ended with
         self._buf = bytearray()  # the page contents of the chunk being scanned
         self._last_prune = ksm.clock()
@@ -116,6 +121,7 @@ class Scanner:
             self._started = True
             self._begin = time.perf_counter()
             self._pages_at_begin = k.stats.pages_scanned
+            self._failed_at_begin = k.stats.tasks_failed
             k.crawler.scan_starting(self.scan_mode)
         self._do_scan(npages if npages is not None else t.pages_to_scan)
         if self.gen is None and not len(k.mm.scan_list):
@@ -180,6 +186,7 @@ class Scanner:
             "merged": stats.lksm_nr_merged,
             "broken": stats.lksm_nr_broken,
             "wall_s": time.perf_counter() - self._begin,
+            "tasks_failed": stats.tasks_failed - self._failed_at_begin,
         }
         if self.scan_mode == LKSM_SCAN_FULL:
             stats.nr_full_scan += 1
@@ -468,7 +475,12 @@ class Scanner:
             yield from scan_pending()
             if inplace:
                 pos = filled
-        except SourceError as e:
+        except Exception as e:  # noqa: BLE001 - one task's failure must not stop the scanner
+            if not isinstance(e, SourceError):
+                log.warning("%s: dropping the task after an unexpected error while scanning it: %s",
+                            slot.task, describe_error(e))
+                log.debug("%s: the error", slot.task, exc_info=e)
+                e = TaskFailed(f"{slot.task}: {describe_error(e)}")
             k.merger.remove_items(new.view(0, filled))
             k.merger.remove_items(old.take(slice(pos, None)))
             slot.rmap = Rmap()
@@ -620,10 +632,7 @@ class Scanner:
         """The task exited (or shut us out) mid-scan: its items are gone, the slot goes
         to the remove list."""
         stats = self.k.stats
-        if isinstance(err, AccessDenied):
-            stats.tasks_denied += 1
-        else:
-            stats.tasks_exited += 1
+        stats.dropped(err)
         stats.nr_added_process -= 1
         self.k.mm.remove(slot)
         stats.end_slot()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lksmfs.system.proc import AccessDenied, TaskFailed
+
 
 @dataclass
 class KsmStats:
@@ -23,6 +25,7 @@ class KsmStats:
     nr_full_scan: int = 0  # ksm_scan.nr_full_scan: full_scans
     tasks_exited: int = 0  # slots dropped because the task went away
     tasks_denied: int = 0  # tasks skipped or dropped because /proc refused access
+    tasks_failed: int = 0  # tasks dropped after an unexpected error (proc.TaskFailed)
     # LKSM's per-scan and per-slot statistics (lksm_nr_merged, lksm_slot_nr_merged, ...)
     lksm_nr_merged: int = 0
     lksm_nr_broken: int = 0
@@ -39,6 +42,21 @@ class KsmStats:
         """remove_rmap_item_from_tree() took `n` sharing mappings off a KSM page."""
         self.lksm_nr_broken += n
         self.slot_nr_broken += n
+
+    def failed(self, err: BaseException) -> bool:
+        """Count `err` in tasks_failed if it is a TaskFailed (a task given up on after an
+        unexpected error); whether it was."""
+        if isinstance(err, TaskFailed):
+            self.tasks_failed += 1
+            return True
+        return False
+
+    def dropped(self, err: BaseException) -> None:
+        """A task left the engine because of `err`: counted by why."""
+        if isinstance(err, AccessDenied):
+            self.tasks_denied += 1
+        elif not self.failed(err):
+            self.tasks_exited += 1
 
     def end_slot(self) -> None:
         self.slot_nr_merged = self.slot_nr_broken = 0

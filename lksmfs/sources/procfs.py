@@ -21,14 +21,14 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, AccessDenied, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.sources.scope import Scope
-from lksmfs.system.proc import PROC_ROOT, StatFields, TaskDir, try_stat
+from lksmfs.system.proc import PROC_ROOT, StatFields, TaskDir, TaskFailed, describe_error, try_stat
 
 __all__ = ["ProcfsSource", "parse_maps", "parse_smaps"]
 
@@ -204,6 +204,27 @@ def parse_smaps(data: bytes) -> list[Mapping]:
 
 
 _OPEN_LOCK = threading.Lock()
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _one_task(
+    fn: Callable[Concatenate[ProcfsSource, TaskId, _P], _R],
+) -> Callable[Concatenate[ProcfsSource, TaskId, _P], _R]:
+    """A per-task call of the source: what no rule maps (proc.as_task_error) leaves as
+    TaskFailed, a ProcessGone, so the engine drops that one task and goes on."""
+
+    def call(self: ProcfsSource, task: TaskId, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(self, task, *args, **kwargs)
+        except (ProcessGone, AccessDenied):
+            raise
+        except Exception as e:  # noqa: BLE001 - one task's trouble, whatever it is, is that task's
+            raise self._failed(task, fn.__name__, e) from e
+
+    call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return call
+
 
 
 class _TaskHandle:
@@ -329,6 +350,13 @@ class ProcfsSource:
                 del self._handles[t]
                 h.close()
 
+    def _failed(self, task: TaskId, what: str, exc: Exception) -> TaskFailed:
+        """The task's reads failed unexpectedly: forget its fds, say so once, give it up."""
+        self._drop(task)
+        why = describe_error(exc)
+        self.log.warning("%s: dropping the task after an unexpected error in %s: %s", task, what, why)
+        return TaskFailed(f"{task} {what}: {why}")
+
     def _drop(self, task: TaskId) -> None:
         """Forget a cached handle (task gone): closed now, or by its last user."""
         with self._lock:
@@ -370,6 +398,7 @@ class ProcfsSource:
             return True
         return self.scope.allows_pid(pid, self.proc_root, comm=comm)
 
+    @_one_task
     def ksm_registered(self, task: TaskId) -> bool:
         """Hook for mainline ksmd's scope (lksmfs.engine.ksmd.KsmRegistry): is the mm
         registered with KSM?  /proc/PID/ksm_stat says it cheaply; a kernel without its
@@ -387,6 +416,7 @@ class ProcfsSource:
         except (ProcessGone, AccessDenied):
             return False
 
+    @_one_task
     def stat(self, task: TaskId) -> TaskStat:
         """comm, runtime (schedstat), faults (stat), RssAnon (status) of `task`."""
         h = self._acquire(task, cache=False)
@@ -405,6 +435,7 @@ class ProcfsSource:
         finally:
             self._put(h)
 
+    @_one_task
     def mappings(self, task: TaskId) -> list[Mapping]:
         """VMAs in address order, from one read of smaps (maps if smaps is missing).
 
@@ -509,6 +540,7 @@ class ProcfsSource:
         out[order] = flags_sorted
         return out
 
+    @_one_task
     def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
         """Sorted uint64 vpns in [start_vpn, end_vpn) that are present anonymous pages."""
         empty = np.zeros(0, dtype=np.uint64)
@@ -554,6 +586,7 @@ class ProcfsSource:
         finally:
             self._put(h)
 
+    @_one_task
     def thp_blocks(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
         """The PMD-mapped transparent huge pages in [start_vpn, end_vpn), as block numbers
         (vpn // 512): 512 present pages at an aligned address, on 512 contiguous page
@@ -634,6 +667,7 @@ class ProcfsSource:
         got: np.ndarray | None = getattr(self._tls, "missing", None)
         return got if got is not None else np.zeros(0, dtype=np.uint64)
 
+    @_one_task
     def read_pages(self, task: TaskId, vpns: np.ndarray, out: memoryview | None = None) -> memoryview:
         """Page contents from /proc/PID/mem: one preadv per run of consecutive vpns."""
         v = np.asarray(vpns, dtype=np.uint64)
@@ -723,6 +757,7 @@ class ProcfsSource:
 
     # -- lifetime -----------------------------------------------------------------
 
+    @_one_task
     def cpu_mark(self, task: TaskId) -> Hashable | None:
         """(tid, sum_exec_runtime) of every thread, from /proc/PID/task/*/schedstat."""
         h = self._acquire(task, cache=True)

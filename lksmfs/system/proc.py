@@ -44,6 +44,12 @@ class ProcessGone(Exception):
     """The task exited (ENOENT/ESRCH/EIO while reading): the engine takes ksm_exit's path."""
 
 
+class TaskFailed(ProcessGone):
+    """Reading the task failed in a way no rule explains (an errno /proc should not give,
+    a file that does not parse while the task lives): the engine drops the task as if
+    it had exited, and counts it apart (tasks_failed) - one task never stops a thread."""
+
+
 class AccessDenied(Exception):
     """The task exists but may not be read (EACCES/EPERM): the engine skips and counts it."""
 
@@ -73,7 +79,7 @@ def as_task_error(exc: BaseException, what: str, alive: Callable[[], bool] | Non
         return exc
     if not isinstance(exc, (OSError, ValueError, IndexError)):
         return exc
-    why = _why(exc)
+    why = describe_error(exc)
     if alive is not None and not alive():
         return ProcessGone(f"{what}: {why} (the task is gone or exiting)")
     code = exc.errno if isinstance(exc, OSError) else None
@@ -84,7 +90,7 @@ def as_task_error(exc: BaseException, what: str, alive: Callable[[], bool] | Non
     return exc
 
 
-def _why(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """`[Errno 3] ESRCH No such process`: the errno's number and name where there is one."""
     code = getattr(exc, "errno", None)
     if isinstance(code, int):
