@@ -298,6 +298,7 @@ class Daemon:
         self._stop = threading.Event()
         self._scanner_kick = threading.Event()
         self.error: BaseException | None = None
+        self.error_thread = ""  # the engine thread that died, if one did
         self.table = AttributeTable(self.ksm, lock=self.lock, on_store=self._on_store)
         self.metrics = MetricsPublisher(config.metrics_textfile, self.table, self.lock, self.mountpoint)
         self.ops = LksmOperations(
@@ -357,6 +358,7 @@ class Daemon:
         log.critical("%s thread died", what, exc_info=exc)
         if self.error is None:
             self.error = exc
+            self.error_thread = what
         self._stop.set()
         if not self._unmounting:
             os.kill(os.getpid(), signal.SIGTERM)  # ends the FUSE loop in the main thread
@@ -482,7 +484,14 @@ class Daemon:
             self.stop_threads()
             self.metrics.stop()
             quit_watcher.stop()
-        return 0 if self.error is None else 1
+        if self.error is not None:
+            # not a clean stop: said last, where a user looks, and in the exit status
+            why = f"the {self.error_thread} thread died ({type(self.error).__name__}: {self.error})"
+            log.critical("%s: unmounted %s, exiting with status 1", why, self.mountpoint)
+            sd_notify(f"STATUS={why}")
+            print(f"lksmfs mount: {why}; unmounted {self.mountpoint}", file=sys.stderr)
+            return 1
+        return 0
 
     def log_start(self) -> None:
         """Say at start what will be scanned, and warn about what names nothing: a pid
