@@ -367,7 +367,8 @@ class ProcfsSource:
     # -- MemorySource -------------------------------------------------------------
 
     def tasks(self) -> list[TaskId]:
-        """Every user process in scope, in pid order (for_each_process)."""
+        """Every user process in scope, in pid order (for_each_process), but zombies:
+        their mm is gone (a child its parent has not reaped yet, under churn)."""
         allowed = self.scope.snapshot() if self.scope is not None else None
         out: list[TaskId] = []
         try:
@@ -383,7 +384,7 @@ class ProcfsSource:
             if pid == self.self_pid:
                 continue
             st = try_stat(pid, self.proc_root)
-            if st is None or st.kthread:
+            if st is None or st.kthread or not st.alive:  # a zombie has no mm left to scan
                 continue
             if allowed is not None and not allowed.allows(pid, st.comm):
                 continue
@@ -398,23 +399,26 @@ class ProcfsSource:
             return True
         return self.scope.allows_pid(pid, self.proc_root, comm=comm)
 
-    @_one_task
     def ksm_registered(self, task: TaskId) -> bool:
         """Hook for mainline ksmd's scope (lksmfs.engine.ksmd.KsmRegistry): is the mm
         registered with KSM?  /proc/PID/ksm_stat says it cheaply; a kernel without its
         ksm_mergeable line is asked through the mappings' VmFlags.  False once the task
-        is gone (a zombie, one reaped meanwhile) or unreadable."""
+        is gone (a zombie, one reaped meanwhile), unreadable or given up (TaskFailed)."""
         try:
-            h = self._acquire(task, cache=True)
-            try:
-                known = h.dir.ksm_registered()
-            finally:
-                self._put(h)
-            if known is not None:
-                return known
-            return any(m.vm_mergeable for m in self.mappings(task))
+            return self._ksm_registered(task)
         except (ProcessGone, AccessDenied):
             return False
+
+    @_one_task
+    def _ksm_registered(self, task: TaskId) -> bool:
+        h = self._acquire(task, cache=True)
+        try:
+            known = h.dir.ksm_registered()
+        finally:
+            self._put(h)
+        if known is not None:
+            return known
+        return any(m.vm_mergeable for m in self.mappings(task))
 
     @_one_task
     def stat(self, task: TaskId) -> TaskStat:

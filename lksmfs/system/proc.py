@@ -232,6 +232,12 @@ def try_stat(pid: int, proc_root: str = PROC_ROOT) -> StatFields | None:
         return None
 
 
+def _alive(task: TaskId, proc_root: str) -> bool:
+    """Is `task` there, not a zombie, by its pid (before a directory is pinned)?"""
+    st = try_stat(task.pid, proc_root)
+    return st is not None and st.alive and st.starttime == task.start_time
+
+
 def task_id(pid: int, proc_root: str = PROC_ROOT) -> TaskId:
     """TaskId of a live pid; ProcessGone if there is none."""
     return read_stat(pid, proc_root).task_id
@@ -317,7 +323,7 @@ class TaskDir:
     @classmethod
     def open(cls, task: TaskId, proc_root: str = PROC_ROOT) -> tuple[TaskDir, StatFields]:
         """Open /proc/PID and check that it is still the same process (start time)."""
-        with wrap_exceptions(str(task)):
+        with wrap_exceptions(str(task), lambda: _alive(task, proc_root)):
             fd = os.open(f"{proc_root}/{task.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         d = cls(task, fd)
         try:
