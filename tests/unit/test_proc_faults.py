@@ -39,6 +39,7 @@ from lksmfs.sources import procfs as procfs_mod
 from lksmfs.sources.base import PAGE_SIZE, TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.system import proc as proc_mod
+from testkit.procsteps import ProcSteps
 
 PRESENT, EXCLUSIVE = 1 << 63, 1 << 56
 HEAP_VPN = 0x1000  # the fake heap's first page (address 0x1000000)
@@ -48,7 +49,6 @@ START = 4242
 A, B, C = 100, 200, 300
 KINDS = ("ESRCH", "ENOENT", "EIO", "empty", "truncated")
 SCANS = 3
-ERRNO_OF = {"ESRCH": errno.ESRCH, "ENOENT": errno.ENOENT, "EIO": errno.EIO}
 
 
 def _page(byte: int) -> bytes:
@@ -115,96 +115,19 @@ def tree(root: Path, with_a: bool = True) -> None:
     write_task(root, C, [(HEAP_VPN, shared[::-1])])
 
 
-class Faults:
-    """The `os` module as proc.py and procfs.py see it, with A dying at step `at`."""
+class Faults(ProcSteps):
+    """A dies at step `at`, the way `kind` says."""
 
     def __init__(self, root: Path, kind: str, at: int | None) -> None:
-        self.root = str(root)
-        self.kind = kind
-        self.at = at
-        self.steps: list[str] = []  # what each step of A's was (the recording run's answer)
-        self.dead = ""  # "", "reaped" or "zombie"
-        self.fds: dict[int, str] = {}  # A's open fds -> what they are
+        super().__init__(str(root), A, at, lambda: self._die(root / str(A)), kind)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
-
-    # -- A dies ---------------------------------------------------------------------
-
-    def _fire(self, what: str) -> bool:
-        """Count a step of A's; True if it is the one where A dies (then A is dead)."""
-        if self.dead:
-            return False
-        self.steps.append(what)
-        if len(self.steps) - 1 != self.at:
-            return False
-        d = Path(self.root) / str(A)
+    def _die(self, d: Path) -> None:
         if self.kind in ("ESRCH", "ENOENT"):
             shutil.rmtree(d)
             self.dead = "reaped"
         else:
             make_zombie(d)
             self.dead = "zombie"
-        return True
-
-    def _fail(self) -> None:
-        if self.kind in ERRNO_OF:
-            code = ERRNO_OF[self.kind]
-            raise OSError(code, os.strerror(code))
-
-    def _mine(self, path: Any, dir_fd: int | None) -> bool:
-        if dir_fd is not None:
-            return dir_fd in self.fds
-        p, base = os.fspath(path), f"{self.root}/{A}"
-        return isinstance(p, str) and (p == base or p.startswith(base + "/"))
-
-    # -- the calls --------------------------------------------------------------------
-
-    def open(self, path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
-        mine = self._mine(path, dir_fd)
-        if mine and self._fire(f"open {path}"):
-            self._fail()
-        fd = os.open(path, flags, mode, dir_fd=dir_fd)
-        if mine:
-            self.fds[fd] = str(path)
-        return fd
-
-    def close(self, fd: int) -> None:
-        self.fds.pop(fd, None)
-        os.close(fd)
-
-    def _read(self, fd: int, what: str, real: Any, empty: Any, half: Any) -> Any:
-        if fd not in self.fds:
-            return real()
-        if self.dead == "reaped":
-            raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
-        if not self._fire(f"{what} {self.fds[fd]}"):
-            return real()
-        self._fail()
-        if self.kind == "empty":
-            return empty
-        return half(real())
-
-    def read(self, fd: int, n: int) -> bytes:
-        return self._read(fd, "read", lambda: os.read(fd, n), b"", lambda b: b[: len(b) // 2])  # type: ignore[no-any-return]
-
-    def pread(self, fd: int, n: int, offset: int) -> bytes:
-        return self._read(fd, "pread", lambda: os.pread(fd, n, offset), b"",  # type: ignore[no-any-return]
-                          lambda b: b[: len(b) // 2])
-
-    def preadv(self, fd: int, buffers: list[Any], offset: int) -> int:
-        return self._read(fd, "preadv", lambda: os.preadv(fd, buffers, offset), 0,  # type: ignore[no-any-return]
-                          lambda n: n // 2)
-
-    def listdir(self, fd: Any) -> list[str]:
-        if not isinstance(fd, int) or fd not in self.fds:
-            return os.listdir(fd)
-        if self.dead == "reaped":
-            return []
-        if self._fire(f"listdir {self.fds[fd]}"):
-            self._fail()
-            return []  # empty or truncated: nothing listed
-        return os.listdir(fd)
 
 
 @pytest.fixture
