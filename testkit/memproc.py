@@ -43,10 +43,12 @@ class MemProcess:
         user: Sequence[str] = (),
         python: str = sys.executable,
         thp: bool = False,
+        child: Path = CHILD,
     ) -> None:
         """Start the child; unless `wait` is False, wait until its memory is built.
         `user` prefixes the command (e.g. testkit.mount.NOBODY, with a `python` that user
-        may run).  `thp`: transparent huge pages stay allowed (regions with `hugepage`)."""
+        may run, and a `child` - a copy of memchild.py - that user may read).  `thp`:
+        transparent huge pages stay allowed (regions with `hugepage`)."""
         self.stop_mode = stop
         self.timeout_s = timeout_s
         self.regions: dict[str, tuple[int, int]] = {}  # name -> (address, npages)
@@ -54,7 +56,7 @@ class MemProcess:
         if comm is not None:
             options["comm"] = comm
         self.proc = subprocess.Popen(
-            [*user, python, "-S", str(CHILD), child_spec(regions, **options)],
+            [*user, python, "-S", str(child), child_spec(regions, **options)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
         )
         self.pid = self.proc.pid
@@ -167,11 +169,11 @@ class MemProcess:
 
 
 def filled(npages: int, value: int = 0x5A, *, cpu_ms: int = 150, comm: str | None = None,
-           user: Sequence[str] = (), python: str = sys.executable) -> MemProcess:
+           user: Sequence[str] = (), python: str = sys.executable, child: Path = CHILD) -> MemProcess:
     """A process holding `npages` identical pages of byte `value` (one group of npages),
     past LKSM's short-task threshold: what a daemon test scans."""
     return MemProcess(Region("data", [(npages, value)]), cpu_ms=cpu_ms, comm=comm, user=user,
-                      python=python)
+                      python=python, child=child)
 
 
 OUTSIDE = "outside"  # the madvise scope's twin of the pattern mapping, not madvised

@@ -31,6 +31,7 @@ from testkit import REPO
 from testkit.memproc import MemProcess, filled
 from testkit.mount import NOBODY, Mounts, mounted_at, public_tmpdir, read_attr, skip_unless_fuse
 from testkit.patterns import Region
+from testkit.readable import readable_install
 
 pytestmark = pytest.mark.live
 
@@ -42,8 +43,14 @@ SHORT = re.compile(r"short task: (\d+) ms of CPU time, less than the 100 ms LKSM
 
 def lksmfs_cmd(*args: str, user: list[str] | None = None, timeout: float = 120
                ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*(user or []), *LKSMFS, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    """`lksmfs ARGS`; as `user`, from a copy that user may read (the checkout may be
+    where only root can go: testkit.readable)."""
+    if user is None:
+        return subprocess.run([*LKSMFS, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    with readable_install() as inst:
+        return subprocess.run([*user, *inst.python, "-m", "lksmfs.cli", *args], cwd=inst.root, env=inst.env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from lksmfs.system.waiting import wait_until
 from testkit.memproc import MemProcess, filled
 from testkit.mount import NOBODY, Mounts, read_attr, sh
+from testkit.readable import readable_install
 
 pytestmark = pytest.mark.live
 
@@ -175,11 +175,10 @@ def test_chmod_chown_touch_last_and_open_follows_the_mode(mounts: Mounts, child:
 
 @pytest.fixture
 def nobody_child() -> Iterator[MemProcess]:
-    """A process of nobody's with 32 identical pages (not the root child's byte value)."""
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("no /usr/bin/python3 that nobody may run")
-    with filled(32, 0xA7, user=NOBODY, python=python) as c:
+    """A process of nobody's with 32 identical pages (not the root child's byte value),
+    its program copied where nobody may read it (the checkout may be where only root can
+    go)."""
+    with readable_install() as inst, filled(32, 0xA7, user=NOBODY, python=inst.python[0], child=inst.memchild) as c:
         yield c
 
 
