@@ -36,7 +36,7 @@ import numpy as np
 from lksmfs.engine.hashindex import HashIndex, normkey
 from lksmfs.engine.ksmd import SMART_SCAN_MIN_AGE, KsmdPolicy, skip_age
 from lksmfs.engine.merge import CKSUM_MASK, SEQNR_MASK, SourceError
-from lksmfs.engine.pages import digest_pages
+from lksmfs.engine.pages import XXH3, Digest
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
     KSM_MM_NEWCOMER,
@@ -107,8 +107,9 @@ def smart_scan_step(age: np.ndarray, skips: np.ndarray) -> tuple[np.ndarray, np.
 class Digests:
     """Content key -> the engine's 96-bit digest, each content hashed once."""
 
-    def __init__(self, source: KeyedSource) -> None:
+    def __init__(self, source: KeyedSource, digest: Digest = XXH3) -> None:
         self.source = source
+        self.digest = digest
         self.index = HashIndex(1 << 16)
         self.lo = np.zeros(1 << 16, dtype=np.uint64)
         self.hi = np.zeros(1 << 16, dtype=np.uint64)
@@ -122,7 +123,7 @@ class Digests:
         new = plain & (ref < 0)
         if new.any():
             fresh = np.unique(keys[new])
-            lo, hi = digest_pages(self.source.contents(fresh), int(fresh.shape[0]))
+            lo, hi = self.digest.pages(self.source.contents(fresh), int(fresh.shape[0]))
             ids = np.arange(self.n, self.n + fresh.shape[0], dtype=np.int64)
             self._grow(self.n + int(fresh.shape[0]))
             self.lo[ids], self.hi[ids] = lo, hi
@@ -133,7 +134,7 @@ class Digests:
         hi = np.where(ref >= 0, self.hi[np.maximum(ref, 0)], np.uint64(0))
         odd = ~plain
         if odd.any():
-            slo, shi = digest_pages(self.source.contents(keys[odd]), int(np.count_nonzero(odd)))
+            slo, shi = self.digest.pages(self.source.contents(keys[odd]), int(np.count_nonzero(odd)))
             lo[odd], hi[odd] = slo, shi
         return lo, hi
 
@@ -183,7 +184,7 @@ class FastScanner:
     def __init__(self, ksm: Ksm, *, fast: bool = True) -> None:
         self.k = ksm
         self.keyed = keyed_source(ksm.source) if fast else None
-        self.digests = Digests(self.keyed) if self.keyed is not None else None
+        self.digests = Digests(self.keyed, ksm.digest) if self.keyed is not None else None
         self.records: dict[int, Record] = {}
         self._cache: dict[int, tuple[object, int, np.ndarray, np.ndarray]] = {}
         self._fp: tuple[int, object] | None = None

@@ -31,6 +31,7 @@ import numpy as np
 from lksmfs.engine.crawler import ScanPolicy, Skipped
 from lksmfs.engine.ksmd import make_policy
 from lksmfs.engine.merge import Merger
+from lksmfs.engine.pages import XXH3, Digest
 from lksmfs.engine.params import (
     KSM_RUN_MERGE,
     KSM_RUN_ONESHOT,
@@ -67,10 +68,13 @@ class Ksm:
         self_pid: int | None = None,
         short_task_ms: int = KSM_SHORT_TASK_TIME_MS,
         policy: str = POLICY_LKSM,
+        digest: Digest = XXH3,
     ) -> None:
         """`short_task_ms`: check_short_task()'s threshold (0 scans short tasks too);
-        `policy`: LKSM's crawler (`lksm`) or mainline's ksmd (`ksm`)."""
+        `policy`: LKSM's crawler (`lksm`) or mainline's ksmd (`ksm`); `digest`: how
+        page contents are named (lksmfs.engine.pages; tests give weak ones)."""
         self.source = source
+        self.digest = digest
         # the scheduling policy: LKSM's ksm_crawld, or mainline's ksmd (lksmfs.engine.ksmd)
         self.policy = policy
         self.filter_enabled = filter_enabled and policy == POLICY_LKSM  # CONFIG_LKSM_FILTER

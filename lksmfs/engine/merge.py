@@ -25,7 +25,7 @@ import numpy as np
 
 from lksmfs.engine import thp
 from lksmfs.engine.hashindex import normkey
-from lksmfs.engine.pages import ZERO_HI, ZERO_LO, as_words, is_zero_digest
+from lksmfs.engine.pages import as_words
 from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
 from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
@@ -234,7 +234,7 @@ class Merger:
         )
         simple = single & ((sref == -1) | plain_room)
         if k.tunables.use_zero_pages:
-            simple &= ~is_zero_digest(lo[idx], hi[idx])
+            simple &= ~k.digest.is_zero(lo[idx], hi[idx])
         grouped = ~slow & ~simple
         fallback: list[np.ndarray] = []
         if simple.any():
@@ -267,7 +267,7 @@ class Merger:
         _, inv, cnt = np.unique(klo, return_inverse=True, return_counts=True)
         may = (cnt[inv] > 1) | (k.unstable.get_many(klo) != -1)
         if k.tunables.use_zero_pages:  # a merge with the zero page splits the THP too
-            may |= is_zero_digest(c.lo[idx], c.hi[idx])
+            may |= k.digest.is_zero(c.lo[idx], c.hi[idx])
         if k.crawler.checksum_gate(k.scanner.scan_round):  # a page failing it tries no merge
             ck = (c.hi[idx] & CKSUM_MASK).astype(np.uint32)
             may &= ((c.part.flags[idx] & FROZEN) != 0) | (c.part.cksum[idx] == ck)
@@ -530,7 +530,7 @@ class Merger:
                 part.cksum[i] = ck
                 return
         page = c.words(np.array([i])).tobytes()
-        if (k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page)
+        if (k.tunables.use_zero_pages and lo == k.digest.zero_lo and hi == k.digest.zero_hi and not any(page)
                 and not thp.merge_fails(k, c.slot, vpn, self._known(c))):  # failed: "not really empty", go on
             # merged with the zero page: no longer anonymous until written again
             k.scanner.add_zero_pages(np.array([vpn], dtype=np.uint64))
@@ -644,7 +644,7 @@ class _GroupPlan:
             passing = ((part.flags[rest] & FROZEN) != 0) | (part.cksum[rest] == (hi & 0xFFFFFFFE))
         else:
             passing = np.ones(n, dtype=bool)
-        is_zero = (bool(k.tunables.use_zero_pages) and lo == ZERO_LO and hi == ZERO_HI
+        is_zero = (bool(k.tunables.use_zero_pages) and lo == k.digest.zero_lo and hi == k.digest.zero_hi
                    and not c.words(np.array([first])).any())
         partner = None
         if not is_zero:

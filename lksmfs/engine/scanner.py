@@ -19,7 +19,7 @@ import numpy as np
 
 from lksmfs.engine import thp
 from lksmfs.engine.merge import Chunk, SourceError
-from lksmfs.engine.pages import CHUNK, READ_BLOCK, as_words, digest_pages, is_zero_digest
+from lksmfs.engine.pages import CHUNK, READ_BLOCK, as_words
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
     KSM_MM_NEWCOMER,
@@ -257,14 +257,15 @@ class Scanner:
         task = slot.task
         if n <= READ_BLOCK:
             data = self.k.source.read_pages(task, run, self._chunk_buffer(n))
-            lo, hi = digest_pages(data, n)
+            lo, hi = self.k.digest.pages(data, n)
             return data, lo, hi
         lo = np.empty(n, dtype=np.uint64)
         hi = np.empty(n, dtype=np.uint64)
         for b in range(0, n, READ_BLOCK):
             block = run[b : b + READ_BLOCK]
             m = int(block.shape[0])
-            lo[b : b + m], hi[b : b + m] = digest_pages(self.k.source.read_pages(task, block, self._chunk_buffer(m)), m)
+            lo[b : b + m], hi[b : b + m] = self.k.digest.pages(
+                self.k.source.read_pages(task, block, self._chunk_buffer(m)), m)
         return None, lo, hi
 
     def _fetcher(self, slot: MmSlot, part: Rmap) -> Callable[[np.ndarray], np.ndarray]:
@@ -624,7 +625,7 @@ class Scanner:
             zs = z
         else:
             _, lo, hi = self._read_digests(slot, z)  # a block at a time: bounded buffers
-            zs = z[is_zero_digest(lo, hi)]
+            zs = z[self.k.digest.is_zero(lo, hi)]
         kept.append(zs)
         return vpns[~np.isin(vpns, zs)]
 

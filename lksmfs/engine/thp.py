@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lksmfs.engine.pages import digest_pages, is_zero_digest
 from lksmfs.sources.base import AccessDenied, ProcessGone
 
 if TYPE_CHECKING:
@@ -87,15 +86,15 @@ def split(k: Ksm, slot: MmSlot, block: int, known: Known = ()) -> None:
         a, b = np.searchsorted(kv, [vpns[0], vpns[-1] + np.uint64(1)])
         if b > a:
             at = (kv[a:b] - vpns[0]).astype(np.intp)
-            zero[at] = is_zero_digest(klo[a:b], khi[a:b])
+            zero[at] = k.digest.is_zero(klo[a:b], khi[a:b])
             have[at] = True
     need = np.flatnonzero(~have)
     if need.size:
         try:
-            lo, hi = digest_pages(k.source.read_pages(slot.task, vpns[need]), int(need.size))
+            lo, hi = k.digest.pages(k.source.read_pages(slot.task, vpns[need]), int(need.size))
         except (ProcessGone, AccessDenied):
             return  # the task left: its slot goes with it
-        zero[need] = is_zero_digest(lo, hi)
+        zero[need] = k.digest.is_zero(lo, hi)
     if zero.any():
         z, new = slot.thp_zero, vpns[zero]
         if z.size and z[-1] >= new[0]:
