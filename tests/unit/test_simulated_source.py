@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -204,8 +203,7 @@ def test_rewrite_breaks_sharing_by_hand(small: SimulatedSource) -> None:
     assert small.stat(p0).faults == faults + 16
 
 
-def test_tizen_is_big_and_fast() -> None:
-    t0 = time.monotonic()
+def test_tizen_is_big() -> None:
     src = SimulatedSource.from_file(str(CONFIG / "tizen-tv.yaml"))
     assert 30 <= len(src.tasks()) <= 40
     scanned = 0
@@ -219,4 +217,3 @@ def test_tizen_is_big_and_fast() -> None:
     assert all(e.by_kind[k].pages_sharing > 0 for k in ("file_data", "file_bss", "heap", "anon"))
     for r in range(1, 11):
         src.advance_round(r)
-    assert time.monotonic() - t0 < 10
