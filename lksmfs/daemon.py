@@ -212,8 +212,8 @@ def scannable_task(src: ProcfsSource, pid: int) -> TaskId:
     that no request waits on it: ESRCH when there is no such process; EINVAL for the
     daemon itself, a kernel thread, or a process outside --pid/--cgroup."""
     st = try_stat(pid, src.proc_root)
-    if st is None:
-        raise OSError(errno.ESRCH, "No such process")
+    if st is None or (not st.alive and not st.kthread):
+        raise OSError(errno.ESRCH, "No such process")  # gone, exiting or a zombie: no mm
     if pid == src.self_pid:
         raise OSError(errno.EINVAL, "hint: that is the lksmfs daemon itself")
     if st.kthread:
@@ -368,8 +368,14 @@ class Daemon:
             log.info("exit: %s left (exited or exec'd); scanning_process %d", task, now)
             self.metrics.publish()
 
-    def _on_madvise(self, task: TaskId) -> None:
-        """ksm_madvise() -> __ksm_enter(): registered at once, short or not."""
+    def _on_madvise(self, pid: int) -> None:
+        """ksm_madvise() -> __ksm_enter(): registered at once, short or not (a process in
+        scope: the checks of the hint file)."""
+        assert isinstance(self.source, ProcfsSource)
+        try:
+            task = scannable_task(self.source, pid)
+        except OSError:
+            return  # gone, or never ours (outside --pid/--cgroup, ourselves, a kernel thread)
         with self.lock:
             added = self.ksm.madvise(task)
             now = self.ksm.counters()["scanning_process"]
@@ -389,7 +395,6 @@ class Daemon:
         self.lifecycle = LifecycleWatcher(
             watched=self._watched_tasks,
             on_exit=self._on_exit,
-            candidates=self.source.tasks if lksm else None,
             on_madvise=self._on_madvise if lksm else None,
             proc_root=self.source.proc_root,
         )

@@ -15,7 +15,8 @@ of these here, in one thread, as they happen:
 - fallback: every `poll_interval`, each watched task's stat (gone, a zombie, another
            start time or image): the exit path without pidfds, and exec always;
 - madvise: every `poll_interval`, /proc/PID/ksm_stat (`ksm_mergeable: yes` or
-           `ksm_merge_any: yes`) of the tasks in scope that are not registered.
+           `ksm_merge_any: yes`) of every process not watched; the daemon checks the
+           scope of those that say yes.
 
 The callbacks run in this thread; the daemon takes the engine lock in them.
 """
@@ -30,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from lksmfs.system.proc import PROC_ROOT, TaskId, ksm_registered, try_stat
+from lksmfs.system.proc import PROC_ROOT, TaskId, ksm_registered, pids, try_stat
 from lksmfs.system.threads import start_thread
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,15 @@ class LifecycleWatcher:
         *,
         watched: Callable[[], list[TaskId]],
         on_exit: Callable[[TaskId], None],
-        candidates: Callable[[], list[TaskId]] | None = None,
-        on_madvise: Callable[[TaskId], None] | None = None,
+        on_madvise: Callable[[int], None] | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
         proc_root: str = PROC_ROOT,
         use_pidfd: bool | None = None,
     ) -> None:
         """`watched`: the tasks whose exit matters (registered slots, frozen hints);
-        `candidates`: the tasks in scope whose madvise matters (None: not watched)."""
+        `on_madvise(pid)`: a process not watched has madvised (None: not looked for)."""
         self.watched = watched
         self.on_exit = on_exit
-        self.candidates = candidates
         self.on_madvise = on_madvise
         self.poll_interval = poll_interval
         self.proc_root = proc_root
@@ -162,12 +161,12 @@ class LifecycleWatcher:
                 self._open(task)
             if (full or new) and not self._same_mm(task):
                 self._exited(task)
-        if not full:
+        if not full or self.on_madvise is None:
             return
-        if self.candidates is not None and self.on_madvise is not None:
-            for task in self.candidates():
-                if task not in watched and ksm_registered(task.pid, self.proc_root):
-                    self.on_madvise(task)
+        mine = {t.pid for t in watched}
+        for pid in pids(self.proc_root):
+            if pid not in mine and ksm_registered(pid, self.proc_root):
+                self.on_madvise(pid)
 
     def _wait(self, timeout: float) -> None:
         """Until a pidfd says its process exited, a wake-up, or `timeout`."""

@@ -366,7 +366,7 @@ class ProcfsSource:
                 continue
             st = try_stat(pid, self.proc_root)
             if st is None or st.kthread or not st.alive:
-                continue  # a zombie has no mm: for_each_process's get_task_mm() is NULL
+                continue  # exiting or a zombie: no mm (for_each_process's get_task_mm() is NULL)
             if allowed is not None and not allowed.allows(pid, st.comm):
                 continue
             out.append(st.task_id)

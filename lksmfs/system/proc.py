@@ -127,6 +127,7 @@ class StatFields:
     stime: int  # 15, clock ticks
     starttime: int  # 22, clock ticks since boot
     image: int = 0  # TaskId.image: from fields 26 (start_code), 27 (end_code), 28 (start_stack)
+    has_mm: bool = True  # False when those fields read 0 0 0: no mm (exiting, a zombie, a kthread)
 
     @property
     def kthread(self) -> bool:
@@ -143,8 +144,8 @@ class StatFields:
 
     @property
     def alive(self) -> bool:
-        """Not a zombie or dead task: it still has an mm to read."""
-        return self.state not in ("Z", "X", "x")
+        """Not a zombie or dead task, nor one past exit_mm(): it still has an mm to read."""
+        return self.has_mm and self.state not in ("Z", "X", "x")
 
 
 def parse_stat(data: bytes) -> StatFields:
@@ -168,6 +169,7 @@ def parse_stat(data: bytes) -> StatFields:
         stime=int(rest[12]),
         starttime=int(rest[19]),
         image=_image(rest),
+        has_mm=len(rest) < 26 or any(f != b"0" for f in rest[23:26]),
     )
 
 

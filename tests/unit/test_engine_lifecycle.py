@@ -376,3 +376,39 @@ def test_full_scan_delay_adds_new_slots_times_the_scan_time_per_slot(hz: int, te
     interval = ksm.tunables.full_scan_interval / 1000
     assert ksm.crawler._next_fscan == pytest.approx(now + 0.5 + interval + term_s)  # type: ignore[attr-defined]
     assert ksm.scanner.scan_mode == LKSM_SCAN_FULL
+
+
+# -- the mm's identity from /proc/PID/stat ------------------------------------------------
+
+
+def _stat_line(pid: int, start: int, layout: tuple[int, int, int] | None, state: str = "S") -> bytes:
+    """A stat line with fields 1-28 (or 1-25 when `layout` is None)."""
+    fields = [state, "1", "1", "1", "0", "-1", "4194560", "7", "0", "3", "0", "5", "6", "0", "0", "20", "0",
+              "1", "0", str(start), "4096", "10", "18446744073709551615"]
+    if layout is not None:
+        fields += [str(x) for x in layout]
+    return f"{pid} (a b) c) {' '.join(fields)}\n".encode()
+
+
+def test_an_exec_changes_the_image_and_a_process_without_mm_has_none() -> None:
+    """execve() sets mm->start_code, end_code and start_stack (do_task_stat prints them,
+    0 0 0 for a task without an mm, 1 1 0 without ptrace access)."""
+    from lksmfs.system.proc import parse_stat
+
+    before = parse_stat(_stat_line(42, 900, (0x5000, 0x6000, 0x7FFF0000)))
+    again = parse_stat(_stat_line(42, 900, (0x5000, 0x6000, 0x7FFF0000)))
+    execd = parse_stat(_stat_line(42, 900, (0x5000, 0x6000, 0x7FFE0000)))  # randomised stack
+    zombie = parse_stat(_stat_line(42, 900, (0, 0, 0), state="Z"))
+    exiting = parse_stat(_stat_line(42, 900, (0, 0, 0), state="R"))  # past exit_mm(), not a zombie yet
+    denied = parse_stat(_stat_line(42, 900, (1, 1, 0)))
+    short = parse_stat(_stat_line(42, 900, None))
+    t = before.task_id
+    assert t == again.task_id and t.image != 0 and t.same_mm(again)
+    assert execd.task_id != t and not t.same_mm(execd)
+    assert (execd.task_id.pid, execd.task_id.start_time) == (t.pid, t.start_time)
+    assert not zombie.alive and not exiting.alive and not t.same_mm(exiting)
+    assert denied.alive and denied.image != 0
+    assert short.alive and short.image == 0 and TaskId(42, 900).same_mm(short)
+    assert TaskId(42, 900).same_mm(before)  # an id without an image: never compared
+    assert not t.same_mm(parse_stat(_stat_line(42, 901, (0x5000, 0x6000, 0x7FFF0000))))  # pid reused
+    assert str(t) == "42@900"
