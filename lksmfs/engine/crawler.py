@@ -46,6 +46,7 @@ from lksmfs.sources.base import AccessDenied, Mapping, ProcessGone, TaskId
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
+
 def msecs_to_jiffies(ms: int, hz: int) -> int:
     """msecs_to_jiffies(): rounded up."""
     return -(-ms * hz // 1000)
@@ -183,9 +184,9 @@ class LksmCrawler:
             return None if scanning else now
         # normal operation loop
         if t.run & KSM_RUN_ONESHOT:
+            self._parked = not scanning  # in lksm_do_crawl_once(), or waiting for the scan
             if scanning:
                 return None  # wait until scanning is done
-            self._parked = True
             return self._crawl_once(now)
         if t.run & KSM_RUN_MERGE:
             self._parked = False
@@ -224,11 +225,12 @@ class LksmCrawler:
         if nr_added > 0:
             self.k.scanner.wake()
             self._held = held
+            self._parked = False  # the crawler now waits for the scan to end
         else:  # "No one can be scanned!"
             t.one_shot_scanning = LKSM_SCAN_NONE
             self._nothing_to_scan()
         if held:
-            self._parked = False
+            self._parked = False  # and then for the merge bit
         self.k.publish()
         return None
 

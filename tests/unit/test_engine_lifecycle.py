@@ -412,3 +412,23 @@ def test_an_exec_changes_the_image_and_a_process_without_mm_has_none() -> None:
     assert TaskId(42, 900).same_mm(before)  # an id without an image: never compared
     assert not t.same_mm(parse_stat(_stat_line(42, 901, (0x5000, 0x6000, 0x7FFF0000))))  # pid reused
     assert str(t) == "42@900"
+
+
+def test_run_8_to_0_during_a_scan_leaves_the_crawler_waiting_for_the_scan_not_a_request() -> None:
+    """The crawler that handed a scan over waits for its end (lksm_crawl_thread:
+    wait_event_freezable(!lksm_check_scan_state)), not for a request: with run 0 the
+    interrupted scan's request stays pending, nothing is prepared (the newcomer n does
+    not join) until run=8, which serves it."""
+    src = FakeSource()
+    src.anon("a", [unique(i) for i in range(8)])
+    ksm, table, clock = booted(src)
+    request(table, 2)
+    ksm.crawl(clock.now)
+    ksm.scan_batch(2)  # mid-scan
+    table.store("run", b"0\n")
+    n = src.anon("n", [fill("x")])
+    settle(ksm, clock)
+    assert show(table, "one_shot_scanning") == 2 and n not in ksm.slots and not ksm.scan_state
+    table.store("run", b"8\n")
+    settle(ksm, clock)
+    assert show(table, "one_shot_scanning") == 0 and n in ksm.slots
