@@ -6,6 +6,9 @@ Threads, as in mm/lksm.c:
 - scanner (ksmd): `scan_batch()` under the lock while a scan is in progress, then sleeps
   sleep_millisecs (cut short when the tunable changes), else waits on the condition;
 - freezer watcher: turns cgroup freezer transitions into `ksm.hint()` calls;
+- lifecycle watcher (real processes only): exits (a pidfd per registered task, a
+  zombie included) and execs into `ksm.task_exit()`, madvise into `ksm.madvise()`,
+  as they happen (lksmfs.lifecycle);
 - watchdog: WATCHDOG=1 to systemd while the engine threads are alive;
 - FUSE in the main thread, in the foreground.  libfuse owns SIGTERM/SIGINT/SIGHUP while
   mounted: they end its loop and it unmounts; then the threads are stopped and we exit 0.
@@ -40,10 +43,12 @@ from lksmfs.config import (
     load_config,
     recheck_tunables,
 )
+from lksmfs.engine.crawler import LksmCrawler
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import POLICY_LKSM
 from lksmfs.freezer import FreezerWatcher
 from lksmfs.helptext import add_command
+from lksmfs.lifecycle import LifecycleWatcher
 from lksmfs.metrics_file import MetricsPublisher
 from lksmfs.sigquit import SigquitWatcher
 from lksmfs.sources.base import MemorySource, TaskId
@@ -207,8 +212,8 @@ def scannable_task(src: ProcfsSource, pid: int) -> TaskId:
     that no request waits on it: ESRCH when there is no such process; EINVAL for the
     daemon itself, a kernel thread, or a process outside --pid/--cgroup."""
     st = try_stat(pid, src.proc_root)
-    if st is None:
-        raise OSError(errno.ESRCH, "No such process")
+    if st is None or (not st.alive and not st.kthread):
+        raise OSError(errno.ESRCH, "No such process")  # gone, exiting or a zombie: no mm
     if pid == src.self_pid:
         raise OSError(errno.EINVAL, "hint: that is the lksmfs daemon itself")
     if st.kthread:
@@ -313,6 +318,7 @@ class Daemon:
         )
         self._threads: list[_Thread] = []
         self.freezer: FreezerWatcher | None = None
+        self.lifecycle: LifecycleWatcher | None = None
         self.apply_tunables()
 
     # -- start values ----------------------------------------------------------------
@@ -341,6 +347,61 @@ class Daemon:
         with self.lock:
             self.ksm.hint(task, frozen)
             self.cond.notify_all()
+
+    # -- the mm lifecycle hooks (lksmfs.lifecycle) -------------------------------------
+
+    def _watched_tasks(self) -> list[TaskId]:
+        """Registered mms not yet exited, and the frozen task list (lksm_remove_candidate)."""
+        with self.lock:
+            tasks = [t for t, s in self.ksm.slots.items() if not s.exited]
+            if isinstance(self.ksm.crawler, LksmCrawler):
+                tasks += self.ksm.crawler.frozen_tasks
+        return tasks
+
+    def _on_exit(self, task: TaskId) -> None:
+        """exit_mm() -> ksm_exit(), or an exec's new mm: the old one leaves now."""
+        with self.lock:
+            known = task in self.ksm.slots
+            self.ksm.task_exit(task)
+            now = self.ksm.counters()["scanning_process"]
+            self.cond.notify_all()
+        if known:
+            log.info("exit: %s left (exited or exec'd); scanning_process %d", task, now)
+            self.metrics.publish()
+
+    def _on_madvise(self, pid: int) -> None:
+        """ksm_madvise() -> __ksm_enter(): registered at once, short or not (a process in
+        scope: the checks of the hint file)."""
+        assert isinstance(self.source, ProcfsSource)
+        try:
+            task = scannable_task(self.source, pid)
+        except OSError:
+            return  # gone, or never ours (outside --pid/--cgroup, ourselves, a kernel thread)
+        with self.lock:
+            added = self.ksm.madvise(task)
+            now = self.ksm.counters()["scanning_process"]
+            if added:
+                self.cond.notify_all()
+        if added:
+            log.info("madvise: %s registered (MADV_MERGEABLE or PR_SET_MEMORY_MERGE); scanning_process %d",
+                     task, now)
+            self.metrics.publish()
+
+    def _start_lifecycle(self) -> None:
+        """Exits and execs of real processes under both policies; madvise under LKSM's
+        (mainline's ksmd registers the madvised at its next pass)."""
+        if not isinstance(self.source, ProcfsSource):
+            return
+        lksm = self.config.policy == POLICY_LKSM
+        self.lifecycle = LifecycleWatcher(
+            watched=self._watched_tasks,
+            on_exit=self._on_exit,
+            on_madvise=self._on_madvise if lksm else None,
+            proc_root=self.source.proc_root,
+        )
+        self.lifecycle.start()
+        log.info("lifecycle: exits %s; execs%s every %.1f s", "by pidfd" if self.lifecycle.use_pidfd else "polled",
+                 " and madvise" if lksm else "", self.lifecycle.poll_interval)
 
     def _on_mounted(self) -> None:
         self._mounted = True
@@ -372,6 +433,8 @@ class Daemon:
                     due = self.ksm.crawl(time.monotonic())
                     if self.ksm.counters() is not published:  # e.g. a one-shot with no one to scan
                         self.metrics.publish()
+                        if self.lifecycle is not None:
+                            self.lifecycle.wake()  # slots may have joined: watch them now
                     self.cond.notify_all()  # a scan may have been prepared
                     if self._stop.is_set():
                         break
@@ -439,6 +502,7 @@ class Daemon:
             self.freezer = make_freezer(self.config, self._on_hint)
             if self.freezer is not None:
                 self.freezer.start()
+            self._start_lifecycle()
             interval = watchdog_interval()
             if interval is not None:
                 self._start("watchdog", self._watchdog, interval)
@@ -451,6 +515,9 @@ class Daemon:
         if self.freezer is not None:
             with contextlib.suppress(Exception):
                 self.freezer.stop()
+        if self.lifecycle is not None:
+            with contextlib.suppress(Exception):
+                self.lifecycle.stop()
         with self.cond:
             self.cond.notify_all()
         for t in self._threads:

@@ -32,6 +32,7 @@ from lksmfs.engine.params import (
     KSM_RUN_UNMERGE,
     LKSM_CRAWL_FROZEN_EVENT_WAIT_S,
     LKSM_DEFAULT_PAGES_TO_SCAN,
+    LKSM_HZ,
     LKSM_MAX_VIPS,
     LKSM_SCAN_FULL,
     LKSM_SCAN_NONE,
@@ -44,6 +45,12 @@ from lksmfs.sources.base import AccessDenied, Mapping, ProcessGone, TaskId
 
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
+
+
+def msecs_to_jiffies(ms: int, hz: int) -> int:
+    """msecs_to_jiffies(): rounded up."""
+    return -(-ms * hz // 1000)
+
 
 # crawler phases (lksm_crawl_thread's three loops)
 _WAIT_RUN, _INITIAL, _NORMAL = range(3)
@@ -131,6 +138,18 @@ class LksmCrawler:
         self._phase = _WAIT_RUN
         self._next_fscan = 0.0
         self._partial_at: float | None = None
+        # the normal loop last ran under run=8 and nothing since took the crawler out of
+        # lksm_do_wait_userspace_event(), which looks at one_shot_scanning only
+        self._parked = False
+        # the scan handed to the scanner was prepared for a request while run had no
+        # merge bit: the scanner (ksmd_should_run) waits for the bit to run it
+        self._held = False
+        # CONFIG_HZ, the unit of the seed's scan times; the scan in progress began at
+        # jiffy _scan_begin; lksm_last_scan_time and lksm_proc_scan_time, in jiffies
+        self.hz = LKSM_HZ
+        self._scan_begin = 0
+        self.last_scan_time = 0
+        self.proc_scan_time = 0
 
     # -- the thread -----------------------------------------------------------------
 
@@ -165,18 +184,30 @@ class LksmCrawler:
             return None if scanning else now
         # normal operation loop
         if t.run & KSM_RUN_ONESHOT:
+            self._parked = not scanning  # in lksm_do_crawl_once(), or waiting for the scan
             if scanning:
                 return None  # wait until scanning is done
             return self._crawl_once(now)
         if t.run & KSM_RUN_MERGE:
+            self._parked = False
             if scanning:
                 return now + CRAWLER_SLEEP_S
             return self._crawl_periodic(now)
+        if self._parked and not scanning:
+            # run 8 -> 0: run_store() does not wake the crawler (no merge bit), which
+            # still waits in lksm_do_wait_userspace_event(); a one_shot_scanning write
+            # wakes it and it prepares the request as under run=8.  The scanner does
+            # not run it (ksmd_should_run() needs the merge bit): the request reads
+            # back pending until run gets the bit again, which the seed never notices
+            # (nothing wakes its scanner) and lksmfs does (scanner_may_run)
+            return self._crawl_once(now, held=True)
         self._partial_at = None
         return None
 
-    def _crawl_once(self, now: float) -> float | None:
-        """lksm_do_crawl_once(): wait for a one_shot_scanning request, then prepare it."""
+    def _crawl_once(self, now: float, held: bool = False) -> float | None:
+        """lksm_do_crawl_once(): wait for a one_shot_scanning request, then prepare it.
+        `held`: run has no merge bit (see crawl()); once prepared, the crawler leaves
+        the wait for the `ksm is not activated` one."""
         t = self.k.tunables
         if self._partial_at is None:
             if t.one_shot_scanning == LKSM_SCAN_PARTIAL:
@@ -193,9 +224,13 @@ class LksmCrawler:
             nr_added = self.prepare_partial_scan()
         if nr_added > 0:
             self.k.scanner.wake()
+            self._held = held
+            self._parked = False  # the crawler now waits for the scan to end
         else:  # "No one can be scanned!"
             t.one_shot_scanning = LKSM_SCAN_NONE
             self._nothing_to_scan()
+        if held:
+            self._parked = False  # and then for the merge bit
         self.k.publish()
         return None
 
@@ -275,6 +310,7 @@ class LksmCrawler:
             # __ksm_enter_alloc_slot(): queued unless run=2 is in progress
             slot = k.mm.alloc(task, comm, faults, anon, frozen, queue=not k.tunables.run & KSM_RUN_UNMERGE)
             k.stats.nr_added_process += 1
+        slot.madvised = False  # every VMA is VM_MERGEABLE from now on
         self._mark_mergeable(slot)
         return slot, new
 
@@ -311,20 +347,56 @@ class LksmCrawler:
 
     def _join_newcomers(self, tasks: list[TaskId]) -> int:
         """The for_each_process() loop of both prepare functions: every task that is not
-        short joins (new ones get a slot, known ones get their new VMAs marked)."""
+        short joins (new ones get a slot, known ones get their new VMAs marked).  A
+        short task that madvised (or prctl'd) KSM was registered by ksm_madvise() with
+        no short-task test: here it is if nobody told the engine yet (Ksm.madvise);
+        ksm_join() still skips it until it is no longer short."""
         nr_added = 0
         for task in tasks:
             info = None
-            if self.k.mm.get(task) is None:
+            slot = self.k.mm.get(task)
+            if slot is None or slot.madvised:
                 info = self._short_task(task)
                 if info is None:
                     continue
                 if info[0]:
-                    self.k.skipped[task] = Skipped(info[3], SKIP_SHORT, info[4])
+                    if slot is None and not (self._madvised(task) and self.madvise(task)):
+                        self.k.skipped[task] = Skipped(info[3], SKIP_SHORT, info[4])
                     continue
             _, new = self._ksm_join(task, frozen=False, info=info)
             nr_added += new
         return nr_added
+
+    def _madvised(self, task: TaskId) -> bool:
+        """Has the task madvise(MADV_MERGEABLE)d or prctl(PR_SET_MEMORY_MERGE)d (MMF_VM_
+        MERGEABLE on the host)?  A source that knows cheaply says (procfs: ksm_stat);
+        else any VMA with VM_MERGEABLE (`mg`)."""
+        src = self.k.source
+        registered = getattr(src, "ksm_registered", None)
+        try:
+            if callable(registered):
+                return bool(registered(task))
+            return any(m.vm_mergeable for m in src.mappings(task))
+        except SourceError:
+            return False
+
+    def madvise(self, task: TaskId) -> bool:
+        """__ksm_enter(mm, KSM_TASK_UNFROZEN) from ksm_madvise(): a listed newcomer,
+        queued at the scan list's tail (on ksm_mm_head only while run=2 is in
+        progress), `ksm_nr_added_process++`; no short-task test.  False when the task
+        cannot be read."""
+        k = self.k
+        try:
+            st = k.source.stat(task)
+        except SourceError:
+            return False
+        if st.kthread:
+            return False
+        slot = k.mm.alloc(task, st.comm, st.faults, st.anon_pages, frozen=False,
+                          queue=not k.tunables.run & KSM_RUN_UNMERGE)
+        slot.madvised = True
+        k.stats.nr_added_process += 1
+        return True
 
     # -- preparation --------------------------------------------------------------------
 
@@ -339,7 +411,9 @@ class LksmCrawler:
         """
         if not self.frozen_tasks:
             return 0
-        tasks = list(self.frozen_tasks)
+        # frozen_task_list: lksm_task_frozen() list_add()s at the head, and the head is
+        # taken first (list_first_entry_or_null): the task frozen last joins first
+        tasks = list(reversed(self.frozen_tasks))
         self.frozen_tasks.clear()
         if self.k.tunables.run & KSM_RUN_UNMERGE:
             return 0
@@ -376,8 +450,10 @@ class LksmCrawler:
         Returns the number of slots queued."""
         k = self.k
         now = k.clock() if now is None else now
-        if self._prepare(LKSM_SCAN_FULL) is None:
+        nr_added = self._prepare(LKSM_SCAN_FULL)
+        if nr_added is None:
             return 0
+        nr_frozen = k.mm.nr_frozen()
         # lksm_count_and_clear_mm_slots()
         delay = 0.0
         for slot in k.mm.slots.values():
@@ -386,6 +462,9 @@ class LksmCrawler:
                 slot.nr_scans = 0
                 k.mm.scan_list.add_tail(slot)
                 delay += slot.elapsed
+        # "calculate crawler's sleep time": lksm_proc_scan_time is in jiffies, yet handed
+        # to msecs_to_jiffies() as milliseconds - so the term depends on HZ
+        delay += msecs_to_jiffies((nr_frozen + nr_added) * self.proc_scan_time, self.hz) / self.hz
         self._next_fscan = now + delay + k.tunables.full_scan_interval / 1000
         return self._prepared()
 
@@ -448,6 +527,7 @@ class LksmCrawler:
                 slot.clear(KSM_MM_LISTED)
                 slot.set(KSM_MM_FROZEN)
         elif not any(s.task == task for s in k.mm.remove_list):
+            self.frozen_tasks.pop(task, None)  # at the head again (the newest)
             self.frozen_tasks[task] = None
 
     def _task_thawed(self, task: TaskId) -> None:
@@ -469,6 +549,7 @@ class LksmCrawler:
 
     def unmerged(self) -> None:
         self._partial_at = None
+        self._held = False
 
     # -- the policy's answers to the scanner ----------------------------------------------
 
@@ -482,19 +563,33 @@ class LksmCrawler:
         return not slot.test(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
 
     def scan_starting(self, mode: int) -> None:
-        """lksm_scan_thread(): a partial scan runs at scan_boost pages a batch."""
+        """lksm_scan_thread(): a partial scan runs at scan_boost pages a batch; `begin`
+        is taken when the scanner wakes for the scan."""
+        self._scan_begin = self._jiffies()
         t = self.k.tunables
         if mode == LKSM_SCAN_PARTIAL:
             t.pages_to_scan = t.scan_boost
 
     def scan_wrapped(self, mode: int) -> None:
         """lksm_scan_wrapup_wait(): pages_to_scan back to its default after a partial
-        scan, and a one-shot request served."""
+        scan, and a one-shot request served (also the one a held scan was prepared for,
+        whatever run is now).  Before it, lksm_scan_thread() times the scan:
+        lksm_last_scan_time and lksm_proc_scan_time (per slot scanned), in jiffies."""
         t = self.k.tunables
+        elapsed = self._jiffies() - self._scan_begin
+        self.last_scan_time = elapsed
+        nr_scanned = self.k.stats.lksm_nr_scanned_slot
+        if nr_scanned:  # the seed divides by it unchecked
+            self.proc_scan_time = elapsed // nr_scanned
         if mode == LKSM_SCAN_PARTIAL:
             t.pages_to_scan = LKSM_DEFAULT_PAGES_TO_SCAN
-        if t.run & KSM_RUN_ONESHOT:
+        if t.run & KSM_RUN_ONESHOT or self._held:
             t.one_shot_scanning = LKSM_SCAN_NONE
+        self._held = False
+
+    def _jiffies(self) -> int:
+        """get_jiffies_64() on the engine's clock, at self.hz."""
+        return int(self.k.clock() * self.hz)
 
     def visit(self, part: Rmap, hi: np.ndarray, ksm_page: np.ndarray) -> tuple[np.ndarray, int]:
         """LKSM skips nothing here: every page but an unchanged KSM page goes to
@@ -502,6 +597,8 @@ class LksmCrawler:
         return np.flatnonzero(~ksm_page), 0
 
     def scanner_may_run(self) -> bool:
-        """Always: a handed-over scan runs to its wrap-up, even once run has lost its
-        merge bit (the scanner then wraps it up at once)."""
-        return True
+        """A handed-over scan runs to its wrap-up, even once run has lost its merge bit
+        (the scanner then wraps it up at once); but one prepared while run had no merge
+        bit waits for it (ksmd_should_run()), so that the request it serves stays
+        pending until then."""
+        return not self._held or bool(self.k.tunables.run & KSM_RUN_MERGE)

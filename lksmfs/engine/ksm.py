@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lksmfs.engine.crawler import ScanPolicy, Skipped
+from lksmfs.engine.crawler import LksmCrawler, ScanPolicy, Skipped
 from lksmfs.engine.ksmd import make_policy
 from lksmfs.engine.merge import Merger
 from lksmfs.engine.pages import XXH3, Digest
@@ -209,12 +209,29 @@ class Ksm:
         self.publish()
 
     def task_exit(self, task: TaskId) -> None:
-        """ksm_exit() for a task we learnt has gone."""
+        """ksm_exit() for an mm we learnt has gone (the task exited, a zombie included,
+        or exec'd): lksm_remove_candidate() for a task on the frozen task list,
+        __ksm_exit() for a registered one."""
         self.crawler.forget(task)
         slot = self.mm.get(task)
         if slot is not None:
             self.ksm_exit(slot)
         self.publish()
+
+    def madvise(self, task: TaskId) -> bool:
+        """ksm_madvise(MADV_MERGEABLE) by a task whose mm is not registered: under LKSM,
+        __ksm_enter(mm, KSM_TASK_UNFROZEN) registers it at once - a listed newcomer queued
+        at the scan list's tail, `ksm_nr_added_process++` - with no short-task test
+        (check_short_task() is only in the prepare functions' for_each_process loops).
+        The next scan that runs scans it.  False when it is registered or gone."""
+        if not isinstance(self.crawler, LksmCrawler):
+            return False  # mainline ksmd registers the madvised at its next pass
+        if self.mm.get(task) is not None or task.pid == self.self_pid:
+            return False
+        if not self.crawler.madvise(task):
+            return False
+        self.publish()
+        return True
 
     # -- the two threads --------------------------------------------------------------
 
@@ -240,13 +257,19 @@ class Ksm:
     # -- slots leaving --------------------------------------------------------------------
 
     def ksm_exit(self, slot: MmSlot) -> None:
-        """__ksm_exit(): forget the task; a slot with rmap items is freed only when the
-        current scan ends (lksm_remove_mm_slot -> remove_mm_list)."""
-        if slot is self.scanner.cur:
-            return  # the scanner sees the exit itself
+        """__ksm_exit(): scanning_process drops at once (`ksm_nr_added_process--`, for the
+        slot under the scanner's cursor too); a slot with rmap items is freed only when
+        the current scan ends (lksm_remove_mm_slot -> remove_mm_list, freed by
+        lksm_flush_removed_mm_list), so the page counters move then.  The cursor's slot
+        is left to the scanner, which meets the exit at its next step."""
+        if slot.exited or slot.removed:
+            return  # one exit per mm
+        slot.exited = True
         self.stats.nr_added_process -= 1
         self.stats.tasks_exited += 1
         self.crawler.forget(slot.task)
+        if slot is self.scanner.cur:
+            return
         if not len(slot.rmap) and not slot.zero_vpns.size:
             self.mm.unlink(slot)
             self._free_slot(slot)

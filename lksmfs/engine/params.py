@@ -31,6 +31,9 @@ DEFAULT_FULL_SCAN_INTERVAL = 60000  # set by the crawler once the initial rounds
 INITIAL_FULL_SCAN_INTERVAL = 100
 CRAWLER_SLEEP_S = 1.0  # crawler_sleep = msecs_to_jiffies(1000)
 LKSM_CRAWL_FROZEN_EVENT_WAIT_S = 0.1  # batch frozen events for 100 ms
+# CONFIG_HZ: the seed keeps its scan times in jiffies (lksm_proc_scan_time) and feeds
+# them to msecs_to_jiffies(); lksmfs assumes Kconfig's default, 250 (LksmCrawler.hz)
+LKSM_HZ = 250
 
 # scheduling policies (Ksm(policy=...)): LKSM's ksm_crawld, or mainline's ksmd
 POLICY_LKSM = "lksm"

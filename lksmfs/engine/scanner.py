@@ -319,7 +319,7 @@ class Scanner:
             quiet = mark is not None and mark == slot.cpu_mark and old.tracks_digests
             slot.cpu_mark = mark
             keep_digests = mark is not None
-            maps = k.source.mappings(slot.task)
+            maps = slot.merge_scope(k.source.mappings(slot.task))
             present: list[tuple[int, np.ndarray]] = []
             huge: list[np.ndarray] = []
             for i, vma in enumerate(maps):
@@ -633,14 +633,21 @@ class Scanner:
         """The task exited (or shut us out) mid-scan: its items are gone, the slot goes
         to the remove list."""
         stats = self.k.stats
-        stats.dropped(err)
-        stats.nr_added_process -= 1
+        if not slot.exited:  # else __ksm_exit() already counted it
+            stats.dropped(err)
+            stats.nr_added_process -= 1
         self.k.mm.remove(slot)
         stats.end_slot()
 
     def _slot_done(self, slot: MmSlot, elapsed: float) -> None:
         """The end of a slot in scan_get_next_rmap_item(): newcomer and frozen states
-        end, the merge window moves, and the slot is (re)placed in the VIP order."""
+        end, the merge window moves, and the slot is (re)placed in the VIP order.  An
+        mm that exited meanwhile goes to the remove list (ksm_test_exit() at the mm's
+        end), its items freed with the others at the scan's end."""
+        if slot.exited:
+            self.k.mm.remove(slot)
+            self.k.stats.end_slot()
+            return
         slot.clear(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
         slot.set(KSM_MM_SCANNED)
         self.k.mm.place_vip(slot, self.k.stats.slot_nr_merged)

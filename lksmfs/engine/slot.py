@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 
@@ -20,6 +21,7 @@ class MmSlot:
         "sid", "task", "comm", "state", "merge_win", "merge_idx", "nr_merged",
         "scanning_size", "fault_cnt", "elapsed", "nr_scans", "rmap", "zero_vpns",
         "regions", "marked", "vip_seq", "removed", "cpu_mark", "thp_blocks", "split_blocks", "thp_zero",
+        "exited", "madvised",
     )
 
     def __init__(self, sid: int, task: TaskId, comm: str, frozen: bool) -> None:
@@ -48,6 +50,20 @@ class MmSlot:
         self.cpu_mark: Hashable | None = None  # MemorySource.cpu_mark before its last scan
         self.vip_seq = -1  # position in vips_list, -1 when not in it
         self.removed = False
+        # __ksm_exit() ran for it (ksm_nr_added_process already dropped); the slot under
+        # the scanner's cursor stays registered until the scanner meets the exit
+        self.exited = False
+        # registered by ksm_madvise()'s __ksm_enter() and not ksm_join()ed since: only the
+        # VMAs the task marked itself (`mg`) are VM_MERGEABLE
+        self.madvised = False
+
+    def merge_scope(self, maps: list[Mapping]) -> list[Mapping]:
+        """The VMAs the scanner may visit: every one ksm_join() marked; for a slot only
+        madvise registered (a short task: ksm_join() skips it), only those with
+        VM_MERGEABLE from the task's own madvise() or prctl()."""
+        if not self.madvised:
+            return maps
+        return [m if m.vm_mergeable or not m.mergeable else dataclasses.replace(m, mergeable=False) for m in maps]
 
     def test(self, bit: int) -> bool:
         return bool(self.state & bit)

@@ -3,7 +3,8 @@
 Every kernel concept the engine asks about is answered from a /proc file:
 
 - tasks:      /proc/[0-9]*, minus kernel threads (PF_KTHREAD in stat) and the daemon itself
-- identity:   (pid, starttime) - stat field 22 - because pids are reused
+- identity:   (pid, starttime) - stat field 22 - because pids are reused, and the
+              image an exec chose (TaskId.image): an exec'd task is a new mm
 - VMAs:       /proc/PID/smaps (the maps lines plus `Anonymous:` and `VmFlags:`)
 - anon pages: /proc/PID/pagemap (present, PFN) + /proc/kpageflags (ANON, ZERO_PAGE)
 - contents:   pread on /proc/PID/mem, coalescing runs of pages into one big read
@@ -384,8 +385,8 @@ class ProcfsSource:
             if pid == self.self_pid:
                 continue
             st = try_stat(pid, self.proc_root)
-            if st is None or st.kthread or not st.alive:  # a zombie has no mm left to scan
-                continue
+            if st is None or st.kthread or not st.alive:
+                continue  # exiting or a zombie: no mm (for_each_process's get_task_mm() is NULL)
             if allowed is not None and not allowed.allows(pid, st.comm):
                 continue
             out.append(st.task_id)
@@ -426,8 +427,8 @@ class ProcfsSource:
         h = self._acquire(task, cache=False)
         try:
             st = h.stat0 if h.stat0 is not None else h.dir.stat()
-            if st.starttime != task.start_time:
-                raise ProcessGone(f"{task}: pid reused")
+            if not task.same_mm(st):
+                raise ProcessGone(f"{task}: pid reused or exec'd")
             runtime_ns = h.dir.runtime_ns(st)
             return TaskStat(
                 comm=st.comm,

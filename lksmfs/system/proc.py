@@ -1,6 +1,7 @@
 """/proc task facts: one parser per file, one errno mapping (psutil's _pslinux.py).
 
-- identity:  (pid, start time) - /proc/PID/stat field 22 - because pids are reused
+- identity:  (pid, start time) - /proc/PID/stat field 22 - because pids are reused -
+             and the image: an exec gives the task a new mm (see `TaskId.image`)
 - stat:      comm, state, PF_KTHREAD, fault counts, utime/stime (one parser: comm may
              hold spaces and ')', so fields resume after the LAST ')')
 - schedstat: se.sum_exec_runtime, the CPU time LKSM's short-task rule looks at
@@ -56,13 +57,25 @@ class AccessDenied(Exception):
 
 @dataclass(frozen=True, order=True)
 class TaskId:
-    """Task identity: pid *and* start time (/proc/PID/stat field 22), since pids are reused."""
+    """An mm's identity: pid *and* start time (/proc/PID/stat field 22), since pids are
+    reused, *and* the image: execve() gives the same task a new mm (the old one takes
+    ksm_exit's path, the new one is a newcomer), which no /proc file numbers.  `image`
+    is a digest of the layout the exec chose (stat's start_code, end_code, start_stack:
+    mm fields set by execve and by nothing else but a checkpoint/restore prctl), 0
+    when unknown (a short stat, a hand-made id: never compared) or when the task has
+    no mm (a zombie's stat shows zeros)."""
 
     pid: int
     start_time: int
+    image: int = 0
 
     def __str__(self) -> str:
         return f"{self.pid}@{self.start_time}"
+
+    def same_mm(self, st: StatFields) -> bool:
+        """Does `st`, read from /proc/PID now, still describe this mm (no pid reuse, no
+        exec since, not a zombie)?"""
+        return st.starttime == self.start_time and (not self.image or st.image == self.image)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -141,6 +154,8 @@ class StatFields:
     utime: int  # 14, clock ticks
     stime: int  # 15, clock ticks
     starttime: int  # 22, clock ticks since boot
+    image: int = 0  # TaskId.image: from fields 26 (start_code), 27 (end_code), 28 (start_stack)
+    has_mm: bool = True  # False when those fields read 0 0 0: no mm (exiting, a zombie, a kthread)
 
     @property
     def kthread(self) -> bool:
@@ -148,7 +163,7 @@ class StatFields:
 
     @property
     def task_id(self) -> TaskId:
-        return TaskId(self.pid, self.starttime)
+        return TaskId(self.pid, self.starttime, self.image)
 
     @property
     def cpu_ns(self) -> int:
@@ -157,8 +172,8 @@ class StatFields:
 
     @property
     def alive(self) -> bool:
-        """Not a zombie or dead task: it still has an mm to read."""
-        return self.state not in ("Z", "X", "x")
+        """Not a zombie or dead task, nor one past exit_mm(): it still has an mm to read."""
+        return self.has_mm and self.state not in ("Z", "X", "x")
 
 
 def parse_stat(data: bytes) -> StatFields:
@@ -181,7 +196,26 @@ def parse_stat(data: bytes) -> StatFields:
         utime=int(rest[11]),
         stime=int(rest[12]),
         starttime=int(rest[19]),
+        image=_image(rest),
+        has_mm=len(rest) < 26 or any(f != b"0" for f in rest[23:26]),
     )
+
+
+_IMAGE_MASK = (1 << 62) - 1
+
+
+def _image(rest: list[bytes]) -> int:
+    """TaskId.image from stat fields 26-28 (rest[23:26]): 0 when the line is too short,
+    or the fields are all zero (no mm: a zombie, a kernel thread).  Without ptrace access
+    the kernel prints 1 1 0 for every task (exec is then not told)."""
+    if len(rest) < 26:
+        return 0
+    start_code, end_code, start_stack = int(rest[23]), int(rest[24]), int(rest[25])
+    if not (start_code or end_code or start_stack):
+        return 0
+    # the same on every run and in every process (no hash() seed)
+    mixed = (start_code * 0x9E3779B97F4A7C15) ^ (end_code * 0xC2B2AE3D27D4EB4F) ^ start_stack
+    return mixed & _IMAGE_MASK or 1
 
 
 def parse_schedstat(data: bytes) -> int:
@@ -286,7 +320,7 @@ def owner(task: TaskId, proc_root: str = PROC_ROOT) -> tuple[int, int] | None:
     except OSError:
         return None
     now = try_stat(task.pid, proc_root)  # after the stat: the same process if it matches
-    if now is None or now.starttime != task.start_time:
+    if now is None or not task.same_mm(now):
         return None
     return st.st_uid, st.st_gid
 
@@ -328,8 +362,8 @@ class TaskDir:
         d = cls(task, fd)
         try:
             st = d.stat()
-            if st.starttime != task.start_time:
-                raise ProcessGone(f"{task}: pid reused (start time now {st.starttime})")
+            if not task.same_mm(st):
+                raise ProcessGone(f"{task}: pid reused or exec'd (start time now {st.starttime})")
         except BaseException:
             d.close()
             raise
@@ -370,7 +404,7 @@ class TaskDir:
             st = parse_stat(read_all("stat", dir_fd=self.fd))
         except (OSError, ValueError):
             return False
-        return st.alive and st.starttime == self.task.start_time
+        return st.alive and self.task.same_mm(st)
 
     def rss_anon_pages(self) -> int:
         data = self.read("status")

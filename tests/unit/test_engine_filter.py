@@ -131,8 +131,8 @@ def test_second_size_change_conflicts_the_region() -> None:
         tasks.append(src.add(name, [(Mapping(base, base + npages * P, "rw-p", F, "/lib/libF.so"),
                                      {0: fill(content)})]))
     ksm = Ksm(src)
-    for t in tasks:  # frozen newcomers: no checksum gate, merges in the first scan
-        ksm.hint(t, True)
+    for t in reversed(tasks):  # frozen newcomers: no checksum gate, merges in the first scan;
+        ksm.hint(t, True)  # the last frozen is scanned first (frozen_task_list): p, q, s
     ksm.full_scan()
     region = ksm.regions.get(ksm.regions.by_key[F])
     assert region.type == RegionType.CONFLICT and region.conflict == 2

@@ -32,8 +32,10 @@ def share(ksm: Ksm) -> dict[str, int]:
 
 
 def frozen_full_scan(ksm: Ksm, tasks: list[TaskId]) -> None:
-    """Frozen newcomers skip the checksum gate: contents merge in this very scan."""
-    for t in tasks:
+    """Frozen newcomers skip the checksum gate: contents merge in this very scan.  They
+    are scanned in the order of `tasks`: the frozen task list is taken from its head,
+    where lksm_task_frozen() adds (the last frozen first), so they are frozen in reverse."""
+    for t in reversed(tasks):
         ksm.hint(t, True)
     ksm.full_scan()
 
