@@ -336,6 +336,25 @@ def parse_ksm_stat(data: bytes) -> dict[str, str]:
     return out
 
 
+def ksm_stat_registered(fields: dict[str, str]) -> bool | None:
+    """`ksm_mergeable: yes` (a VM_MERGEABLE mapping) or `ksm_merge_any: yes`
+    (prctl(PR_SET_MEMORY_MERGE)); None when ksm_stat has neither line (before 6.x)."""
+    if "ksm_mergeable" not in fields and "ksm_merge_any" not in fields:
+        return None
+    return "yes" in (fields.get("ksm_mergeable"), fields.get("ksm_merge_any"))
+
+
+def ksm_registered(pid: int, proc_root: str = PROC_ROOT) -> bool | None:
+    """Is `pid`'s mm registered with the kernel's KSM, by an unpinned look (the
+    lifecycle watcher's sweep of every pid)?  False when it is gone or a zombie (its
+    ksm_stat is empty), None when ksm_stat cannot tell (ask its smaps)."""
+    try:
+        data = read_all(f"{proc_root}/{pid}/ksm_stat")
+    except OSError as e:
+        return False if e.errno in GONE_ERRNOS else None
+    return ksm_stat_registered(parse_ksm_stat(data)) if data else False
+
+
 def pids(proc_root: str = PROC_ROOT) -> list[int]:
     """Every pid in /proc, in order (for_each_process, kernel threads included)."""
     with os.scandir(proc_root) as it:
@@ -459,12 +478,9 @@ class TaskDir:
         (`ksm_merge_any: yes`)?  None when ksm_stat has no such lines (a kernel before
         6.x: ask its smaps); ProcessGone when it is gone (a zombie's ksm_stat is empty)."""
         try:
-            fields = parse_ksm_stat(self.read("ksm_stat"))
+            return ksm_stat_registered(parse_ksm_stat(self.read("ksm_stat")))
         except FileNotFoundError:  # alive, but no ksm_stat in this kernel
             return None
-        if "ksm_mergeable" not in fields and "ksm_merge_any" not in fields:
-            return None
-        return "yes" in (fields.get("ksm_mergeable"), fields.get("ksm_merge_any"))
 
     def close(self) -> None:
         if self.fd >= 0:
