@@ -181,7 +181,8 @@ class Scanner:
             "broken": stats.lksm_nr_broken,
             "wall_s": time.perf_counter() - self._begin,
         }
-        if self.scan_mode == LKSM_SCAN_FULL:
+        # mainline counts a pass at its wrap only (ksm_scan.seqnr++): run=0 just stops ksmd
+        if self.scan_mode == LKSM_SCAN_FULL and not (interrupted and k.policy == POLICY_KSM):
             stats.nr_full_scan += 1
         k.crawler.scan_wrapped(self.scan_mode)
         stats.end_scan()
