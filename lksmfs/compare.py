@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lksmfs.engine.advisor import MODELLED_SCAN_NS_PER_PAGE
 from lksmfs.engine.fastpass import FastScanner, scanned_at
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_RUN_MERGE, LKSM_SCAN_FULL, LKSM_SCAN_NONE, POLICY_KSM, POLICY_LKSM
@@ -147,7 +148,8 @@ class Player:
             raise ValueError("--hours and --round-minutes must be positive")
         self.source = SimulatedSource(opted_in(workload) if spec.engine == POLICY_KSM else workload)
         self.clock = PassClock()
-        self.ksm = Ksm(self.source, filter_enabled=spec.filter, clock=self.clock, policy=spec.engine)
+        self.ksm = Ksm(self.source, filter_enabled=spec.filter, clock=self.clock, policy=spec.engine,
+                       scan_cpu_ns=lambda: self.ksm.stats.pages_scanned * MODELLED_SCAN_NS_PER_PAGE)
         self.clock.ksm = self.ksm
         self.table = AttributeTable(self.ksm)
         self.scanner = FastScanner(self.ksm, fast=fast)

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lksmfs.engine.advisor import MODELLED_SCAN_NS_PER_PAGE
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import INITIAL_ROUND, LKSM_SCAN_FULL, POLICIES, POLICY_KSM, POLICY_LKSM
 from lksmfs.helptext import add_command
@@ -78,7 +79,8 @@ def simulate(
 
     source = SimulatedSource.from_file(workload_path)
     clock = VirtualClock()
-    ksm = Ksm(source, filter_enabled=filter_enabled, clock=clock, policy=policy)
+    ksm = Ksm(source, filter_enabled=filter_enabled, clock=clock, policy=policy,
+              scan_cpu_ns=lambda: ksm.stats.pages_scanned * MODELLED_SCAN_NS_PER_PAGE)
     table = AttributeTable(ksm)
     apply_settings(table, settings or {})
     run = Simulation([], [])

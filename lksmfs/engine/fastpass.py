@@ -285,6 +285,8 @@ class FastScanner:
         t = k.tunables
         if self.keyed is None or k.policy != POLICY_KSM or t.use_zero_pages or k.mm.remove_list:
             return None
+        if t.advisor_mode:  # the advisor retunes pages_to_scan at every wrap: pass by pass
+            return None
         slots = list(k.mm.scan_list)
         if (not sc.scan_state or sc.gen is not None or sc.cur is not None or not sc._at_head
                 or not slots or len(slots) != len(k.mm.slots) or self._collapsible()):

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lksmfs.engine.advisor import AdvisorCtx, set_advisor_defaults
 from lksmfs.engine.crawler import LksmCrawler, ScanPolicy, Skipped
 from lksmfs.engine.ksmd import make_policy
 from lksmfs.engine.merge import Merger
@@ -69,18 +70,24 @@ class Ksm:
         short_task_ms: int = KSM_SHORT_TASK_TIME_MS,
         policy: str = POLICY_LKSM,
         digest: Digest = XXH3,
+        scan_cpu_ns: Callable[[], int] = time.thread_time_ns,
     ) -> None:
         """`short_task_ms`: check_short_task()'s threshold (0 scans short tasks too);
         `policy`: LKSM's crawler (`lksm`) or mainline's ksmd (`ksm`); `digest`: how
-        page contents are named (lksmfs.engine.pages; tests give weak ones)."""
+        page contents are named (lksmfs.engine.pages; tests give weak ones); `scan_cpu_ns`:
+        the CPU time the scanner has used, in ns (the KSM advisor's task_sched_runtime();
+        the default is the calling thread's, which is the scanner thread where a full scan
+        ends)."""
         self.source = source
         self.digest = digest
         # the scheduling policy: LKSM's ksm_crawld, or mainline's ksmd (lksmfs.engine.ksmd)
         self.policy = policy
         self.filter_enabled = filter_enabled and policy == POLICY_LKSM  # CONFIG_LKSM_FILTER
         self.clock = clock
+        self.scan_cpu_ns = scan_cpu_ns
         self.self_pid = self_pid
         self.tunables = Tunables()
+        self.advisor = AdvisorCtx()  # mainline's KSM advisor (lksmfs.engine.advisor)
         self.stats = KsmStats()
         self.mm = MmList()
         self.stable = StableTree()
@@ -184,7 +191,10 @@ class Ksm:
     # -- stores (run_store(), one_shot_scanning_store(), ...) after validation ---------
 
     def set_tunable(self, name: str, value: int) -> None:
+        changed = getattr(self.tunables, name) != value
         setattr(self.tunables, name, value)
+        if name == "advisor_mode" and changed:  # advisor_mode_store()
+            set_advisor_defaults(self.advisor, self.tunables)
 
     def set_run(self, flags: int) -> None:
         """run_store() after validation: 8 is stored as merge + one-shot."""

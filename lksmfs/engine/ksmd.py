@@ -22,6 +22,9 @@ for as long as `run` has the merge bit, round robin over every registered mm:
   age; a skipped page is visited but not scanned: it costs no budget, counts in
   pages_skipped, not pages_scanned, and leaves the unstable tree.
 - run=2 frees every rmap_item and puts ksm_scan.seqnr (full_scans) back to 0.
+- the KSM advisor (6.7+, advisor_mode scan-time; lksmfs.engine.advisor) times each
+  pass from the cursor leaving the list head to its wrap, and retunes pages_to_scan
+  at the wrap.
 
 The engine's scanner and merger are shared with LKSM; this object answers the questions
 they ask (lksmfs.engine.crawler.ScanPolicy) the way mainline does.
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from lksmfs.engine.advisor import advisor_start_scan, advisor_stop_scan
 from lksmfs.engine.crawler import SKIP_DENIED, LksmCrawler, ScanPolicy, Skipped
 from lksmfs.engine.merge import CKSUM_MASK, SourceError
 from lksmfs.engine.params import (
@@ -244,11 +248,21 @@ class KsmdPolicy:
         return False
 
     def scan_starting(self, mode: int) -> None:
-        """Nothing changes when a pass starts."""
+        """scan_get_next_rmap_item() at ksm_mm_head: advisor_start_scan() (not when a
+        pass stopped by run=0 goes on: its cursor is not at the head)."""
+        k = self.k
+        if k.scanner._at_head:
+            advisor_start_scan(k.advisor, k.tunables, k.clock())
 
     def scan_wrapped(self, mode: int) -> None:
-        """The batch that wrapped ended the pass: the next one starts a sleep later."""
-        self.set_next_pass(self.k.clock() + self.k.tunables.sleep_millisecs / 1000)
+        """The batch that wrapped ended the pass: advisor_stop_scan() retunes
+        pages_to_scan, and the next pass starts a sleep later.  A pass stopped by run=0
+        (cursor and queue kept) has not wrapped."""
+        k = self.k
+        sc = k.scanner
+        if sc.gen is None and not len(k.mm.scan_list):
+            advisor_stop_scan(k.advisor, k.tunables, k.clock(), k.scan_cpu_ns())
+        self.set_next_pass(k.clock() + k.tunables.sleep_millisecs / 1000)
 
     def set_next_pass(self, when: float) -> None:
         """When ksmd starts its next pass (lksmfs.engine.fastpass runs passes itself)."""

@@ -62,3 +62,9 @@ class Tunables:
     use_zero_pages: int = 0
     merge_across_nodes: int = 1
     smart_scan: int = 1  # mainline only (lksmfs.engine.ksmd): ksm_smart_scan, true by default
+    # mainline only, the KSM advisor (lksmfs.engine.advisor; mm/ksm.c 6.7+)
+    advisor_mode: int = 0  # enum ksm_advisor_type: 0 none, 1 scan-time
+    advisor_max_cpu: int = 70  # ksm_advisor_max_cpu, percent
+    advisor_min_pages_to_scan: int = 500
+    advisor_max_pages_to_scan: int = 30000
+    advisor_target_scan_time: int = 200  # seconds

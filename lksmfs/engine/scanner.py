@@ -188,7 +188,8 @@ class Scanner:
             "wall_s": time.perf_counter() - self._begin,
             "tasks_failed": stats.tasks_failed - self._failed_at_begin,
         }
-        if self.scan_mode == LKSM_SCAN_FULL:
+        # mainline counts a pass at its wrap only (ksm_scan.seqnr++): run=0 just stops ksmd
+        if self.scan_mode == LKSM_SCAN_FULL and not (interrupted and k.policy == POLICY_KSM):
             stats.nr_full_scan += 1
         k.crawler.scan_wrapped(self.scan_mode)
         stats.end_scan()

@@ -2,7 +2,7 @@
 
 This is the whole ABI of /sys/kernel/mm/ksm (SPEC §1), without FUSE, for either
 scheduling policy: an LKSM kernel's files (mm/lksm.c) under `lksm`, mainline's
-(mm/ksm.c 6.x, less the advisor files) under `ksm`.  The FUSE adapter
+(mm/ksm.c 6.18, the KSM advisor's files included) under `ksm`.  The FUSE adapter
 (lksmfs.sysfs.fuse) is a thin layer over `AttributeTable`, and the unit tests call it
 directly.  Every store either applies completely or raises `OSError(errno)` having
 changed nothing, as the kernels' *_store() functions do.
@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from lksmfs.engine.advisor import ADVISOR_MODES, KSM_ADVISOR_NONE, mode_show
 from lksmfs.engine.params import (
     KSM_RUN_ONESHOT,
     KSM_RUN_UNMERGE,
@@ -31,9 +32,10 @@ from lksmfs.engine.params import (
     POLICY_KSM,
     POLICY_LKSM,
     UINT_MAX,
+    ULONG_MAX,
     Tunables,
 )
-from lksmfs.sysfs.kstrto import ParseError, kstrtobool, kstrtoint, kstrtoul
+from lksmfs.sysfs.kstrto import ParseError, kstrtobool, kstrtoint, kstrtoul, sysfs_streq
 
 # kernfs_fop_write_iter(): sysfs files have no atomic_write_len, so a longer write() is
 # cut to its first page (PAGE_SIZE), stored, and reported as a short write of 4096 bytes
@@ -91,14 +93,18 @@ LKSM_FILES = (
     "pages_scanned", "general_profit", "ksm_zero_pages",
 )
 LKSM_FILTER_FILES = ("nr_regions", "region_share")  # CONFIG_LKSM_FILTER
-# Mainline (mm/ksm.c 6.x; merge_across_nodes as with CONFIG_NUMA), without the advisor
-# files: no run=8, no LKSM file.
+# Mainline (mm/ksm.c 6.18; merge_across_nodes as with CONFIG_NUMA), with the KSM
+# advisor's files (6.7+): no run=8, no LKSM file.
+KSM_ADVISOR_FILES = (
+    "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
+    "advisor_target_scan_time",
+)
 KSM_FILES = (
     "sleep_millisecs", "pages_to_scan", "run", "pages_scanned", "pages_shared", "pages_sharing",
     "pages_unshared", "pages_volatile", "pages_skipped", "ksm_zero_pages", "full_scans",
     "merge_across_nodes", "max_page_sharing", "stable_node_chains", "stable_node_dups",
     "stable_node_chains_prune_millisecs", "use_zero_pages", "general_profit", "smart_scan",
-)
+) + KSM_ADVISOR_FILES
 
 
 def _einval() -> OSError:
@@ -144,8 +150,14 @@ class AttributeTable(Generic[E_co]):
             "one_shot_scanning": self._one_shot_store,
             "scan_boost": self._scan_boost_store,
             "smart_scan": self._bool_store("smart_scan"),
+            "advisor_mode": self._advisor_mode_store,
+            "advisor_max_cpu": self._ulong_store("advisor_max_cpu", UINT_MAX),
+            "advisor_min_pages_to_scan": self._ulong_store("advisor_min_pages_to_scan"),
+            "advisor_max_pages_to_scan": self._ulong_store("advisor_max_pages_to_scan"),
+            "advisor_target_scan_time": self._ulong_store("advisor_target_scan_time", least=1),
         }
-        shows = {"run": self._run_show, "region_share": self._region_share_show}
+        shows = {"run": self._run_show, "region_share": self._region_share_show,
+                 "advisor_mode": lambda: mode_show(t.advisor_mode) + "\n"}
         names: tuple[str, ...]
         if ksm.policy == POLICY_KSM:
             names = KSM_FILES
@@ -175,13 +187,15 @@ class AttributeTable(Generic[E_co]):
         return self._get(name).show().encode()
 
     def values(self) -> dict[str, int | dict[str, int]]:
-        """Every file's value as `cat` would show it, parsed: ints, and region_share as
-        {region: pages}."""
+        """Every file's value as `cat` would show it, parsed: ints, region_share as
+        {region: pages}, advisor_mode as its number (0 none, 1 scan-time)."""
         out: dict[str, int | dict[str, int]] = {}
         for name in self.names():
             text = self.show(name).decode().strip()
             if name == "region_share":
                 out[name] = {k: int(v) for k, v in (kv.split(":") for kv in text.split())}
+            elif name == "advisor_mode":  # the bracketed word, as enum ksm_advisor_type
+                out[name] = ADVISOR_MODES.index(text[text.index("[") + 1 : text.index("]")])
             else:
                 out[name] = int(text)
         return out
@@ -210,9 +224,13 @@ class AttributeTable(Generic[E_co]):
 
     def _uint_store(self, key: str) -> Callable[[bytes], None]:
         """pages_to_scan, sleep_millisecs, full_scan_interval, *_prune_millisecs:
-        kstrtoul; an error or a value above UINT_MAX is EINVAL."""
+        kstrtoul; an error or a value above UINT_MAX is EINVAL.  pages_to_scan is EINVAL
+        whatever the value while the KSM advisor tunes it (mainline's
+        pages_to_scan_store() checks that first)."""
 
         def store(data: bytes) -> None:
+            if key == "pages_to_scan" and self.ksm.tunables.advisor_mode != KSM_ADVISOR_NONE:
+                raise _einval()
             try:
                 value = kstrtoul(data)
             except ParseError:
@@ -222,6 +240,31 @@ class AttributeTable(Generic[E_co]):
             self.ksm.set_tunable(key, value)
 
         return store
+
+    def _ulong_store(self, key: str, mask: int = ULONG_MAX, least: int = 0) -> Callable[[bytes], None]:
+        """The advisor's numbers (advisor_*_store()): kstrtoul, an error is EINVAL, and so
+        is a value below `least` (target_scan_time: 1).  advisor_max_cpu is an unsigned
+        int the unsigned long is stored into: its low 32 bits (`mask`)."""
+
+        def store(data: bytes) -> None:
+            try:
+                value = kstrtoul(data)
+            except ParseError:
+                raise _einval() from None
+            if value < least:
+                raise _einval()
+            self.ksm.set_tunable(key, value & mask)
+
+        return store
+
+    def _advisor_mode_store(self, data: bytes) -> None:
+        """advisor_mode_store(): sysfs_streq() against `scan-time` and `none` (one
+        trailing newline allowed); a change sets the advisor's defaults (the engine)."""
+        for mode, name in enumerate(ADVISOR_MODES):
+            if sysfs_streq(data, name):
+                self.ksm.set_tunable("advisor_mode", mode)
+                return
+        raise _einval()
 
     def _run_show(self) -> str:
         run = self.ksm.tunables.run
@@ -317,6 +360,10 @@ SETTING_ORDER = (
 )
 # the same for mainline's files (policy `ksm`)
 KSM_SETTING_ORDER = (
+    "advisor_max_cpu",
+    "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan",
+    "advisor_target_scan_time",
     "pages_to_scan",
     "sleep_millisecs",
     "max_page_sharing",
@@ -324,6 +371,7 @@ KSM_SETTING_ORDER = (
     "use_zero_pages",
     "merge_across_nodes",
     "smart_scan",
+    "advisor_mode",  # after pages_to_scan (not writable while the advisor is on)
     "run",
 )
 
@@ -346,6 +394,11 @@ _RULES = {
     "merge_across_nodes": "must be 0 or 1",
     "one_shot_scanning": "must be 0 (no request), 1 (partial) or 2 (full)",
     "smart_scan": "must be 0 or 1",
+    "advisor_mode": "must be none or scan-time",
+    "advisor_max_cpu": "must be an unsigned integer <= 18446744073709551615",
+    "advisor_min_pages_to_scan": "must be an unsigned integer <= 18446744073709551615",
+    "advisor_max_pages_to_scan": "must be an unsigned integer <= 18446744073709551615",
+    "advisor_target_scan_time": "must be an unsigned integer 1..18446744073709551615",
 }
 # what the same names mean under policy `ksm` where they differ
 _KSM_RULES = {
@@ -418,7 +471,7 @@ def check_setting(name: str, raw: str | int, where: str, policy: str = POLICY_LK
         raise SettingError(f"{where}: {_rule(name, policy) if name in _RULES else 'must be an integer'} (got {raw})")
     if name == "one_shot_scanning" and str(raw).strip() == "0":
         return 0
-    text = str(raw)
+    text = setting_text(name, raw)
     try:
         table.store(name, text.encode("utf-8", "surrogateescape") + b"\n")
     except OSError as e:
@@ -428,6 +481,14 @@ def check_setting(name: str, raw: str | int, where: str, policy: str = POLICY_LK
         raise SettingError(f"{where}: {reason} (got {text})") from None
     # an unchanged value is accepted without a call (max_page_sharing, merge_across_nodes)
     return int(dry.applied.get(name, getattr(dry.tunables, name)))
+
+
+def setting_text(name: str, value: str | int) -> str:
+    """What to write to NAME for a value: advisor_mode's number is written as its word
+    (the engine keeps enum ksm_advisor_type; the file takes `none` or `scan-time`)."""
+    if name == "advisor_mode" and isinstance(value, int) and 0 <= value < len(ADVISOR_MODES):
+        return ADVISOR_MODES[value]
+    return str(value)
 
 
 def parse_set(items: Iterable[str], policy: str = POLICY_LKSM) -> dict[str, int]:
@@ -465,6 +526,6 @@ def apply_settings(
         if name != "run" and getattr(table.ksm.tunables, name) == value:
             continue
         try:
-            table.store(name, f"{value}\n".encode())
+            table.store(name, f"{setting_text(name, value)}\n".encode())
         except OSError as e:
             raise SettingError(f"{where(name)}: refused by the engine: {e.strerror} (got {value})") from None

@@ -20,6 +20,12 @@ def _cstring(buf: bytes) -> bytes:
     return buf if nul < 0 else buf[:nul]
 
 
+def sysfs_streq(buf: bytes, word: str) -> bool:
+    """sysfs_streq(): the C string equals `word`, give or take one trailing newline."""
+    s = _cstring(buf)
+    return (s[:-1] if s.endswith(b"\n") else s) == word.encode()
+
+
 def kstrtoull(buf: bytes) -> int:
     """kstrtoull(s, 10): '+'? digits '\\n'?; no digits EINVAL, overflow ERANGE."""
     s = _cstring(buf)

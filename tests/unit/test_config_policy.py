@@ -22,8 +22,11 @@ def test_policy_ksm_takes_mainline_tunables() -> None:
     assert cfg.tunables.smart_scan == 0 and cfg.tunables.run == 2
     assert Config().policy == "lksm"
     assert [n for n, _ in cfg.tunables.items("ksm")] == [
+        "advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan", "advisor_target_scan_time",
         "pages_to_scan", "sleep_millisecs", "max_page_sharing", "stable_node_chains_prune_millisecs",
-        "use_zero_pages", "merge_across_nodes", "smart_scan", "run"]
+        "use_zero_pages", "merge_across_nodes", "smart_scan", "advisor_mode", "run"]
+    scan_time = config_from_dict({"policy": "ksm", "tunables": {"advisor_mode": "scan-time"}}, "c.yaml")
+    assert scan_time.tunables.advisor_mode == 1
 
 
 @pytest.mark.parametrize(

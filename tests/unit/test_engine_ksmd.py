@@ -273,6 +273,8 @@ def test_the_attribute_set_is_mainlines() -> None:
         "pages_unshared", "pages_volatile", "pages_skipped", "ksm_zero_pages", "full_scans",
         "merge_across_nodes", "max_page_sharing", "stable_node_chains", "stable_node_dups",
         "stable_node_chains_prune_millisecs", "use_zero_pages", "general_profit", "smart_scan",
+        "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
+        "advisor_target_scan_time",
     ]
     assert table.show("smart_scan") == b"1\n"  # mainline's default
     for name in ("one_shot_scanning", "scan_boost", "full_scan_interval", "region_share", "nr_regions",
