@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from memfake import FakeSource, fill, unique
 
@@ -93,8 +93,39 @@ def run_both(spec: dict[str, Any]) -> tuple[Result, Result]:
     return got, want
 
 
-@settings(max_examples=100, deadline=None)  # about 20 s
+@settings(max_examples=1000, deadline=None)  # about 10 s
 @given(spec=specs)
 def test_engine_equals_the_reference_after_every_scan(spec: dict[str, Any]) -> None:
     got, want = run_both(spec)
     assert got == want
+
+
+def test_a_freed_dup_is_the_one_the_kernel_list_order_says() -> None:
+    """Worked by hand (LKSM, max_page_sharing 4; `a` in 7 pages): round 2 merges P0's 3
+    pages and P1's into dup N1 (full), P2's two into a new dup N2 - the chain's list is
+    [N2, N1] (a new dup goes to the head) - and P3's page into N2 (3).  P1 exits: N1 has 3
+    at the end of scan 3.  P0 exits and P2's zero page becomes `a`: scan 4 puts it into
+    the first of the fullest dups with room in list order, N2 (4), then frees P0's
+    three from N1, which goes: one KSM page, 3 sharing, a chain of one dup."""
+    spec = {"policy": "lksm", "mps": 4, "zero": False, "filter": False,
+            "procs": [([1, 1, 1], False), ([1], False), ([0, 1, 1], False), ([1], False)],
+            "writes": [(3, 2, 0, 1)], "exits": {1: 2, 0: 3}}
+    got, want = run_both(spec)
+    pick = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups")
+    assert [tuple(w[k] for k in pick) for w in want[1:4]] == [(2, 5, 1, 2), (2, 4, 1, 2), (1, 3, 1, 1)]
+    assert got == want
+
+
+def test_mainline_gates_a_changed_page_before_the_stable_tree_and_lksm_does_not() -> None:
+    """Worked by hand (max_page_sharing 3): one process [0, b, b]; scan 2 pairs the b's
+    (one KSM page, 1 sharing; the zero page waits unshared).  Page 0 is then written with
+    b: LKSM (no gate from round 3) puts it into the KSM page at once (2 sharing);
+    mainline's checksum gate comes first, so it waits a pass (volatile) and joins in the
+    next one."""
+    for policy, after_write in (("lksm", (1, 2, 0, 0)), ("ksm", (1, 1, 0, 1))):
+        spec = {"policy": policy, "mps": 3, "zero": False, "filter": False, "procs": [([0, 2, 2], True)],
+                "writes": [(2, 0, 0, 2)], "exits": {}}
+        got, want = run_both(spec)
+        pick = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+        assert [tuple(w[k] for k in pick) for w in want[1:4]] == [(1, 1, 1, 0), after_write, (1, 2, 0, 0)], policy
+        assert got == want, policy
