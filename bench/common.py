@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from lksmfs.system.proc import PAGE_SIZE
@@ -97,3 +100,20 @@ def class_specs(content: str, size: int, procs: int) -> list[Pages]:
         return [[(per // FEW + (v < per % FEW), (v * 7 + p) % FEW) for v in range(FEW)]
                 for p in range(procs)]
     raise ValueError(content)
+
+
+def run_measured(cmd: list[str], cwd: str | Path) -> tuple[bytes, bytes, int, float, int]:
+    """Run `cmd` in `cwd`: (stdout, stderr, exit status, wall seconds, ru_maxrss KiB of that
+    process alone: wait4)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as errf:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=errf)
+        out = proc.stdout.read() if proc.stdout else b""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.stdout:
+            proc.stdout.close()
+        errf.seek(0)
+        err = errf.read()
+    return out, err, proc.returncode, wall, usage.ru_maxrss

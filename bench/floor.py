@@ -1,7 +1,8 @@
 """lksmfs against the read+hash floor and the kernel's KSM, on the same stopped processes.
 
     sudo .venv/bin/python -m bench.floor [--workload zero,zero-zp,c64,mixed,real]
-        [--sizes 1G] [--procs 4] [--max-page-sharing 256] [--repeat 2] [--timeout 600] [--json]
+        [--sizes 1G] [--procs 4] [--max-page-sharing 256] [--repeat 2] [--timeout 600]
+        [--tree DIR] [--json]
 
 For each workload, on the same processes, in the same run, each one `--repeat` times (the
 best time of each is kept):
@@ -17,6 +18,9 @@ best time of each is kept):
 * kernel: ksmd with pages_to_scan 10000, sleep_millisecs 0, smart_scan 0 and the same
   max_page_sharing / use_zero_pages, from ``run=1`` to convergence
   (testkit.kernel_ksm.KernelKsm.converge, under its flock), then unmerged.
+
+`--tree DIR` runs ``lksmfs scan`` from another checkout's `lksmfs/` (e.g. ``git worktree add
+/tmp/main main``): two engines compared on one machine, under the same load.
 
 Printed: the three best times, lksmfs / floor and lksmfs / kernel, whether the counters
 agree (floor = lksmfs, lksmfs = kernel), and the peak bytes per tracked page.
@@ -46,8 +50,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from bench.common import check_memory, class_specs, dump_json, human, parse_sizes, require_root
-from bench.scan_throughput import COMPARED, _run_measured, kernel_converge
+from bench.common import check_memory, class_specs, dump_json, human, parse_sizes, require_root, run_measured
+from bench.scan_throughput import COMPARED, kernel_converge
 from lksmfs.system.proc import PAGE_SIZE
 from lksmfs.tables import print_table
 from testkit import REPO
@@ -127,7 +131,7 @@ def floor_counters(groups: dict[int, int], zero_pages: int, mps: int, zp: int) -
 
 
 def run_floor(pids: Sequence[int]) -> dict[str, Any]:
-    out, err, rc, wall, maxrss = _run_measured([sys.executable, str(FLOORSCAN), *map(str, pids)])
+    out, err, rc, wall, maxrss = run_measured([sys.executable, str(FLOORSCAN), *map(str, pids)], str(REPO))
     if rc != 0:
         raise RuntimeError(f"floorscan failed ({rc}): {err.decode(errors='replace')[-2000:]}")
     got: dict[str, Any] = json.loads(out)
@@ -136,14 +140,15 @@ def run_floor(pids: Sequence[int]) -> dict[str, Any]:
     return got
 
 
-def run_lksmfs(pids: Sequence[int], mps: int, zp: int, short: bool) -> dict[str, Any]:
-    """``lksmfs scan --rounds 2 --json --no-filter`` as a whole process."""
+def run_lksmfs(pids: Sequence[int], mps: int, zp: int, short: bool, tree: str = str(REPO)) -> dict[str, Any]:
+    """``lksmfs scan --rounds 2 --json --no-filter`` as a whole process, run from `tree`
+    (``python -m`` takes that tree's `lksmfs/` first)."""
     cmd = [sys.executable, "-m", "lksmfs.cli", "scan", "--rounds", "2", "--json", "--no-filter",
            "--set", f"max_page_sharing={mps}", "--set", f"use_zero_pages={zp}"]
     cmd += ["--include-short-tasks"] if short else []
     for pid in pids:
         cmd += ["--pid", str(pid)]
-    out, err, rc, wall, maxrss = _run_measured(cmd)
+    out, err, rc, wall, maxrss = run_measured(cmd, tree)
     if rc != 0:
         raise RuntimeError(f"lksmfs scan failed ({rc}): {err.decode(errors='replace')[-2000:]}")
     got: dict[str, Any] = json.loads(out)
@@ -153,7 +158,7 @@ def run_lksmfs(pids: Sequence[int], mps: int, zp: int, short: bool) -> dict[str,
 
 
 def bench_one(workload: str, size: int, procs: int, mps: int, repeat: int, timeout_s: float,
-              rss0: int) -> dict[str, Any]:
+              rss0: int, tree: str) -> dict[str, Any]:
     zp = int(workload == "zero-zp")
     keys = (*COMPARED, "ksm_zero_pages")
     row: dict[str, Any] = {"workload": workload, "size": "-" if workload == "real" else human(size),
@@ -161,7 +166,7 @@ def bench_one(workload: str, size: int, procs: int, mps: int, repeat: int, timeo
     with processes(workload, size, procs, timeout_s) as pids:
         row["nr_processes"] = len(pids)
         floors = [run_floor(pids) for _ in range(repeat)]
-        lks = [run_lksmfs(pids, mps, zp, workload == "real") for _ in range(repeat)]
+        lks = [run_lksmfs(pids, mps, zp, workload == "real", tree) for _ in range(repeat)]
         kerns = [kernel_converge(mps, zp, pids, timeout_s) for _ in range(repeat)]
     fl = [floor_counters(f["groups"], f["zero_pages"], mps, zp) for f in floors]
     floor_s = min(f["command_s"] for f in floors)
@@ -193,10 +198,10 @@ def bench_one(workload: str, size: int, procs: int, mps: int, repeat: int, timeo
     return row
 
 
-def baseline_rss(mps: int, zp: int, timeout_s: float) -> int:
+def baseline_rss(mps: int, zp: int, timeout_s: float, tree: str) -> int:
     """ru_maxrss (KiB) of the same lksmfs command over a process of a single page."""
     with PatternGroup([[(1, 0x77)]], timeout_s=timeout_s) as group:
-        return int(run_lksmfs(group.pids, mps, zp, False)["maxrss_kib"])
+        return int(run_lksmfs(group.pids, mps, zp, False, tree)["maxrss_kib"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-page-sharing", type=int, default=256, help="for lksmfs and the kernel")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each; the best time is kept")
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline per phase, seconds")
+    ap.add_argument("--tree", default=str(REPO), help="run `lksmfs scan` from this checkout")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     require_root()
@@ -226,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 check_memory(size)
             zp = int(w == "zero-zp")
             if zp not in rss0:
-                rss0[zp] = baseline_rss(args.max_page_sharing, zp, args.timeout)
+                rss0[zp] = baseline_rss(args.max_page_sharing, zp, args.timeout, args.tree)
             row = bench_one(w, size, args.procs, args.max_page_sharing, max(1, args.repeat),
-                            args.timeout, rss0[zp])
+                            args.timeout, rss0[zp], args.tree)
             rows.append(row)
             print(f"# {w} {row['size']}: floor {row['floor_s']:.2f} s, lksmfs {row['lksmfs_s']:.2f} s, "
                   f"kernel {row['kernel_s']:.2f} s; x floor {row['vs_floor']:.2f}, "
@@ -236,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         dump_json(rows)
         return 0
-    print(f"best of {args.repeat}, whole processes (start-up included); kernel: ksmd converging "
-          "(pages_to_scan 10000, sleep 0, smart_scan 0)")
+    print(f"best of {args.repeat}, whole processes (start-up included); lksmfs from {args.tree}; kernel: "
+          "ksmd converging (pages_to_scan 10000, sleep 0, smart_scan 0)")
     print_table(
         ["workload", "size", "procs", "pages", "floor s", "lksmfs s", "(scan s)", "kernel s",
          "x floor", "x kernel", "=floor", "=kernel", "peak B/page"],

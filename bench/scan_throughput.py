@@ -43,14 +43,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from bench.common import CLASSES, check_memory, class_specs, dump_json, human, parse_sizes, require_root
+from bench.common import (
+    CLASSES,
+    check_memory,
+    class_specs,
+    dump_json,
+    human,
+    parse_sizes,
+    require_root,
+    run_measured,
+)
 from lksmfs.system.proc import PAGE_SIZE
 from lksmfs.tables import print_table
 from testkit import REPO
@@ -107,14 +114,8 @@ def scale_workload(data: dict[str, Any], factor: float) -> dict[str, Any]:
 
 
 def _run_measured(cmd: list[str]) -> tuple[bytes, bytes, int, float, int]:
-    """Run `cmd`; (stdout, stderr, status, wall seconds, ru_maxrss KiB) via wait4."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = proc.stdout.read() if proc.stdout else b""
-    err = proc.stderr.read() if proc.stderr else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return out, err, proc.returncode, time.perf_counter() - t0, usage.ru_maxrss
+    """Run `cmd` from the repository root; (stdout, stderr, status, wall seconds, ru_maxrss KiB)."""
+    return run_measured(cmd, REPO)
 
 
 def scan_command(pids: Sequence[int], mps: int, zp: int, mixed: bool, rounds: int = 2) -> dict[str, Any]:
