@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {w} {row['size']}: floor {row['floor_s']:.2f} s, lksmfs {row['lksmfs_s']:.2f} s, "
                   f"kernel {row['kernel_s']:.2f} s; x floor {row['vs_floor']:.2f}, "
                   f"x kernel {row['vs_kernel']:.2f}", file=sys.stderr)
+            print("# row " + json.dumps(row, sort_keys=True), file=sys.stderr, flush=True)  # kept if a later row fails
     if args.json:
         dump_json(rows)
         return 0
