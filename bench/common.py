@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -80,6 +81,26 @@ def dump_json(obj: object) -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         raise SystemExit("benches read other processes' memory and drive kernel KSM: run as root")
+
+
+def require_kernel_ksm() -> None:
+    """Root, and the kernel's KSM usable as the oracle; else exit 2 saying why."""
+    from testkit.kernel_ksm import KernelKsm
+
+    require_root()
+    ok, why = KernelKsm.available()
+    if not ok:
+        print(f"kernel KSM unavailable: {why}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def pick(ap: argparse.ArgumentParser, option: str, text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated names of `text`, each one of `known` (else an argparse error)."""
+    names = [n for n in text.split(",") if n]
+    for n in names:
+        if n not in known:
+            ap.error(f"{option}: unknown {n!r} (one of {', '.join(known)})")
+    return names
 
 
 def class_specs(content: str, size: int, procs: int) -> list[Pages]:

@@ -50,12 +50,20 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from bench.common import check_memory, class_specs, dump_json, human, parse_sizes, require_root, run_measured
+from bench.common import (
+    check_memory,
+    class_specs,
+    dump_json,
+    human,
+    parse_sizes,
+    pick,
+    require_kernel_ksm,
+    run_measured,
+)
 from bench.scan_throughput import COMPARED, kernel_converge
 from lksmfs.system.proc import PAGE_SIZE
 from lksmfs.tables import print_table
 from testkit import REPO
-from testkit.kernel_ksm import KernelKsm
 from testkit.memproc import PatternGroup
 from testkit.patterns import Pages, group_counts
 from testkit.programs import RealPrograms
@@ -215,15 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tree", default=str(REPO), help="run `lksmfs scan` from this checkout")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
-    require_root()
-    ok, why = KernelKsm.available()
-    if not ok:
-        print(f"kernel KSM unavailable: {why}", file=sys.stderr)
-        return 2
-    workloads = [w for w in args.workload.split(",") if w]
-    for w in workloads:
-        if w not in WORKLOADS:
-            ap.error(f"--workload: unknown {w!r} (one of {', '.join(WORKLOADS)})")
+    require_kernel_ksm()
+    workloads = pick(ap, "--workload", args.workload, WORKLOADS)
     rows: list[dict[str, Any]] = []
     rss0: dict[int, int] = {}
     for w in workloads:

@@ -55,7 +55,8 @@ from bench.common import (
     dump_json,
     human,
     parse_sizes,
-    require_root,
+    pick,
+    require_kernel_ksm,
     run_measured,
 )
 from lksmfs.system.proc import PAGE_SIZE
@@ -195,15 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline per phase, seconds")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = ap.parse_args(argv)
-    require_root()
-    ok, why = KernelKsm.available()
-    if not ok:
-        print(f"kernel KSM unavailable: {why}", file=sys.stderr)
-        return 2
-    contents = [c for c in args.content.split(",") if c]
-    for c in contents:
-        if c not in CLASSES:
-            ap.error(f"--content: unknown class {c!r} (one of {', '.join(CLASSES)})")
+    require_kernel_ksm()
+    contents = pick(ap, "--content", args.content, CLASSES)
     mpss = [int(x) for x in args.max_page_sharing.split(",") if x]
     zps = [int(x) for x in args.use_zero_pages.split(",") if x]
     rows: list[dict[str, Any]] = []
