@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from lksmfs.system.proc import PAGE_SIZE
@@ -79,6 +83,26 @@ def require_root() -> None:
         raise SystemExit("benches read other processes' memory and drive kernel KSM: run as root")
 
 
+def require_kernel_ksm() -> None:
+    """Root, and the kernel's KSM usable as the oracle; else exit 2 saying why."""
+    from testkit.kernel_ksm import KernelKsm
+
+    require_root()
+    ok, why = KernelKsm.available()
+    if not ok:
+        print(f"kernel KSM unavailable: {why}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def pick(ap: argparse.ArgumentParser, option: str, text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated names of `text`, each one of `known` (else an argparse error)."""
+    names = [n for n in text.split(",") if n]
+    for n in names:
+        if n not in known:
+            ap.error(f"{option}: unknown {n!r} (one of {', '.join(known)})")
+    return names
+
+
 def class_specs(content: str, size: int, procs: int) -> list[Pages]:
     """The pattern specs of a synthetic class: SIZE bytes over `procs` processes."""
     per = max(1, size // PAGE_SIZE // procs)
@@ -97,3 +121,20 @@ def class_specs(content: str, size: int, procs: int) -> list[Pages]:
         return [[(per // FEW + (v < per % FEW), (v * 7 + p) % FEW) for v in range(FEW)]
                 for p in range(procs)]
     raise ValueError(content)
+
+
+def run_measured(cmd: list[str], cwd: str | Path) -> tuple[bytes, bytes, int, float, int]:
+    """Run `cmd` in `cwd`: (stdout, stderr, exit status, wall seconds, ru_maxrss KiB of that
+    process alone: wait4)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as errf:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=errf)
+        out = proc.stdout.read() if proc.stdout else b""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.stdout:
+            proc.stdout.close()
+        errf.seek(0)
+        err = errf.read()
+    return out, err, proc.returncode, wall, usage.ru_maxrss

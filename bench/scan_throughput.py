@@ -43,14 +43,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from bench.common import CLASSES, check_memory, class_specs, dump_json, human, parse_sizes, require_root
+from bench.common import (
+    CLASSES,
+    check_memory,
+    class_specs,
+    dump_json,
+    human,
+    parse_sizes,
+    pick,
+    require_kernel_ksm,
+    run_measured,
+)
 from lksmfs.system.proc import PAGE_SIZE
 from lksmfs.tables import print_table
 from testkit import REPO
@@ -107,14 +115,8 @@ def scale_workload(data: dict[str, Any], factor: float) -> dict[str, Any]:
 
 
 def _run_measured(cmd: list[str]) -> tuple[bytes, bytes, int, float, int]:
-    """Run `cmd`; (stdout, stderr, status, wall seconds, ru_maxrss KiB) via wait4."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = proc.stdout.read() if proc.stdout else b""
-    err = proc.stderr.read() if proc.stderr else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return out, err, proc.returncode, time.perf_counter() - t0, usage.ru_maxrss
+    """Run `cmd` from the repository root; (stdout, stderr, status, wall seconds, ru_maxrss KiB)."""
+    return run_measured(cmd, REPO)
 
 
 def scan_command(pids: Sequence[int], mps: int, zp: int, mixed: bool, rounds: int = 2) -> dict[str, Any]:
@@ -194,15 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline per phase, seconds")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = ap.parse_args(argv)
-    require_root()
-    ok, why = KernelKsm.available()
-    if not ok:
-        print(f"kernel KSM unavailable: {why}", file=sys.stderr)
-        return 2
-    contents = [c for c in args.content.split(",") if c]
-    for c in contents:
-        if c not in CLASSES:
-            ap.error(f"--content: unknown class {c!r} (one of {', '.join(CLASSES)})")
+    require_kernel_ksm()
+    contents = pick(ap, "--content", args.content, CLASSES)
     mpss = [int(x) for x in args.max_page_sharing.split(",") if x]
     zps = [int(x) for x in args.use_zero_pages.split(",") if x]
     rows: list[dict[str, Any]] = []

@@ -38,17 +38,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lksmfs.engine.advisor import MODELLED_SCAN_NS_PER_PAGE
-from lksmfs.engine.fastpass import FastScanner, scanned_at
-from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_RUN_MERGE, LKSM_SCAN_FULL, LKSM_SCAN_NONE, POLICY_KSM, POLICY_LKSM
 from lksmfs.helptext import add_command
 from lksmfs.sysfs.attrs import AttributeTable
 from lksmfs.tables import format_table
 from lksmfs.workload.schema import KSM_PRCTL, Workload, WorkloadError, load_workload
-from lksmfs.workload.simulated import SimulatedSource
+
+if TYPE_CHECKING:  # the engine (and numpy) are imported when a comparison runs, not for --help
+    from lksmfs.engine.ksm import Ksm
 
 SAMPLE_MS = 60_000  # one sample per simulated minute
 NEVER = 1 << 62
@@ -146,6 +146,10 @@ class Player:
         self.round_ms = int(round(round_minutes * 60_000))
         if self.end_ms <= 0 or self.round_ms <= 0:
             raise ValueError("--hours and --round-minutes must be positive")
+        from lksmfs.engine.fastpass import FastScanner
+        from lksmfs.engine.ksm import Ksm
+        from lksmfs.workload.simulated import SimulatedSource
+
         self.source = SimulatedSource(opted_in(workload) if spec.engine == POLICY_KSM else workload)
         self.clock = PassClock()
         self.ksm = Ksm(self.source, filter_enabled=spec.filter, clock=self.clock, policy=spec.engine,
@@ -206,6 +210,8 @@ class Player:
     def _sample(self, ts: int) -> None:
         """The state at `ts`: after every batch before it.  The engine may be ahead of the
         batches by a quiet slot, which moves pages_scanned only."""
+        from lksmfs.engine.fastpass import scanned_at
+
         k = self.ksm
         scanned = k.stats.pages_scanned
         jumped = scanned_at(self.scanner.jumps, ts, k.tunables.pages_to_scan, k.tunables.sleep_millisecs)

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lksmfs.config import (
     Config,
@@ -43,24 +43,23 @@ from lksmfs.config import (
     load_config,
     recheck_tunables,
 )
-from lksmfs.engine.crawler import LksmCrawler
-from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import POLICY_LKSM
 from lksmfs.freezer import FreezerWatcher
 from lksmfs.helptext import add_command
 from lksmfs.lifecycle import LifecycleWatcher
 from lksmfs.metrics_file import MetricsPublisher
 from lksmfs.sigquit import SigquitWatcher
-from lksmfs.sources.base import MemorySource, TaskId
-from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
 from lksmfs.summary import describe_scan
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.system import privilege
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount
-from lksmfs.system.proc import try_stat
+from lksmfs.system.proc import TaskId, try_stat
 from lksmfs.system.threads import start_thread
-from lksmfs.workload.simulated import SimulatedSource
+
+if TYPE_CHECKING:  # the engine (and numpy) are imported when a mount starts, not for --help
+    from lksmfs.sources.base import MemorySource
+    from lksmfs.sources.procfs import ProcfsSource
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +192,9 @@ def _scope(cfg: Config) -> Scope:
 
 def make_source(cfg: Config) -> tuple[MemorySource, Callable[[int], TaskId]]:
     """The configured MemorySource and the way a hinted pid becomes a TaskId."""
+    from lksmfs.sources.procfs import ProcfsSource
+    from lksmfs.workload.simulated import SimulatedSource
+
     if cfg.source == "procfs":
         src = ProcfsSource(self_pid=os.getpid(), scope=_scope(cfg))
         return src, functools.partial(scannable_task, src)
@@ -289,6 +291,8 @@ class Daemon:
         source: MemorySource | None = None,
         resolve_task: Callable[[int], TaskId] | None = None,
     ) -> None:
+        from lksmfs.engine.ksm import Ksm
+        from lksmfs.sources.procfs import ProcfsSource
         from lksmfs.sysfs.fuse import LksmOperations, proc_task_id  # mfusepy loads libfuse
 
         self.config = config
@@ -354,6 +358,8 @@ class Daemon:
         """Registered mms not yet exited, and the frozen task list (lksm_remove_candidate)."""
         with self.lock:
             tasks = [t for t, s in self.ksm.slots.items() if not s.exited]
+            from lksmfs.engine.crawler import LksmCrawler  # imported with the engine, not for --help
+
             if isinstance(self.ksm.crawler, LksmCrawler):
                 tasks += self.ksm.crawler.frozen_tasks
         return tasks

@@ -20,20 +20,21 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lksmfs.engine.crawler import SKIP_DENIED, SKIP_SHORT, Skipped
-from lksmfs.engine.ksm import Ksm
-from lksmfs.engine.ksmd import SKIP_NOT_MERGEABLE
 from lksmfs.engine.params import INITIAL_ROUND, KSM_SHORT_TASK_TIME_MS, POLICIES, POLICY_LKSM
 from lksmfs.helptext import add_command
 from lksmfs.progress import Progress
-from lksmfs.sources.base import AccessDenied, MemorySource, ProcessGone, TaskId
 from lksmfs.sources.scope import Scope
 from lksmfs.summary import describe_scan, mib, saved_pages
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.system import privilege
-from lksmfs.system.proc import PROC_ROOT, read_comm
+from lksmfs.system.proc import PROC_ROOT, AccessDenied, ProcessGone, TaskId, read_comm
+
+if TYPE_CHECKING:  # the engine (and numpy) are imported when a scan runs, not for --help
+    from lksmfs.engine.crawler import Skipped
+    from lksmfs.engine.ksm import Ksm
+    from lksmfs.sources.base import MemorySource
 
 EXIT_NOTHING_SCANNED = 1
 EXIT_USAGE = 2
@@ -75,6 +76,9 @@ class ScanRun:
 
 def skipped_record(task: TaskId, why: Skipped, short_task_ms: int, proc_root: str) -> dict[str, Any]:
     """The engine's reason for leaving `task` out, as `--json` prints it."""
+    from lksmfs.engine.crawler import SKIP_DENIED, SKIP_SHORT
+    from lksmfs.engine.ksmd import SKIP_NOT_MERGEABLE
+
     comm = why.comm or read_comm(task.pid, proc_root)
     if why.reason == SKIP_NOT_MERGEABLE:
         return {"pid": task.pid, "comm": comm, "reason": SKIP_NOT_MERGEABLE,
@@ -112,6 +116,7 @@ def scan_processes(
     initial attribute values (SettingError if one is refused).  `progress`: a status
     line on stderr after a second (None: when stderr is a terminal).  `policy` `ksm`
     runs mainline ksmd's passes (full scans) instead of LKSM's."""
+    from lksmfs.engine.ksm import Ksm
     from lksmfs.sources.procfs import ProcfsSource
 
     scope = Scope(pids=set(pids or ()), cgroups=list(cgroups or ()), exclude_comms=set(exclude_comms or ()))

@@ -23,15 +23,17 @@ import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lksmfs.engine.advisor import MODELLED_SCAN_NS_PER_PAGE
-from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import INITIAL_ROUND, LKSM_SCAN_FULL, POLICIES, POLICY_KSM, POLICY_LKSM
 from lksmfs.helptext import add_command
 from lksmfs.summary import mode_name
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.tables import print_table
+
+if TYPE_CHECKING:  # imported when a simulation runs, not for --help
+    from lksmfs.engine.ksm import Ksm
 
 
 @dataclass
@@ -75,6 +77,7 @@ def simulate(
 ) -> Simulation:
     """Run the workload; one record per scan the engine performed (a pass of ksmd's
     cursor under policy `ksm`, `passes` of them per round)."""
+    from lksmfs.engine.ksm import Ksm
     from lksmfs.workload.simulated import SimulatedSource
 
     source = SimulatedSource.from_file(workload_path)

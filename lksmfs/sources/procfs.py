@@ -7,7 +7,8 @@ Every kernel concept the engine asks about is answered from a /proc file:
               image an exec chose (TaskId.image): an exec'd task is a new mm
 - VMAs:       /proc/PID/smaps (the maps lines plus `Anonymous:` and `VmFlags:`)
 - anon pages: /proc/PID/pagemap (present, PFN) + /proc/kpageflags (ANON, ZERO_PAGE)
-- contents:   pread on /proc/PID/mem, coalescing runs of pages into one big read
+- contents:   process_vm_readv(2), or pread on /proc/PID/mem where it is not allowed,
+              coalescing runs of pages into one big read
 
 Per-task files are opened relative to a directory fd on /proc/PID: once that directory
 is open it keeps naming the same process, so a pid that is reused later reads as
@@ -16,10 +17,12 @@ ESRCH/ENOENT (ProcessGone) instead of silently switching to another process.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import re
+import select
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -29,7 +32,15 @@ import numpy as np
 
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, AccessDenied, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.sources.scope import Scope
-from lksmfs.system.proc import PROC_ROOT, StatFields, TaskDir, TaskFailed, describe_error, try_stat
+from lksmfs.system.proc import (
+    PROC_ROOT,
+    StatFields,
+    TaskDir,
+    TaskFailed,
+    as_task_error,
+    describe_error,
+    try_stat,
+)
 
 __all__ = ["ProcfsSource", "parse_maps", "parse_smaps"]
 
@@ -78,6 +89,63 @@ _ROOM_AT_ONCE = 1 << 23
 _KPF_GAP = 64
 _DEFAULT_MAX_OPEN_TASKS = 16
 _AUTO_SELF = -1
+_NO_VPNS = np.zeros(0, dtype=np.uint64)
+# process_vm_readv(2) errors that mean "not here": the reads go to /proc/PID/mem instead
+# (a seccomp filter or an LSM may forbid the call where the file is allowed)
+_VM_READ_REFUSED = frozenset({errno.EPERM, errno.EACCES, errno.ENOSYS})
+
+
+# ------------------------------------------------------------------- process_vm_readv
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _load_process_vm_readv() -> Any:
+    """libc's process_vm_readv, typed; None where libc has none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).process_vm_readv
+    except (OSError, AttributeError):
+        return None
+    iov = ctypes.POINTER(_IoVec)
+    fn.argtypes = [ctypes.c_int, iov, ctypes.c_ulong, iov, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_PROCESS_VM_READV = _load_process_vm_readv()
+
+
+def process_vm_read(pid: int, buf: memoryview, addr: int) -> int:
+    """Read len(buf) bytes of `pid`'s memory at `addr` into `buf` with one
+    process_vm_readv(2) - the bytes a pread of /proc/PID/mem gives, without the /proc file
+    (about 20% faster here).  Returns the count read: a short one stops before the first
+    page that cannot be read.  OSError carries the call's errno: EFAULT (nothing readable
+    at `addr`), ESRCH (no such process), EPERM, ENOSYS."""
+    if _PROCESS_VM_READV is None:
+        raise OSError(errno.ENOSYS, "process_vm_readv: not in libc")
+    n = len(buf)
+    if n == 0:
+        return 0
+    target = (ctypes.c_char * n).from_buffer(buf)
+    try:
+        local = _IoVec(ctypes.addressof(target), n)
+        remote = _IoVec(addr, n)
+        got = int(_PROCESS_VM_READV(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+    finally:
+        del target  # release the buffer (a bytearray cannot be resized while exported)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_readv: {os.strerror(err)}")
+    return got
+
+
+def _has_exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 # ---------------------------------------------------------------------------- parsers
@@ -231,13 +299,14 @@ def _one_task(
 class _TaskHandle:
     """Open fds of one task being scanned: its /proc/PID dir, mem, pagemap (opened lazily)."""
 
-    __slots__ = ("task", "dir", "mem_fd", "pagemap_fd", "busy", "stat0")
+    __slots__ = ("task", "dir", "mem_fd", "pagemap_fd", "pidfd", "busy", "stat0")
 
     def __init__(self, task_dir: TaskDir, stat0: StatFields | None = None) -> None:
         self.task = task_dir.task
         self.dir = task_dir
         self.mem_fd = -1
         self.pagemap_fd = -1
+        self.pidfd = -1  # for process_vm_readv: tells when the pid may name another process
         self.busy = 0
         # the stat read when the handle was opened: valid only during that same call
         self.stat0 = stat0
@@ -255,8 +324,25 @@ class _TaskHandle:
                     setattr(self, attr, fd)
         return fd
 
+    def pid_fd(self) -> int:
+        """A pidfd on the task, opened on first use while its /proc/PID directory shows
+        it alive: from then on, a read by pid that the pidfd outlives was a read of this
+        task (a pid is reused only once the task has exited)."""
+        if self.pidfd < 0:
+            with _OPEN_LOCK:
+                if self.pidfd < 0:
+                    try:
+                        fd = os.pidfd_open(self.task.pid)
+                    except OSError as e:
+                        raise as_task_error(e, f"{self.task} pidfd", self.dir.alive) from e
+                    if not self.dir.alive():
+                        os.close(fd)
+                        raise ProcessGone(f"{self.task}: exited")
+                    self.pidfd = fd
+        return self.pidfd
+
     def close(self) -> None:
-        for attr in ("mem_fd", "pagemap_fd"):
+        for attr in ("mem_fd", "pagemap_fd", "pidfd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 setattr(self, attr, -1)
@@ -296,6 +382,9 @@ class ProcfsSource:
         self._kpf_fd: int | None = None
         self._kpf_state = "unopened"  # unopened | open | unavailable
         self._warned_fallback = False
+        # process_vm_readv names the task by pid: only on the real /proc, whose pids are
+        # this kernel's; off for good once the kernel refuses it (_VM_READ_REFUSED)
+        self.vm_read = self.proc_root == PROC_ROOT and _PROCESS_VM_READV is not None
         self._tls = threading.local()
         # set once present_anon had to use the pagemap-only approximation
         self.fallback_used = False
@@ -686,30 +775,52 @@ class ProcfsSource:
         """Read pages `v` into `mv`; returns the vpns that had to be zero-filled."""
         n = len(v)
         if n == 0:
-            return np.zeros(0, dtype=np.uint64)
+            return _NO_VPNS
         h = self._acquire(task, cache=True)
         try:
-            fd = h.fd("mem")
-            if n == 1:
-                starts = np.zeros(1, dtype=np.intp)
-            else:
-                starts = np.concatenate(([0], np.flatnonzero(np.diff(v) != np.uint64(1)) + 1))
-            ends = np.concatenate((starts[1:], [n]))
+            by_pid = self.vm_read
+            if by_pid:
+                h.pid_fd()
+            # runs of consecutive vpns: one read each (most calls ask for a single run)
+            breaks = np.flatnonzero(np.diff(v) != np.uint64(1)).tolist() if n > 1 else []
+            bounds = [0, *(b + 1 for b in breaks), n]
             missing: list[int] = []
             ranges: list[tuple[int, int]] | None = None
-            for i0, i1 in zip(starts.tolist(), ends.tolist(), strict=True):
-                ranges = self._read_run(h, fd, mv, v, i0, i1, missing, ranges)
-            return np.array(missing, dtype=np.uint64)
+            for k in range(len(bounds) - 1):
+                ranges = self._read_run(h, mv, v, bounds[k], bounds[k + 1], missing, ranges)
+            if by_pid and _has_exited(h.pidfd):
+                # the pid may have named another process by the end: nothing read counts
+                raise ProcessGone(f"{h.task}: exited while its memory was read")
+            return np.array(missing, dtype=np.uint64) if missing else _NO_VPNS
         except ProcessGone:
             self._drop(task)
             raise
         finally:
             self._put(h)
 
+    def _read_at(self, h: _TaskHandle, buf: memoryview, addr: int) -> int:
+        """One read of the task's memory at `addr` into `buf`: process_vm_readv(2) where
+        the kernel allows it, else a pread of /proc/PID/mem - the same bytes, the same
+        short count before a page that cannot be read.  Where the call reads nothing
+        (EFAULT) the file is asked: it reads with FOLL_FORCE (a present page of a
+        PROT_NONE mapping), and its answer (EIO...) is the one the caller knows."""
+        if self.vm_read:
+            try:
+                return process_vm_read(h.task.pid, buf, addr)
+            except OSError as e:
+                if e.errno not in _VM_READ_REFUSED:
+                    if e.errno != errno.EFAULT:
+                        raise  # ESRCH: the caller's "gone" path, as the file's ESRCH
+                else:
+                    if e.errno != errno.ENOSYS:
+                        h.fd("mem")  # AccessDenied if the task itself is out of bounds: the call stays
+                    self.vm_read = False
+                    self.log.info("process_vm_readv refused (%s): reading /proc/PID/mem instead", e.strerror)
+        return os.preadv(h.fd("mem"), [buf], addr)
+
     def _read_run(
         self,
         h: _TaskHandle,
-        fd: int,
         mv: memoryview,
         v: np.ndarray,
         i0: int,
@@ -732,7 +843,7 @@ class ProcfsSource:
         while pos < end:
             with h.dir.errors("mem"):
                 try:
-                    got = os.preadv(fd, [mv[pos:end]], addr)
+                    got = self._read_at(h, mv[pos:end], addr)
                 except OSError as e:
                     if e.errno not in (errno.EIO, errno.EFAULT) or not h.dir.alive():
                         raise

@@ -33,3 +33,44 @@ def test_scan_does_not_import_the_daemon() -> None:
             "print('lksmfs.daemon' in sys.modules, 'lksmfs.scan' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+# The modules a command that does not scan must not load: numpy and the engine cost about
+# 110 ms of start-up (issue 17), and `lksmfs --help` or `lksmfs share` need neither.
+_HEAVY = ("numpy", "lksmfs.engine.ksm", "lksmfs.sources.procfs", "lksmfs.workload.simulated")
+_LOADED = (
+    "import sys\n"
+    "from lksmfs import cli\n"
+    "try:\n"
+    "    cli.main(sys.argv[1:])\n"
+    "except SystemExit:\n"
+    "    pass\n"
+    f"print('LOADED', *[m for m in {_HEAVY!r} if m in sys.modules], file=sys.stderr)\n"
+)
+
+
+def _loaded_after(*argv: str) -> list[str]:
+    """The heavy modules loaded once `lksmfs ARGV` has been dispatched, in a fresh interpreter."""
+    err = subprocess.run([sys.executable, "-c", _LOADED, *argv], capture_output=True, text=True,
+                         check=True, stdin=subprocess.DEVNULL).stderr
+    line = next(x for x in err.splitlines() if x.startswith("LOADED"))
+    return line.split()[1:]
+
+
+def test_commands_that_do_not_scan_import_neither_numpy_nor_the_engine() -> None:
+    for argv in (["--help"], ["--version"], ["share"], ["share", "small.yaml"], ["mount", "--help"],
+                 ["scan", "--help"], ["simulate", "--help"], ["compare", "--help"],
+                 ["workload", "spawn", "--help"], ["scan", "--rounds", "x"]):
+        assert _loaded_after(*argv) == [], argv
+
+
+def test_the_heavy_module_names_are_the_ones_a_run_loads() -> None:
+    """The check above is not vacuous: running the engine loads every one of them."""
+    code = ("import sys, lksmfs.engine\n"
+            "assert 'numpy' not in sys.modules\n"
+            "lksmfs.engine.Ksm\n"  # the package's lazy attribute loads the engine
+            "assert 'numpy' in sys.modules\n"
+            "import lksmfs.sources.procfs, lksmfs.workload.simulated\n"
+            f"print(*[m for m in {_HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == list(_HEAVY)
