@@ -378,6 +378,8 @@ class Daemon:
     def _on_madvise(self, pid: int) -> None:
         """ksm_madvise() -> __ksm_enter(): registered at once, short or not (a process in
         scope: the checks of the hint file)."""
+        from lksmfs.sources.procfs import ProcfsSource
+
         assert isinstance(self.source, ProcfsSource)
         try:
             task = scannable_task(self.source, pid)
@@ -396,6 +398,8 @@ class Daemon:
     def _start_lifecycle(self) -> None:
         """Exits and execs of real processes under both policies; madvise under LKSM's
         (mainline's ksmd registers the madvised at its next pass)."""
+        from lksmfs.sources.procfs import ProcfsSource  # imported with the engine, not for --help
+
         if not isinstance(self.source, ProcfsSource):
             return
         lksm = self.config.policy == POLICY_LKSM
