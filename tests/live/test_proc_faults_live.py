@@ -17,22 +17,19 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import POLICY_KSM, POLICY_LKSM
-from lksmfs.sources import procfs as procfs_mod
 from lksmfs.sources.base import TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
-from lksmfs.system import proc as proc_mod
 from lksmfs.system.proc import state
 from lksmfs.system.waiting import wait_until
 from testkit.memproc import MemProcess
 from testkit.patterns import Region
-from testkit.procsteps import ProcSteps
+from testkit.procsteps import ProcSteps, full_scans, use
 
 pytestmark = pytest.mark.live
 
@@ -52,28 +49,12 @@ def survivor() -> Iterator[MemProcess]:
 
 @pytest.fixture
 def patched(monkeypatch: pytest.MonkeyPatch) -> Callable[[ProcSteps], None]:
-    def use(steps: ProcSteps) -> None:
-        for mod in (proc_mod, procfs_mod):
-            monkeypatch.setattr(mod, "os", steps)
-
-    return use
+    return lambda steps: use(monkeypatch, steps)
 
 
 def scans(pids: list[int], policy: str, joined: set[TaskId] | None = None) -> Ksm:
     src = ProcfsSource(self_pid=os.getpid(), scope=Scope(pids=set(pids)))
-    ksm = Ksm(src, policy=policy, self_pid=os.getpid())
-    if joined is not None:
-        alloc = ksm.mm.alloc
-
-        def spy(task: TaskId, *args: Any, **kwargs: Any) -> Any:
-            joined.add(task)
-            return alloc(task, *args, **kwargs)
-
-        ksm.mm.alloc = spy  # type: ignore[method-assign]
-    for _ in range(SCANS):
-        ksm.full_scan()
-    src.close()
-    return ksm
+    return full_scans(src, policy, SCANS, joined, self_pid=os.getpid())
 
 
 def row(ksm: Ksm, pid: int) -> tuple[int, int]:

@@ -27,7 +27,7 @@ import errno
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,9 @@ import pytest
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import POLICY_KSM, POLICY_LKSM
-from lksmfs.sources import procfs as procfs_mod
 from lksmfs.sources.base import PAGE_SIZE, TaskId
 from lksmfs.sources.procfs import ProcfsSource
-from lksmfs.system import proc as proc_mod
-from testkit.procsteps import ProcSteps
+from testkit.procsteps import ProcSteps, full_scans, use
 
 PRESENT, EXCLUSIVE = 1 << 63, 1 << 56
 HEAP_VPN = 0x1000  # the fake heap's first page (address 0x1000000)
@@ -131,33 +129,15 @@ class Faults(ProcSteps):
 
 
 @pytest.fixture
-def patched(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def patched(monkeypatch: pytest.MonkeyPatch) -> Callable[[ProcSteps], None]:
     """A setter: the Faults the modules that read /proc use from now on."""
-
-    def use(faults: Faults) -> None:
-        for mod in (proc_mod, procfs_mod):
-            monkeypatch.setattr(mod, "os", faults)
-
-    yield use
+    return lambda steps: use(monkeypatch, steps)
 
 
 def run(root: Path, policy: str, joined: set[TaskId] | None = None) -> Ksm:
     """SCANS full scans of the tree by a fresh engine; `joined` collects the tasks that
     got a slot."""
-    src = ProcfsSource(str(root), self_pid=None)
-    ksm = Ksm(src, policy=policy)
-    if joined is not None:
-        alloc = ksm.mm.alloc
-
-        def spy(task: TaskId, *args: Any, **kwargs: Any) -> Any:
-            joined.add(task)
-            return alloc(task, *args, **kwargs)
-
-        ksm.mm.alloc = spy  # type: ignore[method-assign]
-    for _ in range(SCANS):
-        ksm.full_scan()
-    src.close()
-    return ksm
+    return full_scans(ProcfsSource(str(root), self_pid=None), policy, SCANS, joined)
 
 
 def figures(ksm: Ksm) -> dict[str, int]:
