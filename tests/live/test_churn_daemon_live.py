@@ -189,8 +189,11 @@ def test_the_daemon_survives_churn_and_its_totals_follow(
         try:
             wait_until(lambda: (got := only_the_driver())[0] == [str(driver.pid)] and got[1] == got[2], 30)
         except TimeoutError:
+            figures = {n: read_attr(mp, n).strip() for n in ("pages_shared", "pages_sharing", "pages_unshared",
+                                                              "pages_volatile", "stable_node_chains",
+                                                              "stable_node_dups", "full_scans")}
             pytest.fail(f"(processes listed, the driver's merging_pages, pages_shared + pages_sharing) stay "
-                        f"{only_the_driver()}: not the driver's alone")
+                        f"{only_the_driver()}: not the driver's alone; {figures}")
         listed, mine, mappings = only_the_driver()
         assert mine >= 64  # its 64 equal pages
         if policy == "lksm":  # LKSM's file (mainline has none)
