@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from lksmfs.engine.ksm import Ksm
+from lksmfs.engine.pages import READ_BLOCK
 from lksmfs.engine.params import POLICY_KSM, POLICY_LKSM
 from lksmfs.sources.base import PAGE_SIZE, TaskId
 from lksmfs.sources.procfs import ProcfsSource
@@ -42,6 +43,7 @@ from testkit.procsteps import ProcSteps, full_scans, use
 PRESENT, EXCLUSIVE = 1 << 63, 1 << 56
 HEAP_VPN = 0x1000  # the fake heap's first page (address 0x1000000)
 OTHER_VPN = 0x2000  # another anonymous mapping's
+BIG = READ_BLOCK + 16  # its pages
 NPAGES = 8
 START = 4242
 A, B, C = 100, 200, 300
@@ -104,10 +106,12 @@ def tree(root: Path, with_a: bool = True) -> None:
     root.mkdir()
     (root / "kpageflags").write_bytes(bytes(8 * 1024 * 64))
     if with_a:  # contents only A has, each twice; two runs of pages in the heap (two reads
-        # of mem), a second mapping (a second read of pagemap)
+        # of mem), a second mapping (a second read of pagemap) larger than a READ_BLOCK:
+        # its chunk keeps only digests and the merges read its pages again (mid-chunk)
         heap: list[bytes | None] = [_page(0xA0 + i // 2) for i in range(NPAGES)]
         heap[3:5] = [None, None]
-        write_task(root, A, [(HEAP_VPN, heap), (OTHER_VPN, [_page(0xB0), _page(0xB1), _page(0xB0), _page(0xB1)])])
+        big: list[bytes | None] = [_page(0xB0 + i % (BIG // 2)) for i in range(BIG)]
+        write_task(root, A, [(HEAP_VPN, heap), (OTHER_VPN, big)])
     shared: list[bytes | None] = [_page(0x10 + i % 3) for i in range(NPAGES)]
     write_task(root, B, [(HEAP_VPN, shared)])
     write_task(root, C, [(HEAP_VPN, shared[::-1])])
