@@ -8,8 +8,8 @@ for the first step of each kind (each file opened, read or listed) and the secon
 of pagemap and of mem (mid-pagemap, mid-mem), a fresh victim is SIGKILLed right before
 that step and left a zombie, or reaped as well.  Both policies.  Each time: the scans
 complete, the victim has no slot, it is counted once if it had one - as exited, never
-as failed (a real death is never an unexpected error) - and the survivor's figures are
-those of a scan without the victim.
+as failed (a real death is never an unexpected error) - the survivor is still there,
+and the totals are exactly the remaining slots' items (the victim's left them).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope
 from lksmfs.system.proc import state
 from lksmfs.system.waiting import wait_until
+from testkit.engine import check_counters
 from testkit.memproc import MemProcess
 from testkit.patterns import Region
 from testkit.procsteps import ProcSteps, full_scans, use
@@ -118,4 +119,7 @@ def test_a_process_killed_at_any_kind_of_step_is_dropped_cleanly(
                 c = ksm.counters()
                 assert (c["tasks_exited"], c["tasks_failed"], c["tasks_denied"]) == \
                     (1 if task in joined else 0, 0, 0), where
-                assert row(ksm, survivor.pid) == row(ref, survivor.pid), where
+                # the victim's pages left the totals: they are the slots' own (the survivor's
+                # interpreter pages may have merged with the victim's while it lived)
+                check_counters(ksm, quiescent=True)
+                assert row(ksm, survivor.pid)[1] >= 32, where
