@@ -38,13 +38,13 @@ run: setup
 	$(PY) scripts/demo.py
 
 test: lint
-	$(PY) -m pytest -q -rs -p no:cacheprovider tests
+	$(PY) -m pytest -q -rfEs -p no:cacheprovider tests
 
 unit: setup
-	$(PY) -m pytest -q -rs tests/unit
+	$(PY) -m pytest -q -rfEs tests/unit
 
 live: setup
-	$(PY) -m pytest -q -rs tests/live
+	$(PY) -m pytest -q -rfEs tests/live
 
 # mypy's settings (strict, the package's files) are in pyproject.toml
 lint: setup

@@ -24,6 +24,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from lksmfs.engine.ksm import Ksm
+from lksmfs.sources import procfs
+from lksmfs.sources.base import TaskId
+from lksmfs.sources.procfs import ProcfsSource
+from lksmfs.system import proc
+
 ERRNO_OF = {"ESRCH": errno.ESRCH, "ENOENT": errno.ENOENT, "EIO": errno.EIO}
 
 
@@ -116,3 +124,28 @@ class ProcSteps:
             self._fail()
             return []  # empty or truncated: nothing listed
         return os.listdir(fd)
+
+
+def use(monkeypatch: pytest.MonkeyPatch, steps: ProcSteps) -> None:
+    """From now on (until the test ends) the modules that read /proc go through `steps`."""
+    for mod in (proc, procfs):
+        monkeypatch.setattr(mod, "os", steps)
+
+
+def full_scans(src: ProcfsSource, policy: str, n: int, joined: set[TaskId] | None = None,
+               self_pid: int | None = None) -> Ksm:
+    """`n` full scans of `src` by a fresh engine, the source closed after; `joined`
+    collects every task that got a slot (whether a task that died had joined)."""
+    ksm = Ksm(src, policy=policy, self_pid=self_pid)
+    if joined is not None:
+        alloc = ksm.mm.alloc
+
+        def spy(task: TaskId, *args: Any, **kwargs: Any) -> Any:
+            joined.add(task)
+            return alloc(task, *args, **kwargs)
+
+        ksm.mm.alloc = spy  # type: ignore[method-assign]
+    for _ in range(n):
+        ksm.full_scan()
+    src.close()
+    return ksm

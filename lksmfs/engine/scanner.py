@@ -72,6 +72,9 @@ class Scanner:
         self.region = -1  # ksm_scan.region: the region used last in this mm (-1: NULL)
         self._cur_new: Rmap | None = None  # the new rmap list of the slot being scanned
         self._cur_valid = 0
+        # the old list's position after the chunk being settled, once its items are in the
+        # new list (None between chunks): where a task that dies mid-chunk leaves its items
+        self._chunk_end: int | None = None
         self._new_zero: list[np.ndarray] = []  # pages of that slot merged with the zero page now
         self._matched = np.zeros(0, dtype=bool)
         # the scan in progress
@@ -400,6 +403,7 @@ class Scanner:
                 self._cur_valid = filled + n
                 pos, scanned = self._scan_chunk(slot, bases, rids, part, data, lo, hi, old,
                                                 filled if inplace else pos, at + filled, inplace)
+                self._chunk_end = None
                 filled += n
                 k.publish()
                 yield scanned  # hook: pages the policy skipped cost no budget
@@ -483,8 +487,12 @@ class Scanner:
                             slot.task, describe_error(e))
                 log.debug("%s: the error", slot.task, exc_info=e)
                 e = TaskFailed(f"{slot.task}: {describe_error(e)}")
-            k.merger.remove_items(new.view(0, filled))
-            k.merger.remove_items(old.take(slice(pos, None)))
+            # the items so far, and the old list's not reached yet; a chunk that was being
+            # settled (its pages re-read for a comparison) has its items in the new list
+            # already, and the old list's before its end are in there or freed
+            valid, rest = (filled, pos) if self._chunk_end is None else (self._cur_valid, self._chunk_end)
+            k.merger.remove_items(new.view(0, valid))
+            k.merger.remove_items(old.take(slice(rest, None)))
             slot.rmap = Rmap()
             k.stats.ksm_zero_pages -= int(prev_zero.shape[0]) + sum(int(z.shape[0]) for z in self._new_zero)
             self._slot_gone(slot, e)
@@ -492,6 +500,7 @@ class Scanner:
         finally:
             self._cur_new = None
             self._cur_valid = 0
+            self._chunk_end = None
         # remove_trailing_rmap_items()
         k.merger.remove_items(old.take(slice(pos, None)))
         slot.rmap = new if filled == len(new) else new.copy(filled)
@@ -679,6 +688,7 @@ class Scanner:
         else:
             end = self._get_next_rmap_items(part, old, pos, rids, bases)
             matched = self._matched
+        self._chunk_end = end
         k.stats.rmap_items += n - int(np.count_nonzero(matched))
         if part.tracks_digests:
             part.dlo[:] = lo

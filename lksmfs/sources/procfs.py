@@ -295,7 +295,6 @@ def _one_task(
     return call
 
 
-
 class _TaskHandle:
     """Open fds of one task being scanned: its /proc/PID dir, mem, pagemap (opened lazily)."""
 

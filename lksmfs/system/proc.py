@@ -84,18 +84,22 @@ class TaskId:
 def as_task_error(exc: BaseException, what: str, alive: Callable[[], bool] | None = None) -> BaseException:
     """The one mapping of a failed read of a task's /proc file named by `what`.
 
-    With `alive` (the task's liveness, from a pinned directory): any OSError, or a parse
-    error of an empty or truncated file, is ProcessGone when the task is gone or a zombie;
-    otherwise EACCES/EPERM are AccessDenied and anything else is `exc` itself.  Without
-    it: ENOENT/ESRCH are ProcessGone, EACCES/EPERM AccessDenied, the rest `exc`."""
+    ESRCH is always ProcessGone: the task is gone, or the mm a mem/pagemap fd was opened
+    on is (the task exec'd since).  With `alive` (the task's liveness, from a pinned
+    directory): any other OSError, or a parse error of an empty or truncated file, is
+    ProcessGone when the task is gone or a zombie; otherwise EACCES/EPERM are
+    AccessDenied and anything else is `exc` itself.  Without it: ENOENT is ProcessGone,
+    EACCES/EPERM AccessDenied, the rest `exc`."""
     if isinstance(exc, (ProcessGone, AccessDenied)):
         return exc
     if not isinstance(exc, (OSError, ValueError, IndexError)):
         return exc
     why = describe_error(exc)
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code == errno.ESRCH:  # never a missing file: the task, or the mm that was opened (exec), is gone
+        return ProcessGone(f"{what}: {why}")
     if alive is not None and not alive():
         return ProcessGone(f"{what}: {why} (the task is gone or exiting)")
-    code = exc.errno if isinstance(exc, OSError) else None
     if code in DENIED_ERRNOS:
         return AccessDenied(f"{what}: {why}")
     if alive is None and code in GONE_ERRNOS:

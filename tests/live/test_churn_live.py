@@ -174,9 +174,7 @@ def test_churn_leaves_nothing_behind(zygote: tuple[Zygote, str], source: ProcfsS
     scans = {LKSM_SCAN_FULL: 0, LKSM_SCAN_PARTIAL: 0}
     next_mode = LKSM_SCAN_PARTIAL
     forked = 0
-    deadline = time.monotonic() + 25.0
-    while forked < TOTAL or alive:
-        assert time.monotonic() < deadline, "churn took too long"
+    while forked < TOTAL or alive:  # ends: TOTAL forks, each killed once its life is over
         now = time.monotonic()
         for pid, c in list(alive.items()):
             if c.due <= now:  # killed whenever: between scans, or mid-scan of another

@@ -27,23 +27,23 @@ import errno
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lksmfs.engine.ksm import Ksm
+from lksmfs.engine.pages import READ_BLOCK
 from lksmfs.engine.params import POLICY_KSM, POLICY_LKSM
-from lksmfs.sources import procfs as procfs_mod
 from lksmfs.sources.base import PAGE_SIZE, TaskId
 from lksmfs.sources.procfs import ProcfsSource
-from lksmfs.system import proc as proc_mod
-from testkit.procsteps import ProcSteps
+from testkit.procsteps import ProcSteps, full_scans, use
 
 PRESENT, EXCLUSIVE = 1 << 63, 1 << 56
 HEAP_VPN = 0x1000  # the fake heap's first page (address 0x1000000)
 OTHER_VPN = 0x2000  # another anonymous mapping's
+BIG = READ_BLOCK + 16  # its pages
 NPAGES = 8
 START = 4242
 A, B, C = 100, 200, 300
@@ -106,10 +106,12 @@ def tree(root: Path, with_a: bool = True) -> None:
     root.mkdir()
     (root / "kpageflags").write_bytes(bytes(8 * 1024 * 64))
     if with_a:  # contents only A has, each twice; two runs of pages in the heap (two reads
-        # of mem), a second mapping (a second read of pagemap)
+        # of mem), a second mapping (a second read of pagemap) larger than a READ_BLOCK:
+        # its chunk keeps only digests and the merges read its pages again (mid-chunk)
         heap: list[bytes | None] = [_page(0xA0 + i // 2) for i in range(NPAGES)]
         heap[3:5] = [None, None]
-        write_task(root, A, [(HEAP_VPN, heap), (OTHER_VPN, [_page(0xB0), _page(0xB1), _page(0xB0), _page(0xB1)])])
+        big: list[bytes | None] = [_page(0xB0 + i % (BIG // 2)) for i in range(BIG)]
+        write_task(root, A, [(HEAP_VPN, heap), (OTHER_VPN, big)])
     shared: list[bytes | None] = [_page(0x10 + i % 3) for i in range(NPAGES)]
     write_task(root, B, [(HEAP_VPN, shared)])
     write_task(root, C, [(HEAP_VPN, shared[::-1])])
@@ -131,33 +133,15 @@ class Faults(ProcSteps):
 
 
 @pytest.fixture
-def patched(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def patched(monkeypatch: pytest.MonkeyPatch) -> Callable[[ProcSteps], None]:
     """A setter: the Faults the modules that read /proc use from now on."""
-
-    def use(faults: Faults) -> None:
-        for mod in (proc_mod, procfs_mod):
-            monkeypatch.setattr(mod, "os", faults)
-
-    yield use
+    return lambda steps: use(monkeypatch, steps)
 
 
 def run(root: Path, policy: str, joined: set[TaskId] | None = None) -> Ksm:
     """SCANS full scans of the tree by a fresh engine; `joined` collects the tasks that
     got a slot."""
-    src = ProcfsSource(str(root), self_pid=None)
-    ksm = Ksm(src, policy=policy)
-    if joined is not None:
-        alloc = ksm.mm.alloc
-
-        def spy(task: TaskId, *args: Any, **kwargs: Any) -> Any:
-            joined.add(task)
-            return alloc(task, *args, **kwargs)
-
-        ksm.mm.alloc = spy  # type: ignore[method-assign]
-    for _ in range(SCANS):
-        ksm.full_scan()
-    src.close()
-    return ksm
+    return full_scans(ProcfsSource(str(root), self_pid=None), policy, SCANS, joined)
 
 
 def figures(ksm: Ksm) -> dict[str, int]:

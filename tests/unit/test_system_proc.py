@@ -71,6 +71,14 @@ def test_errno_mapping() -> None:
     assert conv(other, "t") is other
 
 
+def test_esrch_is_gone_even_from_a_live_task() -> None:
+    """ESRCH from a mem fd of a task that exec'd since: the task lives, its old mm is gone."""
+    assert isinstance(as_task_error(OSError(errno.ESRCH, "x"), "t", lambda: True), ProcessGone)
+    enoent = OSError(errno.ENOENT, "x")
+    assert as_task_error(enoent, "t", lambda: True) is enoent  # alive: a file this kernel lacks
+    assert isinstance(as_task_error(enoent, "t", lambda: False), ProcessGone)
+
+
 def test_eio_alone_is_not_gone() -> None:
     eio = OSError(errno.EIO, "Input/output error")
     assert as_task_error(eio, "t") is eio  # maybe a page unmapped meanwhile: the caller asks alive()
