@@ -356,6 +356,8 @@ class LksmCrawler:
         for task in tasks:
             info = None
             slot = self.k.mm.get(task)
+            if slot is not None and slot.exited:
+                continue  # its old mm, still under the scanner's cursor: it joins next time
             if slot is None or slot.madvised:
                 info = self._short_task(task)
                 if info is None:

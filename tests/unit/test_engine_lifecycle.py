@@ -443,3 +443,23 @@ def test_run_8_to_0_during_a_scan_leaves_the_crawler_waiting_for_the_scan_not_a_
     table.store("run", b"8\n")
     settle(ksm, clock)
     assert show(table, "one_shot_scanning") == 0 and n in ksm.slots
+
+
+def test_run_2_drops_a_held_request_and_the_next_one_completes() -> None:
+    """run=2 cancels the scan in progress and drops a pending request (README: lksmfs
+    keeps every slot queued); a held scan is such a scan."""
+    src = FakeSource()
+    src.anon("a", [fill("x"), fill("x")])
+    ksm, table, clock = booted(src)
+    table.store("run", b"0\n")
+    request(table, 2)
+    settle(ksm, clock)
+    assert show(table, "one_shot_scanning") == 2 and ksm.scan_state
+    table.store("run", b"2\n")
+    assert show(table, "one_shot_scanning") == 0 and not ksm.scan_state
+    table.store("run", b"8\n")
+    settle(ksm, clock)
+    request(table, 2)
+    settle(ksm, clock)
+    assert show(table, "one_shot_scanning") == 0 and not ksm.scan_state
+    assert (show(table, "pages_shared"), show(table, "pages_sharing")) == (1, 1)
