@@ -367,7 +367,8 @@ class Daemon:
     def _on_exit(self, task: TaskId) -> None:
         """exit_mm() -> ksm_exit(), or an exec's new mm: the old one leaves now."""
         with self.lock:
-            known = task in self.ksm.slots
+            slot = self.ksm.slots.get(task)
+            known = slot is not None and slot.task.same_image(task)
             self.ksm.task_exit(task)
             now = self.ksm.counters()["scanning_process"]
             self.cond.notify_all()

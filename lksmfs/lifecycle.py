@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 # How often exec and madvise are looked for (and exits, without pidfds).
 DEFAULT_POLL_INTERVAL_S = 0.5
 
+_Key = tuple[int, int, int]
+
+
+def _key(task: TaskId) -> _Key:
+    """An mm: the task and its image (TaskId's equality leaves the image out)."""
+    return task.pid, task.start_time, task.image
+
 
 def pidfd_supported() -> bool:
     """Can this process open pidfds (Linux 5.3+, Python 3.9+, not refused by seccomp)?"""
@@ -74,9 +81,10 @@ class LifecycleWatcher:
         self.proc_root = proc_root
         self.use_pidfd = pidfd_supported() if use_pidfd is None else use_pidfd
         self.errors = 0
-        self._fds: dict[TaskId, int] = {}  # pidfd per watched task
+        # by (pid, start time, image): TaskId's equality leaves the image (the mm) out
+        self._fds: dict[_Key, int] = {}  # pidfd per watched mm
         self._by_fd: dict[int, TaskId] = {}
-        self._told: set[TaskId] = set()  # exits already reported
+        self._told: set[_Key] = set()  # exits already reported
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._epoll: select.epoll | None = None
@@ -149,21 +157,21 @@ class LifecycleWatcher:
     def _sync(self, full: bool) -> None:
         """Pidfds for the tasks newly watched (their stat checked once they have one);
         with `full`, the stat of every watched task and the candidates' ksm_stat."""
-        watched = set(self.watched())
-        self._told &= watched
-        for task in [t for t in self._fds if t not in watched]:
-            self._close(self._fds[task])
-        for task in watched:
-            if task in self._told:
+        watched = {_key(t): t for t in self.watched()}
+        self._told &= watched.keys()
+        for key in [k for k in self._fds if k not in watched]:
+            self._close(self._fds[key])
+        for key, task in watched.items():
+            if key in self._told:
                 continue
-            new = task not in self._fds
+            new = key not in self._fds
             if new and self.use_pidfd and self._epoll is not None:
                 self._open(task)
             if (full or new) and not self._same_mm(task):
                 self._exited(task)
         if not full or self.on_madvise is None:
             return
-        mine = {t.pid for t in watched}
+        mine = {t.pid for t in watched.values()}
         for pid in pids(self.proc_root):
             if pid not in mine and ksm_registered(pid, self.proc_root):
                 self.on_madvise(pid)
@@ -197,10 +205,10 @@ class LifecycleWatcher:
         return st is not None and st.alive and task.same_mm(st)
 
     def _exited(self, task: TaskId) -> None:
-        if task in self._told:
+        if _key(task) in self._told:
             return
-        self._told.add(task)
-        fd = self._fds.get(task)
+        self._told.add(_key(task))
+        fd = self._fds.get(_key(task))
         if fd is not None:
             self._close(fd)
         self.on_exit(task)
@@ -214,7 +222,7 @@ class LifecycleWatcher:
                 log.warning("pidfd_open refused (%s): exits are polled every %.1f s", e, self.poll_interval)
                 self.use_pidfd = False
             return  # ESRCH: gone, which _same_mm() tells
-        self._fds[task] = fd
+        self._fds[_key(task)] = fd
         self._by_fd[fd] = task
         if self._epoll is not None:
             self._epoll.register(fd, select.EPOLLIN)
@@ -222,7 +230,7 @@ class LifecycleWatcher:
     def _close(self, fd: int) -> None:
         task = self._by_fd.pop(fd, None)
         if task is not None:
-            self._fds.pop(task, None)
+            self._fds.pop(_key(task), None)
         if self._epoll is not None:
             try:
                 self._epoll.unregister(fd)

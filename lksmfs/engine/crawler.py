@@ -269,12 +269,14 @@ class LksmCrawler:
 
     def _live_tasks(self) -> list[TaskId]:
         """for_each_process() less ourselves: every task the source may scan.  Registered
-        slots whose task is gone (or left the scope) take the __ksm_exit() path here."""
+        slots whose task is gone (or left the scope), or has another mm since (an exec:
+        its image changed), take the __ksm_exit() path here."""
         k = self.k
         tasks = [t for t in k.source.tasks() if t.pid != k.self_pid and t.pid != 0]
-        alive = set(tasks)
+        alive = {t: t for t in tasks}
         for task, slot in list(k.mm.slots.items()):
-            if task not in alive:
+            now = alive.get(task)
+            if now is None or not slot.task.same_image(now):
                 k.ksm_exit(slot)
         return tasks
 
@@ -355,6 +357,8 @@ class LksmCrawler:
         for task in tasks:
             info = None
             slot = self.k.mm.get(task)
+            if slot is not None and slot.exited:
+                continue  # its old mm, still under the scanner's cursor: it joins next time
             if slot is None or slot.madvised:
                 info = self._short_task(task)
                 if info is None:
@@ -526,7 +530,7 @@ class LksmCrawler:
                 k.mm.scan_list.add_tail(slot)
                 slot.clear(KSM_MM_LISTED)
                 slot.set(KSM_MM_FROZEN)
-        elif not any(s.task == task for s in k.mm.remove_list):
+        elif not any(s.task.same_image(task) for s in k.mm.remove_list):
             self.frozen_tasks.pop(task, None)  # at the head again (the newest)
             self.frozen_tasks[task] = None
 

@@ -221,10 +221,11 @@ class Ksm:
     def task_exit(self, task: TaskId) -> None:
         """ksm_exit() for an mm we learnt has gone (the task exited, a zombie included,
         or exec'd): lksm_remove_candidate() for a task on the frozen task list,
-        __ksm_exit() for a registered one."""
+        __ksm_exit() for a registered one - if that is still the mm `task` names (after
+        an exec, the task's new mm may have joined since)."""
         self.crawler.forget(task)
         slot = self.mm.get(task)
-        if slot is not None:
+        if slot is not None and slot.task.same_image(task):
             self.ksm_exit(slot)
         self.publish()
 

@@ -399,6 +399,13 @@ class ProcfsSource:
         """A handle for `task`: the cached one, or a new one (cached only if `cache`)."""
         with self._lock:
             h = self._handles.get(task)
+            if h is not None and not h.task.same_image(task):
+                # the task's mm before an exec (its mem and pagemap fds read that mm):
+                # this TaskId is the new one
+                del self._handles[task]
+                if h.busy == 0:
+                    h.close()
+                h = None
             if h is not None:
                 self._handles.move_to_end(task)
                 h.busy += 1
@@ -409,11 +416,13 @@ class ProcfsSource:
             return h
         with self._lock:
             old = self._handles.get(task)
-            if old is not None:  # lost a race with another thread: use theirs
+            if old is not None and old.task.same_image(task):  # lost a race with another thread: use theirs
                 old.busy += 1
                 h.busy = 0
                 h.close()
                 return old
+            if old is not None and old.busy == 0:
+                old.close()  # another mm of the task (an exec): its user, if any, closes it
             self._handles[task] = h
             self._evict_locked()
         return h

@@ -28,7 +28,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PROC_ROOT = "/proc"
 # The page size every /proc interface counts in (pagemap entries, mem offsets, *_pages).
@@ -57,25 +57,31 @@ class AccessDenied(Exception):
 
 @dataclass(frozen=True, order=True)
 class TaskId:
-    """An mm's identity: pid *and* start time (/proc/PID/stat field 22), since pids are
-    reused, *and* the image: execve() gives the same task a new mm (the old one takes
-    ksm_exit's path, the new one is a newcomer), which no /proc file numbers.  `image`
-    is a digest of the layout the exec chose (stat's start_code, end_code, start_stack:
-    mm fields set by execve and by nothing else but a checkpoint/restore prctl), 0
-    when unknown (a short stat, a hand-made id: never compared) or when the task has
-    no mm (a zombie's stat shows zeros)."""
+    """Task identity: pid *and* start time (/proc/PID/stat field 22), since pids are
+    reused.  `image` tells the task's mms apart: execve() gives the task a new mm (the
+    old one takes ksm_exit's path, the new one is a newcomer), which no /proc file
+    numbers; it is a digest of the layout the exec chose (stat's start_code, end_code,
+    start_stack: set by execve and by nothing else but a checkpoint/restore prctl), 0
+    when unknown (a short stat, a hand-made id).  It is not part of equality - a task
+    is found by pid and start time, whatever mm it has now; who needs the mm compares
+    it (`same_image`, `same_mm`)."""
 
     pid: int
     start_time: int
-    image: int = 0
+    image: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
         return f"{self.pid}@{self.start_time}"
 
+    def same_image(self, other: TaskId) -> bool:
+        """The same mm as `other` (the same task, and no exec between them), as far as
+        their images tell (an unknown one, 0, says nothing)?"""
+        return self == other and (not self.image or not other.image or self.image == other.image)
+
     def same_mm(self, st: StatFields) -> bool:
         """Does `st`, read from /proc/PID now, still describe this mm (no pid reuse, no
-        exec since, not a zombie)?"""
-        return st.starttime == self.start_time and (not self.image or st.image == self.image)
+        exec since, not past exit_mm())?"""
+        return st.starttime == self.start_time and st.has_mm and (not self.image or st.image == self.image)
 
 
 # ----------------------------------------------------------------------------- errors

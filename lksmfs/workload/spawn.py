@@ -56,7 +56,6 @@ class SpawnedInstance:
     cgroup: str
     sections: dict[str, tuple[int, int]] = field(default_factory=dict)  # sid -> (addr, npages)
     start_time: int = 0  # /proc/PID/stat field 22
-    image: int = 0  # TaskId.image of the child's program, known once it reported ready
     frozen: bool = False
     alive: bool = True
     pending: list[Rewrite] = field(default_factory=list)  # held back while frozen
@@ -68,7 +67,7 @@ class SpawnedInstance:
 
     @property
     def task(self) -> TaskId:
-        return TaskId(self.pid, self.start_time, self.image)
+        return TaskId(self.pid, self.start_time)
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -263,10 +262,6 @@ class SpawnedWorkload(TimelinePlayer[SpawnedInstance]):
                 raise SpawnError(f"{inst.name}: unexpected first line {line!r}")
             info = json.loads(line[len("ready "):])
             inst.sections = {sid: (int(a), int(n)) for sid, (a, n) in info["sections"].items()}
-            try:  # after its exec: the image is the child's own
-                inst.image = task_id(inst.pid).image
-            except ProcessGone as e:
-                raise SpawnError(f"{inst.name} died at start: {e}") from None
         return started
 
 

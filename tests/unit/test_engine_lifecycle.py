@@ -32,6 +32,15 @@ def pages(table: AttributeTable) -> tuple[int, int, int, int]:
     return tuple(show(table, n) for n in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))  # type: ignore[return-value]
 
 
+def imaged(src: FakeSource, task: TaskId, image: int = 7) -> TaskId:
+    """The task as procfs lists it: with the image of its program (FakeSource's are 0,
+    unknown: never compared)."""
+    proc = src.procs.pop(task)
+    proc.task = TaskId(task.pid, task.start_time, image)
+    src.procs[proc.task] = proc
+    return proc.task
+
+
 def exec_(src: FakeSource, task: TaskId, new_pages: list[bytes]) -> TaskId:
     """execve(): the same pid and start time, a new image and a new mm; the CPU time
     (sum_exec_runtime) carries over."""
@@ -120,7 +129,7 @@ def test_exec_exits_the_old_mm_and_the_new_one_joins_as_a_newcomer() -> None:
     which a partial scan then scans (newcomers are in partial scans).  The short-task
     test reads sum_exec_runtime, which survives the exec: 1000 ms, not short."""
     src = FakeSource()
-    p = src.anon("p", [fill("x"), fill("x"), unique(1)])
+    p = imaged(src, src.anon("p", [fill("x"), fill("x"), unique(1)]))
     ksm, table, clock = booted(src)
     assert show(table, "scanning_process") == 1
     new = exec_(src, p, [fill("z"), fill("z")])
@@ -130,21 +139,23 @@ def test_exec_exits_the_old_mm_and_the_new_one_joins_as_a_newcomer() -> None:
     settle(ksm, clock)
     assert show(table, "scanning_process") == 1
     slot = ksm.slots[new]
-    assert slot.state & KSM_MM_SCANNED and not slot.state & KSM_MM_NEWCOMER
+    assert slot.task.image == new.image and slot.state & KSM_MM_SCANNED and not slot.state & KSM_MM_NEWCOMER
     assert ksm.counters()["rmap_items"] == 2  # the new image's pages; the old mm's freed
-    assert p not in ksm.slots
+    assert not ksm.mm.remove_list
+    ksm.task_exit(p)  # the old mm told again (late): the new one stays
+    assert show(table, "scanning_process") == 1 and ksm.slots[new].task.image == new.image
 
 
 def test_exec_noticed_only_at_the_prepare_takes_the_same_path() -> None:
     """No watcher: the prepare's for_each_process finds the old mm gone (its TaskId is
     not listed) and the new one unregistered."""
     src = FakeSource()
-    p = src.anon("p", [fill("x"), fill("x")])
+    p = imaged(src, src.anon("p", [fill("x"), fill("x")]))
     ksm, table, clock = booted(src)
     new = exec_(src, p, [fill("z")])
     request(table, 1)
     settle(ksm, clock)
-    assert set(ksm.slots) == {new} and show(table, "scanning_process") == 1
+    assert [s.task.image for s in ksm.slots.values()] == [new.image] and show(table, "scanning_process") == 1
     assert ksm.counters()["tasks_exited"] == 1
 
 
@@ -403,13 +414,13 @@ def test_an_exec_changes_the_image_and_a_process_without_mm_has_none() -> None:
     denied = parse_stat(_stat_line(42, 900, (1, 1, 0)))
     short = parse_stat(_stat_line(42, 900, None))
     t = before.task_id
-    assert t == again.task_id and t.image != 0 and t.same_mm(again)
-    assert execd.task_id != t and not t.same_mm(execd)
+    assert t == again.task_id and t.image != 0 and t.same_mm(again) and t.same_image(again.task_id)
+    assert execd.task_id == t and not t.same_image(execd.task_id) and not t.same_mm(execd)  # same task, new mm
     assert (execd.task_id.pid, execd.task_id.start_time) == (t.pid, t.start_time)
-    assert not zombie.alive and not exiting.alive and not t.same_mm(exiting)
+    assert not zombie.alive and not exiting.alive and not t.same_mm(exiting) and not t.same_mm(zombie)
     assert denied.alive and denied.image != 0
     assert short.alive and short.image == 0 and TaskId(42, 900).same_mm(short)
-    assert TaskId(42, 900).same_mm(before)  # an id without an image: never compared
+    assert TaskId(42, 900).same_mm(before) and TaskId(42, 900).same_image(t)  # no image: not compared
     assert not t.same_mm(parse_stat(_stat_line(42, 901, (0x5000, 0x6000, 0x7FFF0000))))  # pid reused
     assert str(t) == "42@900"
 
@@ -432,3 +443,23 @@ def test_run_8_to_0_during_a_scan_leaves_the_crawler_waiting_for_the_scan_not_a_
     table.store("run", b"8\n")
     settle(ksm, clock)
     assert show(table, "one_shot_scanning") == 0 and n in ksm.slots
+
+
+def test_run_2_drops_a_held_request_and_the_next_one_completes() -> None:
+    """run=2 cancels the scan in progress and drops a pending request (README: lksmfs
+    keeps every slot queued); a held scan is such a scan."""
+    src = FakeSource()
+    src.anon("a", [fill("x"), fill("x")])
+    ksm, table, clock = booted(src)
+    table.store("run", b"0\n")
+    request(table, 2)
+    settle(ksm, clock)
+    assert show(table, "one_shot_scanning") == 2 and ksm.scan_state
+    table.store("run", b"2\n")
+    assert show(table, "one_shot_scanning") == 0 and not ksm.scan_state
+    table.store("run", b"8\n")
+    settle(ksm, clock)
+    request(table, 2)
+    settle(ksm, clock)
+    assert show(table, "one_shot_scanning") == 0 and not ksm.scan_state
+    assert (show(table, "pages_shared"), show(table, "pages_sharing")) == (1, 1)
