@@ -35,6 +35,7 @@ from lksmfs.system.proc import (
     TaskDir,
     as_task_error,
     ksm_registered,
+    ksm_stat_fields,
     read_all,
     try_stat,
 )
@@ -390,6 +391,18 @@ class ProcfsSource:
             return any(m.vm_mergeable for m in self.mappings(task))
         except (ProcessGone, AccessDenied):
             return False
+
+    def ksm_opt_in(self, task: TaskId) -> tuple[bool, bool]:
+        """Hook for mainline's per-process figures (lksmfs.engine.ksmd.KsmOptIn):
+        (ksm_merge_any, ksm_mergeable) as /proc/PID/ksm_stat says them; the mappings'
+        VmFlags tell mergeable on a kernel without those lines."""
+        fields = ksm_stat_fields(task.pid, self.proc_root)
+        if "ksm_merge_any" in fields and "ksm_mergeable" in fields:
+            return fields["ksm_merge_any"] == "yes", fields["ksm_mergeable"] == "yes"
+        try:
+            return False, any(m.vm_mergeable for m in self.mappings(task))
+        except (ProcessGone, AccessDenied):
+            return False, False
 
     def stat(self, task: TaskId) -> TaskStat:
         """comm, runtime (schedstat), faults (stat), RssAnon (status) of `task`."""

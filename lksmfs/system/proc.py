@@ -268,6 +268,14 @@ def parse_ksm_stat(data: bytes) -> dict[str, str]:
     return out
 
 
+def ksm_stat_fields(pid: int, proc_root: str = PROC_ROOT) -> dict[str, str]:
+    """/proc/PID/ksm_stat parsed; {} when it cannot be read (gone, denied, no KSM)."""
+    try:
+        return parse_ksm_stat(read_all(f"{proc_root}/{pid}/ksm_stat"))
+    except OSError:
+        return {}
+
+
 def ksm_registered(pid: int, proc_root: str = PROC_ROOT) -> bool | None:
     """Is the task's mm registered with the kernel's KSM: a VM_MERGEABLE mapping
     (madvise(MADV_MERGEABLE), `ksm_mergeable: yes`) or prctl(PR_SET_MEMORY_MERGE)
