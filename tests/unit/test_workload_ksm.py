@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from lksmfs.engine.ksm import Ksm
+from lksmfs.sysfs.fuse import ksm_stat_text
 from lksmfs.workload.schema import WorkloadError, parse_workload
 from lksmfs.workload.simulated import SimulatedSource
 
@@ -68,3 +69,22 @@ def test_the_opt_in_round_trips_and_lksm_ignores_it() -> None:
     engine.full_scan()
     engine.full_scan()
     assert engine.counters()["pages_sharing"] == 16
+
+
+@pytest.mark.parametrize(("ksm", "pages", "merge_any"), [("prctl", 16, "yes"), (["heap", "gpu"], 9, "no")])
+def test_per_process_ksm_stat_of_simulated_processes(ksm: object, pages: int, merge_any: str) -> None:
+    """Each instance's ksm_stat under the ksm policy, as the kernel's six lines: its
+    opted-in pages all have an rmap_item and all merge (the two instances are alike), so
+    profit = pages * 4096 - pages * 64; merge_any says prctl, mergeable a VM_MERGEABLE
+    mapping."""
+    src = SimulatedSource(parse_workload(workload(ksm=ksm), "w.yaml"))
+    engine = Ksm(src, policy="ksm")
+    engine.tunables.smart_scan = 0
+    engine.full_scan()
+    engine.full_scan()
+    rows = engine.per_process()
+    assert len(rows) == 2
+    for row in rows:
+        assert ksm_stat_text(row) == (
+            f"ksm_rmap_items {pages}\nksm_zero_pages 0\nksm_merging_pages {pages}\n"
+            f"ksm_process_profit {pages * 4096 - pages * 64}\nksm_merge_any: {merge_any}\nksm_mergeable: yes\n")
