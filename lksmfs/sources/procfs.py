@@ -28,6 +28,7 @@ import numpy as np
 
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, AccessDenied, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.sources.scope import Scope
+from lksmfs.system import numa
 from lksmfs.system.proc import (
     GONE_ERRNOS,
     PROC_ROOT,
@@ -391,6 +392,16 @@ class ProcfsSource:
             return any(m.vm_mergeable for m in self.mappings(task))
         except (ProcessGone, AccessDenied):
             return False
+
+    def page_nodes(self, task: TaskId, vpns: np.ndarray) -> np.ndarray:
+        """Hook for merge_across_nodes 0 (lksmfs.engine.numa.NodeSource): each page's
+        NUMA node, by move_pages(2) (numa_maps where that is refused)."""
+        try:
+            return numa.page_nodes(task.pid, vpns, self.proc_root)
+        except OSError as e:
+            if e.errno in GONE_ERRNOS:
+                raise ProcessGone(f"{task}: {e.strerror}") from None
+            raise AccessDenied(f"{task}: move_pages: {e.strerror}") from None
 
     def ksm_opt_in(self, task: TaskId) -> tuple[bool, bool]:
         """Hook for mainline's per-process figures (lksmfs.engine.ksmd.KsmOptIn):

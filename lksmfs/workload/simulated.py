@@ -135,6 +135,11 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
     def mappings(self, task: TaskId) -> list[Mapping]:
         return list(self._get(task).mappings)
 
+    def page_nodes(self, task: TaskId, vpns: np.ndarray) -> np.ndarray:
+        """The NUMA node of each page: its instance's (`numa_nodes`; lksmfs.engine.numa)."""
+        inst = self._get(task)
+        return np.full(vpns.shape[0], inst.model.app.node_of(inst.model.index), dtype=np.int32)
+
     def ksm_opt_in(self, task: TaskId) -> tuple[bool, bool]:
         """(ksm_merge_any, ksm_mergeable) as the app's `ksm:` opt-in makes them
         (lksmfs.engine.ksmd.KsmOptIn)."""
