@@ -23,6 +23,7 @@ SHIPPED = {
     "README.md", "config/lksmfs.yaml", "config/workloads/small.yaml", "config/workloads/tizen-tv.yaml",
     "docs/fuse.md", "docs/spec.md", "scripts/resourced-emu.sh", "systemd/lksmfs.service",
     "docs/compare-tizen-tv.png",  # the README's comparison plot
+    "config/grafana/lksmfs-grafana.json",  # the README's dashboard
 }
 
 
