@@ -8,7 +8,7 @@ ksm02/04/06) is tested on simulated memory (tests/unit/test_numa_nodes.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +35,7 @@ def online_nodes() -> list[int]:
     return out
 
 
-@pytest.fixture
-def src(live: Any) -> Iterator[ProcfsSource]:
-    s = ProcfsSource()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def test_page_nodes_of_a_child(src: ProcfsSource, spawn_mem_child: SpawnFn) -> None:
+def test_page_nodes_of_a_child(live: Any, spawn_mem_child: SpawnFn) -> None:
     """6 written pages are on an online node (this host's only one); 3 never touched
     pages are on none (move_pages: -ENOENT -> -1); numa_maps, per mapping, says the
     same node for the written ones."""
@@ -52,7 +43,11 @@ def test_page_nodes_of_a_child(src: ProcfsSource, spawn_mem_child: SpawnFn) -> N
     c = spawn_mem_child([1, 2, 3, 4, 5, 6], untouched=3)
     v0 = c.vpn("private")
     vpns = np.arange(v0, v0 + 9, dtype=np.uint64)
-    got = src.page_nodes(task_id(c.pid), vpns)
+    src = ProcfsSource()
+    try:
+        got = src.page_nodes(task_id(c.pid), vpns)
+    finally:
+        src.close()
     assert got[:6].tolist() == [got[0]] * 6 and int(got[0]) in nodes
     assert got[6:].tolist() == [-1] * 3
     assert numa.numa_maps_nodes(c.pid, vpns)[:6].tolist() == got[:6].tolist()
