@@ -123,13 +123,13 @@ def render(snap: Snapshot) -> str:
             "lksm_region_share", "gauge", "Merged pages per LKSM_FILTER region type (region_share).",
             [(f'{{region="{r}"}}', snap.region_share.get(r, 0)) for r in REGIONS],
         )
+    top = top_processes(snap.processes)
     lines += _family(
         "lksm_process_merging_pages", "gauge",
         f"Pages of the process merged into KSM pages (proc/PID/merging_pages), top {MAX_PROCESSES}.",
         [(f'{{pid="{int(r["pid"])}",comm="{escape_label(str(r.get("comm", "")))}"}}', int(r["merging_pages"]))
-         for r in top_processes(snap.processes)],
+         for r in top],
     )
-    top = top_processes(snap.processes)
     lines += _family(
         "lksm_process_profit", "gauge",
         f"Bytes the process saves less its rmap items (proc/PID/ksm_process_profit), top {MAX_PROCESSES}.",

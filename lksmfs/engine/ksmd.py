@@ -143,6 +143,7 @@ class MainlineView(SourceWrapper):
             return False, any(m.vm_mergeable for m in self.inner.mappings(task))
         except SourceError:
             return False, False
+
     def mappings(self, task: TaskId) -> list[Mapping]:
         return [m if m.vm_mergeable or not m.mergeable else dataclasses.replace(m, mergeable=False)
                 for m in self.inner.mappings(task)]

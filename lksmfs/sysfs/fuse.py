@@ -114,7 +114,6 @@ def proc_task_id(pid: int, proc_root: str = PROC_ROOT) -> TaskId:
         raise OSError(errno.EACCES, "Permission denied") from None
 
 
-
 def ksm_stat_text(row: Mapping[str, Any]) -> str:
     """A process's ksm_stat: proc_pid_ksm_stat()'s lines in its order, then what only
     lksmfs knows.  Under the `ksm` policy (the row has merge_any) exactly the kernel's
@@ -125,6 +124,7 @@ def ksm_stat_text(row: Mapping[str, Any]) -> str:
         yes = ("no", "yes")
         return text + f"ksm_merge_any: {yes[bool(row['merge_any'])]}\nksm_mergeable: {yes[bool(row['mergeable'])]}\n"
     return text + f"comm {row.get('comm', '')}\nstate {row.get('state', '')}\n"
+
 
 class FuseEngine(AttributeEngine, Protocol):
     """The engine surface of the lksmfs extensions: the hint file and proc/PID/."""
