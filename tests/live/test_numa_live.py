@@ -19,6 +19,7 @@ from lksmfs.scan import scan_processes
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.system import numa
 from lksmfs.system.proc import task_id
+from testkit.kernel_ksm import KernelKsm
 from testkit.memproc import PatternGroup
 
 pytestmark = pytest.mark.live
@@ -61,7 +62,8 @@ def test_per_node_trees_on_one_node_change_nothing(live: Any) -> None:
     if len(online_nodes()) != 1:
         pytest.skip("this host has several nodes: the counters differ by the pages' placement")
     n = 64
-    with PatternGroup((((n, "c"),), ((n, "a"),), ((n, "a"),)), scope="madvise") as group:
+    # the children are mergeable for the kernel's KSM: hold the oracle's lock meanwhile
+    with KernelKsm(), PatternGroup((((n, "c"),), ((n, "a"),), ((n, "a"),)), scope="madvise") as group:
         got = {}
         for mac in (1, 0):
             r = scan_processes(pids=group.pids, rounds=3, policy="ksm", filter_enabled=False,
