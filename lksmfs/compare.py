@@ -366,8 +366,10 @@ def summary_rows(cmp: Comparison) -> tuple[str, list[tuple[object, ...]]]:
         mean_pct = 100.0 * r.pages_sharing_mean / base.pages_sharing_mean if base.pages_sharing_mean else None
         end_pct = 100.0 * r.pages_sharing_end / base.pages_sharing_end if base.pages_sharing_end else None
         per_saved = r.pages_scanned / r.pages_sharing_mean if r.pages_sharing_mean else None
+        scans = r.counters.get("full_scans", 0)
+        per_scan = round(r.pages_scanned / scans) if scans else None
         rows.append((r.name, r.pages_scanned, scan_pct, round(r.pages_sharing_mean), mean_pct,
-                     r.pages_sharing_end, end_pct, per_saved))
+                     r.pages_sharing_end, end_pct, per_saved, scans, per_scan))
     return base.name, rows
 
 
@@ -379,16 +381,16 @@ def format_summary(cmp: Comparison) -> list[str]:
 
     lines = format_table(
         ("policy", "pages scanned", f"of {base}'s", "sharing (mean)", f"of {base}'s", "sharing (end)",
-         f"of {base}'s", "scanned/saved"),
-        [(n, s, pct(sp), m, pct(mp), e, pct(ep), ps) for n, s, sp, m, mp, e, ep, ps in rows],
-        align="<>>>>>>>",
+         f"of {base}'s", "scanned/saved", "full scans", "scanned/full scan"),
+        [(n, s, pct(sp), m, pct(mp), e, pct(ep), ps, fs, pf) for n, s, sp, m, mp, e, ep, ps, fs, pf in rows],
+        align="<>>>>>>>>>",
     )
     mib = 4096 / 2**20
     lines.append("")
     lines.append(f"{cmp.workload}, {cmp.hours:g} h simulated, rounds of {cmp.round_minutes:g} min; sharing "
                  f"in pages of 4 KiB (mean: over the per-minute samples); scanned/saved: pages scanned "
-                 f"per page of mean sharing")
-    for n, _s, sp, m, mp, _e, _ep, _ps in rows:
+                 f"per page of mean sharing; scanned/full scan: what one pass over the memory costs")
+    for n, _s, sp, m, mp, _e, _ep, _ps, _fs, _pf in rows:
         if n != base and isinstance(sp, float) and isinstance(mp, float) and isinstance(m, int):
             lines.append(f"  {n}: {sp:.1f}% of {base}'s scanning for {mp:.1f}% of its saving "
                          f"({m * mib:.1f} MiB saved on average)")

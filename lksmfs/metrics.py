@@ -6,8 +6,9 @@ merge most, for node_exporter's textfile collector.  Pure: a Snapshot in, text o
 taking the snapshot and writing the file are lksmfs.metrics_file's job.
 
 Names: `lksm_<file name>` with the file's value (what `cat` would print at the same
-instant), `lksm_region_share{region=...}`, `lksm_process_merging_pages{pid,comm}` (the
-MAX_PROCESSES processes with the most merging pages) and `lksm_last_scan_*`.
+instant), `lksm_region_share{region=...}`, `lksm_process_merging_pages{pid,comm}` and
+`lksm_process_profit{pid,comm}` (the MAX_PROCESSES processes with the most merging
+pages) and `lksm_last_scan_*`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ HELP = {
     # mainline's (policy ksm)
     "pages_skipped": "Pages smart_scan skipped (visited, not scanned) since start.",
     "smart_scan": "Whether pages that keep failing to merge are skipped for a while.",
+    "advisor_max_cpu": "The KSM advisor's CPU cap for the scanner, percent.",
+    "advisor_min_pages_to_scan": "Where the KSM advisor starts pages_to_scan.",
+    "advisor_max_pages_to_scan": "The most pages_to_scan the KSM advisor sets.",
+    "advisor_target_scan_time": "Seconds the KSM advisor aims a full scan to take.",
 }
 
 LAST_SCAN = (  # key of Ksm.last_scan, metric suffix, help
@@ -119,11 +124,18 @@ def render(snap: Snapshot) -> str:
             "lksm_region_share", "gauge", "Merged pages per LKSM_FILTER region type (region_share).",
             [(f'{{region="{r}"}}', snap.region_share.get(r, 0)) for r in REGIONS],
         )
+    top = top_processes(snap.processes)
     lines += _family(
         "lksm_process_merging_pages", "gauge",
         f"Pages of the process merged into KSM pages (proc/PID/merging_pages), top {MAX_PROCESSES}.",
         [(f'{{pid="{int(r["pid"])}",comm="{escape_label(str(r.get("comm", "")))}"}}', int(r["merging_pages"]))
-         for r in top_processes(snap.processes)],
+         for r in top],
+    )
+    lines += _family(
+        "lksm_process_profit", "gauge",
+        f"Bytes the process saves less its rmap items (proc/PID/ksm_process_profit), top {MAX_PROCESSES}.",
+        [(f'{{pid="{int(r["pid"])}",comm="{escape_label(str(r.get("comm", "")))}"}}', int(r["profit"]))
+         for r in top if "profit" in r],
     )
     for key, suffix, help_text in LAST_SCAN:
         if key in snap.last_scan:

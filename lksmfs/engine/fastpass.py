@@ -205,7 +205,7 @@ class FastScanner:
         hard = soft if hard is None else hard
         start = k.stats.pages_scanned
         self._fp = None  # the crawler may have registered regions since the last run
-        if self.keyed is None:
+        if self.keyed is None or not k.tunables.merge_across_nodes:  # digests are per node: the scanner's
             sc.batch(soft)
             return RunResult(k.stats.pages_scanned - start, not sc.scan_state, None)
         if not sc._started:
@@ -285,7 +285,7 @@ class FastScanner:
         t = k.tunables
         if self.keyed is None or k.policy != POLICY_KSM or t.use_zero_pages or k.mm.remove_list:
             return None
-        if t.advisor_mode:  # the advisor retunes pages_to_scan at every wrap: pass by pass
+        if t.advisor_mode or not t.merge_across_nodes:  # retuned at every wrap; per-node keys
             return None
         slots = list(k.mm.scan_list)
         if (not sc.scan_state or sc.gen is not None or sc.cur is not None or not sc._at_head

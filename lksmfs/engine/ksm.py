@@ -30,7 +30,7 @@ import numpy as np
 
 from lksmfs.engine.advisor import AdvisorCtx, set_advisor_defaults
 from lksmfs.engine.crawler import LksmCrawler, ScanPolicy, Skipped
-from lksmfs.engine.ksmd import make_policy
+from lksmfs.engine.ksmd import MainlineView, make_policy
 from lksmfs.engine.merge import Merger
 from lksmfs.engine.pages import XXH3, Digest
 from lksmfs.engine.params import (
@@ -160,8 +160,10 @@ class Ksm:
         self._region_share = self.regions.share()
 
     def per_process(self) -> list[dict[str, int | str]]:
-        """Per mm_slot figures in the style of mainline's /proc/PID/ksm_stat."""
+        """Per mm_slot figures in the style of mainline's /proc/PID/ksm_stat (under the
+        `ksm` policy with its ksm_merge_any and ksm_mergeable, 1 for yes)."""
         out: list[dict[str, int | str]] = []
+        view = self.source if isinstance(self.source, MainlineView) else None
         for slot in list(self.mm.slots.values()):
             rmap = slot.rmap
             merging = int(np.count_nonzero(rmap.flags & STABLE))
@@ -180,6 +182,9 @@ class Ksm:
                     "nr_merged_window": slot.nr_merged,
                 }
             )
+            if view is not None:
+                merge_any, mergeable = view.opt_in(slot.task)
+                out[-1].update(merge_any=int(merge_any), mergeable=int(mergeable))
         return out
 
     @property

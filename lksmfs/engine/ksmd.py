@@ -108,6 +108,15 @@ class KsmRegistry(Protocol):
     def ksm_registered(self, task: TaskId) -> bool: ...
 
 
+@runtime_checkable
+class KsmOptIn(Protocol):
+    """A source that can say how a task opted in to KSM, as /proc/PID/ksm_stat's
+    `ksm_merge_any` (prctl(PR_SET_MEMORY_MERGE)) and `ksm_mergeable` (a VM_MERGEABLE
+    mapping: ksm_process_mergeable()) lines do."""
+
+    def ksm_opt_in(self, task: TaskId) -> tuple[bool, bool]: ...
+
+
 class MainlineView(SourceWrapper):
     """The engine's source as mainline ksmd sees it: only tasks with a VM_MERGEABLE
     mapping (a registered mm), and in them only the VM_MERGEABLE mappings count as
@@ -124,6 +133,17 @@ class MainlineView(SourceWrapper):
 
     def tasks(self) -> list[TaskId]:
         return [t for t in self.inner.tasks() if self.registered(t)]
+
+    def opt_in(self, task: TaskId) -> tuple[bool, bool]:
+        """(ksm_merge_any, ksm_mergeable) of the task; a source that cannot tell
+        merge_any says no (the mappings tell mergeable)."""
+        try:
+            if isinstance(self.inner, KsmOptIn):
+                return self.inner.ksm_opt_in(task)
+            return False, any(m.vm_mergeable for m in self.inner.mappings(task))
+        except SourceError:
+            return False, False
+
     def mappings(self, task: TaskId) -> list[Mapping]:
         return [m if m.vm_mergeable or not m.mergeable else dataclasses.replace(m, mergeable=False)
                 for m in self.inner.mappings(task)]

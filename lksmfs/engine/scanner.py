@@ -19,6 +19,7 @@ import numpy as np
 
 from lksmfs.engine import thp
 from lksmfs.engine.merge import Chunk, SourceError
+from lksmfs.engine.numa import fold_nodes, node_source
 from lksmfs.engine.pages import CHUNK, READ_BLOCK, as_words
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
@@ -33,7 +34,7 @@ from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
 from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
 from lksmfs.engine.unstable import UnstableTree
-from lksmfs.sources.base import PAGE_SIZE, Mapping
+from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
 from lksmfs.system.proc import TaskFailed, describe_error
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ class Scanner:
         if n <= READ_BLOCK:
             data = self.k.source.read_pages(task, run, self._chunk_buffer(n))
             lo, hi = self.k.digest.pages(data, n)
-            return data, lo, hi
+            return data, *self._node_keys(task, run, lo, hi)
         lo = np.empty(n, dtype=np.uint64)
         hi = np.empty(n, dtype=np.uint64)
         for b in range(0, n, READ_BLOCK):
@@ -270,7 +271,17 @@ class Scanner:
             m = int(block.shape[0])
             lo[b : b + m], hi[b : b + m] = self.k.digest.pages(
                 self.k.source.read_pages(task, block, self._chunk_buffer(m)), m)
-        return None, lo, hi
+        return None, *self._node_keys(task, run, lo, hi)
+
+    def _node_keys(self, task: TaskId, run: np.ndarray, lo: np.ndarray,
+                   hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """merge_across_nodes 0: each page's node becomes part of its tree key, so pages
+        of two nodes never meet in a tree (lksmfs.engine.numa)."""
+        t = self.k.tunables
+        src = None if t.merge_across_nodes else node_source(self.k.source)
+        if src is None:
+            return lo, hi
+        return fold_nodes(lo, hi, src.page_nodes(task, run), bool(t.use_zero_pages))
 
     def _fetcher(self, slot: MmSlot, part: Rmap) -> Callable[[np.ndarray], np.ndarray]:
         """For a chunk that was not read: read just the pages a comparison needs."""

@@ -32,13 +32,16 @@ import numpy as np
 
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE, AccessDenied, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.sources.scope import Scope
+from lksmfs.system import numa
 from lksmfs.system.proc import (
+    GONE_ERRNOS,
     PROC_ROOT,
     StatFields,
     TaskDir,
     TaskFailed,
     as_task_error,
     describe_error,
+    ksm_stat_fields,
     try_stat,
 )
 
@@ -517,6 +520,28 @@ class ProcfsSource:
         if known is not None:
             return known
         return any(m.vm_mergeable for m in self.mappings(task))
+
+    def page_nodes(self, task: TaskId, vpns: np.ndarray) -> np.ndarray:
+        """Hook for merge_across_nodes 0 (lksmfs.engine.numa.NodeSource): each page's
+        NUMA node, by move_pages(2) (numa_maps where that is refused)."""
+        try:
+            return numa.page_nodes(task.pid, vpns, self.proc_root)
+        except OSError as e:
+            if e.errno in GONE_ERRNOS:
+                raise ProcessGone(f"{task}: {e.strerror}") from None
+            raise AccessDenied(f"{task}: move_pages: {e.strerror}") from None
+
+    def ksm_opt_in(self, task: TaskId) -> tuple[bool, bool]:
+        """Hook for mainline's per-process figures (lksmfs.engine.ksmd.KsmOptIn):
+        (ksm_merge_any, ksm_mergeable) as /proc/PID/ksm_stat says them; the mappings'
+        VmFlags tell mergeable on a kernel without those lines."""
+        fields = ksm_stat_fields(task.pid, self.proc_root)
+        if "ksm_merge_any" in fields and "ksm_mergeable" in fields:
+            return fields["ksm_merge_any"] == "yes", fields["ksm_mergeable"] == "yes"
+        try:
+            return False, any(m.vm_mergeable for m in self.mappings(task))
+        except (ProcessGone, AccessDenied):
+            return False, False
 
     @_one_task
     def stat(self, task: TaskId) -> TaskStat:

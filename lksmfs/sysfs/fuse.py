@@ -114,6 +114,18 @@ def proc_task_id(pid: int, proc_root: str = PROC_ROOT) -> TaskId:
         raise OSError(errno.EACCES, "Permission denied") from None
 
 
+def ksm_stat_text(row: Mapping[str, Any]) -> str:
+    """A process's ksm_stat: proc_pid_ksm_stat()'s lines in its order, then what only
+    lksmfs knows.  Under the `ksm` policy (the row has merge_any) exactly the kernel's
+    six lines; under LKSM's the scanner's comm and slot state follow."""
+    text = (f"ksm_rmap_items {row['rmap_items']}\nksm_zero_pages {row.get('zero_pages', 0)}\n"
+            f"ksm_merging_pages {row['merging_pages']}\nksm_process_profit {row['profit']}\n")
+    if "merge_any" in row:
+        yes = ("no", "yes")
+        return text + f"ksm_merge_any: {yes[bool(row['merge_any'])]}\nksm_mergeable: {yes[bool(row['mergeable'])]}\n"
+    return text + f"comm {row.get('comm', '')}\nstate {row.get('state', '')}\n"
+
+
 class FuseEngine(AttributeEngine, Protocol):
     """The engine surface of the lksmfs extensions: the hint file and proc/PID/."""
 
@@ -269,11 +281,7 @@ class LksmOperations(fuse.Operations):  # type: ignore[misc]
             return f"{merging}\n".encode()
         if parts[2] == "ksm_process_profit":
             return f"{profit}\n".encode()
-        return (
-            f"ksm_rmap_items {rmap}\nksm_merging_pages {merging}\n"
-            f"ksm_process_profit {profit}\ncomm {row.get('comm', '')}\n"
-            f"state {row.get('state', '')}\n"
-        ).encode("utf-8", "surrogateescape")  # comm is raw bytes, fsdecoded
+        return ksm_stat_text(row).encode("utf-8", "surrogateescape")  # comm is raw bytes, fsdecoded
 
     @guarded
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:

@@ -346,6 +346,14 @@ def parse_ksm_stat(data: bytes) -> dict[str, str]:
     return out
 
 
+def ksm_stat_fields(pid: int, proc_root: str = PROC_ROOT) -> dict[str, str]:
+    """/proc/PID/ksm_stat parsed; {} when it cannot be read (gone, denied, no KSM)."""
+    try:
+        return parse_ksm_stat(read_all(f"{proc_root}/{pid}/ksm_stat"))
+    except OSError:
+        return {}
+
+
 def ksm_stat_registered(fields: dict[str, str]) -> bool | None:
     """`ksm_mergeable: yes` (a VM_MERGEABLE mapping) or `ksm_merge_any: yes`
     (prctl(PR_SET_MEMORY_MERGE)); None when ksm_stat has neither line (before 6.x)."""

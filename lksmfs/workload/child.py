@@ -31,7 +31,7 @@ from typing import Any
 
 from lksmfs.system.proc import PAGE_SIZE, runtime_ns
 from lksmfs.workload.model import InstanceModel, page_bytes
-from lksmfs.workload.schema import parse_workload
+from lksmfs.workload.schema import KSM_PRCTL, parse_workload
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
@@ -39,6 +39,7 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 LIB_AREA = (0x7000_0000_0000, 0x7E00_0000_0000)  # where random bases are drawn
 PR_SET_THP_DISABLE = 41
 PR_SET_MEMORY_MERGE = 67
+MADV_MERGEABLE = 12
 STACK_GAP = 16  # pages left between the live stack and the workload's stack pages
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -50,6 +51,7 @@ _libc.sbrk.restype = ctypes.c_void_p
 _libc.sbrk.argtypes = [ctypes.c_ssize_t]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def _mmap_at(addr: int, npages: int, prot: int, fd: int = -1, offset_pages: int = 0) -> bool:
@@ -103,6 +105,12 @@ def _map_library(rng: random.Random, path: str, text: int, rodata: int, data: in
         os.close(fd)  # the mappings keep the file
 
 
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
 def _heap_area(npages: int) -> int:
     """Grow the program break by npages (page aligned): pages of the real [heap] VMA."""
     cur = int(_libc.sbrk(0))
@@ -137,10 +145,12 @@ class Child:
     def __init__(self, init: dict[str, Any]) -> None:
         # no transparent huge pages: they would make untouched neighbours present
         _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
-        if init.get("kernel_merge"):  # benches: the kernel's own KSM may merge us too
-            _libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
         workload = parse_workload(init["workload"], "<spawn>")
         app = workload.app(init["app"])
+        # the app's `ksm: prctl`, or benches' kernel_merge: every mapping, now and later,
+        # mergeable by the kernel's KSM (and in scope for lksmfs's policy ksm)
+        if init.get("kernel_merge") or app.ksm == KSM_PRCTL:
+            _check(_libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0), "prctl(PR_SET_MEMORY_MERGE)")
         self.model = InstanceModel(workload, app, int(init["index"]))
         self.model.vol_round = int(init["round"])
         self.burn_cap_ms = int(init.get("burn_cap_ms", 200))
@@ -163,6 +173,19 @@ class Child:
             # stack: from the top down, so the VMA grows one page at a time
             offs = range(sec.npages - 1, -1, -1) if sid == "stack" else range(sec.npages)
             self.write(sid, offs)
+        self.madvise_mergeable(app)
+
+    def madvise_mergeable(self, app: Any) -> None:
+        """The app's `ksm: [AREA, ...]`: madvise(MADV_MERGEABLE) on exactly the pages the
+        simulation counts for each area (heap, stack, every library's .data or .bss, a
+        named anon mapping), once they exist: VM_MERGEABLE, `mg` in smaps."""
+        if not isinstance(app.ksm, tuple):
+            return
+        for sid, base in self.addr.items():
+            kind = sid.rsplit(":", 1)[-1]  # heap, stack, data, bss, or the anon name
+            if kind in app.ksm:
+                npages = self.model.sections[sid].npages
+                _check(_libc.madvise(base, npages * PAGE_SIZE, MADV_MERGEABLE), f"madvise({sid})")
 
     def write(self, sid: str, offsets: Any) -> None:
         sec = self.model.sections[sid]

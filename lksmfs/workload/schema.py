@@ -83,6 +83,13 @@ class App:
     # mainline KSM opt-in: KSM_NONE, KSM_PRCTL, or the areas it madvises (KSM_AREAS or
     # the names of its anon mappings)
     ksm: str | tuple[str, ...] = KSM_NONE
+    # the NUMA node each instance's memory is on: instance K on numa_nodes[K % len]
+    # (simulated memory only; merge_across_nodes 0 keeps the nodes apart)
+    numa_nodes: tuple[int, ...] = (0,)
+
+    def node_of(self, index: int) -> int:
+        """The NUMA node instance `index` of the app lives on."""
+        return self.numa_nodes[index % len(self.numa_nodes)]
 
     def ksm_mergeable(self, area: str) -> bool:
         """Is this area of the app VM_MERGEABLE (heap, stack, data, bss, ANON_NAME)?"""
@@ -164,6 +171,7 @@ class Workload:
                     "volatile": a.volatile,
                     "cpu_ms": a.cpu_ms,
                     "ksm": list(a.ksm) if isinstance(a.ksm, tuple) else a.ksm,
+                    "numa_nodes": list(a.numa_nodes),
                 }
                 for a in chosen
             ],
@@ -279,7 +287,7 @@ def _app(c: _Checker, raw: Any, key: str, libs: dict[str, Library]) -> App:
     d = c.mapping(
         raw,
         key,
-        {"name", "count", "libraries", "heap", "stack", "anon", "volatile", "cpu_ms", "ksm"},
+        {"name", "count", "libraries", "heap", "stack", "anon", "volatile", "cpu_ms", "ksm", "numa_nodes"},
         {"name", "heap"},
     )
     name = c.name(d["name"], f"{key}.name")
@@ -314,7 +322,15 @@ def _app(c: _Checker, raw: Any, key: str, libs: dict[str, Library]) -> App:
         volatile=c.fraction(d.get("volatile", 0.0), f"{key}.volatile"),
         cpu_ms=c.integer(d.get("cpu_ms", 1000), f"{key}.cpu_ms", 0),
         ksm=_ksm_opt_in(c, d.get("ksm", KSM_NONE), f"{key}.ksm", [s.name for s in anon]),
+        numa_nodes=_numa_nodes(c, d.get("numa_nodes", [0]), f"{key}.numa_nodes"),
     )
+
+
+def _numa_nodes(c: _Checker, raw: Any, key: str) -> tuple[int, ...]:
+    """A non-empty list of node ids (0..1023: MAX_NUMNODES of NODES_SHIFT 10)."""
+    if not isinstance(raw, list) or not raw:
+        raise c.fail(key, f"expected a non-empty list of NUMA node ids, got {raw!r}")
+    return tuple(c.integer(n, f"{key}[{i}]", 0, 1023) for i, n in enumerate(raw))
 
 
 def _ksm_opt_in(c: _Checker, raw: Any, key: str, anon: list[str]) -> str | tuple[str, ...]:

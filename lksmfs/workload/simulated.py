@@ -34,7 +34,7 @@ import numpy as np
 from lksmfs.engine.params import KSM_SHORT_TASK_TIME_MS
 from lksmfs.sources.base import PAGE_SHIFT, Mapping, ProcessGone, TaskId, TaskStat
 from lksmfs.workload.model import KINDS, PAGE_TABLE, WORDS, InstanceModel, aslr_seed
-from lksmfs.workload.schema import Workload, load_workload
+from lksmfs.workload.schema import KSM_PRCTL, Workload, load_workload
 from lksmfs.workload.timeline import Change, Effects, NewRound, Rewrite, TimelinePlayer
 
 SIM_DEV = (8 << 8) | 1  # every simulated file lives on "sda1"
@@ -134,6 +134,17 @@ class SimulatedSource(TimelinePlayer[SimInstance]):
 
     def mappings(self, task: TaskId) -> list[Mapping]:
         return list(self._get(task).mappings)
+
+    def page_nodes(self, task: TaskId, vpns: np.ndarray) -> np.ndarray:
+        """The NUMA node of each page: its instance's (`numa_nodes`; lksmfs.engine.numa)."""
+        inst = self._get(task)
+        return np.full(vpns.shape[0], inst.model.app.node_of(inst.model.index), dtype=np.int32)
+
+    def ksm_opt_in(self, task: TaskId) -> tuple[bool, bool]:
+        """(ksm_merge_any, ksm_mergeable) as the app's `ksm:` opt-in makes them
+        (lksmfs.engine.ksmd.KsmOptIn)."""
+        inst = self._get(task)
+        return inst.model.app.ksm == KSM_PRCTL, any(m.vm_mergeable for m in inst.mappings)
 
     def present_anon(self, task: TaskId, start_vpn: int, end_vpn: int) -> np.ndarray:
         inst = self._get(task)

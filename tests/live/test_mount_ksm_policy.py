@@ -10,7 +10,8 @@ kernel's settings are put back afterwards (KernelKsm).
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -93,22 +94,38 @@ def test_ltp_ksm01_phases_by_echo_and_cat(mounts: Mounts, oracle_lock: KernelKsm
         assert read_attr(mp, "full_scans") == "0\n"  # run=2 put the scan count back
 
 
+# writes the kernel's stores refuse (EINVAL), the advisor's included
+BAD_WRITES = (
+    ("run", b"8\n"), ("run", b"3\n"), ("run", b"-1\n"), ("smart_scan", b"2\n"), ("smart_scan", b"maybe\n"),
+    ("pages_to_scan", b"4294967296\n"), ("max_page_sharing", b"1\n"), ("use_zero_pages", b"x\n"),
+    ("sleep_millisecs", b"-5\n"), ("stable_node_chains_prune_millisecs", b"1.5\n"),
+    ("merge_across_nodes", b"2\n"), ("advisor_mode", b"Scan-time\n"), ("advisor_mode", b"scan-time\n\n"),
+    ("advisor_mode", b" none\n"), ("advisor_mode", b"1\n"), ("advisor_max_cpu", b"-1\n"),
+    ("advisor_max_cpu", b"18446744073709551616\n"), ("advisor_min_pages_to_scan", b"0x10\n"),
+    ("advisor_max_pages_to_scan", b" 5\n"), ("advisor_target_scan_time", b"0\n"),
+    ("advisor_target_scan_time", b"x\n"),
+)
+
+
 def test_mainline_files_as_the_kernel_lists_them(mounts: Mounts, oracle_lock: KernelKsm) -> None:
-    """The kernel's files, less the advisor's (not implemented); no LKSM file, no hint;
-    the same errno as the kernel for values its stores refuse (nothing is changed)."""
+    """Every file of this kernel's /sys/kernel/mm/ksm (the advisor's too), with its
+    mode; no LKSM file, no hint; the same errno as the kernel for every value its stores
+    refuse, and nothing changed by them."""
     with PatternGroup((((4, "a"),),), scope="madvise") as group:
         mp = mount_ksm(mounts, group).mountpoint
         kernel = {p.name for p in SYSFS.iterdir()}
         ours = set(sh("ls", cwd=mp).stdout.split())
-        assert ours == {n for n in kernel if not n.startswith("advisor_")} | {"proc"}
+        assert ours == kernel | {"proc"}
+        for name in kernel:
+            assert (mp / name).stat().st_mode & 0o777 == (SYSFS / name).stat().st_mode & 0o777, name
         assert "hint" not in ours and "one_shot_scanning" not in ours and "region_share" not in ours
         assert read_attr(mp, "smart_scan") == "1\n"  # mainline's default
-        for name, value in (("run", b"8\n"), ("run", b"3\n"), ("run", b"-1\n"), ("smart_scan", b"2\n"),
-                            ("smart_scan", b"maybe\n"), ("pages_to_scan", b"4294967296\n"),
-                            ("max_page_sharing", b"1\n"), ("use_zero_pages", b"x\n")):
+        before = {n: read_attr(mp, n) for n in kernel}
+        for name, value in BAD_WRITES:
             want = write_attr(SYSFS, name, value)
             assert want == errno.EINVAL, (name, value)
             assert write_attr(mp, name, value) == want, (name, value)
+        assert {n: read_attr(mp, n) for n in kernel} == before
         assert read_attr(mp, "run") == "0\n"
         assert write_attr(mp, "one_shot_scanning", b"1\n") == errno.ENOENT
         r = sh("echo 1 > smart_scan && echo 1 > run && cat run smart_scan", cwd=mp)
@@ -137,3 +154,74 @@ def test_node_exporter_ksmd_collector_on_the_mainline_mount(mounts: Mounts, orac
     assert value(got, "node_ksmd_full_scans_total") == int(read_attr(mp, "full_scans")) >= 2
     assert value(got, "node_ksmd_run") == 0
     assert value(got, "node_ksmd_sleep_seconds") == 0
+
+
+def _advisor_steps(read: Callable[[str], int], start: Callable[[], None], scans: int,
+                   timeout_s: float) -> list[tuple[int, int]]:
+    """(full_scans, pages_to_scan) before `start()` and each time either changes after,
+    until `scans` full scans."""
+    seen = [(read("full_scans"), read("pages_to_scan"))]
+    start()
+
+    def step() -> bool:
+        now = (read("full_scans"), read("pages_to_scan"))
+        if now != seen[-1]:
+            seen.append(now)
+        return now[0] >= scans
+
+    wait_until(step, timeout_s, interval=0.002, what=f"{scans} full scans")
+    return seen
+
+
+def _check_advisor_steps(who: str, steps: list[tuple[int, int]], max_pages: int) -> None:
+    """What scan_time_advisor() guarantees whatever the CPU and the time: pages_to_scan
+    changes only at a wrap (full_scans up), and each new value is at most
+    advisor_max_pages_to_scan and at least min(10, that) - the result is
+    min(max(.., cost * KSM_ADVISOR_MIN_CPU), max_pages) with cost = old / cpu_percent >= 1."""
+    assert steps[0] == (0, 500), (who, steps)  # scan-time starts at advisor_min_pages_to_scan
+    for (scans0, pts0), (scans1, pts1) in zip(steps, steps[1:], strict=False):
+        if scans1 == scans0:
+            assert pts1 == pts0, (who, steps)  # no change between two wraps
+        else:
+            assert min(10, max_pages) <= pts1 <= max_pages, (who, steps)
+
+
+def test_the_advisor_retunes_pages_to_scan_as_the_kernels(mounts: Mounts, oracle_lock: KernelKsm) -> None:
+    """The scan-time advisor on the kernel and on lksmfs, the same madvised children.
+
+    Exact values cannot match: each new pages_to_scan is computed from the CPU the
+    scanner used (ksmd's since it was switched on - for the first pass since boot -
+    against lksmfs's scanner thread's), which differ.  What the rule guarantees does not
+    depend on them, and is asserted on both: switching scan-time on starts at
+    advisor_min_pages_to_scan (500) and refuses pages_to_scan writes (EINVAL);
+    pages_to_scan moves only at a full scan's end; with advisor_max_pages_to_scan 50,
+    below the start, every retune goes down into [10, 50] (the cap, over the CPU floor of
+    10 pages per percent), whatever else the kernel's ksmd scans; advisor_mode none puts
+    back 100 and scan-time again 500.  The hand-worked values of the arithmetic itself
+    are tests/unit/test_advisor.py's."""
+    k = oracle_lock
+    with PatternGroup((((N, "a"),), ((N, "a"),), ((N, "b"),)), scope="madvise") as group:
+        mp = mount_ksm(mounts, group).mountpoint
+        runs: dict[str, list[tuple[int, int]]] = {}
+        for who, write, read in (
+            ("kernel", lambda n, v: k.write(n, v), k.read),
+            ("lksmfs", lambda n, v: echo(mp, f"echo {v} > {n}"), lambda n: int(read_attr(mp, n))),
+        ):
+            write("run", 2)  # the cursor at the list head, full_scans 0
+            write("sleep_millisecs", 0)  # passes back to back: foreign mms only slow them
+            write("advisor_max_pages_to_scan", 50)
+            write("advisor_mode", "scan-time")
+            assert read("pages_to_scan") == 500, who
+            root = SYSFS if who == "kernel" else mp
+            assert write_attr(root, "pages_to_scan", b"100\n") == errno.EINVAL, who
+            runs[who] = _advisor_steps(read, functools.partial(write, "run", 1), 3, 120)
+            write("run", 0)
+            _check_advisor_steps(who, runs[who], 50)
+            assert runs[who][-1][1] <= 50 < 500, who  # down, as the cap says
+            write("advisor_mode", "none")
+            assert read("pages_to_scan") == 100, who
+            write("advisor_mode", "scan-time")
+            assert read("pages_to_scan") == 500, who
+            write("advisor_mode", "none")
+            write("advisor_max_pages_to_scan", 30000)
+            write("run", 2)

@@ -95,6 +95,14 @@ def on_clock(src: FakeSource, cpu: list[int]) -> tuple[Ksm, AttributeTable[Ksm],
     return ksm, AttributeTable(ksm), clock
 
 
+def seven_hundred_pages() -> FakeSource:
+    """Two madvised processes of 350 pages: a pass of 700 pages."""
+    src = FakeSource()
+    proc(src, "a", [fill("a")] * 350)
+    proc(src, "b", [unique(i) for i in range(350)])
+    return src
+
+
 def pass_starts(ksm: Ksm, clock: VirtualClock, now: float) -> None:
     clock.now = now
     ksm.crawl(now)
@@ -105,11 +113,8 @@ def test_engine_retunes_after_each_full_scan_on_a_virtual_clock() -> None:
     """ksmd's passes over 700 pages (two processes of 350), the scanner's CPU time given:
     the advisor times each pass from its first batch to the batch that wraps, run=0 in
     between does not restart the timing, and a pass done in one batch takes 1 s."""
-    src = FakeSource()
-    proc(src, "a", [fill("a")] * 350)
-    proc(src, "b", [unique(i) for i in range(350)])
     cpu = [0]
-    ksm, table, clock = on_clock(src, cpu)
+    ksm, table, clock = on_clock(seven_hundred_pages(), cpu)
     table.store("advisor_mode", b"scan-time\n")
     assert table.show("advisor_mode") == b"none [scan-time]\n" and table.show("pages_to_scan") == b"500\n"
     table.store("run", b"1\n")
@@ -159,11 +164,8 @@ def test_switched_on_mid_pass_the_first_figures_count_from_zero() -> None:
     """set_advisor_defaults() zeroes start_scan and cpu_time: a pass already under way
     when the advisor is switched on is timed from 0 of the clock, and its CPU is every
     ns the scanner used."""
-    src = FakeSource()
-    proc(src, "a", [fill("a")] * 350)
-    proc(src, "b", [unique(i) for i in range(350)])
     cpu = [0]
-    ksm, table, clock = on_clock(src, cpu)
+    ksm, table, clock = on_clock(seven_hundred_pages(), cpu)
     table.store("run", b"1\n")
     pass_starts(ksm, clock, 40.0)
     ksm.scan_batch()  # 100 pages (the default), no advisor yet

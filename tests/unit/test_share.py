@@ -14,8 +14,10 @@ REPO = Path(__file__).resolve().parents[2]
 # every file the README tells a user to run, copy or read
 README_FILES = {
     "README.md", "config/lksmfs.yaml", "config/workloads/small.yaml", "config/workloads/tizen-tv.yaml",
+    "config/workloads/tv-idle.yaml",
     "docs/fuse.md", "docs/spec.md", "scripts/resourced-emu.sh", "systemd/lksmfs.service",
     "docs/compare-tizen-tv.png",  # the README's comparison plot
+    "config/grafana/lksmfs-grafana.json",  # the README's dashboard
 }
 
 

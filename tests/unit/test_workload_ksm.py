@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from lksmfs.engine.ksm import Ksm
+from lksmfs.sysfs.fuse import ksm_stat_text
 from lksmfs.workload.schema import WorkloadError, parse_workload
 from lksmfs.workload.simulated import SimulatedSource
 
@@ -38,13 +39,17 @@ def mainline_pages(ksm: object) -> tuple[int, int]:
     """(pages the ksm policy tracks, pages it saves) after two passes: 2 instances of
     heap 4, stack 2, gpu 5, .data 3, .bss 2 - all shared - so a madvised area of n pages
     per instance gives 2n items and n sharing."""
-    src = SimulatedSource(parse_workload(workload(ksm=ksm), "w.yaml"))
-    engine = Ksm(src, policy="ksm")
+    c = mainline_engine(ksm).counters()
+    return c["rmap_items"], c["pages_sharing"]
+
+
+def mainline_engine(ksm: object) -> Ksm:
+    """The ksm policy after two passes over the workload's two instances."""
+    engine = Ksm(SimulatedSource(parse_workload(workload(ksm=ksm), "w.yaml")), policy="ksm")
     engine.tunables.smart_scan = 0
     engine.full_scan()
     engine.full_scan()
-    c = engine.counters()
-    return c["rmap_items"], c["pages_sharing"]
+    return engine
 
 
 @pytest.mark.parametrize(("ksm", "pages"), [
@@ -68,3 +73,17 @@ def test_the_opt_in_round_trips_and_lksm_ignores_it() -> None:
     engine.full_scan()
     engine.full_scan()
     assert engine.counters()["pages_sharing"] == 16
+
+
+@pytest.mark.parametrize(("ksm", "pages", "merge_any"), [("prctl", 16, "yes"), (["heap", "gpu"], 9, "no")])
+def test_per_process_ksm_stat_of_simulated_processes(ksm: object, pages: int, merge_any: str) -> None:
+    """Each instance's ksm_stat under the ksm policy, as the kernel's six lines: its
+    opted-in pages all have an rmap_item and all merge (the two instances are alike), so
+    profit = pages * 4096 - pages * 64; merge_any says prctl, mergeable a VM_MERGEABLE
+    mapping."""
+    rows = mainline_engine(ksm).per_process()
+    assert len(rows) == 2
+    for row in rows:
+        assert ksm_stat_text(row) == (
+            f"ksm_rmap_items {pages}\nksm_zero_pages 0\nksm_merging_pages {pages}\n"
+            f"ksm_process_profit {pages * 4096 - pages * 64}\nksm_merge_any: {merge_any}\nksm_mergeable: yes\n")
