@@ -27,6 +27,13 @@ What it models, after mm/ksm.c and the LKSM seed (mm/lksm.c):
   anonymous page: try_to_get_old_rmap_item()), unless the page was written meanwhile;
 * scope: LKSM scans every mergeable VMA of every process; mainline only VM_MERGEABLE ones
   (madvise / prctl), of processes that have one;
+* LKSM_FILTER, for file_data regions (anonymous pages of a private file mapping, one
+  region per file for every process mapping it): every page of the region that joins a
+  KSM page sets the bit of its offset (stable_tree_append_region()); once the region is
+  mature (scan round - birth round > LKSM_REGION_MATURE) and has a bit, a scan visits only
+  the offsets with a bit, and the items of the pages it passes by are freed
+  (get_next_rmap_item()).  Not modelled: file_bss regions, conflicts and resizes (every
+  process maps the file with the same size), newcomers and frozen slots (never filtered);
 * exits: LKSM drops a gone process's items at the end of the scan that finds it gone
   (lksm_flush_removed_mm_list()), and an LKSM full scan with no live process to scan
   does not happen; mainline drops them first thing in its next pass (__ksm_exit() put
@@ -38,10 +45,11 @@ pages_volatile, stable_node_chains, stable_node_dups, ksm_zero_pages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 INITIAL_ROUND = 3  # mm/lksm.c: the checksum gate holds in rounds before this one
+LKSM_REGION_MATURE = 5  # a region filters once scan_round - its birth round > this
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
             "stable_node_chains", "stable_node_dups", "ksm_zero_pages")
 
@@ -56,6 +64,7 @@ class RmapItem:
     node: StableNode | None = None  # STABLE_FLAG: a mapping of this KSM page
     unstable: bool = False  # UNSTABLE_FLAG: in an unstable tree
     zero: bool = False  # merged with the zero page in this scan (use_zero_pages)
+    region: tuple[Hashable, int] | None = None  # (file, page offset) when in a file_data region
 
 
 @dataclass(eq=False)
@@ -82,15 +91,26 @@ class Process:
 
     pages: dict[int, bytes]
     alive: bool = True
+    files: list[tuple[int, int, Hashable]] = field(default_factory=list)  # [start_vpn, end_vpn), file
+
+    def region_of(self, vpn: int) -> tuple[Hashable, int] | None:
+        for start, end, file in self.files:
+            if start <= vpn < end:
+                return file, vpn - start
+        return None
 
 
 class ReferenceKsm:
     """The page-at-a-time engine over processes given as dicts of pages."""
 
-    def __init__(self, *, policy: str = "lksm", max_page_sharing: int = 256, use_zero_pages: bool = False) -> None:
+    def __init__(self, *, policy: str = "lksm", max_page_sharing: int = 256, use_zero_pages: bool = False,
+                 filter_enabled: bool = False) -> None:
         if policy not in ("lksm", "ksm"):
             raise ValueError(policy)
         self.policy = policy
+        self.filter_enabled = filter_enabled and policy == "lksm"
+        self.births: dict[Hashable, int] = {}  # file -> the round its region was made in
+        self.bits: dict[Hashable, set[int]] = {}  # file -> offsets where a page merged
         self.max_page_sharing = max_page_sharing
         self.use_zero_pages = use_zero_pages
         self.stable: dict[bytes, StableNode | StableChain] = {}
@@ -139,8 +159,12 @@ class ReferenceKsm:
         return node
 
     def stable_tree_append(self, item: RmapItem, node: StableNode) -> None:
+        """... and stable_tree_append_region(): the page's offset in its file region."""
         item.node = node
         node.items.append(item)
+        if self.filter_enabled and item.region is not None:
+            file, offset = item.region
+            self.bits.setdefault(file, set()).add(offset)
 
     def remove_rmap_item_from_tree(self, item: RmapItem) -> None:
         """Out of the stable tree (the node is freed with its last mapping, the chain with
@@ -251,6 +275,10 @@ class ReferenceKsm:
         rmap = self.items.setdefault(task, {})
         for vpn in [v for v in rmap if v not in proc.pages]:  # pages gone: their items too
             self._free(rmap.pop(vpn))
+        if self.filter_enabled:
+            for _, _, file in proc.files:  # ksm_join(): the region of the file, made once, in
+                # lksm_prepare_full_scan() before it counts the new round (ksm_crawl_round++)
+                self.births.setdefault(file, self.scan_round - 1)
         for vpn in sorted(proc.pages):
             content = proc.pages[vpn]
             if (task, vpn) in self.zero_maps:
@@ -258,12 +286,26 @@ class ReferenceKsm:
                     if vpn in rmap:
                         self._free(rmap.pop(vpn))
                     continue
-                self.zero_maps.discard((task, vpn))  # written since: an anonymous page again
+                # written since: an anonymous page again (the write fault unmapped the zero
+                # page: ksm_zero_pages counts mappings, scanned or not)
+                self.zero_maps.discard((task, vpn))
+            region = proc.region_of(vpn) if self.filter_enabled else None
+            if region is not None and self._filtered_out(*region):
+                if vpn in rmap:  # passed by: get_next_rmap_item() frees its item
+                    self._free(rmap.pop(vpn))
+                continue
             item = rmap.get(vpn)
             if item is None:
                 item = rmap[vpn] = RmapItem(task, vpn)
             item.zero = False
+            item.region = region
             self.cmp_and_merge_page(item, content)
+
+    def _filtered_out(self, file: Hashable, offset: int) -> bool:
+        """__scan_next_rmap_item(): a mature region with bits lets only their offsets by."""
+        bits = self.bits.get(file, set())
+        mature = self.scan_round - self.births[file] > LKSM_REGION_MATURE
+        return mature and bool(bits) and offset not in bits
 
     def _free(self, item: RmapItem) -> None:
         """remove_rmap_item_from_tree() + free_rmap_item().  Pages vanish and processes
