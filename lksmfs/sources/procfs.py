@@ -742,7 +742,11 @@ class ProcfsSource:
         try:
             by_pid = self.vm_read
             if by_pid:
-                h.pid_fd()
+                try:
+                    h.pid_fd()
+                except OSError as e:  # no pidfd_open (Linux < 5.3): no reads by pid either
+                    self.vm_read = by_pid = False
+                    self.log.info("pidfd_open failed (%s): reading /proc/PID/mem", e.strerror)
             # runs of consecutive vpns: one read each (most calls ask for a single run)
             breaks = np.flatnonzero(np.diff(v) != np.uint64(1)).tolist() if n > 1 else []
             bounds = [0, *(b + 1 for b in breaks), n]

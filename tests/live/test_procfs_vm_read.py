@@ -142,3 +142,15 @@ def test_process_vm_read_reports_the_kernel_errors(child: MemProcess) -> None:
     with pytest.raises(OSError) as e:
         process_vm_read(pid, buf, 0x10000)
     assert e.value.errno == errno.ESRCH
+
+
+def test_without_pidfds_the_file_is_read(child: MemProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without pidfd_open (before 5.3) cannot tell a reused pid: no reads by pid."""
+    def no_pidfd(pid: int) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(procfs.os, "pidfd_open", no_pidfd)
+    vpns = np.arange(child.vpn("data"), child.vpn("data") + 3, dtype=np.uint64)
+    with ProcfsSource() as src:
+        assert bytes(src.read_pages(child.task, vpns)) == bytes([0x41]) * (3 * PAGE_SIZE)
+        assert not src.vm_read
