@@ -16,9 +16,9 @@ What it models, after mm/ksm.c and the LKSM seed (mm/lksm.c):
 * max_page_sharing: a stable node takes at most that many mappings; a full node's content
   gets another node (a dup) at the head of a chain's list; a search picks the first of
   the fullest dups with room and moves it to the head if it has room for one more
-  (stable_node_dup()); a node that loses its last
-  mapping is freed, a chain that loses its last dup too (no timed pruning is modelled:
-  the tests run on a clock that does not move);
+  (stable_node_dup()); a node that loses its last mapping is freed, a chain that loses
+  its last dup too (no timed pruning is modelled: the tests run on a clock that does not
+  move);
 * the checksum gate: LKSM checks it during the initial rounds only (scan rounds before
   INITIAL_ROUND), mainline (policy `ksm`) in every pass;
 * use_zero_pages: a zero-filled page that passed the gate maps the zero page: counted in
@@ -63,7 +63,6 @@ class RmapItem:
     oldchecksum: bytes | None = None  # None: never checksummed
     node: StableNode | None = None  # STABLE_FLAG: a mapping of this KSM page
     unstable: bool = False  # UNSTABLE_FLAG: in an unstable tree
-    zero: bool = False  # merged with the zero page in this scan (use_zero_pages)
     region: tuple[Hashable, int] | None = None  # (file, page offset) when in a file_data region
 
 
@@ -72,7 +71,6 @@ class StableNode:
     """A KSM page: its content and the items that map it (rmap_hlist)."""
 
     content: bytes
-    serial: int  # creation order
     items: list[RmapItem] = field(default_factory=list)
     chain: StableChain | None = None
 
@@ -118,7 +116,6 @@ class ReferenceKsm:
         self.items: dict[int, dict[int, RmapItem]] = {}  # task -> vpn -> item (the mm_slot's rmap_list)
         self.zero_maps: set[tuple[int, int]] = set()  # (task, vpn) mapping the zero page
         self.scan_round = 0
-        self._serial = 0
 
     # -- the stable tree ----------------------------------------------------------------
 
@@ -144,8 +141,7 @@ class ReferenceKsm:
     def stable_tree_insert(self, content: bytes) -> StableNode:
         """A new KSM page; a content that has one already (full) becomes a chain of dups,
         a new dup going to the head of the chain's list (stable_node_chain_add_dup())."""
-        self._serial += 1
-        node = StableNode(content, self._serial)
+        node = StableNode(content)
         entry = self.stable.get(content)
         if entry is None:
             self.stable[content] = node
@@ -226,7 +222,6 @@ class ReferenceKsm:
     def _to_zero_page(self, item: RmapItem, content: bytes) -> bool:
         """try_to_merge_with_zero_page()."""
         if self.use_zero_pages and not any(content):
-            item.zero = True
             self.zero_maps.add((item.task, item.vpn))
             return True
         return False
@@ -297,7 +292,6 @@ class ReferenceKsm:
             item = rmap.get(vpn)
             if item is None:
                 item = rmap[vpn] = RmapItem(task, vpn)
-            item.zero = False
             item.region = region
             self.cmp_and_merge_page(item, content)
 
@@ -311,7 +305,6 @@ class ReferenceKsm:
         """remove_rmap_item_from_tree() + free_rmap_item().  Pages vanish and processes
         exit between scans: a freed item is never in this round's unstable tree."""
         self.remove_rmap_item_from_tree(item)
-        item.zero = False
 
     def _drop(self, task: int) -> None:
         for item in self.items.pop(task, {}).values():
