@@ -740,6 +740,9 @@ class ProcfsSource:
             return _NO_VPNS
         h = self._acquire(task, cache=True)
         try:
+            # opened whatever reads: the fallback's fd, and the permission check up front
+            # (AccessDenied for a task out of bounds, as before any read)
+            h.fd("mem")
             by_pid = self.vm_read
             if by_pid:
                 try:

@@ -247,11 +247,8 @@ def test_ctrl_c_ends_a_scan_with_one_line(big: subprocess.Popen[str]) -> None:
     p = subprocess.Popen([*LKSMFS, "scan", "--pid", str(big.pid), "--rounds", "100000"], cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # open while the scan reads the child's pages: /proc/PID/mem, or the pidfd that
-        # process_vm_readv's reads are checked against
-        reading = {f"/proc/{big.pid}/mem", "anon_inode:[pidfd]"}
-        wait_until(lambda: p.poll() is not None or bool(reading & open_files(p.pid)), 60,
-                   what="the scan to read memory")
+        mem = f"/proc/{big.pid}/mem"  # open while the scan reads the child's pages
+        wait_until(lambda: p.poll() is not None or mem in open_files(p.pid), 60, what="the scan to read memory")
         assert p.poll() is None
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
