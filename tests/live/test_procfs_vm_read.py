@@ -144,13 +144,16 @@ def test_process_vm_read_reports_the_kernel_errors(child: MemProcess) -> None:
     assert e.value.errno == errno.ESRCH
 
 
-def test_without_pidfds_the_file_is_read(child: MemProcess, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel without pidfd_open (before 5.3) cannot tell a reused pid: no reads by pid."""
-    def no_pidfd(pid: int) -> int:
-        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
-    monkeypatch.setattr(procfs.os, "pidfd_open", no_pidfd)
+def test_reads_by_pid_count_only_if_the_task_was_not_reaped_meanwhile(child: MemProcess,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pid names another process once its task is reaped: reads by pid are kept only
+    if the task's pinned /proc/PID still answers after them (the file needs no check:
+    its fd keeps naming the task it was opened on)."""
     vpns = np.arange(child.vpn("data"), child.vpn("data") + 3, dtype=np.uint64)
+    monkeypatch.setattr(procfs._TaskHandle, "still_there", lambda self: False)
     with ProcfsSource() as src:
+        with pytest.raises(ProcessGone):
+            src.read_pages(child.task, vpns)
+        src.vm_read = False
         assert bytes(src.read_pages(child.task, vpns)) == bytes([0x41]) * (3 * PAGE_SIZE)
-        assert not src.vm_read
