@@ -116,6 +116,10 @@ class ReferenceKsm:
         self.items: dict[int, dict[int, RmapItem]] = {}  # task -> vpn -> item (the mm_slot's rmap_list)
         self.zero_maps: set[tuple[int, int]] = set()  # (task, vpn) mapping the zero page
         self.scan_round = 0
+        # the first scan round in which stable_node_dup() chose among equally full dups
+        # (the list order decided: lksmfs's engine is known to differ there, see
+        # tests/unit/test_reference_engine.py)
+        self.first_tie_round: int | None = None
 
     # -- the stable tree ----------------------------------------------------------------
 
@@ -133,6 +137,9 @@ class ReferenceKsm:
         for dup in entry.dups:
             if len(dup.items) < self.max_page_sharing and (found is None or len(dup.items) > len(found.items)):
                 found = dup
+        if found is not None and self.first_tie_round is None and sum(
+                1 for d in entry.dups if len(d.items) == len(found.items)) > 1:
+            self.first_tie_round = self.scan_round
         if found is not None and entry.dups[0] is not found and len(found.items) + 1 < self.max_page_sharing:
             entry.dups.remove(found)
             entry.dups.insert(0, found)
