@@ -7,9 +7,11 @@ dicts of pages for the reference): both policies, use_zero_pages, max_page_shari
 a file_data region, mature from round 6), pages rewritten between scans (merged pages
 broken, zero pages written, pages changing during the checksum rounds, pages written in
 a mature region), processes exiting.  Not covered: huge pages, frozen tasks, partial
-scans, file_bss regions and region conflicts.  The counters pages_shared, pages_sharing, pages_unshared, pages_volatile,
-stable_node_chains, stable_node_dups and ksm_zero_pages must be equal after every scan.
-The reference shares no code with the engine: a disagreement is a bug in one of them.
+scans, file_bss regions and region conflicts.  The counters pages_shared, pages_sharing,
+pages_unshared, pages_volatile, stable_node_chains, stable_node_dups and ksm_zero_pages
+must be equal after every scan (up to a known difference among equally full dups, see
+test_among_equally_full_dups_the_head_of_the_chain_list_is_chosen).  The reference
+shares no code with the engine: a disagreement is a bug in one of them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from testkit.reference import COUNTERS, Process, ReferenceKsm
 
 PALETTE = [bytes(PAGE_SIZE), fill("a"), fill("b"), fill("c")]
 UNIQUE = len(PALETTE)  # a content of this page alone
-SCANS = 9  # a region made in round 1 filters from round 7 (LKSM_REGION_MATURE)
+SCANS = 9  # a region made before round 1 (in round 0) filters from round 6 (LKSM_REGION_MATURE)
 F = (1, 100)  # the file every process maps (a library's .data): one file_data region
 F_PAGES = 80  # its mapping, the same size in every process (no resize, no conflict)
 
