@@ -53,6 +53,7 @@ lint: setup
 
 # benches run from the repository root, where `bench` and `testkit` are importable
 bench: setup
+	$(PY) -m bench.floor --sizes 1G,4G
 	$(PY) -m bench.scan_throughput
 	$(PY) -m bench.filter_effect
 	$(PY) -m bench.engine_memory

@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python -m bench.floor [--workload zero,zero-zp,c64,mixed,real]
         [--sizes 1G] [--procs 4] [--max-page-sharing 256] [--repeat 2] [--timeout 600]
-        [--tree DIR] [--json]
+        [--tree DIR ...] [--json]
 
 For each workload, on the same processes, in the same run, each one `--repeat` times (the
 best time of each is kept):
@@ -20,7 +20,8 @@ best time of each is kept):
   (testkit.kernel_ksm.KernelKsm.converge, under its flock), then unmerged.
 
 `--tree DIR` runs ``lksmfs scan`` from another checkout's `lksmfs/` (e.g. ``git worktree add
-/tmp/main main``): two engines compared on one machine, under the same load.
+/tmp/main main``); given twice or more, each tree's scans run on the same processes,
+interleaved: engines compared on one machine under the same load, one row per tree.
 
 Printed: the three best times, lksmfs / floor and lksmfs / kernel, whether the counters
 agree (floor = lksmfs, lksmfs = kernel), and the peak bytes per tracked page.
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -166,44 +168,53 @@ def run_lksmfs(pids: Sequence[int], mps: int, zp: int, short: bool, tree: str = 
 
 
 def bench_one(workload: str, size: int, procs: int, mps: int, repeat: int, timeout_s: float,
-              rss0: int, tree: str) -> dict[str, Any]:
+              rss0: dict[str, int], trees: Sequence[str]) -> list[dict[str, Any]]:
+    """One workload: the floor, lksmfs from each tree (their runs interleaved, so that load
+    hits them alike) and the kernel, `repeat` times each; one row per tree."""
     zp = int(workload == "zero-zp")
     keys = (*COMPARED, "ksm_zero_pages")
-    row: dict[str, Any] = {"workload": workload, "size": "-" if workload == "real" else human(size),
-                           "max_page_sharing": mps, "use_zero_pages": zp}
     with processes(workload, size, procs, timeout_s) as pids:
-        row["nr_processes"] = len(pids)
+        nr = len(pids)
         floors = [run_floor(pids) for _ in range(repeat)]
-        lks = [run_lksmfs(pids, mps, zp, workload == "real", tree) for _ in range(repeat)]
+        lks: dict[str, list[dict[str, Any]]] = {t: [] for t in trees}
+        for _ in range(repeat):
+            for t in trees:
+                lks[t].append(run_lksmfs(pids, mps, zp, workload == "real", t))
         kerns = [kernel_converge(mps, zp, pids, timeout_s) for _ in range(repeat)]
     fl = [floor_counters(f["groups"], f["zero_pages"], mps, zp) for f in floors]
     floor_s = min(f["command_s"] for f in floors)
-    lksmfs_s = min(r["command_s"] for r in lks)
     kernel_s = min(k["converge_s"] for k in kerns)
-    items = sum(int(lks[0][k]) for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
-    row.update(
-        pages=floors[0]["pages"],
-        floor_s=floor_s,
-        floor_scan_s=min(f["scan_s"] for f in floors),
-        lksmfs_s=lksmfs_s,
-        lksmfs_scan_s=min(r["wall_s"] for r in lks),
-        kernel_s=kernel_s,
-        vs_floor=lksmfs_s / floor_s,
-        vs_kernel=lksmfs_s / kernel_s if kernel_s else None,
-        floor_equal=all(f[k] == int(r.get(k, 0)) for f in fl for r in lks for k in keys),
-        kernel_equal=all(int(r.get(k, 0)) == int(k_.get(k, 0)) for r in lks for k_ in kerns for k in keys),
-        rmap_items=items,
-        peak_b_per_page=max(0, min(r["maxrss_kib"] for r in lks) - rss0) * 1024 / items if items else None,
-        floor=fl[0],
-        lksmfs={k: lks[0].get(k) for k in (*keys, "pages_unshared", "pages_volatile")},
-        kernel={k: kerns[0].get(k) for k in (*keys, "pages_unshared", "pages_volatile", "full_scans_run")},
-        times={"floor": [f["command_s"] for f in floors], "lksmfs": [r["command_s"] for r in lks],
-               "kernel": [k["converge_s"] for k in kerns]},
-    )
     foreign = sorted({p for k in kerns for p in k["foreign"]})
-    if foreign:
-        row["note"] = f"other mergeable pids {foreign}: the kernel's counters include them"
-    return row
+    rows = []
+    for t in trees:
+        runs = lks[t]
+        lksmfs_s = min(r["command_s"] for r in runs)
+        items = sum(int(runs[0][k]) for k in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
+        row: dict[str, Any] = {
+            "workload": workload, "size": "-" if workload == "real" else human(size), "tree": t,
+            "max_page_sharing": mps, "use_zero_pages": zp, "nr_processes": nr,
+            "pages": floors[0]["pages"],
+            "floor_s": floor_s,
+            "floor_scan_s": min(f["scan_s"] for f in floors),
+            "lksmfs_s": lksmfs_s,
+            "lksmfs_scan_s": min(r["wall_s"] for r in runs),
+            "kernel_s": kernel_s,
+            "vs_floor": lksmfs_s / floor_s,
+            "vs_kernel": lksmfs_s / kernel_s if kernel_s else None,
+            "floor_equal": all(f[k] == int(r.get(k, 0)) for f in fl for r in runs for k in keys),
+            "kernel_equal": all(int(r.get(k, 0)) == int(k_.get(k, 0)) for r in runs for k_ in kerns for k in keys),
+            "rmap_items": items,
+            "peak_b_per_page": max(0, min(r["maxrss_kib"] for r in runs) - rss0[t]) * 1024 / items if items else None,
+            "floor": fl[0],
+            "lksmfs": {k: runs[0].get(k) for k in (*keys, "pages_unshared", "pages_volatile")},
+            "kernel": {k: kerns[0].get(k) for k in (*keys, "pages_unshared", "pages_volatile", "full_scans_run")},
+            "times": {"floor": [f["command_s"] for f in floors], "lksmfs": [r["command_s"] for r in runs],
+                      "kernel": [k["converge_s"] for k in kerns]},
+        }
+        if foreign:
+            row["note"] = f"other mergeable pids {foreign}: the kernel's counters include them"
+        rows.append(row)
+    return rows
 
 
 def baseline_rss(mps: int, zp: int, timeout_s: float, tree: str) -> int:
@@ -220,42 +231,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-page-sharing", type=int, default=256, help="for lksmfs and the kernel")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each; the best time is kept")
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline per phase, seconds")
-    ap.add_argument("--tree", default=str(REPO), help="run `lksmfs scan` from this checkout")
+    ap.add_argument("--tree", action="append", help="run `lksmfs scan` from this checkout (repeatable: "
+                    "each on the same processes, interleaved; default: this repository)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     require_kernel_ksm()
     workloads = pick(ap, "--workload", args.workload, WORKLOADS)
     rows: list[dict[str, Any]] = []
-    rss0: dict[int, int] = {}
+    trees = args.tree or [str(REPO)]
+    rss0: dict[int, dict[str, int]] = {}
     for w in workloads:
         for size in parse_sizes(args.sizes) if w != "real" else [0]:
             if size:
                 check_memory(size)
             zp = int(w == "zero-zp")
             if zp not in rss0:
-                rss0[zp] = baseline_rss(args.max_page_sharing, zp, args.timeout, args.tree)
-            row = bench_one(w, size, args.procs, args.max_page_sharing, max(1, args.repeat),
-                            args.timeout, rss0[zp], args.tree)
-            rows.append(row)
-            print(f"# {w} {row['size']}: floor {row['floor_s']:.2f} s, lksmfs {row['lksmfs_s']:.2f} s, "
-                  f"kernel {row['kernel_s']:.2f} s; x floor {row['vs_floor']:.2f}, "
-                  f"x kernel {row['vs_kernel']:.2f}", file=sys.stderr)
-            print("# row " + json.dumps(row, sort_keys=True), file=sys.stderr, flush=True)  # kept if a later row fails
+                rss0[zp] = {t: baseline_rss(args.max_page_sharing, zp, args.timeout, t) for t in trees}
+            for row in bench_one(w, size, args.procs, args.max_page_sharing, max(1, args.repeat),
+                                 args.timeout, rss0[zp], trees):
+                rows.append(row)
+                print(f"# {w} {row['size']} {row['tree']}: floor {row['floor_s']:.2f} s, lksmfs "
+                      f"{row['lksmfs_s']:.2f} s, kernel {row['kernel_s']:.2f} s; x floor {row['vs_floor']:.2f}, "
+                      f"x kernel {row['vs_kernel']:.2f}", file=sys.stderr)
+                # each row as soon as it is measured: kept if a later one fails
+                print("# row " + json.dumps(row, sort_keys=True), file=sys.stderr, flush=True)
     if args.json:
         dump_json(rows)
         return 0
-    print(f"best of {args.repeat}, whole processes (start-up included); lksmfs from {args.tree}; kernel: "
+    print(f"best of {args.repeat}, whole processes (start-up included); kernel: "
           "ksmd converging (pages_to_scan 10000, sleep 0, smart_scan 0)")
     print_table(
-        ["workload", "size", "procs", "pages", "floor s", "lksmfs s", "(scan s)", "kernel s",
+        ["workload", "size", "tree", "procs", "pages", "floor s", "lksmfs s", "(scan s)", "kernel s",
          "x floor", "x kernel", "=floor", "=kernel", "peak B/page"],
-        [[r["workload"], r["size"], r["nr_processes"], r["pages"], r["floor_s"], r["lksmfs_s"],
-          r["lksmfs_scan_s"], r["kernel_s"], r["vs_floor"], r["vs_kernel"], r["floor_equal"],
+        [[r["workload"], r["size"], os.path.basename(r["tree"]), r["nr_processes"], r["pages"], r["floor_s"],
+          r["lksmfs_s"], r["lksmfs_scan_s"], r["kernel_s"], r["vs_floor"], r["vs_kernel"], r["floor_equal"],
           r["kernel_equal"], r["peak_b_per_page"]] for r in rows],
     )
     print("counters (floor's by hand from its groups / lksmfs / kernel):")
     for r in rows:
-        print(f"  {r['workload']} {r['size']}: floor {r['floor']}")
+        print(f"  {r['workload']} {r['size']} ({r['tree']}): floor {r['floor']}")
         print(f"  {' ' * len(r['workload'])} {' ' * len(r['size'])}  lksmfs {r['lksmfs']}")
         print(f"  {' ' * len(r['workload'])} {' ' * len(r['size'])}  kernel {r['kernel']}")
         if "note" in r:

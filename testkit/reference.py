@@ -16,9 +16,9 @@ What it models, after mm/ksm.c and the LKSM seed (mm/lksm.c):
 * max_page_sharing: a stable node takes at most that many mappings; a full node's content
   gets another node (a dup) at the head of a chain's list; a search picks the first of
   the fullest dups with room and moves it to the head if it has room for one more
-  (stable_node_dup()); a node that loses its last
-  mapping is freed, a chain that loses its last dup too (no timed pruning is modelled:
-  the tests run on a clock that does not move);
+  (stable_node_dup()); a node that loses its last mapping is freed, a chain that loses
+  its last dup too (no timed pruning is modelled: the tests run on a clock that does not
+  move);
 * the checksum gate: LKSM checks it during the initial rounds only (scan rounds before
   INITIAL_ROUND), mainline (policy `ksm`) in every pass;
 * use_zero_pages: a zero-filled page that passed the gate maps the zero page: counted in
@@ -27,6 +27,13 @@ What it models, after mm/ksm.c and the LKSM seed (mm/lksm.c):
   anonymous page: try_to_get_old_rmap_item()), unless the page was written meanwhile;
 * scope: LKSM scans every mergeable VMA of every process; mainline only VM_MERGEABLE ones
   (madvise / prctl), of processes that have one;
+* LKSM_FILTER, for file_data regions (anonymous pages of a private file mapping, one
+  region per file for every process mapping it): every page of the region that joins a
+  KSM page sets the bit of its offset (stable_tree_append_region()); once the region is
+  mature (scan round - birth round > LKSM_REGION_MATURE) and has a bit, a scan visits only
+  the offsets with a bit, and the items of the pages it passes by are freed
+  (get_next_rmap_item()).  Not modelled: file_bss regions, conflicts and resizes (every
+  process maps the file with the same size), newcomers and frozen slots (never filtered);
 * exits: LKSM drops a gone process's items at the end of the scan that finds it gone
   (lksm_flush_removed_mm_list()), and an LKSM full scan with no live process to scan
   does not happen; mainline drops them first thing in its next pass (__ksm_exit() put
@@ -38,10 +45,11 @@ pages_volatile, stable_node_chains, stable_node_dups, ksm_zero_pages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 INITIAL_ROUND = 3  # mm/lksm.c: the checksum gate holds in rounds before this one
+LKSM_REGION_MATURE = 5  # a region filters once scan_round - its birth round > this
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
             "stable_node_chains", "stable_node_dups", "ksm_zero_pages")
 
@@ -55,7 +63,7 @@ class RmapItem:
     oldchecksum: bytes | None = None  # None: never checksummed
     node: StableNode | None = None  # STABLE_FLAG: a mapping of this KSM page
     unstable: bool = False  # UNSTABLE_FLAG: in an unstable tree
-    zero: bool = False  # merged with the zero page in this scan (use_zero_pages)
+    region: tuple[Hashable, int] | None = None  # (file, page offset) when in a file_data region
 
 
 @dataclass(eq=False)
@@ -63,7 +71,6 @@ class StableNode:
     """A KSM page: its content and the items that map it (rmap_hlist)."""
 
     content: bytes
-    serial: int  # creation order
     items: list[RmapItem] = field(default_factory=list)
     chain: StableChain | None = None
 
@@ -82,15 +89,26 @@ class Process:
 
     pages: dict[int, bytes]
     alive: bool = True
+    files: list[tuple[int, int, Hashable]] = field(default_factory=list)  # [start_vpn, end_vpn), file
+
+    def region_of(self, vpn: int) -> tuple[Hashable, int] | None:
+        for start, end, file in self.files:
+            if start <= vpn < end:
+                return file, vpn - start
+        return None
 
 
 class ReferenceKsm:
     """The page-at-a-time engine over processes given as dicts of pages."""
 
-    def __init__(self, *, policy: str = "lksm", max_page_sharing: int = 256, use_zero_pages: bool = False) -> None:
+    def __init__(self, *, policy: str = "lksm", max_page_sharing: int = 256, use_zero_pages: bool = False,
+                 filter_enabled: bool = False) -> None:
         if policy not in ("lksm", "ksm"):
             raise ValueError(policy)
         self.policy = policy
+        self.filter_enabled = filter_enabled and policy == "lksm"
+        self.births: dict[Hashable, int] = {}  # file -> the round its region was made in
+        self.bits: dict[Hashable, set[int]] = {}  # file -> offsets where a page merged
         self.max_page_sharing = max_page_sharing
         self.use_zero_pages = use_zero_pages
         self.stable: dict[bytes, StableNode | StableChain] = {}
@@ -98,7 +116,10 @@ class ReferenceKsm:
         self.items: dict[int, dict[int, RmapItem]] = {}  # task -> vpn -> item (the mm_slot's rmap_list)
         self.zero_maps: set[tuple[int, int]] = set()  # (task, vpn) mapping the zero page
         self.scan_round = 0
-        self._serial = 0
+        # the first scan round in which stable_node_dup() chose among equally full dups
+        # (the list order decided: lksmfs's engine is known to differ there, see
+        # tests/unit/test_reference_engine.py)
+        self.first_tie_round: int | None = None
 
     # -- the stable tree ----------------------------------------------------------------
 
@@ -116,6 +137,9 @@ class ReferenceKsm:
         for dup in entry.dups:
             if len(dup.items) < self.max_page_sharing and (found is None or len(dup.items) > len(found.items)):
                 found = dup
+        if found is not None and self.first_tie_round is None and sum(
+                1 for d in entry.dups if len(d.items) == len(found.items)) > 1:
+            self.first_tie_round = self.scan_round
         if found is not None and entry.dups[0] is not found and len(found.items) + 1 < self.max_page_sharing:
             entry.dups.remove(found)
             entry.dups.insert(0, found)
@@ -124,8 +148,7 @@ class ReferenceKsm:
     def stable_tree_insert(self, content: bytes) -> StableNode:
         """A new KSM page; a content that has one already (full) becomes a chain of dups,
         a new dup going to the head of the chain's list (stable_node_chain_add_dup())."""
-        self._serial += 1
-        node = StableNode(content, self._serial)
+        node = StableNode(content)
         entry = self.stable.get(content)
         if entry is None:
             self.stable[content] = node
@@ -139,8 +162,12 @@ class ReferenceKsm:
         return node
 
     def stable_tree_append(self, item: RmapItem, node: StableNode) -> None:
+        """... and stable_tree_append_region(): the page's offset in its file region."""
         item.node = node
         node.items.append(item)
+        if self.filter_enabled and item.region is not None:
+            file, offset = item.region
+            self.bits.setdefault(file, set()).add(offset)
 
     def remove_rmap_item_from_tree(self, item: RmapItem) -> None:
         """Out of the stable tree (the node is freed with its last mapping, the chain with
@@ -202,7 +229,6 @@ class ReferenceKsm:
     def _to_zero_page(self, item: RmapItem, content: bytes) -> bool:
         """try_to_merge_with_zero_page()."""
         if self.use_zero_pages and not any(content):
-            item.zero = True
             self.zero_maps.add((item.task, item.vpn))
             return True
         return False
@@ -251,6 +277,10 @@ class ReferenceKsm:
         rmap = self.items.setdefault(task, {})
         for vpn in [v for v in rmap if v not in proc.pages]:  # pages gone: their items too
             self._free(rmap.pop(vpn))
+        if self.filter_enabled:
+            for _, _, file in proc.files:  # ksm_join(): the region of the file, made once, in
+                # lksm_prepare_full_scan() before it counts the new round (ksm_crawl_round++)
+                self.births.setdefault(file, self.scan_round - 1)
         for vpn in sorted(proc.pages):
             content = proc.pages[vpn]
             if (task, vpn) in self.zero_maps:
@@ -258,18 +288,30 @@ class ReferenceKsm:
                     if vpn in rmap:
                         self._free(rmap.pop(vpn))
                     continue
-                self.zero_maps.discard((task, vpn))  # written since: an anonymous page again
+                # written since: an anonymous page again (the write fault unmapped the zero
+                # page: ksm_zero_pages counts mappings, scanned or not)
+                self.zero_maps.discard((task, vpn))
+            region = proc.region_of(vpn) if self.filter_enabled else None
+            if region is not None and self._filtered_out(*region):
+                if vpn in rmap:  # passed by: get_next_rmap_item() frees its item
+                    self._free(rmap.pop(vpn))
+                continue
             item = rmap.get(vpn)
             if item is None:
                 item = rmap[vpn] = RmapItem(task, vpn)
-            item.zero = False
+            item.region = region
             self.cmp_and_merge_page(item, content)
+
+    def _filtered_out(self, file: Hashable, offset: int) -> bool:
+        """__scan_next_rmap_item(): a mature region with bits lets only their offsets by."""
+        bits = self.bits.get(file, set())
+        mature = self.scan_round - self.births[file] > LKSM_REGION_MATURE
+        return mature and bool(bits) and offset not in bits
 
     def _free(self, item: RmapItem) -> None:
         """remove_rmap_item_from_tree() + free_rmap_item().  Pages vanish and processes
         exit between scans: a freed item is never in this round's unstable tree."""
         self.remove_rmap_item_from_tree(item)
-        item.zero = False
 
     def _drop(self, task: int) -> None:
         for item in self.items.pop(task, {}).values():

@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 import re
-import select
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
@@ -39,7 +38,6 @@ from lksmfs.system.proc import (
     StatFields,
     TaskDir,
     TaskFailed,
-    as_task_error,
     describe_error,
     ksm_stat_fields,
     try_stat,
@@ -142,13 +140,6 @@ def process_vm_read(pid: int, buf: memoryview, addr: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"process_vm_readv: {os.strerror(err)}")
     return got
-
-
-def _has_exited(pidfd: int) -> bool:
-    """A pidfd polls readable once its process has exited."""
-    p = select.poll()
-    p.register(pidfd, select.POLLIN)
-    return bool(p.poll(0))
 
 
 # ---------------------------------------------------------------------------- parsers
@@ -301,14 +292,13 @@ def _one_task(
 class _TaskHandle:
     """Open fds of one task being scanned: its /proc/PID dir, mem, pagemap (opened lazily)."""
 
-    __slots__ = ("task", "dir", "mem_fd", "pagemap_fd", "pidfd", "busy", "stat0")
+    __slots__ = ("task", "dir", "mem_fd", "pagemap_fd", "busy", "stat0")
 
     def __init__(self, task_dir: TaskDir, stat0: StatFields | None = None) -> None:
         self.task = task_dir.task
         self.dir = task_dir
         self.mem_fd = -1
         self.pagemap_fd = -1
-        self.pidfd = -1  # for process_vm_readv: tells when the pid may name another process
         self.busy = 0
         # the stat read when the handle was opened: valid only during that same call
         self.stat0 = stat0
@@ -326,25 +316,18 @@ class _TaskHandle:
                     setattr(self, attr, fd)
         return fd
 
-    def pid_fd(self) -> int:
-        """A pidfd on the task, opened on first use while its /proc/PID directory shows
-        it alive: from then on, a read by pid that the pidfd outlives was a read of this
-        task (a pid is reused only once the task has exited)."""
-        if self.pidfd < 0:
-            with _OPEN_LOCK:
-                if self.pidfd < 0:
-                    try:
-                        fd = os.pidfd_open(self.task.pid)
-                    except OSError as e:
-                        raise as_task_error(e, f"{self.task} pidfd", self.dir.alive) from e
-                    if not self.dir.alive():
-                        os.close(fd)
-                        raise ProcessGone(f"{self.task}: exited")
-                    self.pidfd = fd
-        return self.pidfd
+    def still_there(self) -> bool:
+        """Is the task this handle pinned not yet reaped?  Its /proc/PID directory
+        answers lookups until then (ESRCH after): a read by pid before this says True was
+        a read of this task, since a pid is reused only once its task is reaped."""
+        try:
+            os.stat("stat", dir_fd=self.dir.fd)
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
-        for attr in ("mem_fd", "pagemap_fd", "pidfd"):
+        for attr in ("mem_fd", "pagemap_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 setattr(self, attr, -1)
@@ -811,9 +794,10 @@ class ProcfsSource:
             return _NO_VPNS
         h = self._acquire(task, cache=True)
         try:
+            # opened whatever reads: the fallback's fd, and the permission check up front
+            # (AccessDenied for a task out of bounds, as before any read)
+            h.fd("mem")
             by_pid = self.vm_read
-            if by_pid:
-                h.pid_fd()
             # runs of consecutive vpns: one read each (most calls ask for a single run)
             breaks = np.flatnonzero(np.diff(v) != np.uint64(1)).tolist() if n > 1 else []
             bounds = [0, *(b + 1 for b in breaks), n]
@@ -821,7 +805,7 @@ class ProcfsSource:
             ranges: list[tuple[int, int]] | None = None
             for k in range(len(bounds) - 1):
                 ranges = self._read_run(h, mv, v, bounds[k], bounds[k + 1], missing, ranges)
-            if by_pid and _has_exited(h.pidfd):
+            if by_pid and not h.still_there():
                 # the pid may have named another process by the end: nothing read counts
                 raise ProcessGone(f"{h.task}: exited while its memory was read")
             return np.array(missing, dtype=np.uint64) if missing else _NO_VPNS

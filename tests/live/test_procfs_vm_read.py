@@ -142,3 +142,18 @@ def test_process_vm_read_reports_the_kernel_errors(child: MemProcess) -> None:
     with pytest.raises(OSError) as e:
         process_vm_read(pid, buf, 0x10000)
     assert e.value.errno == errno.ESRCH
+
+
+
+def test_reads_by_pid_count_only_if_the_task_was_not_reaped_meanwhile(child: MemProcess,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pid names another process once its task is reaped: reads by pid are kept only
+    if the task's pinned /proc/PID still answers after them (the file needs no check:
+    its fd keeps naming the task it was opened on)."""
+    vpns = np.arange(child.vpn("data"), child.vpn("data") + 3, dtype=np.uint64)
+    monkeypatch.setattr(procfs._TaskHandle, "still_there", lambda self: False)
+    with ProcfsSource() as src:
+        with pytest.raises(ProcessGone):
+            src.read_pages(child.task, vpns)
+        src.vm_read = False
+        assert bytes(src.read_pages(child.task, vpns)) == bytes([0x41]) * (3 * PAGE_SIZE)
