@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from memfake import FakeSource, fill
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.pages import READ_BLOCK
 from lksmfs.engine.params import POLICY_KSM, POLICY_LKSM
-from lksmfs.sources.base import PAGE_SIZE, TaskId
+from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
 from lksmfs.sources.procfs import ProcfsSource
+from testkit.engine import check_counters
 from testkit.procsteps import ProcSteps, full_scans, use
 
 PRESENT, EXCLUSIVE = 1 << 63, 1 << 56
@@ -234,3 +236,53 @@ def test_an_unexpected_error_drops_the_task_with_one_warning(
                         "[Errno 22] EINVAL Invalid argument"]
     assert not any(r.exc_info for r in caplog.records if r.levelno >= 30)  # no traceback
 
+
+
+class DyingSource(FakeSource):
+    """The victim's `die_at`-th page read fails: it exited (ProcessGone), and is gone."""
+
+    def __init__(self, victim_name: str, die_at: int | None) -> None:
+        super().__init__()
+        self.victim_name = victim_name
+        self.die_at = die_at
+        self.victim_reads = 0
+
+    def read_pages(self, task: TaskId, vpns: Any, out: memoryview | None = None) -> memoryview:
+        if task in self.procs and self.procs[task].comm == self.victim_name:
+            self.victim_reads += 1
+            if self.victim_reads == self.die_at:
+                self.kill(task)
+        return super().read_pages(task, vpns, out)
+
+
+def _chunk_world(src: DyingSource) -> None:
+    """A victim whose one chunk is larger than a READ_BLOCK (only digests kept: the merges
+    read its pages again, content by content) with contents a partner and itself share;
+    both madvised (mainline registers them)."""
+    contents = [fill(c) for c in "abcdefgh"]
+    for name, base, pages in (("partner", 0x20000000, [c for c in contents for _ in range(4)]),
+                              ("victim", 0x30000000, [contents[i % len(contents)] for i in range(READ_BLOCK * 2)])):
+        m = Mapping(base, base + len(pages) * PAGE_SIZE, vm_mergeable=True)
+        src.add(name, [(m, dict(enumerate(pages)))])
+
+
+@pytest.mark.parametrize("policy", [POLICY_LKSM, POLICY_KSM])
+def test_a_task_dying_while_its_chunk_is_settled_leaves_the_totals(policy: str) -> None:
+    """Every read of the victim's pages in turn is the one it dies at: after the scans
+    every figure is the remaining slots' own (check_counters) - none of the victim's
+    items, merged before it died in the middle of its chunk, stays counted."""
+    rec = DyingSource("victim", None)
+    _chunk_world(rec)
+    ksm = Ksm(rec, short_task_ms=0, policy=policy)
+    for _ in range(SCANS):
+        ksm.full_scan()
+    assert rec.victim_reads >= 3 and ksm.counters()["pages_sharing"] > 0
+    for at in range(1, rec.victim_reads + 1):
+        src = DyingSource("victim", at)
+        _chunk_world(src)
+        ksm = Ksm(src, short_task_ms=0, policy=policy)
+        for _ in range(SCANS):
+            ksm.full_scan()
+        c = check_counters(ksm, quiescent=True)
+        assert [s.comm for s in ksm.slots.values()] == ["partner"], at
+        assert c["tasks_exited"] == 1, at
