@@ -153,7 +153,7 @@ class Ksm:
         for slot in list(self.mm.slots.values()):
             rmap = slot.rmap
             merging = int(np.count_nonzero(rmap.flags & STABLE))
-            zero = int(slot.zero_vpns.shape[0])
+            zero = self.scanner.zero_pages(slot)
             items = len(rmap)
             out.append(
                 {

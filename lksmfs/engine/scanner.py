@@ -278,6 +278,14 @@ class Scanner:
         """Pages of the slot being scanned were merged with the zero page."""
         self._new_zero.append(vpns)
 
+    def zero_pages(self, slot: MmSlot) -> int:
+        """The slot's pages merged with the zero page now (mm->ksm_zero_pages): those of
+        its last scan, and for the slot being scanned those merged so far in this one."""
+        n = int(slot.zero_vpns.shape[0])
+        if slot is self.cur and self.gen is not None:
+            n += sum(int(z.shape[0]) for z in self._new_zero)
+        return n
+
     # -- one slot ------------------------------------------------------------------
 
     def _scan_slot(self, slot: MmSlot) -> Generator[int, None, None]:
@@ -298,7 +306,9 @@ class Scanner:
         filled = 0
         new = Rmap()
         zero_kept: list[np.ndarray] = []
-        prev_zero, slot.zero_vpns = slot.zero_vpns, slot.zero_vpns[:0]
+        # the pages merged with the zero page stay the slot's (its per-process figure)
+        # until its scan ends, as the kernel's mm->ksm_zero_pages does on unchanged memory
+        prev_zero = slot.zero_vpns
         prev_thp_zero, slot.thp_zero = slot.thp_zero, slot.thp_zero[:0]
         thp_zero_kept: list[np.ndarray] = []
         self._new_zero = []
@@ -473,6 +483,8 @@ class Scanner:
             k.merger.remove_items(old.take(slice(pos, None)))
             slot.rmap = Rmap()
             k.stats.ksm_zero_pages -= int(prev_zero.shape[0]) + sum(int(z.shape[0]) for z in self._new_zero)
+            slot.zero_vpns = prev_zero[:0]
+            self._new_zero = []
             self._slot_gone(slot, e)
             return
         finally:
@@ -484,6 +496,7 @@ class Scanner:
         kept = np.concatenate(zero_kept) if zero_kept else prev_zero[:0]
         k.stats.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
         slot.zero_vpns = np.sort(np.concatenate([kept, *self._new_zero])) if self._new_zero else kept
+        self._new_zero = []
         self._slot_done(slot, k.clock() - begin)
 
     @staticmethod
