@@ -43,7 +43,7 @@ from lksmfs.engine.params import (
 )
 from lksmfs.engine.regions import RegionTable
 from lksmfs.engine.rmap import STABLE, Rmap
-from lksmfs.engine.scanner import Scanner
+from lksmfs.engine.scanner import Record, Scanner, scan_record
 from lksmfs.engine.slot import MmList, MmSlot
 from lksmfs.engine.stable import StableTree
 from lksmfs.engine.stats import KsmStats
@@ -51,8 +51,6 @@ from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, MemorySource, TaskId
 
 log = logging.getLogger(__name__)
-
-Record = dict[str, float | int]
 
 
 class Ksm:
@@ -317,8 +315,7 @@ class Ksm:
             else:
                 if self.tunables.run & KSM_RUN_ONESHOT:
                     self.tunables.one_shot_scanning = LKSM_SCAN_NONE
-                self.last_scan = {"mode": scanner.scan_mode, "slots_scanned": 0, "pages_scanned": 0,
-                                  "merged": 0, "broken": 0, "wall_s": 0.0}
+                self.last_scan = scan_record(scanner.scan_mode)
                 scanner.scan_mode = LKSM_SCAN_NONE
         finally:
             scanner.sync = False

@@ -26,7 +26,16 @@ import numpy as np
 from lksmfs.engine import thp
 from lksmfs.engine.hashindex import normkey
 from lksmfs.engine.pages import ZERO_HI, ZERO_LO, as_words, is_zero_digest
-from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.rmap import (
+    GONE,
+    NOT_TREE,
+    SEQNR_MASK,
+    STABLE,
+    UNSTABLE,
+    Rmap,
+    calc_checksum,
+    checksum_changed,
+)
 from lksmfs.engine.slot import MmSlot
 from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
 
@@ -34,9 +43,6 @@ if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
 PARTNER_BATCH = 64  # partner pages read and compared at a time (256 KiB of buffer)
-SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
-NOT_UNSTABLE = np.uint8(~int(UNSTABLE) & 0xFF)
-CKSUM_MASK = np.uint64(0xFFFFFFFE)  # calc_checksum() keeps bit 0 for the frozen flag
 
 SourceError = (ProcessGone, AccessDenied)
 
@@ -122,9 +128,10 @@ class Merger:
         their region - the chunk's (ksm_scan.region) for pages of chunk `c`, the one the
         item holds (rmap_item->region) for a partner from the unstable tree."""
         k = self.k
-        flags = blk.flags
-        k.stats.pages_unshared -= int(np.count_nonzero(flags[ti] & UNSTABLE))
-        flags[ti] = (flags[ti] & NOT_UNSTABLE) | STABLE
+        # out of the unstable tree first (try_to_merge_with_ksm_page() does it for the
+        # tree's item; cmp_and_merge_page() did it for the page scanned)
+        self.remove_from_tree(blk, ti)
+        blk.flags[ti] |= STABLE
         blk.node[ti] = nids
         k.stats.merged(k.stable.append_many(nids, distinct=distinct))
         if k.filter_enabled:
@@ -133,20 +140,46 @@ class Merger:
             else:
                 k.regions.account_merges(blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
 
+    def remove_from_tree(self, blk: Rmap, idx: np.ndarray) -> None:
+        """remove_rmap_item_from_tree() for items `idx` of `blk`: a stable one leaves its
+        KSM page (a broken merge), an unstable one stops counting as unshared
+        (ksm_pages_unshared--); both keep their item.  The one place either happens."""
+        k = self.k
+        flags = blk.flags[idx]
+        stable = (flags & STABLE) != 0
+        if stable.any():
+            for nid in blk.node[idx[stable]].tolist():
+                if k.stable.remove(nid):
+                    k.stats.broken()
+            blk.node[idx[stable]] = -1
+        k.stats.pages_unshared -= int(np.count_nonzero(flags & UNSTABLE))
+        blk.flags[idx] = flags & NOT_TREE
+
     def remove_items(self, rm: Rmap) -> None:
-        """remove_rmap_item_from_tree() + free for a block of items."""
+        """remove_rmap_item_from_tree() + free_rmap_item() for a block of items that is
+        dropped (`rm` is not used afterwards)."""
         n = len(rm)
         if not n:
             return
+        freed = n - int(np.count_nonzero(rm.flags & GONE))  # GONE: freed already
+        self.remove_from_tree(rm, np.arange(n))
+        self.k.stats.rmap_items -= freed
+
+    def unstable_insert(self, blk: Rmap, i: np.ndarray, lo: np.ndarray, refs: np.ndarray,
+                        stale: bool = False) -> None:
+        """The insert of unstable_tree_search_insert(): items `i` of `blk` (pages with
+        digests `lo`, numbered `refs` in the tree) wait in this round's unstable tree,
+        each the first of its content; `stale` when an entry for the content may exist
+        (a partner gone or moved on), which the new one replaces."""
         k = self.k
-        n -= int(np.count_nonzero(rm.flags & GONE))  # freed already
-        st = (rm.flags & STABLE) != 0
-        if st.any():
-            for nid in rm.node[st].tolist():
-                if k.stable.remove(nid):
-                    k.stats.broken()
-        k.stats.pages_unshared -= int(np.count_nonzero(rm.flags & UNSTABLE))
-        k.stats.rmap_items -= n
+        blk.flags[i] |= UNSTABLE
+        blk.seq[i] = k.scanner.scan_round & SEQNR_MASK
+        if stale:
+            for key, ref in zip(lo.tolist(), refs.tolist(), strict=True):
+                k.unstable.put(key, ref)
+        else:
+            k.unstable.put_many(normkey(lo), refs)
+        k.stats.pages_unshared += int(i.shape[0])
 
     # -- a chunk ----------------------------------------------------------------------
 
@@ -210,15 +243,14 @@ class Merger:
             # A content with no KSM page whose every page fails the checksum gate makes
             # nothing (the first visit of every page, mostly): they leave last round's
             # tree and record their checksum, all at once.
-            ck = (hi[idx] & CKSUM_MASK).astype(np.uint32)
-            fails = ((fl & FROZEN) == 0) & (part.cksum[idx] != ck) & (sref == -1) & ~slow
+            changed, ck = checksum_changed(part, idx, hi[idx])
+            fails = changed & (sref == -1) & ~slow
             gquiet = np.ones(starts.shape[0], dtype=bool)
             gquiet[gid[~fails]] = False
             quiet = gquiet[gid]
             if quiet.any():
                 q = idx[quiet]
-                k.stats.pages_unshared -= int(np.count_nonzero(flags[q] & UNSTABLE))
-                flags[q] &= NOT_UNSTABLE
+                self.remove_from_tree(part, q)
                 part.cksum[q] = ck[quiet]
                 if quiet.all():
                     return
@@ -269,8 +301,7 @@ class Merger:
         if k.tunables.use_zero_pages:  # a merge with the zero page splits the THP too
             may |= is_zero_digest(c.lo[idx], c.hi[idx])
         if k.crawler.checksum_gate(k.scanner.scan_round):  # a page failing it tries no merge
-            ck = (c.hi[idx] & CKSUM_MASK).astype(np.uint32)
-            may &= ((c.part.flags[idx] & FROZEN) != 0) | (c.part.cksum[idx] == ck)
+            may &= ~checksum_changed(c.part, idx, c.hi[idx])[0]
         may |= k.stable.index.get_many(klo) != -1  # (stable_tree_search() comes first)
         blocks = thp.blocks_of(vpns)
         busy = inthp & np.isin(blocks, blocks[inthp & may])
@@ -321,7 +352,6 @@ class Merger:
         gone or no longer equal)."""
         k = self.k
         part = c.part
-        flags = part.flags
         lo, hi = c.lo, c.hi
         if plain_room.any():  # J: stable_tree_search() finds a plain node with room
             j = i[plain_room]
@@ -331,12 +361,10 @@ class Merger:
         if not i.size:
             return left
         # remove_rmap_item_from_tree() for items left in last round's unstable tree
-        k.stats.pages_unshared -= int(np.count_nonzero(flags[i] & UNSTABLE))
-        flags[i] &= NOT_UNSTABLE
+        self.remove_from_tree(part, i)
         # the checksum gate (the policy says in which rounds; never for frozen tasks)
         if k.crawler.checksum_gate(k.scanner.scan_round):
-            new_ck = (hi[i] & CKSUM_MASK).astype(np.uint32)
-            fail = ((flags[i] & FROZEN) == 0) & (part.cksum[i] != new_ck)
+            fail, new_ck = checksum_changed(part, i, hi[i])
             part.cksum[i[fail]] = new_ck[fail]
             i = i[~fail]
         # M: unstable_tree_search_insert() finds a partner; merged after memcmp
@@ -354,20 +382,11 @@ class Merger:
         """unstable_tree_search_insert() found nothing: the pages wait in the tree, each
         the first of its content; `stale` when an entry for it may exist (a partner
         that has gone or moved on), which the new one replaces."""
-        k = self.k
         part = c.part
-        part.flags[i] |= UNSTABLE
-        part.seq[i] = k.scanner.scan_round & SEQNR_MASK
         if part.tracks_regions:
             part.region[i] = c.rid[i]
             part.off[i] = c.offsets(i).astype(np.uint32)
-        refs = i.astype(np.int64) + c.at
-        if stale:
-            for key, ref in zip(c.lo[i].tolist(), refs.tolist(), strict=True):
-                k.unstable.put(key, ref)
-        else:
-            k.unstable.put_many(normkey(c.lo[i]), refs)
-        k.stats.pages_unshared += int(i.shape[0])
+        self.unstable_insert(part, i, c.lo[i], i.astype(np.int64) + c.at, stale)
 
     def _settle_group(self, c: Chunk, m: np.ndarray) -> bool:
         """cmp_and_merge_page() for the pages `m` (address order) of one content, as the
@@ -406,8 +425,7 @@ class Merger:
         if plan is not None and not plan.compared(self):
             return False
         # remove_rmap_item_from_tree() for items left in last round's unstable tree
-        k.stats.pages_unshared -= int(np.count_nonzero(part.flags[m] & UNSTABLE))
-        part.flags[m] &= NOT_UNSTABLE
+        self.remove_from_tree(part, m)
         if taken:
             j = m[:taken]
             self._append(part, j, np.array(nids), c)
@@ -505,29 +523,19 @@ class Merger:
         lo, hi = int(c.lo[i]), int(c.hi[i])
         vpn = int(part.vpn[i])
         at = np.array([i])
-        flags = int(part.flags[i])
         # stable_tree_search()
         kn = k.stable.search(lo, hi, k.tunables.max_page_sharing)
-        # remove_rmap_item_from_tree()
-        if flags & STABLE:
-            if k.stable.remove(int(part.node[i])):
-                k.stats.broken()
-            flags &= ~int(STABLE)
-            part.node[i] = -1
-        elif flags & UNSTABLE:
-            k.stats.pages_unshared -= 1
-            flags &= ~int(UNSTABLE)
-        part.flags[i] = flags
+        self.remove_from_tree(part, at)
         if kn >= 0:
             # try_to_merge_with_ksm_page(): the KSM page's content is its digest
             if not thp.merge_fails(k, c.slot, vpn, self._known(c)):
                 self._append(part, at, np.array([kn]), c, distinct=True)
             return
         # the checksum gate (the policy says in which rounds; never for frozen tasks)
-        if k.crawler.checksum_gate(k.scanner.scan_round) and not flags & int(FROZEN):
-            ck = hi & 0xFFFFFFFE
-            if int(part.cksum[i]) != ck:
-                part.cksum[i] = ck
+        if k.crawler.checksum_gate(k.scanner.scan_round):
+            changed, ck = checksum_changed(part, at, c.hi[at])
+            if changed[0]:
+                part.cksum[i] = ck[0]
                 return
         page = c.words(np.array([i])).tobytes()
         if (k.tunables.use_zero_pages and lo == ZERO_LO and hi == ZERO_HI and not any(page)
@@ -557,13 +565,7 @@ class Merger:
                 self._append(part, at, nid, c, distinct=True)
                 return
         # insert into the unstable tree (over any stale entry with this content)
-        k.unstable.put(key, c.at + i)
-        part.flags[i] = flags | int(UNSTABLE)
-        part.seq[i] = k.scanner.scan_round & SEQNR_MASK
-        if part.tracks_regions:
-            part.region[i] = c.rid[i]
-            part.off[i] = vpn - int(c.base[i])
-        k.stats.pages_unshared += 1
+        self._insert_unstable(c, at, stale=True)
 
     def _thp_pair_fails(self, c: Chunk, vpn: int, tslot: MmSlot, tblk: Rmap, tvpn: int) -> bool:
         """try_to_merge_two_pages() as far as THPs go (lksmfs.engine.thp): the page's THP
@@ -641,7 +643,7 @@ class _GroupPlan:
         first = int(rest[0])
         lo, hi = int(c.lo[first]), int(c.hi[first])
         if k.crawler.checksum_gate(k.scanner.scan_round):
-            passing = ((part.flags[rest] & FROZEN) != 0) | (part.cksum[rest] == (hi & 0xFFFFFFFE))
+            passing = ~checksum_changed(part, rest, c.hi[rest])[0]
         else:
             passing = np.ones(n, dtype=bool)
         is_zero = (bool(k.tunables.use_zero_pages) and lo == ZERO_LO and hi == ZERO_HI
@@ -724,7 +726,8 @@ class _GroupPlan:
             j = rest[joined]
             merger._append(part, j, new[self.dup[joined]], c)
         if self.fail.any():
-            part.cksum[rest[self.fail]] = self.hi & 0xFFFFFFFE
+            f = rest[self.fail]
+            part.cksum[f] = calc_checksum(c.hi[f])
         if self.zero.any():
             z = rest[self.zero]
             k.scanner.add_zero_pages(part.vpn[z])

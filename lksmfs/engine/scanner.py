@@ -29,7 +29,7 @@ from lksmfs.engine.params import (
     POLICY_KSM,
 )
 from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
-from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.rmap import FROZEN, GONE, NOT_FROZEN, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
 from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, AccessDenied, Mapping
@@ -37,10 +37,17 @@ from lksmfs.sources.base import PAGE_SIZE, AccessDenied, Mapping
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
-_NOT_FROZEN = np.uint8(~int(FROZEN) & 0xFF)
-
 VmaRun = tuple[int, np.ndarray, Callable[[], None] | None]
 Read = tuple[memoryview | None, np.ndarray, np.ndarray]  # pages (None: not read), digests lo, hi
+Record = dict[str, float | int]
+
+
+def scan_record(mode: int, slots_scanned: int = 0, pages_scanned: int = 0, merged: int = 0, broken: int = 0,
+                wall_s: float = 0.0) -> Record:
+    """What the engine tells of the last scan (Ksm.last_scan): LKSM's per-scan
+    statistics (lksm_nr_scanned_slot, lksm_nr_merged, lksm_nr_broken), built here only."""
+    return {"mode": mode, "slots_scanned": slots_scanned, "pages_scanned": pages_scanned, "merged": merged,
+            "broken": broken, "wall_s": wall_s}
 
 
 def filter_may_start() -> None:
@@ -77,6 +84,42 @@ class Scanner:
         self._unstable_hint = 0  # entries the last round's unstable tree ended with
         self._buf = bytearray()  # the page contents of the chunk being scanned
         self._last_prune = ksm.clock()
+
+    # -- what the cursor says (read by lksmfs.engine.fastpass) ------------------------
+
+    @property
+    def started(self) -> bool:
+        """The scan handed over has had its first batch (scan_starting() was told)."""
+        return self._started
+
+    @property
+    def at_head(self) -> bool:
+        """ksm_scan.mm_slot == &ksm_scan_head: between two passes (the next slot starts
+        a new round's unstable tree)."""
+        return self._at_head
+
+    @property
+    def last_prune(self) -> float:
+        """When stable_node_chains were last pruned (the engine's clock)."""
+        return self._last_prune
+
+    def between_passes(self, scan_round: int, unstable_hint: int, last_prune: float, record: Record) -> None:
+        """The cursor back at the list head after whole passes run elsewhere
+        (lksmfs.engine.fastpass): the round they ended, the entries their last unstable
+        tree had, the last chain prune, and their last scan's record."""
+        k = self.k
+        self.gen = None
+        self.cur = None
+        k.mm.scan_list.clear()
+        self.scan_round = scan_round
+        self._unstable_hint = unstable_hint
+        self._last_prune = last_prune
+        k.unstable = UnstableTree()
+        self.scan_mode = LKSM_SCAN_NONE
+        self.scan_state = False
+        self._started = False
+        self._at_head = True
+        k.last_scan = record
 
     # -- the thread's view -------------------------------------------------------------
 
@@ -126,7 +169,7 @@ class Scanner:
         scanned = 0
         while scanned < budget:
             if self.gen is None:
-                slot = self._next_slot()
+                slot = self.next_slot()
                 if slot is None:
                     return
                 self.gen = self._scan_slot(slot)
@@ -139,7 +182,7 @@ class Scanner:
                 if self.one_slot:  # hook: see __init__
                     return
 
-    def _next_slot(self) -> MmSlot | None:
+    def next_slot(self) -> MmSlot | None:
         """scan_get_next_rmap_item(): at the list head a new round resets the unstable
         tree; then lksm_get_unscanned_mm_slot()."""
         k = self.k
@@ -173,14 +216,9 @@ class Scanner:
         k = self.k
         k.flush_removed_mm_list()
         stats = k.stats
-        k.last_scan = {
-            "mode": self.scan_mode,
-            "slots_scanned": stats.lksm_nr_scanned_slot,
-            "pages_scanned": stats.pages_scanned - self._pages_at_begin,
-            "merged": stats.lksm_nr_merged,
-            "broken": stats.lksm_nr_broken,
-            "wall_s": time.perf_counter() - self._begin,
-        }
+        k.last_scan = scan_record(self.scan_mode, stats.lksm_nr_scanned_slot,
+                                  stats.pages_scanned - self._pages_at_begin, stats.lksm_nr_merged,
+                                  stats.lksm_nr_broken, time.perf_counter() - self._begin)
         if self.scan_mode == LKSM_SCAN_FULL:
             stats.nr_full_scan += 1
         k.crawler.scan_wrapped(self.scan_mode)
@@ -497,7 +535,7 @@ class Scanner:
         k.stats.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
         slot.zero_vpns = np.sort(np.concatenate([kept, *self._new_zero])) if self._new_zero else kept
         self._new_zero = []
-        self._slot_done(slot, k.clock() - begin)
+        self.slot_done(slot, k.clock() - begin)
 
     @staticmethod
     def _thp_blocks_now(slot: MmSlot, huge: list[np.ndarray]) -> None:
@@ -641,7 +679,7 @@ class Scanner:
         self.k.mm.remove(slot)
         stats.end_slot()
 
-    def _slot_done(self, slot: MmSlot, elapsed: float) -> None:
+    def slot_done(self, slot: MmSlot, elapsed: float) -> None:
         """The end of a slot in scan_get_next_rmap_item(): newcomer and frozen states
         end, the merge window moves, and the slot is (re)placed in the VIP order."""
         slot.clear(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
@@ -683,9 +721,9 @@ class Scanner:
             # an old item keeps the frozen bit only if it sat in the unstable tree
             frozen = ~matched | ((flags & UNSTABLE) != 0)
             flags[frozen] |= FROZEN
-            flags[~frozen] &= _NOT_FROZEN
+            flags[~frozen] &= NOT_FROZEN
         else:
-            flags &= _NOT_FROZEN
+            flags &= NOT_FROZEN
 
         # cmp_and_merge_page(): an unchanged KSM page is left alone
         stable_ok = k.stable.unchanged(flags, part.node, lo, hi)
