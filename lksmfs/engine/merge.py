@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
 PARTNER_BATCH = 64  # partner pages read and compared at a time (256 KiB of buffer)
+PAIR_BATCH = 64  # pages of a chunk read at once to compare new KSM pages' two pages
 
 SourceError = (ProcessGone, AccessDenied)
 
@@ -273,13 +274,55 @@ class Merger:
             fallback.append(self._settle_singles(c, idx[simple], sref[simple], plain_room[simple]))
         if grouped.any():
             gs = np.flatnonzero(np.bincount(gid[grouped], minlength=starts.shape[0]))
-            for g in gs.tolist():
-                members = all_idx[order[starts[g] : starts[g] + counts[g]]]
-                if not self._settle_group(c, members):
-                    fallback.append(members)
+            gs = self._join_rooms(c, all_idx[order], starts[gs], counts[gs], gs)
+            fallback += self._settle_groups(c, [all_idx[order[starts[g] : starts[g] + counts[g]]] for g in gs.tolist()])
         rest = [idx[slow], *fallback]
         s = np.sort(np.concatenate(rest)) if len(rest) > 1 else rest[0]
         self._one_by_one(c, s)
+
+    def _join_rooms(self, c: Chunk, sorted_idx: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                    gs: np.ndarray) -> np.ndarray:
+        """The groups `gs` (pages of one content: `sorted_idx[starts[j]:starts[j] +
+        counts[j]]`, address order) whose every page finds room in the KSM pages of its
+        content - stable_tree_search() then try_to_merge_with_ksm_page(), page after
+        page, fullest KSM page first - settled together: one removal from the trees and
+        one stable_tree_append() for all of them.  Returns the groups left for
+        _settle_group() (those with no or too little room, or whose digests differ)."""
+        k = self.k
+        n = int(gs.shape[0])
+        total = int(counts.sum())
+        owner = np.repeat(np.arange(n), counts)
+        first_at = np.cumsum(counts) - counts
+        members = sorted_idx[np.arange(total) - np.repeat(first_at, counts) + np.repeat(starts, counts)]
+        first = members[first_at]
+        lo, hi = c.lo, c.hi
+        flo, fhi = lo[first], hi[first]
+        ok = np.ones(n, dtype=bool)
+        ok[owner[(lo[members] != flo[owner]) | (hi[members] != fhi[owner])]] = False  # keys alike, digests not
+        ok &= k.stable.index.get_many(normkey(flo)) != -1
+        if not ok.any():
+            return gs
+        mps = k.tunables.max_page_sharing
+        nids: list[int] = []
+        takes: list[int] = []
+        for j in np.flatnonzero(ok).tolist():
+            want = int(counts[j])
+            rooms = k.stable.rooms(int(flo[j]), int(fhi[j]), mps)
+            if sum(room for _, room in rooms) < want:
+                ok[j] = False
+                continue
+            for nid, room in rooms:
+                t = min(room, want)
+                nids.append(nid)
+                takes.append(t)
+                want -= t
+                if not want:
+                    break
+        if nids:
+            pages = members[ok[owner]]
+            self._append(c.part, pages, np.repeat(np.array(nids, dtype=np.int64), takes), c)
+        out: np.ndarray = gs[~ok]
+        return out
 
     def _by_huge_page(self, c: Chunk, idx: np.ndarray) -> None:
         """cmp_and_merge() for a chunk with pages in THPs no merge has split
@@ -388,25 +431,63 @@ class Merger:
             part.off[i] = c.offsets(i).astype(np.uint32)
         self.unstable_insert(part, i, c.lo[i], i.astype(np.int64) + c.at, stale)
 
-    def _settle_group(self, c: Chunk, m: np.ndarray) -> bool:
-        """cmp_and_merge_page() for the pages `m` (address order) of one content, as the
-        page-at-a-time path would settle them one after the other: fill the KSM pages
-        with room (fullest first), then - past the checksum gate - merge with the
-        unstable tree partner, fill that new KSM page up to max_page_sharing, pair the
-        next two pages into another, and so on; a last page alone waits in the tree.
+    def _settle_groups(self, c: Chunk, groups: list[np.ndarray]) -> list[np.ndarray]:
+        """cmp_and_merge_page() for the pages of each group (one content each, address
+        order), as the page-at-a-time path would settle them one after the other: fill
+        the KSM pages with room (fullest first), then - past the checksum gate - merge
+        with the unstable tree partner, fill that new KSM page up to max_page_sharing,
+        pair the next two pages into another, and so on; a last page alone waits in the
+        tree.  Groups of different contents do not meet, so every group is planned first;
+        then the pages that become one KSM page are compared byte for byte (a page with
+        the partner, or the two pages of a new pair), as try_to_merge_two_pages() would,
+        the chunk's pages read together, a bounded batch at a time; only then does a
+        group change anything.  Returns the groups left to the page-at-a-time path,
+        unchanged: a comparison failed (a digest collision, a page rewritten since it
+        was read), or the digests or a THP say so."""
+        fallback: list[np.ndarray] = []
+        planned: list[tuple[np.ndarray, int, list[int], _GroupPlan | None]] = []
+        for m in groups:
+            got = self._plan_group(c, m)
+            if got is None:
+                fallback.append(m)
+            else:
+                planned.append((m, *got))
+        b = 0
+        while b < len(planned):
+            # the next plans whose pages to compare fit in one read of PAIR_BATCH pages
+            e, wanted = b, 0
+            while e < len(planned):
+                plan = planned[e][3]
+                n = plan.npages() if plan is not None else 0
+                if e > b and wanted + n > PAIR_BATCH:
+                    break
+                wanted += n
+                e += 1
+            needs = [p.needs() for _, _, _, p in planned[b:e] if p is not None and p.pairs]
+            need = np.unique(np.concatenate(needs)) if needs else np.zeros(0, dtype=np.int64)
+            rows = c.words(need) if need.size else np.zeros((0, PAGE_SIZE // 8), dtype=np.uint64)
+            for m, taken, nids, plan in planned[b:e]:
+                if plan is not None and not plan.compared(self, need, rows):
+                    fallback.append(m)
+                    continue
+                # remove_rmap_item_from_tree() for items left in last round's unstable tree
+                self.remove_from_tree(c.part, m)
+                if taken:
+                    self._append(c.part, m[:taken], np.array(nids, dtype=np.int64), c)
+                if plan is not None:
+                    plan.apply(self)
+            b = e
+        return fallback
 
-        The outcome is planned first, over runs of pages rather than page by page; then
-        the pages that become one KSM page are compared byte for byte (a page with the
-        partner, or the two pages of a new pair), as try_to_merge_two_pages() would;
-        only then is anything changed.  Returns False, having changed nothing, when a
-        comparison fails (a digest collision, a page rewritten since it was read)."""
+    def _plan_group(self, c: Chunk, m: np.ndarray) -> tuple[int, list[int], _GroupPlan | None] | None:
+        """The outcome of one group, with nothing changed: how many pages the KSM pages
+        with room take (stable_tree_search()) and which, and the plan for the rest; None
+        when the page-at-a-time path must settle it."""
         k = self.k
-        part = c.part
         first = int(m[0])
         lo, hi = int(c.lo[first]), int(c.hi[first])
         if not (bool((c.lo[m] == c.lo[first]).all()) and bool((c.hi[m] == c.hi[first]).all())):
-            return False  # keys alike, digests not: the page-at-a-time path sorts them out
-        # stable_tree_search(): the KSM pages with room take the first pages
+            return None  # keys alike, digests not: the page-at-a-time path sorts them out
         taken = 0
         nids: list[int] = []
         for nid, room in k.stable.rooms(lo, hi, k.tunables.max_page_sharing):
@@ -421,17 +502,8 @@ class Merger:
             tslot, tblk, ti = plan.partner
             tvpn = int(tblk.vpn[ti])
             if thp.is_unsplit(tslot, tvpn) or thp.is_vanished(tslot, tvpn):
-                return False  # lksmfs.engine.thp: page by page
-        if plan is not None and not plan.compared(self):
-            return False
-        # remove_rmap_item_from_tree() for items left in last round's unstable tree
-        self.remove_from_tree(part, m)
-        if taken:
-            j = m[:taken]
-            self._append(part, j, np.array(nids), c)
-        if plan is not None:
-            plan.apply(self)
-        return True
+                return None  # lksmfs.engine.thp: page by page
+        return taken, nids, plan
 
     def _merge_with_tree(self, c: Chunk, m: np.ndarray, refs: np.ndarray) -> np.ndarray:
         """try_to_merge_two_pages() + stable_tree_insert() for pages whose unstable tree
@@ -691,23 +763,31 @@ class _GroupPlan:
         used = partner if pairs and pairs[0][0] < 0 else None
         return cls(c, rest, lo, hi, dup, fail, zero, waiting, pairs, used)
 
-    def compared(self, merger: Merger) -> bool:
-        """memcmp_pages() for the two pages of every new KSM page."""
+    def needs(self) -> np.ndarray:
+        """The chunk's pages memcmp_pages() reads for the new KSM pages."""
+        return np.array([self.rest[x] for pair in self.pairs for x in pair if x >= 0], dtype=np.int64)
+
+    def npages(self) -> int:
+        """How many of them (at most)."""
+        return 2 * len(self.pairs)
+
+    def compared(self, merger: Merger, need: np.ndarray, rows: np.ndarray) -> bool:
+        """memcmp_pages() for the two pages of every new KSM page (`rows`: the words of
+        the chunk's pages `need`, sorted; the pages of this plan among them)."""
         if not self.pairs:
             return True
-        need = np.unique(np.array([self.rest[x] for pair in self.pairs for x in pair if x >= 0]))
-        rows = self.c.words(need)
-        row = {int(p): r for p, r in zip(need.tolist(), rows, strict=True)}
-        for a, b in self.pairs:
-            mine = row[int(self.rest[b])]
-            if a >= 0:
-                if not np.array_equal(row[int(self.rest[a])], mine):
-                    return False
-            else:
-                assert self.partner is not None
-                tslot, tblk, ti = self.partner
-                if merger._read_page(tslot, int(tblk.vpn[ti])) != mine.tobytes():
-                    return False
+        pairs = np.array(self.pairs, dtype=np.int64)
+        mine = rows[np.searchsorted(need, self.rest[pairs[:, 1]])]
+        two = pairs[:, 0] >= 0
+        if two.any():
+            theirs = rows[np.searchsorted(need, self.rest[pairs[two, 0]])]
+            if not bool((theirs == mine[two]).all()):
+                return False
+        if not two.all():  # the first pair's partner, from the unstable tree
+            assert self.partner is not None
+            tslot, tblk, ti = self.partner
+            if merger._read_page(tslot, int(tblk.vpn[ti])) != mine[0].tobytes():
+                return False
         return True
 
     def apply(self, merger: Merger) -> None:
