@@ -287,7 +287,7 @@ class Merger:
         content - stable_tree_search() then try_to_merge_with_ksm_page(), page after
         page, fullest KSM page first - settled together: one removal from the trees and
         one stable_tree_append() for all of them.  Returns the groups left for
-        _settle_group() (those with no or too little room, or whose digests differ)."""
+        _settle_groups() (those with no or too little room, or whose digests differ)."""
         k = self.k
         n = int(gs.shape[0])
         total = int(counts.sum())
