@@ -299,28 +299,37 @@ class Merger:
         flo, fhi = lo[first], hi[first]
         ok = np.ones(n, dtype=bool)
         ok[owner[(lo[members] != flo[owner]) | (hi[members] != fhi[owner])]] = False  # keys alike, digests not
-        ok &= k.stable.index.get_many(normkey(flo)) != -1
+        st = k.stable
+        sref = st.index.get_many(normkey(flo))
+        ok &= sref != -1
         if not ok.any():
             return gs
         mps = k.tunables.max_page_sharing
-        nids: list[int] = []
-        takes: list[int] = []
-        for j in np.flatnonzero(ok).tolist():
+        nid = np.full(total, -1, dtype=np.int64)  # the KSM page each page joins
+        # a plain KSM page (no chain) with the content and room for the whole group
+        sn = np.where(sref >= 0, sref, 0)
+        plain = ok & (sref >= 0)
+        fits = plain & (st.lo[sn] == flo) & (st.hi[sn] == fhi) & (mps - st.nlen[sn] >= counts)
+        ok &= ~plain | fits
+        nid[fits[owner]] = sref[owner[fits[owner]]]
+        # a chain: its dups with room, fullest first
+        for j in np.flatnonzero(ok & (sref < -1)).tolist():
             want = int(counts[j])
-            rooms = k.stable.rooms(int(flo[j]), int(fhi[j]), mps)
+            rooms = st.rooms_at(int(sref[j]), int(flo[j]), int(fhi[j]), mps)
             if sum(room for _, room in rooms) < want:
                 ok[j] = False
                 continue
-            for nid, room in rooms:
+            at = int(first_at[j])
+            for node, room in rooms:
                 t = min(room, want)
-                nids.append(nid)
-                takes.append(t)
+                nid[at : at + t] = node
+                at += t
                 want -= t
                 if not want:
                     break
-        if nids:
-            pages = members[ok[owner]]
-            self._append(c.part, pages, np.repeat(np.array(nids, dtype=np.int64), takes), c)
+        if ok.any():
+            joins = ok[owner]
+            self._append(c.part, members[joins], nid[joins], c)
         out: np.ndarray = gs[~ok]
         return out
 

@@ -98,7 +98,11 @@ class StableTree:
     def rooms(self, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
         """Every node with this content that can take more mappings, with how many, in
         the order repeated stable_tree_search() calls would fill them."""
-        ref = self.index.get(lo)
+        return self.rooms_at(self.index.get(lo), lo, hi, max_page_sharing)
+
+    def rooms_at(self, ref: int, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
+        """rooms() where the index's entry for the content (`ref`: a node, a chain, or -1)
+        was looked up already, for many contents at once (HashIndex.get_many)."""
         if ref == -1:
             return []
         if ref >= 0:
