@@ -475,17 +475,29 @@ class Merger:
             needs = [p.needs() for _, _, _, p in planned[b:e] if p is not None and p.pairs]
             need = np.unique(np.concatenate(needs)) if needs else np.zeros(0, dtype=np.int64)
             rows = c.words(need) if need.size else np.zeros((0, PAGE_SIZE // 8), dtype=np.uint64)
-            for m, taken, nids, plan in planned[b:e]:
-                if plan is not None and not plan.compared(self, need, rows):
-                    fallback.append(m)
-                    continue
-                # remove_rmap_item_from_tree() for items left in last round's unstable tree
-                self.remove_from_tree(c.part, m)
-                if taken:
-                    self._append(c.part, m[:taken], np.array(nids, dtype=np.int64), c)
-                if plan is not None:
-                    plan.apply(self)
+            good = []
+            for item in planned[b:e]:
+                if item[3] is not None and not item[3].compared(self, need, rows):
+                    fallback.append(item[0])
+                else:
+                    good.append(item)
             b = e
+            if not good:
+                continue
+            # remove_rmap_item_from_tree() for items left in last round's unstable tree
+            self.remove_from_tree(c.part, np.concatenate([m for m, _, _, _ in good]))
+            pages: list[np.ndarray] = []
+            nodes: list[np.ndarray] = []
+            for m, taken, nids, plan in good:
+                if taken:
+                    pages.append(m[:taken])
+                    nodes.append(np.array(nids, dtype=np.int64))
+                if plan is not None:
+                    joined, new = plan.apply(self)
+                    pages.append(joined)
+                    nodes.append(new)
+            # stable_tree_append() for every page of these groups that joined a KSM page
+            self._append(c.part, np.concatenate(pages), np.concatenate(nodes), c)
         return fallback
 
     def _plan_group(self, c: Chunk, m: np.ndarray) -> tuple[int, list[int], _GroupPlan | None] | None:
@@ -799,9 +811,12 @@ class _GroupPlan:
                 return False
         return True
 
-    def apply(self, merger: Merger) -> None:
-        """New KSM pages (their partner first), joins, checksums of the pages the gate
-        failed, zero pages, and the page left waiting."""
+    def apply(self, merger: Merger) -> tuple[np.ndarray, np.ndarray]:
+        """New KSM pages (their partner first), checksums of the pages the gate failed,
+        zero pages, and the page left waiting; returns the chunk's pages that join the
+        new KSM pages, and which, for the caller's one stable_tree_append() (the
+        counters add up the same in any order: a page joining a node first is shared,
+        every other sharing)."""
         k = merger.k
         c, rest = self.c, self.rest
         part = c.part
@@ -811,9 +826,6 @@ class _GroupPlan:
             tat = np.array([ti])
             merger._append(tblk, tat, new[:1], None, distinct=True)
         joined = self.dup >= 0
-        if joined.any():
-            j = rest[joined]
-            merger._append(part, j, new[self.dup[joined]], c)
         if self.fail.any():
             f = rest[self.fail]
             part.cksum[f] = calc_checksum(c.hi[f])
@@ -823,3 +835,5 @@ class _GroupPlan:
             k.stats.ksm_zero_pages += int(z.shape[0])
         if self.waiting >= 0:
             merger._insert_unstable(c, rest[self.waiting : self.waiting + 1], stale=True)
+        out: tuple[np.ndarray, np.ndarray] = (rest[joined], new[self.dup[joined]])
+        return out
