@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
 
-
 @runtime_checkable
 class KeyedSource(Protocol):
     """A MemorySource that names contents (what fast-forwarding needs)."""
