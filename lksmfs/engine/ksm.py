@@ -42,7 +42,7 @@ from lksmfs.engine.params import (
     Tunables,
 )
 from lksmfs.engine.regions import RegionTable
-from lksmfs.engine.rmap import STABLE, Rmap
+from lksmfs.engine.rmap import GONE, STABLE, Rmap
 from lksmfs.engine.scanner import Record, Scanner, scan_record
 from lksmfs.engine.slot import MmList, MmSlot
 from lksmfs.engine.stable import StableTree
@@ -149,10 +149,11 @@ class Ksm:
         """Per mm_slot figures in the style of mainline's /proc/PID/ksm_stat."""
         out: list[dict[str, int | str]] = []
         for slot in list(self.mm.slots.values()):
-            rmap = slot.rmap
-            merging = int(np.count_nonzero(rmap.flags & STABLE))
+            # mid-scan, what the scanner has rebuilt so far and the rest of the old list
+            lists = self.scanner.items_of(slot)
+            merging = sum(int(np.count_nonzero(r.flags & STABLE)) for r in lists)
             zero = self.scanner.zero_pages(slot)
-            items = len(rmap)
+            items = sum(len(r) - int(np.count_nonzero(r.flags & GONE)) for r in lists)
             out.append(
                 {
                     "pid": slot.task.pid,

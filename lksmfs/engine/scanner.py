@@ -75,6 +75,7 @@ class Scanner:
         self.region = -1  # ksm_scan.region: the region used last in this mm (-1: NULL)
         self._cur_new: Rmap | None = None  # the new rmap list of the slot being scanned
         self._cur_valid = 0
+        self._cur_pos = 0  # the old rmap list's first item the scan has not passed yet
         self._new_zero: list[np.ndarray] = []  # pages of that slot merged with the zero page now
         self._matched = np.zeros(0, dtype=bool)
         # the scan in progress
@@ -316,6 +317,16 @@ class Scanner:
         """Pages of the slot being scanned were merged with the zero page."""
         self._new_zero.append(vpns)
 
+    def items_of(self, slot: MmSlot) -> list[Rmap]:
+        """The slot's rmap items now: its list - or, for the slot being scanned into a new
+        list, the new list's items so far and the old list's the scan has not passed
+        (get_next_rmap_item() frees the ones it passes, allocates as it goes)."""
+        new = self._cur_new
+        old = slot.rmap
+        if slot is not self.cur or self.gen is None or new is None or new is old:
+            return [old]
+        return [new.view(0, self._cur_valid), old.view(self._cur_pos, len(old))]
+
     def zero_pages(self, slot: MmSlot) -> int:
         """The slot's pages merged with the zero page now (mm->ksm_zero_pages): those of
         its last scan, and for the slot being scanned those merged so far in this one."""
@@ -350,6 +361,7 @@ class Scanner:
         prev_thp_zero, slot.thp_zero = slot.thp_zero, slot.thp_zero[:0]
         thp_zero_kept: list[np.ndarray] = []
         self._new_zero = []
+        self._cur_pos = 0
         self.region = -1  # ksm_scan.region is NULL when a slot starts
         try:
             # Taken before anything is read: equal to the mark taken before the last
@@ -439,6 +451,7 @@ class Scanner:
                 self._cur_valid = filled + n
                 pos, scanned = self._scan_chunk(slot, bases, rids, part, data, lo, hi, old,
                                                 filled if inplace else pos, at + filled, inplace)
+                self._cur_pos = pos
                 filled += n
                 k.publish()
                 yield scanned  # hook: pages the policy skipped cost no budget
