@@ -311,9 +311,17 @@ class Merger:
         plain = ok & (sref >= 0)
         fits = plain & (st.lo[sn] == flo) & (st.hi[sn] == fhi) & (mps - st.nlen[sn] >= counts)
         ok &= ~plain | fits
-        nid[fits[owner]] = sref[owner[fits[owner]]]
-        # a chain: its dups with room, fullest first
-        for j in np.flatnonzero(ok & (sref < -1)).tolist():
+        to = np.where(fits, sref, -1)  # the one KSM page a whole group joins
+        # a chain whose one dup with room takes the whole group
+        chain = np.flatnonzero(ok & (sref < -1))
+        dup = st.chain_candidates(sref[chain])
+        dn = np.maximum(dup, 0)
+        one = (dup >= 0) & (st.lo[dn] == flo[chain]) & (st.hi[dn] == fhi[chain]) & (mps - st.nlen[dn] >= counts[chain])
+        to[chain[one]] = dup[one]
+        whole = to[owner] >= 0
+        nid[whole] = to[owner[whole]]
+        # other chains: their dups with room, fullest first
+        for j in chain[~one].tolist():
             want = int(counts[j])
             rooms = st.rooms_at(int(sref[j]), int(flo[j]), int(fhi[j]), mps)
             if sum(room for _, room in rooms) < want:

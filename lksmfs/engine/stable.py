@@ -112,6 +112,14 @@ class StableTree:
             return [(ref, max_page_sharing - n)]
         return self._chain_rooms(-ref - 2, lo, hi, max_page_sharing)
 
+    def chain_candidates(self, refs: np.ndarray) -> np.ndarray:
+        """For index entries that are chains: the chain's dup that may have room when it
+        is the only one (the usual case: stable_node_dup() drops full dups as it meets
+        them), else -1 - rooms_at() then tells."""
+        room = self._room
+        cands = [room[-r - 2] for r in refs.tolist()]
+        return np.array([next(iter(d)) if len(d) == 1 else -1 for d in cands], dtype=np.int64)
+
     def unchanged(self, flags: np.ndarray, node: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Which items (their flags and node columns, the pages' digests) are unchanged
         KSM pages: STABLE, with their node's content - cmp_and_merge_page() leaves them
