@@ -12,7 +12,7 @@ gate, back into the unstable tree).  Such a slot is *quiet*, and its scan is exa
 - every item's automaton step, computed for the whole slot at once (numpy);
 - the counters that step moves (pages_scanned, pages_skipped, pages_unshared);
 - the unstable tree entries the slot's waiting pages would have made;
-- the slot's end as the scanner does it (_slot_done).
+- the slot's end as the scanner does it (slot_done).
 
 `FastScanner.run(budget)` runs the scan the policy handed over, up to `budget` scanned
 pages, taking each slot the fast way when it is quiet and the engine's own scanner
@@ -34,29 +34,24 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from lksmfs.engine.hashindex import HashIndex, normkey
-from lksmfs.engine.ksmd import SMART_SCAN_MIN_AGE, KsmdPolicy, skip_age
-from lksmfs.engine.merge import CKSUM_MASK, SEQNR_MASK, SourceError
+from lksmfs.engine.ksmd import AGE_MAX, SMART_SCAN_MIN_AGE, KsmdPolicy, skip_age
+from lksmfs.engine.merge import SourceError
 from lksmfs.engine.pages import XXH3, Digest
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
     KSM_MM_NEWCOMER,
     KSM_MM_SCANNED,
     LKSM_SCAN_FULL,
-    LKSM_SCAN_NONE,
     MERGE_WIN,
     POLICY_KSM,
 )
-from lksmfs.engine.rmap import FROZEN, STABLE, UNSTABLE
+from lksmfs.engine.rmap import NOT_FROZEN, SEQNR_MASK, STABLE, UNSTABLE, calc_checksum
+from lksmfs.engine.scanner import scan_record
 from lksmfs.engine.slot import MmSlot
-from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import MemorySource, TaskId
 
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
-
-_NOT_TREE = np.uint8(~int(STABLE | UNSTABLE) & 0xFF)
-_NOT_FROZEN = np.uint8(~int(FROZEN) & 0xFF)
-_AGE_MAX = np.uint8(255)
 
 
 @runtime_checkable
@@ -94,7 +89,7 @@ def smart_scan_step(age: np.ndarray, skips: np.ndarray) -> tuple[np.ndarray, np.
     """should_skip_rmap_item() as a pure function of (age, remaining_skips) arrays of
     pages that are not KSM pages: (new age, new skips, skipped) - the same rule as
     lksmfs.engine.ksmd.should_skip, without touching an rmap."""
-    new_age = np.where(age != _AGE_MAX, age + np.uint8(1), age).astype(np.uint8)
+    new_age = np.where(age != AGE_MAX, age + np.uint8(1), age).astype(np.uint8)
     old = age >= SMART_SCAN_MIN_AGE
     reset = old & (skips == 0)
     skip = old & (skips != 0)
@@ -208,7 +203,7 @@ class FastScanner:
         if self.keyed is None or not k.tunables.merge_across_nodes:  # digests are per node: the scanner's
             sc.batch(soft)
             return RunResult(k.stats.pages_scanned - start, not sc.scan_state, None)
-        if not sc._started:
+        if not sc.started:
             sc.batch(0)  # the scan's first batch: scan_starting()
         at_soft: tuple[int, int] | None = None
         while sc.scan_state:
@@ -288,7 +283,7 @@ class FastScanner:
         if t.advisor_mode or not t.merge_across_nodes:  # retuned at every wrap; per-node keys
             return None
         slots = list(k.mm.scan_list)
-        if (not sc.scan_state or sc.gen is not None or sc.cur is not None or not sc._at_head
+        if (not sc.scan_state or sc.gen is not None or sc.cur is not None or not sc.at_head
                 or not slots or len(slots) != len(k.mm.slots) or self._collapsible()):
             return None
         los, his = [], []
@@ -321,7 +316,7 @@ class FastScanner:
         prune_ms = t.stable_node_chains_prune_millisecs
         cols = {c: np.concatenate([getattr(sl.rmap, c) for sl in slots])
                 for c in ("flags", "cksum", "age", "skips", "seq")}
-        ck = (hi[non] & CKSUM_MASK).astype(np.uint32)
+        ck = calc_checksum(hi[non])
         age, skips, seq = cols["age"][non], cols["skips"][non], cols["seq"][non]
         ok = cols["cksum"][non] == ck
         unstable = (cols["flags"][non] & UNSTABLE) != 0
@@ -339,7 +334,7 @@ class FastScanner:
         passes = 0
         # the last pass: scanned, per slot, waiting, start
         last = (0, np.zeros(len(slots), dtype=np.int64), 0, start_ms)
-        last_prune = k.scanner._last_prune
+        last_prune = k.scanner.last_prune
         now = start_ms
         repeated = False
         while True:
@@ -434,7 +429,7 @@ class FastScanner:
 
     def _slots_after(self, slots: list[MmSlot], passes: int, per_slot_total: np.ndarray,
                      last_per_slot: np.ndarray, last_start: int) -> None:
-        """Each slot's end, `passes` times over (_slot_done): states, merge windows and
+        """Each slot's end, `passes` times over (slot_done): states, merge windows and
         the VIP order (all zeros from the third quiet pass on: only the window's index
         still turns), pages scanned, and the last pass's elapsed time."""
         k = self.k
@@ -457,21 +452,8 @@ class FastScanner:
                       last_scanned: int) -> None:
         """The scanner and the policy between passes, after the last one (round `rnd`)."""
         k = self.k
-        sc = k.scanner
-        sc.gen = None
-        sc.cur = None
-        k.mm.scan_list.clear()
-        sc.scan_round = rnd
+        k.scanner.between_passes(rnd, waiting, last_prune, scan_record(LKSM_SCAN_FULL, nslots, last_scanned))
         k.crawler.crawl_round = rnd
-        sc._unstable_hint = waiting
-        sc._last_prune = last_prune
-        k.unstable = UnstableTree()
-        sc.scan_mode = LKSM_SCAN_NONE
-        sc.scan_state = False
-        sc._started = False
-        sc._at_head = True
-        k.last_scan = {"mode": LKSM_SCAN_FULL, "slots_scanned": nslots, "pages_scanned": last_scanned,
-                       "merged": 0, "broken": 0, "wall_s": 0.0, "tasks_failed": 0}
         if isinstance(k.crawler, KsmdPolicy):  # as scan_wrapped() says it, at the wrap
             k.crawler.set_next_pass(wrap_ms / 1000 + k.tunables.sleep_millisecs / 1000)
 
@@ -555,10 +537,10 @@ class FastScanner:
                 a, s, sk = smart_scan_step(rm.age[oi], rm.skips[oi])
                 age[oi], skips[oi] = a, s
                 skip[oi[sk]] = True
-            ck = (hi & CKSUM_MASK).astype(np.uint32)
+            ck = calc_checksum(hi)
             changed = other & ~skip & (rm.cksum != ck)
         cand = other & ~skip & ~changed
-        if cand.any() and not self._quiet(lo[cand], hi[cand], at_head=k.scanner._at_head):
+        if cand.any() and not self._quiet(lo[cand], hi[cand], at_head=k.scanner.at_head):
             return None
         return Plan(slot, n - int(np.count_nonzero(skip)), lo, cand, skip, changed, ck, age, skips)
 
@@ -591,16 +573,15 @@ class FastScanner:
         k = self.k
         sc = k.scanner
         begin = k.clock()
-        slot = sc._next_slot()  # the cursor (a new pass resets the unstable tree here)
+        slot = sc.next_slot()  # the cursor (a new pass resets the unstable tree here)
         assert slot is p.slot
         rm = slot.rmap
         st = k.stats
         flags = rm.flags
         if k.policy != POLICY_KSM:
-            flags &= _NOT_FROZEN  # a slot that is not frozen drops the frozen bit
-        touched = p.cand | p.skip | p.changed
-        st.pages_unshared -= int(np.count_nonzero(flags[touched] & UNSTABLE))
-        flags[touched] &= _NOT_TREE
+            flags &= NOT_FROZEN  # a slot that is not frozen drops the frozen bit
+        # remove_rmap_item_from_tree() for every item visited but a KSM page
+        k.merger.remove_from_tree(rm, np.flatnonzero(p.cand | p.skip | p.changed))
         if p.age is not None and p.skips is not None:
             rm.age[:] = p.age
             rm.skips[:] = p.skips
@@ -608,14 +589,10 @@ class FastScanner:
         rm.cksum[p.changed] = p.cksum[p.changed]
         c = np.flatnonzero(p.cand)
         if c.size:
-            flags[c] |= UNSTABLE
-            rm.seq[c] = sc.scan_round & SEQNR_MASK
-            refs = c.astype(np.int64) + k.unstable.visit(slot, len(rm))
-            k.unstable.put_many(normkey(p.lo[c]), refs)
-            st.pages_unshared += int(c.size)
+            k.merger.unstable_insert(rm, c, p.lo[c], c.astype(np.int64) + k.unstable.visit(slot, len(rm)))
         st.pages_scanned += p.scanned
         slot.nr_scans += p.scanned
-        sc._slot_done(slot, k.clock() - begin)
+        sc.slot_done(slot, k.clock() - begin)
         sc.cur = None
 
 

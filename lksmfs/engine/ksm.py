@@ -44,8 +44,8 @@ from lksmfs.engine.params import (
     Tunables,
 )
 from lksmfs.engine.regions import RegionTable
-from lksmfs.engine.rmap import STABLE, Rmap
-from lksmfs.engine.scanner import Scanner
+from lksmfs.engine.rmap import GONE, STABLE, Rmap
+from lksmfs.engine.scanner import Record, Scanner, scan_record
 from lksmfs.engine.slot import MmList, MmSlot
 from lksmfs.engine.stable import StableTree
 from lksmfs.engine.stats import KsmStats
@@ -53,8 +53,6 @@ from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, MemorySource, TaskId
 
 log = logging.getLogger(__name__)
-
-Record = dict[str, float | int]
 
 
 class Ksm:
@@ -165,10 +163,11 @@ class Ksm:
         out: list[dict[str, int | str]] = []
         view = self.source if isinstance(self.source, MainlineView) else None
         for slot in list(self.mm.slots.values()):
-            rmap = slot.rmap
-            merging = int(np.count_nonzero(rmap.flags & STABLE))
-            zero = int(slot.zero_vpns.shape[0])
-            items = len(rmap)
+            # mid-scan, what the scanner has rebuilt so far and the rest of the old list
+            lists = self.scanner.items_of(slot)
+            merging = sum(int(np.count_nonzero(r.flags & STABLE)) for r in lists)
+            zero = self.scanner.zero_pages(slot)
+            items = sum(len(r) - int(np.count_nonzero(r.flags & GONE)) for r in lists)
             out.append(
                 {
                     "pid": slot.task.pid,
@@ -361,8 +360,7 @@ class Ksm:
             else:
                 if self.tunables.run & KSM_RUN_ONESHOT:
                     self.tunables.one_shot_scanning = LKSM_SCAN_NONE
-                self.last_scan = {"mode": scanner.scan_mode, "slots_scanned": 0, "pages_scanned": 0,
-                                  "merged": 0, "broken": 0, "wall_s": 0.0, "tasks_failed": 0}
+                self.last_scan = scan_record(scanner.scan_mode)
                 scanner.scan_mode = LKSM_SCAN_NONE
         finally:
             scanner.sync = False

@@ -39,7 +39,7 @@ import numpy as np
 
 from lksmfs.engine.advisor import advisor_start_scan, advisor_stop_scan
 from lksmfs.engine.crawler import SKIP_DENIED, LksmCrawler, ScanPolicy, Skipped
-from lksmfs.engine.merge import CKSUM_MASK, SourceError
+from lksmfs.engine.merge import SourceError
 from lksmfs.engine.params import (
     KSM_RUN_MERGE,
     KSM_RUN_UNMERGE,
@@ -48,7 +48,7 @@ from lksmfs.engine.params import (
     POLICY_KSM,
     POLICY_LKSM,
 )
-from lksmfs.engine.rmap import STABLE, UNSTABLE, Rmap
+from lksmfs.engine.rmap import Rmap, checksum_changed
 from lksmfs.engine.slot import MmSlot
 from lksmfs.sources.base import AccessDenied, Mapping, SourceWrapper, TaskId
 
@@ -60,7 +60,6 @@ IDLE_REGISTER_S = 1.0
 AGE_MAX = 255  # U8_MAX: rmap_age_t saturates
 SKIP_NOT_MERGEABLE = "not_mergeable"  # Ksm.skipped: in scope, but asked for no KSM
 SMART_SCAN_MIN_AGE = 3  # should_skip_rmap_item(): younger items are never skipped
-_NOT_TREE = np.uint8(~int(STABLE | UNSTABLE) & 0xFF)
 
 
 def make_policy(name: str, ksm: Ksm) -> ScanPolicy:
@@ -306,30 +305,16 @@ class KsmdPolicy:
             skip = should_skip(part, other)
             if skip.any():
                 gone = other[skip]
-                remove_from_tree(k, part, gone)
+                k.merger.remove_from_tree(part, gone)
                 skipped = int(gone.shape[0])
                 k.stats.pages_skipped += skipped
                 other = other[~skip]
         if other.size:
-            ck = (hi[other] & CKSUM_MASK).astype(np.uint32)
-            changed = part.cksum[other] != ck
+            changed, ck = checksum_changed(part, other, hi[other])
             if changed.any():
                 moved = other[changed]
-                remove_from_tree(k, part, moved)
+                k.merger.remove_from_tree(part, moved)
                 part.cksum[moved] = ck[changed]
                 other = other[~changed]
         return other, skipped
 
-
-def remove_from_tree(k: Ksm, part: Rmap, idx: np.ndarray) -> None:
-    """remove_rmap_item_from_tree() for items `idx` of `part`, which stay allocated: a
-    stable one leaves its KSM page (a broken merge), an unstable one stops counting."""
-    flags = part.flags[idx]
-    stable = (flags & STABLE) != 0
-    if stable.any():
-        for nid in part.node[idx[stable]].tolist():
-            if k.stable.remove(nid):
-                k.stats.broken()
-        part.node[idx[stable]] = -1
-    k.stats.pages_unshared -= int(np.count_nonzero(flags & UNSTABLE))
-    part.flags[idx] = flags & _NOT_TREE

@@ -26,7 +26,16 @@ import numpy as np
 from lksmfs.engine import thp
 from lksmfs.engine.hashindex import normkey
 from lksmfs.engine.pages import as_words
-from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.rmap import (
+    GONE,
+    NOT_TREE,
+    SEQNR_MASK,
+    STABLE,
+    UNSTABLE,
+    Rmap,
+    calc_checksum,
+    checksum_changed,
+)
 from lksmfs.engine.slot import MmSlot
 from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
 
@@ -34,9 +43,7 @@ if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
 
 PARTNER_BATCH = 64  # partner pages read and compared at a time (256 KiB of buffer)
-SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
-NOT_UNSTABLE = np.uint8(~int(UNSTABLE) & 0xFF)
-CKSUM_MASK = np.uint64(0xFFFFFFFE)  # calc_checksum() keeps bit 0 for the frozen flag
+PAIR_BATCH = 64  # pages of a chunk read at once to compare new KSM pages' two pages
 
 SourceError = (ProcessGone, AccessDenied)
 
@@ -122,9 +129,10 @@ class Merger:
         their region - the chunk's (ksm_scan.region) for pages of chunk `c`, the one the
         item holds (rmap_item->region) for a partner from the unstable tree."""
         k = self.k
-        flags = blk.flags
-        k.stats.pages_unshared -= int(np.count_nonzero(flags[ti] & UNSTABLE))
-        flags[ti] = (flags[ti] & NOT_UNSTABLE) | STABLE
+        # out of the unstable tree first (try_to_merge_with_ksm_page() does it for the
+        # tree's item; cmp_and_merge_page() did it for the page scanned)
+        self.remove_from_tree(blk, ti)
+        blk.flags[ti] |= STABLE
         blk.node[ti] = nids
         k.stats.merged(k.stable.append_many(nids, distinct=distinct))
         if k.filter_enabled:
@@ -133,20 +141,46 @@ class Merger:
             else:
                 k.regions.account_merges(blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
 
+    def remove_from_tree(self, blk: Rmap, idx: np.ndarray) -> None:
+        """remove_rmap_item_from_tree() for items `idx` of `blk`: a stable one leaves its
+        KSM page (a broken merge), an unstable one stops counting as unshared
+        (ksm_pages_unshared--); both keep their item.  The one place either happens."""
+        k = self.k
+        flags = blk.flags[idx]
+        stable = (flags & STABLE) != 0
+        if stable.any():
+            for nid in blk.node[idx[stable]].tolist():
+                if k.stable.remove(nid):
+                    k.stats.broken()
+            blk.node[idx[stable]] = -1
+        k.stats.pages_unshared -= int(np.count_nonzero(flags & UNSTABLE))
+        blk.flags[idx] = flags & NOT_TREE
+
     def remove_items(self, rm: Rmap) -> None:
-        """remove_rmap_item_from_tree() + free for a block of items."""
+        """remove_rmap_item_from_tree() + free_rmap_item() for a block of items that is
+        dropped (`rm` is not used afterwards)."""
         n = len(rm)
         if not n:
             return
+        freed = n - int(np.count_nonzero(rm.flags & GONE))  # GONE: freed already
+        self.remove_from_tree(rm, np.arange(n))
+        self.k.stats.rmap_items -= freed
+
+    def unstable_insert(self, blk: Rmap, i: np.ndarray, lo: np.ndarray, refs: np.ndarray,
+                        stale: bool = False) -> None:
+        """The insert of unstable_tree_search_insert(): items `i` of `blk` (pages with
+        digests `lo`, numbered `refs` in the tree) wait in this round's unstable tree,
+        each the first of its content; `stale` when an entry for the content may exist
+        (a partner gone or moved on), which the new one replaces."""
         k = self.k
-        n -= int(np.count_nonzero(rm.flags & GONE))  # freed already
-        st = (rm.flags & STABLE) != 0
-        if st.any():
-            for nid in rm.node[st].tolist():
-                if k.stable.remove(nid):
-                    k.stats.broken()
-        k.stats.pages_unshared -= int(np.count_nonzero(rm.flags & UNSTABLE))
-        k.stats.rmap_items -= n
+        blk.flags[i] |= UNSTABLE
+        blk.seq[i] = k.scanner.scan_round & SEQNR_MASK
+        if stale:
+            for key, ref in zip(lo.tolist(), refs.tolist(), strict=True):
+                k.unstable.put(key, ref)
+        else:
+            k.unstable.put_many(normkey(lo), refs)
+        k.stats.pages_unshared += int(i.shape[0])
 
     # -- a chunk ----------------------------------------------------------------------
 
@@ -210,15 +244,14 @@ class Merger:
             # A content with no KSM page whose every page fails the checksum gate makes
             # nothing (the first visit of every page, mostly): they leave last round's
             # tree and record their checksum, all at once.
-            ck = (hi[idx] & CKSUM_MASK).astype(np.uint32)
-            fails = ((fl & FROZEN) == 0) & (part.cksum[idx] != ck) & (sref == -1) & ~slow
+            changed, ck = checksum_changed(part, idx, hi[idx])
+            fails = changed & (sref == -1) & ~slow
             gquiet = np.ones(starts.shape[0], dtype=bool)
             gquiet[gid[~fails]] = False
             quiet = gquiet[gid]
             if quiet.any():
                 q = idx[quiet]
-                k.stats.pages_unshared -= int(np.count_nonzero(flags[q] & UNSTABLE))
-                flags[q] &= NOT_UNSTABLE
+                self.remove_from_tree(part, q)
                 part.cksum[q] = ck[quiet]
                 if quiet.all():
                     return
@@ -241,13 +274,72 @@ class Merger:
             fallback.append(self._settle_singles(c, idx[simple], sref[simple], plain_room[simple]))
         if grouped.any():
             gs = np.flatnonzero(np.bincount(gid[grouped], minlength=starts.shape[0]))
-            for g in gs.tolist():
-                members = all_idx[order[starts[g] : starts[g] + counts[g]]]
-                if not self._settle_group(c, members):
-                    fallback.append(members)
+            gs = self._join_rooms(c, all_idx[order], starts[gs], counts[gs], gs)
+            fallback += self._settle_groups(c, [all_idx[order[starts[g] : starts[g] + counts[g]]] for g in gs.tolist()])
         rest = [idx[slow], *fallback]
         s = np.sort(np.concatenate(rest)) if len(rest) > 1 else rest[0]
         self._one_by_one(c, s)
+
+    def _join_rooms(self, c: Chunk, sorted_idx: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                    gs: np.ndarray) -> np.ndarray:
+        """The groups `gs` (pages of one content: `sorted_idx[starts[j]:starts[j] +
+        counts[j]]`, address order) whose every page finds room in the KSM pages of its
+        content - stable_tree_search() then try_to_merge_with_ksm_page(), page after
+        page, fullest KSM page first - settled together: one removal from the trees and
+        one stable_tree_append() for all of them.  Returns the groups left for
+        _settle_groups() (those with no or too little room, or whose digests differ)."""
+        k = self.k
+        n = int(gs.shape[0])
+        total = int(counts.sum())
+        owner = np.repeat(np.arange(n), counts)
+        first_at = np.cumsum(counts) - counts
+        members = sorted_idx[np.arange(total) - np.repeat(first_at, counts) + np.repeat(starts, counts)]
+        first = members[first_at]
+        lo, hi = c.lo, c.hi
+        flo, fhi = lo[first], hi[first]
+        ok = np.ones(n, dtype=bool)
+        ok[owner[(lo[members] != flo[owner]) | (hi[members] != fhi[owner])]] = False  # keys alike, digests not
+        st = k.stable
+        sref = st.index.get_many(normkey(flo))
+        ok &= sref != -1
+        if not ok.any():
+            return gs
+        mps = k.tunables.max_page_sharing
+        nid = np.full(total, -1, dtype=np.int64)  # the KSM page each page joins
+        # a plain KSM page (no chain) with the content and room for the whole group
+        sn = np.where(sref >= 0, sref, 0)
+        plain = ok & (sref >= 0)
+        fits = plain & (st.lo[sn] == flo) & (st.hi[sn] == fhi) & (mps - st.nlen[sn] >= counts)
+        ok &= ~plain | fits
+        to = np.where(fits, sref, -1)  # the one KSM page a whole group joins
+        # a chain whose one dup with room takes the whole group
+        chain = np.flatnonzero(ok & (sref < -1))
+        dup = st.chain_candidates(sref[chain])
+        dn = np.maximum(dup, 0)
+        one = (dup >= 0) & (st.lo[dn] == flo[chain]) & (st.hi[dn] == fhi[chain]) & (mps - st.nlen[dn] >= counts[chain])
+        to[chain[one]] = dup[one]
+        whole = to[owner] >= 0
+        nid[whole] = to[owner[whole]]
+        # other chains: their dups with room, fullest first
+        for j in chain[~one].tolist():
+            want = int(counts[j])
+            rooms = st.rooms_at(int(sref[j]), int(flo[j]), int(fhi[j]), mps)
+            if sum(room for _, room in rooms) < want:
+                ok[j] = False
+                continue
+            at = int(first_at[j])
+            for node, room in rooms:
+                t = min(room, want)
+                nid[at : at + t] = node
+                at += t
+                want -= t
+                if not want:
+                    break
+        if ok.any():
+            joins = ok[owner]
+            self._append(c.part, members[joins], nid[joins], c)
+        out: np.ndarray = gs[~ok]
+        return out
 
     def _by_huge_page(self, c: Chunk, idx: np.ndarray) -> None:
         """cmp_and_merge() for a chunk with pages in THPs no merge has split
@@ -269,8 +361,7 @@ class Merger:
         if k.tunables.use_zero_pages:  # a merge with the zero page splits the THP too
             may |= k.digest.is_zero(c.lo[idx], c.hi[idx])
         if k.crawler.checksum_gate(k.scanner.scan_round):  # a page failing it tries no merge
-            ck = (c.hi[idx] & CKSUM_MASK).astype(np.uint32)
-            may &= ((c.part.flags[idx] & FROZEN) != 0) | (c.part.cksum[idx] == ck)
+            may &= ~checksum_changed(c.part, idx, c.hi[idx])[0]
         may |= k.stable.index.get_many(klo) != -1  # (stable_tree_search() comes first)
         blocks = thp.blocks_of(vpns)
         busy = inthp & np.isin(blocks, blocks[inthp & may])
@@ -321,7 +412,6 @@ class Merger:
         gone or no longer equal)."""
         k = self.k
         part = c.part
-        flags = part.flags
         lo, hi = c.lo, c.hi
         if plain_room.any():  # J: stable_tree_search() finds a plain node with room
             j = i[plain_room]
@@ -331,12 +421,10 @@ class Merger:
         if not i.size:
             return left
         # remove_rmap_item_from_tree() for items left in last round's unstable tree
-        k.stats.pages_unshared -= int(np.count_nonzero(flags[i] & UNSTABLE))
-        flags[i] &= NOT_UNSTABLE
+        self.remove_from_tree(part, i)
         # the checksum gate (the policy says in which rounds; never for frozen tasks)
         if k.crawler.checksum_gate(k.scanner.scan_round):
-            new_ck = (hi[i] & CKSUM_MASK).astype(np.uint32)
-            fail = ((flags[i] & FROZEN) == 0) & (part.cksum[i] != new_ck)
+            fail, new_ck = checksum_changed(part, i, hi[i])
             part.cksum[i[fail]] = new_ck[fail]
             i = i[~fail]
         # M: unstable_tree_search_insert() finds a partner; merged after memcmp
@@ -354,40 +442,81 @@ class Merger:
         """unstable_tree_search_insert() found nothing: the pages wait in the tree, each
         the first of its content; `stale` when an entry for it may exist (a partner
         that has gone or moved on), which the new one replaces."""
-        k = self.k
         part = c.part
-        part.flags[i] |= UNSTABLE
-        part.seq[i] = k.scanner.scan_round & SEQNR_MASK
         if part.tracks_regions:
             part.region[i] = c.rid[i]
             part.off[i] = c.offsets(i).astype(np.uint32)
-        refs = i.astype(np.int64) + c.at
-        if stale:
-            for key, ref in zip(c.lo[i].tolist(), refs.tolist(), strict=True):
-                k.unstable.put(key, ref)
-        else:
-            k.unstable.put_many(normkey(c.lo[i]), refs)
-        k.stats.pages_unshared += int(i.shape[0])
+        self.unstable_insert(part, i, c.lo[i], i.astype(np.int64) + c.at, stale)
 
-    def _settle_group(self, c: Chunk, m: np.ndarray) -> bool:
-        """cmp_and_merge_page() for the pages `m` (address order) of one content, as the
-        page-at-a-time path would settle them one after the other: fill the KSM pages
-        with room (fullest first), then - past the checksum gate - merge with the
-        unstable tree partner, fill that new KSM page up to max_page_sharing, pair the
-        next two pages into another, and so on; a last page alone waits in the tree.
+    def _settle_groups(self, c: Chunk, groups: list[np.ndarray]) -> list[np.ndarray]:
+        """cmp_and_merge_page() for the pages of each group (one content each, address
+        order), as the page-at-a-time path would settle them one after the other: fill
+        the KSM pages with room (fullest first), then - past the checksum gate - merge
+        with the unstable tree partner, fill that new KSM page up to max_page_sharing,
+        pair the next two pages into another, and so on; a last page alone waits in the
+        tree.  Groups of different contents do not meet, so every group is planned first;
+        then the pages that become one KSM page are compared byte for byte (a page with
+        the partner, or the two pages of a new pair), as try_to_merge_two_pages() would,
+        the chunk's pages read together, a bounded batch at a time; only then does a
+        group change anything.  Returns the groups left to the page-at-a-time path,
+        unchanged: a comparison failed (a digest collision, a page rewritten since it
+        was read), or the digests or a THP say so."""
+        fallback: list[np.ndarray] = []
+        planned: list[tuple[np.ndarray, int, list[int], _GroupPlan | None]] = []
+        for m in groups:
+            got = self._plan_group(c, m)
+            if got is None:
+                fallback.append(m)
+            else:
+                planned.append((m, *got))
+        b = 0
+        while b < len(planned):
+            # the next plans whose pages to compare fit in one read of PAIR_BATCH pages
+            e, wanted = b, 0
+            while e < len(planned):
+                plan = planned[e][3]
+                n = plan.npages() if plan is not None else 0
+                if e > b and wanted + n > PAIR_BATCH:
+                    break
+                wanted += n
+                e += 1
+            needs = [p.needs() for _, _, _, p in planned[b:e] if p is not None and p.pairs]
+            need = np.unique(np.concatenate(needs)) if needs else np.zeros(0, dtype=np.int64)
+            rows = c.words(need) if need.size else np.zeros((0, PAGE_SIZE // 8), dtype=np.uint64)
+            good = []
+            for item in planned[b:e]:
+                if item[3] is not None and not item[3].compared(self, need, rows):
+                    fallback.append(item[0])
+                else:
+                    good.append(item)
+            b = e
+            if not good:
+                continue
+            # remove_rmap_item_from_tree() for items left in last round's unstable tree
+            self.remove_from_tree(c.part, np.concatenate([m for m, _, _, _ in good]))
+            pages: list[np.ndarray] = []
+            nodes: list[np.ndarray] = []
+            for m, taken, nids, plan in good:
+                if taken:
+                    pages.append(m[:taken])
+                    nodes.append(np.array(nids, dtype=np.int64))
+                if plan is not None:
+                    joined, new = plan.apply(self)
+                    pages.append(joined)
+                    nodes.append(new)
+            # stable_tree_append() for every page of these groups that joined a KSM page
+            self._append(c.part, np.concatenate(pages), np.concatenate(nodes), c)
+        return fallback
 
-        The outcome is planned first, over runs of pages rather than page by page; then
-        the pages that become one KSM page are compared byte for byte (a page with the
-        partner, or the two pages of a new pair), as try_to_merge_two_pages() would;
-        only then is anything changed.  Returns False, having changed nothing, when a
-        comparison fails (a digest collision, a page rewritten since it was read)."""
+    def _plan_group(self, c: Chunk, m: np.ndarray) -> tuple[int, list[int], _GroupPlan | None] | None:
+        """The outcome of one group, with nothing changed: how many pages the KSM pages
+        with room take (stable_tree_search()) and which, and the plan for the rest; None
+        when the page-at-a-time path must settle it."""
         k = self.k
-        part = c.part
         first = int(m[0])
         lo, hi = int(c.lo[first]), int(c.hi[first])
         if not (bool((c.lo[m] == c.lo[first]).all()) and bool((c.hi[m] == c.hi[first]).all())):
-            return False  # keys alike, digests not: the page-at-a-time path sorts them out
-        # stable_tree_search(): the KSM pages with room take the first pages
+            return None  # keys alike, digests not: the page-at-a-time path sorts them out
         taken = 0
         nids: list[int] = []
         for nid, room in k.stable.rooms(lo, hi, k.tunables.max_page_sharing):
@@ -402,18 +531,8 @@ class Merger:
             tslot, tblk, ti = plan.partner
             tvpn = int(tblk.vpn[ti])
             if thp.is_unsplit(tslot, tvpn) or thp.is_vanished(tslot, tvpn):
-                return False  # lksmfs.engine.thp: page by page
-        if plan is not None and not plan.compared(self):
-            return False
-        # remove_rmap_item_from_tree() for items left in last round's unstable tree
-        k.stats.pages_unshared -= int(np.count_nonzero(part.flags[m] & UNSTABLE))
-        part.flags[m] &= NOT_UNSTABLE
-        if taken:
-            j = m[:taken]
-            self._append(part, j, np.array(nids), c)
-        if plan is not None:
-            plan.apply(self)
-        return True
+                return None  # lksmfs.engine.thp: page by page
+        return taken, nids, plan
 
     def _merge_with_tree(self, c: Chunk, m: np.ndarray, refs: np.ndarray) -> np.ndarray:
         """try_to_merge_two_pages() + stable_tree_insert() for pages whose unstable tree
@@ -505,29 +624,19 @@ class Merger:
         lo, hi = int(c.lo[i]), int(c.hi[i])
         vpn = int(part.vpn[i])
         at = np.array([i])
-        flags = int(part.flags[i])
         # stable_tree_search()
         kn = k.stable.search(lo, hi, k.tunables.max_page_sharing)
-        # remove_rmap_item_from_tree()
-        if flags & STABLE:
-            if k.stable.remove(int(part.node[i])):
-                k.stats.broken()
-            flags &= ~int(STABLE)
-            part.node[i] = -1
-        elif flags & UNSTABLE:
-            k.stats.pages_unshared -= 1
-            flags &= ~int(UNSTABLE)
-        part.flags[i] = flags
+        self.remove_from_tree(part, at)
         if kn >= 0:
             # try_to_merge_with_ksm_page(): the KSM page's content is its digest
             if not thp.merge_fails(k, c.slot, vpn, self._known(c)):
                 self._append(part, at, np.array([kn]), c, distinct=True)
             return
         # the checksum gate (the policy says in which rounds; never for frozen tasks)
-        if k.crawler.checksum_gate(k.scanner.scan_round) and not flags & int(FROZEN):
-            ck = hi & 0xFFFFFFFE
-            if int(part.cksum[i]) != ck:
-                part.cksum[i] = ck
+        if k.crawler.checksum_gate(k.scanner.scan_round):
+            changed, ck = checksum_changed(part, at, c.hi[at])
+            if changed[0]:
+                part.cksum[i] = ck[0]
                 return
         page = c.words(np.array([i])).tobytes()
         if (k.tunables.use_zero_pages and lo == k.digest.zero_lo and hi == k.digest.zero_hi and not any(page)
@@ -557,13 +666,7 @@ class Merger:
                 self._append(part, at, nid, c, distinct=True)
                 return
         # insert into the unstable tree (over any stale entry with this content)
-        k.unstable.put(key, c.at + i)
-        part.flags[i] = flags | int(UNSTABLE)
-        part.seq[i] = k.scanner.scan_round & SEQNR_MASK
-        if part.tracks_regions:
-            part.region[i] = c.rid[i]
-            part.off[i] = vpn - int(c.base[i])
-        k.stats.pages_unshared += 1
+        self._insert_unstable(c, at, stale=True)
 
     def _thp_pair_fails(self, c: Chunk, vpn: int, tslot: MmSlot, tblk: Rmap, tvpn: int) -> bool:
         """try_to_merge_two_pages() as far as THPs go (lksmfs.engine.thp): the page's THP
@@ -641,7 +744,7 @@ class _GroupPlan:
         first = int(rest[0])
         lo, hi = int(c.lo[first]), int(c.hi[first])
         if k.crawler.checksum_gate(k.scanner.scan_round):
-            passing = ((part.flags[rest] & FROZEN) != 0) | (part.cksum[rest] == (hi & 0xFFFFFFFE))
+            passing = ~checksum_changed(part, rest, c.hi[rest])[0]
         else:
             passing = np.ones(n, dtype=bool)
         is_zero = (bool(k.tunables.use_zero_pages) and lo == k.digest.zero_lo and hi == k.digest.zero_hi
@@ -689,28 +792,39 @@ class _GroupPlan:
         used = partner if pairs and pairs[0][0] < 0 else None
         return cls(c, rest, lo, hi, dup, fail, zero, waiting, pairs, used)
 
-    def compared(self, merger: Merger) -> bool:
-        """memcmp_pages() for the two pages of every new KSM page."""
+    def needs(self) -> np.ndarray:
+        """The chunk's pages memcmp_pages() reads for the new KSM pages."""
+        return np.array([self.rest[x] for pair in self.pairs for x in pair if x >= 0], dtype=np.int64)
+
+    def npages(self) -> int:
+        """How many of them (at most)."""
+        return 2 * len(self.pairs)
+
+    def compared(self, merger: Merger, need: np.ndarray, rows: np.ndarray) -> bool:
+        """memcmp_pages() for the two pages of every new KSM page (`rows`: the words of
+        the chunk's pages `need`, sorted; the pages of this plan among them)."""
         if not self.pairs:
             return True
-        need = np.unique(np.array([self.rest[x] for pair in self.pairs for x in pair if x >= 0]))
-        rows = self.c.words(need)
-        row = {int(p): r for p, r in zip(need.tolist(), rows, strict=True)}
-        for a, b in self.pairs:
-            mine = row[int(self.rest[b])]
-            if a >= 0:
-                if not np.array_equal(row[int(self.rest[a])], mine):
-                    return False
-            else:
-                assert self.partner is not None
-                tslot, tblk, ti = self.partner
-                if merger._read_page(tslot, int(tblk.vpn[ti])) != mine.tobytes():
-                    return False
+        pairs = np.array(self.pairs, dtype=np.int64)
+        mine = rows[np.searchsorted(need, self.rest[pairs[:, 1]])]
+        two = pairs[:, 0] >= 0
+        if two.any():
+            theirs = rows[np.searchsorted(need, self.rest[pairs[two, 0]])]
+            if not bool((theirs == mine[two]).all()):
+                return False
+        if not two.all():  # the first pair's partner, from the unstable tree
+            assert self.partner is not None
+            tslot, tblk, ti = self.partner
+            if merger._read_page(tslot, int(tblk.vpn[ti])) != mine[0].tobytes():
+                return False
         return True
 
-    def apply(self, merger: Merger) -> None:
-        """New KSM pages (their partner first), joins, checksums of the pages the gate
-        failed, zero pages, and the page left waiting."""
+    def apply(self, merger: Merger) -> tuple[np.ndarray, np.ndarray]:
+        """New KSM pages (their partner first), checksums of the pages the gate failed,
+        zero pages, and the page left waiting; returns the chunk's pages that join the
+        new KSM pages, and which, for the caller's one stable_tree_append() (the
+        counters add up the same in any order: a page joining a node first is shared,
+        every other sharing)."""
         k = merger.k
         c, rest = self.c, self.rest
         part = c.part
@@ -720,14 +834,14 @@ class _GroupPlan:
             tat = np.array([ti])
             merger._append(tblk, tat, new[:1], None, distinct=True)
         joined = self.dup >= 0
-        if joined.any():
-            j = rest[joined]
-            merger._append(part, j, new[self.dup[joined]], c)
         if self.fail.any():
-            part.cksum[rest[self.fail]] = self.hi & 0xFFFFFFFE
+            f = rest[self.fail]
+            part.cksum[f] = calc_checksum(c.hi[f])
         if self.zero.any():
             z = rest[self.zero]
             k.scanner.add_zero_pages(part.vpn[z])
             k.stats.ksm_zero_pages += int(z.shape[0])
         if self.waiting >= 0:
             merger._insert_unstable(c, rest[self.waiting : self.waiting + 1], stale=True)
+        out: tuple[np.ndarray, np.ndarray] = (rest[joined], new[self.dup[joined]])
+        return out

@@ -28,6 +28,27 @@ FROZEN = np.uint8(0x4)
 # the page a THP split took away during this scan (lksmfs.engine.thp): the item is freed
 # already (counted), and leaves the list at the slot's next scan
 GONE = np.uint8(0x8)
+NOT_UNSTABLE = np.uint8(~int(UNSTABLE) & 0xFF)
+NOT_TREE = np.uint8(~int(STABLE | UNSTABLE) & 0xFF)
+NOT_FROZEN = np.uint8(~int(FROZEN) & 0xFF)
+SEQNR_MASK = 0xFF  # rmap_item->address & SEQNR_MASK: the round of an unstable entry
+CKSUM_MASK = np.uint64(0xFFFFFFFE)  # calc_checksum() keeps bit 0 for the frozen flag
+
+
+def calc_checksum(hi: np.ndarray) -> np.ndarray:
+    """calc_checksum() of pages from their digests (`hi`): what rmap_item->oldchecksum
+    holds, compared at the next visit (the checksum gate)."""
+    ck: np.ndarray = (hi & CKSUM_MASK).astype(np.uint32)
+    return ck
+
+
+def checksum_changed(rm: Rmap, idx: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The checksum gate of cmp_and_merge_page() for items `idx` of `rm` (page digests
+    `hi`): which show a checksum other than the one recorded at their last visit - a
+    frozen task's page never fails it (LKSM) - and the checksums they show now."""
+    ck = calc_checksum(hi)
+    changed: np.ndarray = ((rm.flags[idx] & FROZEN) == 0) & (rm.cksum[idx] != ck)
+    return changed, ck
 
 COLUMNS: dict[str, type] = {
     "vpn": np.uint64,

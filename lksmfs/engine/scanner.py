@@ -31,7 +31,7 @@ from lksmfs.engine.params import (
     POLICY_KSM,
 )
 from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
-from lksmfs.engine.rmap import FROZEN, GONE, STABLE, UNSTABLE, Rmap
+from lksmfs.engine.rmap import FROZEN, GONE, NOT_FROZEN, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
 from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
@@ -42,10 +42,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_NOT_FROZEN = np.uint8(~int(FROZEN) & 0xFF)
-
 VmaRun = tuple[int, np.ndarray, Callable[[], None] | None]
 Read = tuple[memoryview | None, np.ndarray, np.ndarray]  # pages (None: not read), digests lo, hi
+Record = dict[str, float | int]
+
+
+def scan_record(mode: int, slots_scanned: int = 0, pages_scanned: int = 0, merged: int = 0, broken: int = 0,
+                wall_s: float = 0.0, tasks_failed: int = 0) -> Record:
+    """What the engine tells of the last scan (Ksm.last_scan): LKSM's per-scan
+    statistics (lksm_nr_scanned_slot, lksm_nr_merged, lksm_nr_broken) and the tasks given
+    up on an unexpected error, built here only."""
+    return {"mode": mode, "slots_scanned": slots_scanned, "pages_scanned": pages_scanned, "merged": merged,
+            "broken": broken, "wall_s": wall_s, "tasks_failed": tasks_failed}
 
 
 def filter_may_start() -> None:
@@ -76,6 +84,7 @@ class Scanner:
         # the old list's position after the chunk being settled, once its items are in the
         # new list (None between chunks): where a task that dies mid-chunk leaves its items
         self._chunk_end: int | None = None
+        self._cur_pos = 0  # the old rmap list's first item the scan has not passed yet
         self._new_zero: list[np.ndarray] = []  # pages of that slot merged with the zero page now
         self._matched = np.zeros(0, dtype=bool)
         # the scan in progress
@@ -86,6 +95,42 @@ class Scanner:
         self._unstable_hint = 0  # entries the last round's unstable tree ended with
         self._buf = bytearray()  # the page contents of the chunk being scanned
         self._last_prune = ksm.clock()
+
+    # -- what the cursor says (read by lksmfs.engine.fastpass) ------------------------
+
+    @property
+    def started(self) -> bool:
+        """The scan handed over has had its first batch (scan_starting() was told)."""
+        return self._started
+
+    @property
+    def at_head(self) -> bool:
+        """ksm_scan.mm_slot == &ksm_scan_head: between two passes (the next slot starts
+        a new round's unstable tree)."""
+        return self._at_head
+
+    @property
+    def last_prune(self) -> float:
+        """When stable_node_chains were last pruned (the engine's clock)."""
+        return self._last_prune
+
+    def between_passes(self, scan_round: int, unstable_hint: int, last_prune: float, record: Record) -> None:
+        """The cursor back at the list head after whole passes run elsewhere
+        (lksmfs.engine.fastpass): the round they ended, the entries their last unstable
+        tree had, the last chain prune, and their last scan's record."""
+        k = self.k
+        self.gen = None
+        self.cur = None
+        k.mm.scan_list.clear()
+        self.scan_round = scan_round
+        self._unstable_hint = unstable_hint
+        self._last_prune = last_prune
+        k.unstable = UnstableTree()
+        self.scan_mode = LKSM_SCAN_NONE
+        self.scan_state = False
+        self._started = False
+        self._at_head = True
+        k.last_scan = record
 
     # -- the thread's view -------------------------------------------------------------
 
@@ -136,7 +181,7 @@ class Scanner:
         scanned = 0
         while scanned < budget:
             if self.gen is None:
-                slot = self._next_slot()
+                slot = self.next_slot()
                 if slot is None:
                     return
                 self.gen = self._scan_slot(slot)
@@ -149,7 +194,7 @@ class Scanner:
                 if self.one_slot:  # hook: see __init__
                     return
 
-    def _next_slot(self) -> MmSlot | None:
+    def next_slot(self) -> MmSlot | None:
         """scan_get_next_rmap_item(): at the list head a new round resets the unstable
         tree; then lksm_get_unscanned_mm_slot()."""
         k = self.k
@@ -183,15 +228,10 @@ class Scanner:
         k = self.k
         k.flush_removed_mm_list()
         stats = k.stats
-        k.last_scan = {
-            "mode": self.scan_mode,
-            "slots_scanned": stats.lksm_nr_scanned_slot,
-            "pages_scanned": stats.pages_scanned - self._pages_at_begin,
-            "merged": stats.lksm_nr_merged,
-            "broken": stats.lksm_nr_broken,
-            "wall_s": time.perf_counter() - self._begin,
-            "tasks_failed": stats.tasks_failed - self._failed_at_begin,
-        }
+        k.last_scan = scan_record(self.scan_mode, stats.lksm_nr_scanned_slot,
+                                  stats.pages_scanned - self._pages_at_begin, stats.lksm_nr_merged,
+                                  stats.lksm_nr_broken, time.perf_counter() - self._begin,
+                                  stats.tasks_failed - self._failed_at_begin)
         # mainline counts a pass at its wrap only (ksm_scan.seqnr++): run=0 just stops ksmd
         if self.scan_mode == LKSM_SCAN_FULL and not (interrupted and k.policy == POLICY_KSM):
             stats.nr_full_scan += 1
@@ -301,6 +341,24 @@ class Scanner:
         """Pages of the slot being scanned were merged with the zero page."""
         self._new_zero.append(vpns)
 
+    def items_of(self, slot: MmSlot) -> list[Rmap]:
+        """The slot's rmap items now: its list - or, for the slot being scanned into a new
+        list, the new list's items so far and the old list's the scan has not passed
+        (get_next_rmap_item() frees the ones it passes, allocates as it goes)."""
+        new = self._cur_new
+        old = slot.rmap
+        if slot is not self.cur or self.gen is None or new is None or new is old:
+            return [old]
+        return [new.view(0, self._cur_valid), old.view(self._cur_pos, len(old))]
+
+    def zero_pages(self, slot: MmSlot) -> int:
+        """The slot's pages merged with the zero page now (mm->ksm_zero_pages): those of
+        its last scan, and for the slot being scanned those merged so far in this one."""
+        n = int(slot.zero_vpns.shape[0])
+        if slot is self.cur and self.gen is not None:
+            n += sum(int(z.shape[0]) for z in self._new_zero)
+        return n
+
     # -- one slot ------------------------------------------------------------------
 
     def _scan_slot(self, slot: MmSlot) -> Generator[int, None, None]:
@@ -321,10 +379,13 @@ class Scanner:
         filled = 0
         new = Rmap()
         zero_kept: list[np.ndarray] = []
-        prev_zero, slot.zero_vpns = slot.zero_vpns, slot.zero_vpns[:0]
+        # the pages merged with the zero page stay the slot's (its per-process figure)
+        # until its scan ends, as the kernel's mm->ksm_zero_pages does on unchanged memory
+        prev_zero = slot.zero_vpns
         prev_thp_zero, slot.thp_zero = slot.thp_zero, slot.thp_zero[:0]
         thp_zero_kept: list[np.ndarray] = []
         self._new_zero = []
+        self._cur_pos = 0
         self.region = -1  # ksm_scan.region is NULL when a slot starts
         try:
             # Taken before anything is read: equal to the mark taken before the last
@@ -415,6 +476,7 @@ class Scanner:
                 pos, scanned = self._scan_chunk(slot, bases, rids, part, data, lo, hi, old,
                                                 filled if inplace else pos, at + filled, inplace)
                 self._chunk_end = None
+                self._cur_pos = pos
                 filled += n
                 k.publish()
                 yield scanned  # hook: pages the policy skipped cost no budget
@@ -506,6 +568,8 @@ class Scanner:
             k.merger.remove_items(old.take(slice(rest, None)))
             slot.rmap = Rmap()
             k.stats.ksm_zero_pages -= int(prev_zero.shape[0]) + sum(int(z.shape[0]) for z in self._new_zero)
+            slot.zero_vpns = prev_zero[:0]
+            self._new_zero = []
             self._slot_gone(slot, e)
             return
         finally:
@@ -518,7 +582,8 @@ class Scanner:
         kept = np.concatenate(zero_kept) if zero_kept else prev_zero[:0]
         k.stats.ksm_zero_pages -= int(prev_zero.shape[0] - kept.shape[0])
         slot.zero_vpns = np.sort(np.concatenate([kept, *self._new_zero])) if self._new_zero else kept
-        self._slot_done(slot, k.clock() - begin)
+        self._new_zero = []
+        self.slot_done(slot, k.clock() - begin)
 
     @staticmethod
     def _thp_blocks_now(slot: MmSlot, huge: list[np.ndarray]) -> None:
@@ -660,7 +725,7 @@ class Scanner:
         self.k.mm.remove(slot)
         stats.end_slot()
 
-    def _slot_done(self, slot: MmSlot, elapsed: float) -> None:
+    def slot_done(self, slot: MmSlot, elapsed: float) -> None:
         """The end of a slot in scan_get_next_rmap_item(): newcomer and frozen states
         end, the merge window moves, and the slot is (re)placed in the VIP order.  An
         mm that exited meanwhile goes to the remove list (ksm_test_exit() at the mm's
@@ -709,9 +774,9 @@ class Scanner:
             # an old item keeps the frozen bit only if it sat in the unstable tree
             frozen = ~matched | ((flags & UNSTABLE) != 0)
             flags[frozen] |= FROZEN
-            flags[~frozen] &= _NOT_FROZEN
+            flags[~frozen] &= NOT_FROZEN
         else:
-            flags &= _NOT_FROZEN
+            flags &= NOT_FROZEN
 
         # cmp_and_merge_page(): an unchanged KSM page is left alone
         stable_ok = k.stable.unchanged(flags, part.node, lo, hi)

@@ -98,7 +98,11 @@ class StableTree:
     def rooms(self, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
         """Every node with this content that can take more mappings, with how many, in
         the order repeated stable_tree_search() calls would fill them."""
-        ref = self.index.get(lo)
+        return self.rooms_at(self.index.get(lo), lo, hi, max_page_sharing)
+
+    def rooms_at(self, ref: int, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
+        """rooms() where the index's entry for the content (`ref`: a node, a chain, or -1)
+        was looked up already, for many contents at once (HashIndex.get_many)."""
         if ref == -1:
             return []
         if ref >= 0:
@@ -107,6 +111,14 @@ class StableTree:
                 return []
             return [(ref, max_page_sharing - n)]
         return self._chain_rooms(-ref - 2, lo, hi, max_page_sharing)
+
+    def chain_candidates(self, refs: np.ndarray) -> np.ndarray:
+        """For index entries that are chains: the chain's dup that may have room when it
+        is the only one (the usual case: stable_node_dup() drops full dups as it meets
+        them), else -1 - rooms_at() then tells."""
+        room = self._room
+        cands = [room[-r - 2] for r in refs.tolist()]
+        return np.array([next(iter(d)) if len(d) == 1 else -1 for d in cands], dtype=np.int64)
 
     def unchanged(self, flags: np.ndarray, node: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Which items (their flags and node columns, the pages' digests) are unchanged
