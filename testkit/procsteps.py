@@ -3,8 +3,8 @@
 `ProcSteps` stands in for the `os` module of lksmfs.system.proc and
 lksmfs.sources.procfs (a test monkeypatches their `os`): every call through which they
 touch the files of one task - opening one (by path, or relative to its pinned
-directory), reading one, listing its task/ directory, pread on pagemap, preadv on mem -
-is a step, recorded in `steps`.  At step `at` the task dies: `die()` runs first (kill
+directory), reading one, listing its task/ directory, pread on pagemap, preadv on mem,
+process_vm_readv(2) of its memory (lksmfs.sources.procfs.process_vm_read) - is a step, recorded in `steps`.  At step `at` the task dies: `die()` runs first (kill
 a real process and maybe reap it, or turn a fake tree's task into a zombie), then the
 call either goes to the kernel as it is, which answers what a dead task answers (`kind`
 None), or gets a made-up answer:
@@ -32,6 +32,7 @@ from lksmfs.sources.base import TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.system import proc
 
+_PROCESS_VM_READ = procfs.process_vm_read
 ERRNO_OF = {"ESRCH": errno.ESRCH, "ENOENT": errno.ENOENT, "EIO": errno.EIO}
 
 
@@ -115,6 +116,20 @@ class ProcSteps:
         got: int = self._read(fd, "preadv", lambda: os.preadv(fd, buffers, offset), 0, lambda n: n // 2)
         return got
 
+    def process_vm_read(self, pid: int, buf: memoryview, addr: int) -> int:
+        """procfs.process_vm_read's stand-in: a read of the task's memory by pid."""
+        real = _PROCESS_VM_READ
+        if pid != self.pid:
+            return real(pid, buf, addr)
+        if self._made_up_reaped():
+            raise OSError(errno.ESRCH, os.strerror(errno.ESRCH))
+        if not self._fire(f"process_vm_readv {self.root}/{pid}/mem") or self.kind is None:
+            return real(pid, buf, addr)
+        self._fail()
+        if self.kind == "empty":
+            return 0
+        return real(pid, buf, addr) // 2
+
     def listdir(self, fd: Any) -> list[str]:
         if not isinstance(fd, int) or fd not in self.fds:
             return os.listdir(fd)
@@ -130,6 +145,7 @@ def use(monkeypatch: pytest.MonkeyPatch, steps: ProcSteps) -> None:
     """From now on (until the test ends) the modules that read /proc go through `steps`."""
     for mod in (proc, procfs):
         monkeypatch.setattr(mod, "os", steps)
+    monkeypatch.setattr(procfs, "process_vm_read", steps.process_vm_read)
 
 
 def full_scans(src: ProcfsSource, policy: str, n: int, joined: set[TaskId] | None = None,
