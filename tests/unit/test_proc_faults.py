@@ -18,7 +18,10 @@ A zombie's stat says Z, its status has no Vm lines, its smaps, maps, ksm_stat,
 pagemap and mem are empty - as the kernel shows a task whose mm is gone.  Each run makes
 three full scans: they complete; A has no slot; A is counted once if it had one
 (tasks_exited, or tasks_failed) and not at all if it died before it joined; every
-figure but those counts equals the reference's.  Both policies.
+figure but those counts equals the reference's.  Both policies.  Last, over the
+in-memory source: a victim that dies at each read of its pages while a chunk larger
+than a READ_BLOCK is settled (its pages read again for the comparisons) leaves totals
+that are exactly the remaining slots' items.
 """
 
 from __future__ import annotations
