@@ -5,7 +5,8 @@ lksmfs.sources.procfs (a test monkeypatches their `os`): every call through whic
 touch the files of one task - opening one (by path, or relative to its pinned
 directory), reading one, listing its task/ directory, pread on pagemap, preadv on mem,
 process_vm_readv(2) of its memory (lksmfs.sources.procfs.process_vm_read) - is a
-step, recorded in `steps`.  At step `at` the task dies: `die()` runs first (kill a real process and maybe reap it, or turn a fake tree's task into a zombie), then the
+step, recorded in `steps`.  At step `at` the task dies: `die()` runs first (kill a
+real process and maybe reap it, or turn a fake tree's task into a zombie), then the
 call either goes to the kernel as it is, which answers what a dead task answers (`kind`
 None), or gets a made-up answer:
 
