@@ -495,7 +495,9 @@ class ProcfsSource:
 
     @_one_task
     def _ksm_registered(self, task: TaskId) -> bool:
-        h = self._acquire(task, cache=True)
+        # not cached: asked of tasks that may never get a slot (the crawl's look for a
+        # short task's madvise), whose fds nothing would release
+        h = self._acquire(task, cache=False)
         try:
             known = h.dir.ksm_registered()
         finally:
