@@ -159,12 +159,21 @@ def test_node_exporter_ksmd_collector_on_the_mainline_mount(mounts: Mounts, orac
 def _advisor_steps(read: Callable[[str], int], start: Callable[[], None], scans: int,
                    timeout_s: float) -> list[tuple[int, int]]:
     """(full_scans, pages_to_scan) before `start()` and each time either changes after,
-    until `scans` full scans."""
-    seen = [(read("full_scans"), read("pages_to_scan"))]
+    until `scans` full scans.  The two files are read one after the other, so a pair is
+    kept only when full_scans read the same before and after pages_to_scan: a wrap
+    between the reads would pair the new value with the old count."""
+
+    def pair() -> tuple[int, int]:
+        while True:
+            before, pts, after = read("full_scans"), read("pages_to_scan"), read("full_scans")
+            if before == after:
+                return before, pts
+
+    seen = [pair()]
     start()
 
     def step() -> bool:
-        now = (read("full_scans"), read("pages_to_scan"))
+        now = pair()
         if now != seen[-1]:
             seen.append(now)
         return now[0] >= scans
