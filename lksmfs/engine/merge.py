@@ -455,8 +455,7 @@ class Merger:
         """cmp_and_merge_page() for the pages of each group (one content each, address
         order), as the page-at-a-time path would settle them one after the other: fill
         the KSM pages with room (in stable_node_dup()'s order), then - past the checksum
-        gate - merge
-        with the unstable tree partner, fill that new KSM page up to max_page_sharing,
+        gate - merge with the unstable tree partner, fill that new KSM page up to max_page_sharing,
         pair the next two pages into another, and so on; a last page alone waits in the
         tree.  Groups of different contents do not meet, so every group is planned first;
         then the pages that become one KSM page are compared byte for byte (a page with
