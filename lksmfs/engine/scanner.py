@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lksmfs.engine import thp
+from lksmfs.engine.hashindex import normkey
 from lksmfs.engine.merge import Chunk, SourceError
 from lksmfs.engine.numa import fold_nodes, node_source
 from lksmfs.engine.pages import CHUNK, READ_BLOCK, as_words
@@ -782,13 +783,47 @@ class Scanner:
         stable_ok = k.stable.unchanged(flags, part.node, lo, hi)
         # hook: the policy's word on the other pages before cmp_and_merge_page() - LKSM
         # leaves them all to it; mainline ksmd skips some (smart_scan: visited, not
-        # scanned) and gates the rest on their checksum first (lksmfs.engine.ksmd)
-        idx, skipped = k.crawler.visit(part, hi, stable_ok)
+        # scanned) and gates the rest on their checksum first (lksmfs.engine.ksmd).  The
+        # chunk goes in address-ordered parts where that order shows (_broken_bounds).
+        skipped = 0
+        chunk: Chunk | None = None
+        for a, b in self._broken_bounds(part, lo, stable_ok):
+            outside = stable_ok.copy()
+            outside[:a] = True
+            outside[b:] = True
+            idx, skip = k.crawler.visit(part, hi, outside)
+            skipped += skip
+            if idx.size:
+                if chunk is None:
+                    chunk = Chunk(slot, bases, rids, part, data, lo, hi, self._fetcher(slot, part), at)
+                k.merger.cmp_and_merge(chunk, idx)
         k.stats.pages_scanned += n - skipped
         slot.nr_scans += n - skipped
-        if idx.size:
-            k.merger.cmp_and_merge(Chunk(slot, bases, rids, part, data, lo, hi, self._fetcher(slot, part), at), idx)
         return end, n - skipped
+
+    def _broken_bounds(self, part: Rmap, lo: np.ndarray, stable_ok: np.ndarray) -> list[tuple[int, int]]:
+        """The parts of a chunk to settle one after the other: the whole chunk, unless a
+        broken merge (a STABLE item whose page changed) frees room in a KSM page whose
+        content an earlier page of the chunk has.  In the kernel that earlier page looks
+        the KSM page up before the broken item leaves it (remove_rmap_item_from_tree()
+        runs at the item's own visit, in address order), so it may find it full; a
+        policy that takes items out of the trees for the whole chunk first (mainline's
+        checksum gate, smart_scan) would free the room too early.  The chunk is then cut
+        before each such broken item."""
+        n = int(stable_ok.shape[0])
+        broken = np.flatnonzero(((part.flags & STABLE) != 0) & ~stable_ok)
+        if not broken.size:
+            return [(0, n)]
+        others = np.flatnonzero(~stable_ok)
+        keys, first = np.unique(normkey(lo[others]), return_index=True)
+        node_keys = normkey(self.k.stable.lo[part.node[broken]])
+        at = np.minimum(np.searchsorted(keys, node_keys), keys.shape[0] - 1)
+        earlier = (keys[at] == node_keys) & (others[first[at]] < broken)
+        cuts = broken[earlier].tolist()
+        if not cuts:
+            return [(0, n)]
+        edges = [0, *cuts, n]
+        return [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
     @staticmethod
     def _renew(part: Rmap, i: np.ndarray, rids: np.ndarray, bases: np.ndarray) -> None:

@@ -194,3 +194,27 @@ def test_among_equally_full_dups_the_head_of_the_chain_list_is_chosen() -> None:
     pick = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups")
     assert [tuple(w[k] for k in pick) for w in want[1:4]] == [(2, 2, 1, 2), (3, 2, 1, 2), (2, 1, 1, 1)]
     assert got == want
+
+
+@pytest.mark.parametrize("policy", ["ksm", "lksm"])
+def test_a_broken_merge_frees_its_room_at_its_own_visit(policy: str) -> None:
+    """Worked by hand (max_page_sharing 2): one process, an anonymous page then, at higher
+    addresses, two pages of F, all `a` by round 1, where F's two make KSM page K (full: 1
+    shared, 1 sharing; the anonymous page was written before round 1, so it waits a round
+    on its checksum).  Before round 2 F's first page is written with zeros (a COW break).
+    In round 2 the anonymous page is visited first: K still counts the broken mapping
+    (remove_rmap_item_from_tree() runs at that item's own visit, later in address order),
+    so it is full and the page goes to the unstable tree; then the broken item leaves K.
+    After round 2: K with 1 mapping (1 shared, 0 sharing) and the anonymous page waiting
+    (1 unshared).  The zeroed page: mainline's checksum gate keeps it out (1 volatile);
+    LKSM's gate holds only in its initial rounds, over by this third scan, so it waits in
+    the unstable tree too (2 unshared).  Round 3 joins the anonymous page to K."""
+    spec = {"policy": policy, "mps": 2, "zero": False, "filter": False,
+            "procs": [([0], True, [1, 1])],
+            "writes": [(1, 0, 0, 0, 1), (2, 0, 1, 0, 0)], "exits": {}}
+    got, want, _ = run_both_ties(spec)
+    pick = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+    after2 = (1, 0, 1, 1) if policy == "ksm" else (1, 0, 2, 0)
+    assert tuple(want[2][k] for k in pick) == after2
+    assert tuple(want[3][k] for k in pick)[:2] == (1, 1)
+    assert got == want
