@@ -14,11 +14,16 @@ What it models, after mm/ksm.c and the LKSM seed (mm/lksm.c):
   Mainline (6.x): remove_rmap_item_from_tree(), the checksum gate, use_zero_pages, then
   the stable tree, then the unstable tree;
 * max_page_sharing: a stable node takes at most that many mappings; a full node's content
-  gets another node (a dup) at the head of a chain's list; a search picks the first of
-  the fullest dups with room and moves it to the head if it has room for one more
-  (stable_node_dup()); a node that loses its last mapping is freed, a chain that loses
-  its last dup too (no timed pruning is modelled: the tests run on a clock that does not
-  move);
+  gets another node (a dup) at the head of a chain's list (stable_node_chain_add_dup();
+  alloc_stable_node_chain() makes the full node the first dup and stamps the chain's
+  chain_prune_time); a search walks the list from its head (stable_node_dup()): when
+  stable_node_chains_prune_millisecs have passed since chain_prune_time (on the clock
+  given; the search then stamps it) it takes the fullest dup with room, the first in
+  list order among equals, else the first dup with room; either way it moves the dup to
+  the head if it has room for one more after this mapping.  A node that loses its last
+  mapping is freed, a chain that loses its last dup too; the collapse of a chain left
+  with one dup is not modelled (the engine collapses on its prune timer, the kernel at
+  the next lookup; the tests run on a clock that does not move);
 * the checksum gate: LKSM checks it during the initial rounds only (scan rounds before
   INITIAL_ROUND), mainline (policy `ksm`) in every pass;
 * use_zero_pages: a zero-filled page that passed the gate maps the zero page: counted in
@@ -45,7 +50,7 @@ pages_volatile, stable_node_chains, stable_node_dups, ksm_zero_pages.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 INITIAL_ROUND = 3  # mm/lksm.c: the checksum gate holds in rounds before this one
@@ -77,9 +82,10 @@ class StableNode:
 
 @dataclass(eq=False)
 class StableChain:
-    """stable_node_chain: the dups of one content, in the order of its hlist."""
+    """stable_node_chain: the dups of one content, in the order of its hlist (head first)."""
 
     dups: list[StableNode] = field(default_factory=list)
+    chain_prune_time: float = 0.0
 
 
 @dataclass
@@ -102,7 +108,8 @@ class ReferenceKsm:
     """The page-at-a-time engine over processes given as dicts of pages."""
 
     def __init__(self, *, policy: str = "lksm", max_page_sharing: int = 256, use_zero_pages: bool = False,
-                 filter_enabled: bool = False) -> None:
+                 filter_enabled: bool = False, clock: Callable[[], float] = lambda: 0.0,
+                 stable_node_chains_prune_millisecs: int = 2000) -> None:
         if policy not in ("lksm", "ksm"):
             raise ValueError(policy)
         self.policy = policy
@@ -116,30 +123,31 @@ class ReferenceKsm:
         self.items: dict[int, dict[int, RmapItem]] = {}  # task -> vpn -> item (the mm_slot's rmap_list)
         self.zero_maps: set[tuple[int, int]] = set()  # (task, vpn) mapping the zero page
         self.scan_round = 0
-        # the first scan round in which stable_node_dup() chose among equally full dups
-        # (the list order decided: lksmfs's engine is known to differ there, see
-        # tests/unit/test_reference_engine.py)
-        self.first_tie_round: int | None = None
+        self.clock = clock  # seconds: stable_node_dup()'s jiffies
+        self.stable_node_chains_prune_millisecs = stable_node_chains_prune_millisecs
 
     # -- the stable tree ----------------------------------------------------------------
 
     def stable_tree_search(self, content: bytes) -> StableNode | None:
         """A node with this content that can take one more mapping: a plain node with
-        room, or stable_node_dup() over a chain: the first of the fullest dups with room,
-        in the chain's list order, moved to the head of the list when it can take one
-        more mapping after this one."""
+        room, or stable_node_dup() over a chain (chain_prune(): it may prune)."""
         entry = self.stable.get(content)
         if entry is None:
             return None
         if isinstance(entry, StableNode):
             return entry if len(entry.items) < self.max_page_sharing else None
+        now = self.clock()
+        prune = (now - entry.chain_prune_time) * 1000 >= self.stable_node_chains_prune_millisecs
+        if prune:
+            entry.chain_prune_time = now
         found: StableNode | None = None
         for dup in entry.dups:
-            if len(dup.items) < self.max_page_sharing and (found is None or len(dup.items) > len(found.items)):
-                found = dup
-        if found is not None and self.first_tie_round is None and sum(
-                1 for d in entry.dups if len(d.items) == len(found.items)) > 1:
-            self.first_tie_round = self.scan_round
+            if len(dup.items) < self.max_page_sharing:
+                if not prune:
+                    found = dup  # the first with room
+                    break
+                if found is None or len(dup.items) > len(found.items):
+                    found = dup  # the fullest with room, the first of equals
         if found is not None and entry.dups[0] is not found and len(found.items) + 1 < self.max_page_sharing:
             entry.dups.remove(found)
             entry.dups.insert(0, found)
@@ -147,16 +155,20 @@ class ReferenceKsm:
 
     def stable_tree_insert(self, content: bytes) -> StableNode:
         """A new KSM page; a content that has one already (full) becomes a chain of dups,
-        a new dup going to the head of the chain's list (stable_node_chain_add_dup())."""
+        a new dup going to the head of the chain's list (stable_node_chain_add_dup()).
+        (chain() over a chain of one dup collapses it, and the chain is made again:
+        a new chain_prune_time.)"""
         node = StableNode(content)
         entry = self.stable.get(content)
         if entry is None:
             self.stable[content] = node
         elif isinstance(entry, StableChain):
             node.chain = entry
+            if len(entry.dups) == 1:
+                entry.chain_prune_time = self.clock()
             entry.dups.insert(0, node)
         else:  # alloc_stable_node_chain(): the existing node is the chain's first dup
-            chain = StableChain([node, entry])
+            chain = StableChain([node, entry], self.clock())
             entry.chain = node.chain = chain
             self.stable[content] = chain
         return node

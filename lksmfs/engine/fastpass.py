@@ -562,9 +562,9 @@ class FastScanner:
                 same = int(k.stable.lo[ref]) == int(lo[i]) and int(k.stable.hi[ref]) == int(hi[i])
                 if not same or int(k.stable.nlen[ref]) < mps:
                     return False  # room (or a key that only looks alike: the engine decides)
-            elif k.stable.rooms(int(lo[i]), int(hi[i]), mps):
-                return False  # a chain with a dup that has room (full dups leave the
-                # candidate set, as the engine's own search does)
+            else:
+                return False  # a chain: every lookup may move its chain_prune_time
+                # (stable_node_dup()), which later lookups' choices depend on
         return True
 
     def _apply(self, p: Plan) -> None:

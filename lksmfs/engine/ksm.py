@@ -88,7 +88,8 @@ class Ksm:
         self.advisor = AdvisorCtx()  # mainline's KSM advisor (lksmfs.engine.advisor)
         self.stats = KsmStats()
         self.mm = MmList()
-        self.stable = StableTree()
+        # stable_node_dup()'s clock: chain_prune_time against stable_node_chains_prune_millisecs
+        self.stable = StableTree(lambda: (self.clock(), self.tunables.stable_node_chains_prune_millisecs))
         self.unstable = UnstableTree()  # root_unstable_tree, rebuilt every round
         self.regions = RegionTable()
         self.merger = Merger(self)

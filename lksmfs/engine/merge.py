@@ -285,7 +285,7 @@ class Merger:
         """The groups `gs` (pages of one content: `sorted_idx[starts[j]:starts[j] +
         counts[j]]`, address order) whose every page finds room in the KSM pages of its
         content - stable_tree_search() then try_to_merge_with_ksm_page(), page after
-        page, fullest KSM page first - settled together: one removal from the trees and
+        page, in stable_node_dup()'s order - settled together: one removal from the trees and
         one stable_tree_append() for all of them.  Returns the groups left for
         _settle_groups() (those with no or too little room, or whose digests differ)."""
         k = self.k
@@ -320,13 +320,16 @@ class Merger:
         to[chain[one]] = dup[one]
         whole = to[owner] >= 0
         nid[whole] = to[owner[whole]]
-        # other chains: their dups with room, fullest first
+        for j in chain[one].tolist():  # the lookups' effects on the chain's list
+            st.looked_up(int(sref[j]), int(flo[j]), int(fhi[j]), mps, int(counts[j]))
+        # other chains: their dups with room, as stable_node_dup() fills them
         for j in chain[~one].tolist():
             want = int(counts[j])
             rooms = st.rooms_at(int(sref[j]), int(flo[j]), int(fhi[j]), mps)
             if sum(room for _, room in rooms) < want:
                 ok[j] = False
                 continue
+            rooms = st.looked_up(int(sref[j]), int(flo[j]), int(fhi[j]), mps, want)
             at = int(first_at[j])
             for node, room in rooms:
                 t = min(room, want)
@@ -451,8 +454,8 @@ class Merger:
     def _settle_groups(self, c: Chunk, groups: list[np.ndarray]) -> list[np.ndarray]:
         """cmp_and_merge_page() for the pages of each group (one content each, address
         order), as the page-at-a-time path would settle them one after the other: fill
-        the KSM pages with room (fullest first), then - past the checksum gate - merge
-        with the unstable tree partner, fill that new KSM page up to max_page_sharing,
+        the KSM pages with room (in stable_node_dup()'s order), then - past the checksum
+        gate - merge with the unstable tree partner, fill that new KSM page up to max_page_sharing,
         pair the next two pages into another, and so on; a last page alone waits in the
         tree.  Groups of different contents do not meet, so every group is planned first;
         then the pages that become one KSM page are compared byte for byte (a page with
@@ -497,6 +500,10 @@ class Merger:
             pages: list[np.ndarray] = []
             nodes: list[np.ndarray] = []
             for m, taken, nids, plan in good:
+                # every page of the group looked its content up (stable_tree_search())
+                st = self.k.stable
+                lo0, hi0 = int(c.lo[m[0]]), int(c.hi[m[0]])
+                st.looked_up(st.index.get(lo0), lo0, hi0, self.k.tunables.max_page_sharing, int(m.shape[0]))
                 if taken:
                     pages.append(m[:taken])
                     nodes.append(np.array(nids, dtype=np.int64))

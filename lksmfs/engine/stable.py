@@ -12,6 +12,8 @@ and the nodes inside them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from lksmfs.engine.hashindex import HashIndex, normkey
@@ -43,7 +45,10 @@ def _chain_ref(cid: int) -> int:
 class StableTree:
     """Stable nodes in columns; the index maps a digest's low half to a node or a chain."""
 
-    def __init__(self) -> None:
+    def __init__(self, prune_clock: Callable[[], tuple[float, int]] | None = None) -> None:
+        # (now in seconds, stable_node_chains_prune_millisecs): stable_node_dup()'s
+        # jiffies and its prune interval (the engine's clock and tunable)
+        self.prune_clock: Callable[[], tuple[float, int]] = prune_clock or (lambda: (0.0, 2000))
         self.index = HashIndex(vals=np.int32)  # a node, or a chain (negative)
         self._lo = _Grow(np.uint64)
         self._hi = _Grow(np.uint32)  # a digest's hi fits (pages.HI_MASK)
@@ -51,7 +56,10 @@ class StableTree:
         self._chain = _Grow(np.int32, -1)
         self._next_id = 0
         self._free: list[int] = []
-        self.chains: dict[int, dict[int, None]] = {}  # chain -> its dups, oldest first
+        # chain -> its dups in the reverse order of the chain's hlist: the last is the head
+        # (stable_node_chain_add_dup() adds at the head; stable_node_dup() moves there)
+        self.chains: dict[int, dict[int, None]] = {}
+        self._prune_time: dict[int, float] = {}  # chain -> its chain_prune_time
         # chain -> dups that may have room (a full one is dropped when a search meets it)
         self._room: dict[int, dict[int, None]] = {}
         self._next_chain = 0
@@ -84,7 +92,8 @@ class StableTree:
 
     def search(self, lo: int, hi: int, max_page_sharing: int) -> int:
         """stable_tree_search(): a node with this content that can take one more mapping,
-        preferring the fullest dup of a chain (stable_node_dup()); -1 if none."""
+        a chain's dup as stable_node_dup() picks it (the lookup's effects on the chain
+        applied); -1 if none."""
         ref = self.index.get(lo)
         if ref == -1:
             return -1
@@ -92,7 +101,7 @@ class StableTree:
             if not self._same(ref, lo, hi) or int(self._len.a[ref]) >= max_page_sharing:
                 return -1
             return ref
-        rooms = self._chain_rooms(-ref - 2, lo, hi, max_page_sharing)
+        rooms = self.looked_up(ref, lo, hi, max_page_sharing, 1)
         return rooms[0][0] if rooms else -1
 
     def rooms(self, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
@@ -114,8 +123,9 @@ class StableTree:
 
     def chain_candidates(self, refs: np.ndarray) -> np.ndarray:
         """For index entries that are chains: the chain's dup that may have room when it
-        is the only one (the usual case: stable_node_dup() drops full dups as it meets
-        them), else -1 - rooms_at() then tells."""
+        is the only one (the usual case: full dups leave the candidate set as a lookup
+        meets them; either rule of stable_node_dup() picks an only candidate), else -1 -
+        rooms_at() then tells.  The caller applies the lookups with looked_up()."""
         room = self._room
         cands = [room[-r - 2] for r in refs.tolist()]
         return np.array([next(iter(d)) if len(d) == 1 else -1 for d in cands], dtype=np.int64)
@@ -134,20 +144,71 @@ class StableTree:
         so its hit alone does not say)?"""
         return int(self._lo.a[nid]) == lo and int(self._hi.a[nid]) == hi
 
-    def _chain_rooms(self, cid: int, lo: int, hi: int, max_page_sharing: int) -> list[tuple[int, int]]:
-        """The dups of a chain with room, fullest first (stable_node_dup()), oldest first
-        among equals; full dups met on the way leave the candidate set."""
+    def _chain_rooms(self, cid: int, lo: int, hi: int, max_page_sharing: int,
+                     limit: int | None = None) -> list[tuple[int, int]]:
+        """The dups of a chain with room, in the order repeated stable_node_dup() calls at
+        this moment fill them (nothing changed): a lookup walks the hlist from its head
+        and, unless it prunes, takes the first page-sharing candidate; when it prunes
+        (chain_prune() from stable_tree_search(), once stable_node_chains_prune_millisecs
+        have passed since chain_prune_time, which it then resets) it takes the fullest
+        candidate, the first in list order among equals.  Either way the dup found goes
+        to the head when it can take one more mapping, so the next lookups (not pruning,
+        or pruning and finding it fuller still) keep taking it until it is full: a dup
+        is filled whole before the next one is chosen.  Full dups met leave the
+        candidate set.  `limit`: stop once that many mappings are placed."""
         cands = self._room[cid]
         nlen = self._len.a
-        out: list[tuple[int, int]] = []
+        order = self.chains[cid]
+        rest: list[tuple[int, int]] = []
         for nid in list(cands):
             n = int(nlen[nid])
             if n >= max_page_sharing:
                 del cands[nid]
             elif self._same(nid, lo, hi):
-                out.append((nid, n))
-        out.sort(key=lambda x: -x[1])
-        return [(nid, max_page_sharing - n) for nid, n in out]
+                rest.append((nid, n))
+        if not rest:
+            return []
+        if len(rest) > 1:
+            pos = {nid: i for i, nid in enumerate(reversed(order))}  # 0: the head
+            rest.sort(key=lambda x: pos[x[0]])
+        now, prune_ms = self.prune_clock()
+        t = self._prune_time[cid]
+        out: list[tuple[int, int]] = []
+        left = limit
+        while rest and (left is None or left > 0):
+            at = 0
+            if (now - t) * 1000 >= prune_ms:  # !time_before(jiffies, chain_prune_time + ...)
+                t = now
+                best = rest[0][1]
+                for i, (_, n) in enumerate(rest):
+                    if n > best:  # strictly fuller: the first in list order among equals
+                        at, best = i, n
+            nid, n = rest.pop(at)
+            out.append((nid, max_page_sharing - n))
+            if left is not None:
+                left -= max_page_sharing - n
+        return out
+
+    def looked_up(self, ref: int, lo: int, hi: int, max_page_sharing: int, lookups: int) -> list[tuple[int, int]]:
+        """Apply `lookups` (>= 1) stable_tree_search() calls at this moment to the index
+        entry `ref` of this content, each followed by a mapping of the dup it found (if
+        any): on a chain, the dups go to the head of its list as stable_node_dup() moves
+        them and chain_prune_time is reset if a lookup pruned.  Returns the dups filled,
+        with their room before, in order (the last may take fewer than its room)."""
+        if ref > -2:
+            return []
+        cid = -ref - 2
+        now, prune_ms = self.prune_clock()
+        fills = self._chain_rooms(cid, lo, hi, max_page_sharing, limit=lookups)
+        order = self.chains[cid]
+        for nid, room in fills:
+            # found != hlist.first && __is_page_sharing_candidate(found, 1)
+            if room >= 2 and next(reversed(order)) != nid:
+                del order[nid]
+                order[nid] = None
+        if (now - self._prune_time[cid]) * 1000 >= prune_ms:
+            self._prune_time[cid] = now
+        return fills
 
     def insert(self, lo: int, hi: int) -> int:
         """stable_tree_insert(): a new node with no mapping yet; chains it when a node with
@@ -162,11 +223,13 @@ class StableTree:
         if ref == -1:
             self.index.put(lo, nid)
         elif ref >= 0:
-            # alloc_stable_node_chain(): the existing node becomes the first dup
+            # alloc_stable_node_chain(): the existing node becomes the first dup, the new
+            # one goes to the head (stable_node_chain_add_dup()); chain_prune_time = jiffies
             cid = self._next_chain
             self._next_chain += 1
             self.chains[cid] = {ref: None, nid: None}
             self._room[cid] = {ref: None, nid: None}
+            self._prune_time[cid] = self.prune_clock()[0]
             self._chain.a[ref] = cid
             self._chain.a[nid] = cid
             self.index.put(lo, _chain_ref(cid))
@@ -174,7 +237,11 @@ class StableTree:
             self.stable_node_dups += 2
         else:
             cid = -ref - 2
-            self.chains[cid][nid] = None
+            if len(self.chains[cid]) == 1:
+                # chain() in stable_tree_insert() collapses a chain of one dup, and the
+                # chain made again for the new dup has a new chain_prune_time
+                self._prune_time[cid] = self.prune_clock()[0]
+            self.chains[cid][nid] = None  # stable_node_chain_add_dup(): at the head
             self._room[cid][nid] = None
             self._chain.a[nid] = cid
             self.stable_node_dups += 1
@@ -264,6 +331,7 @@ class StableTree:
             if not dups:
                 del self.chains[cid]
                 del self._room[cid]
+                del self._prune_time[cid]
                 self.index.delete(lo, _chain_ref(cid))
                 self.stable_node_chains -= 1
         self._chain.a[nid] = -1
@@ -280,10 +348,11 @@ class StableTree:
         for cid in [c for c, d in self.chains.items() if len(d) == 1 and int(nlen[next(iter(d))]) < max_page_sharing]:
             (nid,) = self.chains.pop(cid)
             del self._room[cid]
+            del self._prune_time[cid]
             self._chain.a[nid] = -1
             self.index.put(int(self._lo.a[nid]), nid)
             self.stable_node_chains -= 1
             self.stable_node_dups -= 1
 
     def clear(self) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.__init__(self.prune_clock)  # type: ignore[misc]

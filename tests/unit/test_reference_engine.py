@@ -78,21 +78,17 @@ def build(spec: dict[str, Any]) -> tuple[FakeSource, list[TaskId], dict[int, lis
 
 
 def run_both(spec: dict[str, Any]) -> tuple[Result, Result]:
-    """The engine's and the reference's counters after each scan."""
-    got, want, _ = run_both_ties(spec)
-    return got, want
-
-
-def run_both_ties(spec: dict[str, Any]) -> tuple[Result, Result, int | None]:
-    """run_both(), and the index of the first scan in which the reference picked one of
-    equally full dups of a chain (None if it never did)."""
+    """The engine's and the reference's counters after each scan (one virtual clock and
+    prune interval for both: stable_node_dup() prunes on it)."""
     src, tasks, layout = build(spec)
-    ksm = Ksm(src, filter_enabled=spec["filter"], clock=VirtualClock(), policy=spec["policy"])
+    clock = VirtualClock()
+    ksm = Ksm(src, filter_enabled=spec["filter"], clock=clock, policy=spec["policy"])
     ksm.tunables.max_page_sharing = spec["mps"]
     ksm.tunables.use_zero_pages = int(spec["zero"])
     ksm.tunables.smart_scan = 0  # mainline's skipping of pages that did not merge: not modelled
     ref = ReferenceKsm(policy=spec["policy"], max_page_sharing=spec["mps"], use_zero_pages=spec["zero"],
-                       filter_enabled=spec["filter"])
+                       filter_enabled=spec["filter"], clock=clock,
+                       stable_node_chains_prune_millisecs=ksm.tunables.stable_node_chains_prune_millisecs)
     procs: dict[int, Process] = {}
     for p, (pages, mergeable, fpages) in enumerate(spec["procs"]):
         seen = spec["policy"] == "lksm" or mergeable
@@ -117,20 +113,15 @@ def run_both_ties(spec: dict[str, Any]) -> tuple[Result, Result, int | None]:
         c = ksm.counters()
         got.append({k: int(c[k]) for k in COUNTERS})
         want.append(ref.full_scan(procs))
-    tie = None if ref.first_tie_round is None else ref.first_tie_round - 1
-    return got, want, tie
+    return got, want
 
 
 @settings(max_examples=1000, deadline=None)  # about 10 s
 @given(spec=specs)
 def test_engine_equals_the_reference_after_every_scan(spec: dict[str, Any]) -> None:
-    """Equal after every scan - up to the first scan where a page chose among equally
-    full dups of a chain, where the engine is known to differ from mm/ksm.c
-    (test_among_equally_full_dups_the_head_of_the_chain_list_is_chosen): from there on
-    they may part ways."""
-    got, want, tie = run_both_ties(spec)
-    upto = len(got) if tie is None else tie
-    assert got[:upto] == want[:upto]
+    """Equal after every scan."""
+    got, want = run_both(spec)
+    assert got == want
 
 
 def test_a_freed_dup_is_the_one_the_kernel_list_order_says() -> None:
@@ -185,24 +176,23 @@ def test_a_mature_region_scans_only_the_offsets_that_merged() -> None:
     assert got == want
 
 
-@pytest.mark.xfail(strict=True, reason="engine: among equally full dups it takes the one that regained room "
-                   "first (StableTree._chain_rooms), mm/ksm.c's stable_node_dup() the first in the chain's "
-                   "list, where a new dup goes to the head")
 def test_among_equally_full_dups_the_head_of_the_chain_list_is_chosen() -> None:
     """Worked by hand (LKSM, max_page_sharing 2): round 2 makes dup B1 of P0's two `b`
-    pages and dup B2 of P1's (the chain's list is [B2, B1]); P2's `b` waits (both full).
-    Both processes rewrite their second page with `c`: in round 3 each leaves its dup
-    (B1 and B2 hold one mapping each; the two `c` pages make C) and P2's page joins the
-    first of the two equally full dups in list order, B2.  P0 exits: at the end of round
-    4 B1 loses its last mapping and goes, C keeps P1's.  Two KSM pages (B2 with 2
-    mappings, C with 1): 1 sharing, a chain of 1 dup.  The engine puts P2's page into
-    B1, which P0's exit then leaves with it alone: 3 KSM pages, 0 sharing, 2 dups."""
+    pages and dup B2 of P1's (the chain's list is [B2, B1]: stable_node_chain_add_dup()
+    adds at the head); P2's `b` waits (both full).  Both processes rewrite their second
+    page with `c`: in round 3 each leaves its dup (B1 and B2 hold one mapping each; the
+    two `c` pages make C) and P2's page joins the first dup with room in list order, B2
+    (the clock does not move, so stable_node_dup() never prunes and takes the first
+    candidate; pruning, it would take the first of the equally full ones: B2 too).  P0
+    exits: at the end of round 4 B1 loses its last mapping and goes, C keeps P1's.  Two
+    KSM pages (B2 with 2 mappings, C with 1): 1 sharing, a chain of 1 dup.  Joining B1
+    instead, P2's page would be left alone in it by P0's exit: 3 KSM pages, 0 sharing,
+    2 dups."""
     spec = {"policy": "lksm", "mps": 2, "zero": False, "filter": False,
             "procs": [([2, 2], False, []), ([2, 2], False, []), ([2], False, [])],
             "writes": [(2, 0, 0, 1, 3), (2, 1, 0, 1, 3)], "exits": {0: 3}}
-    got, want, tie = run_both_ties(spec)
+    got, want = run_both(spec)
     pick = ("pages_shared", "pages_sharing", "stable_node_chains", "stable_node_dups")
-    assert tie == 2
     assert [tuple(w[k] for k in pick) for w in want[1:4]] == [(2, 2, 1, 2), (3, 2, 1, 2), (2, 1, 1, 1)]
     assert got == want
 
@@ -223,7 +213,7 @@ def test_a_broken_merge_frees_its_room_at_its_own_visit(policy: str) -> None:
     spec = {"policy": policy, "mps": 2, "zero": False, "filter": False,
             "procs": [([0], True, [1, 1])],
             "writes": [(1, 0, 0, 0, 1), (2, 0, 1, 0, 0)], "exits": {}}
-    got, want, _ = run_both_ties(spec)
+    got, want = run_both(spec)
     pick = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
     after2 = (1, 0, 1, 1) if policy == "ksm" else (1, 0, 2, 0)
     assert tuple(want[2][k] for k in pick) == after2
