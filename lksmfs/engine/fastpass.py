@@ -48,7 +48,7 @@ from lksmfs.engine.params import (
 from lksmfs.engine.rmap import NOT_FROZEN, SEQNR_MASK, STABLE, UNSTABLE, calc_checksum
 from lksmfs.engine.scanner import scan_record
 from lksmfs.engine.slot import MmSlot
-from lksmfs.sources.base import MemorySource, TaskId
+from lksmfs.sources.base import MemorySource, TaskId, inner_source
 
 if TYPE_CHECKING:
     from lksmfs.engine.ksm import Ksm
@@ -77,12 +77,7 @@ class KeyedSource(Protocol):
 
 def keyed_source(source: MemorySource) -> KeyedSource | None:
     """The keyed source under the engine's (mainline wraps it), or None."""
-    inner: object = source
-    while not isinstance(inner, KeyedSource):
-        inner = getattr(inner, "inner", None)
-        if inner is None:
-            return None
-    return inner
+    return inner_source(source, KeyedSource)  # type: ignore[type-abstract]  # a protocol: isinstance only
 
 
 def smart_scan_step(age: np.ndarray, skips: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,8 +21,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from lksmfs.engine.pages import HI_MASK, is_zero_digest
-from lksmfs.sources.base import TaskId
+from lksmfs.engine.pages import HI_MASK, Digest
+from lksmfs.sources.base import TaskId, inner_source
 
 _MIX_LO = np.uint64(0x9E3779B97F4A7C15)  # odd multipliers: distinct nodes, distinct keys
 _MIX_HI = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -38,21 +38,18 @@ class NodeSource(Protocol):
 
 
 def node_source(source: object) -> NodeSource | None:
-    """The node-aware source under the engine's (wrappers keep theirs in `inner`)."""
-    inner: object = source
-    while not isinstance(inner, NodeSource):
-        inner = getattr(inner, "inner", None)
-        if inner is None:
-            return None
-    return inner
+    """The node-aware source under the engine's."""
+    return inner_source(source, NodeSource)  # type: ignore[type-abstract]  # a protocol: isinstance only
 
 
-def fold_nodes(lo: np.ndarray, hi: np.ndarray, nodes: np.ndarray, keep_zero: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The digests as per-node tree keys: pages on node n > 0 get n mixed in (a zero page
-    keeps its digest when `keep_zero`: use_zero_pages merges it with the zero page)."""
+def fold_nodes(lo: np.ndarray, hi: np.ndarray, nodes: np.ndarray,
+               keep_zero: Digest | None) -> tuple[np.ndarray, np.ndarray]:
+    """The digests as per-node tree keys: pages on node n > 0 get n mixed in (a zero page,
+    told by the engine's digest `keep_zero`, keeps its digest: use_zero_pages merges it
+    with the zero page)."""
     on = nodes > 0
-    if keep_zero:
-        on &= ~is_zero_digest(lo, hi)
+    if keep_zero is not None:
+        on &= ~keep_zero.is_zero(lo, hi)
     if not on.any():
         return lo, hi
     n = nodes[on].astype(np.uint64)

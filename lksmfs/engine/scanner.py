@@ -322,7 +322,7 @@ class Scanner:
         src = None if t.merge_across_nodes else node_source(self.k.source)
         if src is None:
             return lo, hi
-        return fold_nodes(lo, hi, src.page_nodes(task, run), bool(t.use_zero_pages))
+        return fold_nodes(lo, hi, src.page_nodes(task, run), self.k.digest if t.use_zero_pages else None)
 
     def _fetcher(self, slot: MmSlot, part: Rmap) -> Callable[[np.ndarray], np.ndarray]:
         """For a chunk that was not read: read just the pages a comparison needs."""

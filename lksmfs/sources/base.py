@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 # defined with the /proc knowledge they stand for; the engine imports them from here
 from lksmfs.system.proc import PAGE_SHIFT, PAGE_SIZE, AccessDenied, ProcessGone, TaskId
+
+S = TypeVar("S")
 
 __all__ = [
     "PAGE_SHIFT",
@@ -178,3 +180,14 @@ class SourceWrapper:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def inner_source(source: object, kind: type[S]) -> S | None:
+    """The source of `kind` (a runtime-checkable protocol) under the engine's: the source
+    itself, or one a wrapper keeps in its `inner` (mainline's view, a range filter)."""
+    inner: object = source
+    while not isinstance(inner, kind):
+        inner = getattr(inner, "inner", None)
+        if inner is None:
+            return None
+    return inner

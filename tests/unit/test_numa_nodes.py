@@ -13,7 +13,7 @@ import pytest
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.numa import fold_nodes
-from lksmfs.engine.pages import digest_pages, is_zero_digest
+from lksmfs.engine.pages import XXH3, digest_pages, is_zero_digest
 from lksmfs.sources.base import PAGE_SIZE
 from lksmfs.sysfs.attrs import AttributeTable
 from lksmfs.workload.schema import WorkloadError, parse_workload
@@ -92,10 +92,10 @@ def test_fold_keeps_node_0_and_zero_pages_with_use_zero_pages() -> None:
     lo, hi = digest_pages(pages, 2)
     lo2, hi2 = np.concatenate([lo, lo]), np.concatenate([hi, hi])
     nodes = np.array([0, 0, 1, 1])
-    flo, fhi = fold_nodes(lo2, hi2, nodes, keep_zero=True)
+    flo, fhi = fold_nodes(lo2, hi2, nodes, keep_zero=XXH3)
     assert (flo[:3] == lo2[:3]).all() and flo[3] != lo2[3]  # zero page on node 1 kept
     assert is_zero_digest(flo, fhi).tolist() == [True, False, True, False]
-    flo, fhi = fold_nodes(lo2, hi2, nodes, keep_zero=False)
+    flo, fhi = fold_nodes(lo2, hi2, nodes, keep_zero=None)
     assert is_zero_digest(flo, fhi).tolist() == [True, False, False, False]
     assert flo[1] != flo[3] and fhi[3] <= np.uint64(0xFFFFFFFF)
 
