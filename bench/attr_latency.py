@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from lksmfs.commands.output.tables import print_table
 from lksmfs.system.waiting import wait_until
-from lksmfs.tables import print_table
 from testkit.memproc import filled
 from testkit.mount import Mounts, read_attr
 

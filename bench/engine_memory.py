@@ -37,8 +37,8 @@ from bench.common import (
     parse_sizes,
     require_root,
 )
+from lksmfs.commands.output.tables import print_table
 from lksmfs.system.proc import status_kib
-from lksmfs.tables import print_table
 from testkit import REPO
 from testkit.memproc import PatternGroup
 
@@ -46,10 +46,10 @@ from testkit.memproc import PatternGroup
 def worker(pids: list[int], rounds: int, mps: int) -> dict[str, Any]:
     """Inside the fresh process: measure RSS around building the engine's state."""
     from lksmfs.engine.ksm import Ksm
-    from lksmfs.memtune import tune_allocator
     from lksmfs.sources.procfs import ProcfsSource
     from lksmfs.sources.scope import Scope
     from lksmfs.sysfs.attrs import AttributeTable
+    from lksmfs.system.memtune import tune_allocator
 
     tune_allocator()  # as the `lksmfs` command does at start
     with ProcfsSource(scope=Scope(pids=set(pids))) as source:

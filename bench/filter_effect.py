@@ -1,6 +1,6 @@
 """What LKSM_FILTER buys and costs on a workload: pages scanned vs sharing kept (issue 5).
 
-Runs `lksmfs.simulate.simulate()` twice on the same workload, filter on and off, and
+Runs `lksmfs.commands.simulate.simulate()` twice on the same workload, filter on and off, and
 compares the full scans once every region has matured (the seed filters a region only
 when the scan round minus its birth round exceeds LKSM_REGION_MATURE = 5; regions are born
 at the first scan, so from scan 6 on).  The seed claims up to 46% less scanning work "at
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lksmfs.commands.simulate import simulate
 from lksmfs.engine.regions import LKSM_REGION_MATURE
-from lksmfs.simulate import simulate
 from lksmfs.workload.schema import load_workload
 from testkit import REPO
 

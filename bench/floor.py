@@ -63,8 +63,8 @@ from bench.common import (
     run_measured,
 )
 from bench.scan_throughput import COMPARED, kernel_converge
+from lksmfs.commands.output.tables import print_table
 from lksmfs.system.proc import PAGE_SIZE
-from lksmfs.tables import print_table
 from testkit import REPO
 from testkit.memproc import PatternGroup
 from testkit.patterns import Pages, group_counts

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lksmfs.commands.output.tables import print_table
 from lksmfs.system.proc import CLK_TCK as TICK
 from lksmfs.system.proc import read_stat
 from lksmfs.system.waiting import wait_until
-from lksmfs.tables import print_table
 from testkit.memproc import filled
 from testkit.mount import Mounts, read_attr
 

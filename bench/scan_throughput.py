@@ -59,8 +59,8 @@ from bench.common import (
     require_kernel_ksm,
     run_measured,
 )
+from lksmfs.commands.output.tables import print_table
 from lksmfs.system.proc import PAGE_SIZE
-from lksmfs.tables import print_table
 from testkit import REPO
 from testkit.kernel_ksm import KernelKsm
 from testkit.memproc import PatternGroup

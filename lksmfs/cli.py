@@ -9,17 +9,17 @@ import os
 import sys
 
 from lksmfs import __version__
-from lksmfs.helptext import add_command
+from lksmfs.commands.output.helptext import add_command
 
 # subcommand modules: each has add_parser(subparsers) and sets `func` on its parser;
 # a (group, module) pair nests the module's command under `lksmfs GROUP`
 _COMMANDS: tuple[str | tuple[str, str], ...] = (
-    "lksmfs.simulate",
-    "lksmfs.compare",
-    "lksmfs.scan",
-    "lksmfs.daemon",
-    ("workload", "lksmfs.workload.spawn"),
-    "lksmfs.share",
+    "lksmfs.commands.simulate",
+    "lksmfs.commands.compare",
+    "lksmfs.commands.scan",
+    "lksmfs.commands.mount",
+    ("workload", "lksmfs.commands.workload"),
+    "lksmfs.commands.share",
 )
 # the command word each entry adds (a group adds its own word): which module a command
 # line needs, so that `lksmfs scan` imports the scan and not the FUSE daemon (start-up
@@ -90,7 +90,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lksmfs.memtune import tune_allocator
+    from lksmfs.system.memtune import tune_allocator
 
     # numpy's OpenBLAS starts a pool of worker threads at import; nothing here does linear
     # algebra, so they would only idle in `ps -L` as unnamed "lksmfs" threads

@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from lksmfs.commands.output.tables import print_table
+from lksmfs.daemon.mounted import MountedDaemon, read_attr
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import INITIAL_ROUND
 from lksmfs.engine.regions import LKSM_REGION_MATURE
-from lksmfs.mounted import MountedDaemon, read_attr
 from lksmfs.sources.base import PAGE_SHIFT, PAGE_SIZE
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.ranges import RangeFilteredSource
@@ -48,7 +49,6 @@ from lksmfs.system import cgroups
 from lksmfs.system.proc import AccessDenied, ProcessGone
 from lksmfs.system.proc import rss_anon_pages as task_rss_anon_pages
 from lksmfs.system.waiting import wait_until
-from lksmfs.tables import print_table
 from lksmfs.workload.schema import Workload, WorkloadError, load_workload
 from lksmfs.workload.simulated import ExpectedSharing, SimulatedSource
 from lksmfs.workload.spawn import SpawnedWorkload, spawn_workload

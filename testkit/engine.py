@@ -21,6 +21,7 @@ from lksmfs.engine.rmap import STABLE, UNSTABLE
 from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, TaskId
 from lksmfs.system.proc import try_stat
+from lksmfs.workload.driver import Driver, VirtualClock
 from testkit.memproc import MemProcess
 from testkit.patterns import Region
 
@@ -34,21 +35,13 @@ COUNTERS_NONNEG = ("pages_shared", "pages_sharing", "pages_unshared", "pages_vol
 
 def settle(ksm: Ksm, now: float, lock: AbstractContextManager[object] | None = None,
            batch: int = 1 << 20, limit: int = 10_000) -> float:
-    """Run crawler passes and scanner batches, as the daemon's two threads would, until
-    both are idle; time is virtual (the crawler's wake-up times are jumped to, never
-    slept).  Returns the virtual time reached."""
-    lk = lock if lock is not None else contextlib.nullcontext()
-    for _ in range(limit):
-        with lk:
-            nxt = ksm.crawl(now)
-            while ksm.scanner_should_run():
-                ksm.scan_batch(batch)
-            idle = nxt is None and not ksm.scan_state
-        if idle:
-            return now
-        if nxt is not None:
-            now = max(now, nxt)
-    raise AssertionError("crawler/scanner did not settle")
+    """Run crawler passes and scanner batches (the one driver, lksmfs.workload.driver),
+    as the daemon's two threads would, until both are idle; time is virtual (the
+    crawler's wake-up times are jumped to, never slept), each step under `lock`.
+    Returns the virtual time reached."""
+    clock = VirtualClock(now)
+    Driver(ksm, clock, lock=lock).settle(limit, batch)
+    return clock.now
 
 
 # ----------------------------------------------------------------------- inspection --

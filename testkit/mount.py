@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from lksmfs.mounted import MountedDaemon, read_attr
+from lksmfs.daemon.mounted import MountedDaemon, read_attr
 from lksmfs.system.mounts import is_mountpoint, lazy_unmount
 
 __all__ = ["NOBODY", "Daemon", "Mounts", "fuse_unavailable", "mounted_at", "public_tmpdir",

@@ -15,6 +15,7 @@ KSM_RUN_ONESHOT = 8
 LKSM_SCAN_NONE = 0
 LKSM_SCAN_PARTIAL = 1
 LKSM_SCAN_FULL = 2
+SCAN_MODE_NAMES = {LKSM_SCAN_PARTIAL: "partial", LKSM_SCAN_FULL: "full"}  # as the log and simulate say them
 
 # mm_slot states (KSM_MM_*)
 KSM_MM_FROZEN = 0x01
@@ -68,3 +69,8 @@ class Tunables:
     advisor_min_pages_to_scan: int = 500
     advisor_max_pages_to_scan: int = 30000
     advisor_target_scan_time: int = 200  # seconds
+
+
+def mode_name(mode: float | int) -> str:
+    """A scan mode as people read it: "full", "partial" (the number if it is neither)."""
+    return SCAN_MODE_NAMES.get(int(mode), str(mode))

@@ -1,4 +1,5 @@
-"""Real processes realising a workload: `lksmfs workload spawn` and `spawn_workload()`.
+"""Real processes realising a workload: `spawn_workload()` (`lksmfs workload spawn`,
+lksmfs.commands.workload, is its command line).
 
 Each instance (APP/K) is a child Python process (lksmfs.workload.child) that maps real
 library files, writes the workload's pages with the same content function as the
@@ -14,27 +15,23 @@ library files removed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lksmfs
-from lksmfs.helptext import add_command
 from lksmfs.system.cgroups import Freezer, default_root
 from lksmfs.system.proc import PAGE_SIZE, ProcessGone, TaskId, task_id
-from lksmfs.workload.schema import Workload, WorkloadError, load_workload
+from lksmfs.workload.schema import Workload
 from lksmfs.workload.timeline import Change, NewRound, Rewrite, TimelinePlayer
 
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lksmfs.__file__)))
@@ -285,76 +282,3 @@ def spawn_workload(
         yield procs
     finally:
         procs.close()
-
-
-# -- CLI ------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`lksmfs workload spawn WORKLOAD.yaml [--json] [--cgroup-root DIR] ...`"""
-    p = add_command(
-        subparsers, "spawn",
-        help="start real processes realising a workload file",
-        description="Start one process per workload instance, each in its own freezer cgroup "
-                    "(ROOT/APP/K), print their pids and keep them until SIGTERM/SIGINT, then "
-                    "kill them and remove the cgroups. ROOT is on the first cgroup2 mount of "
-                    "/proc/self/mountinfo, else on the v1 freezer; stderr says where.",
-        examples="examples:\n"
-               "  lksmfs workload spawn \"$(lksmfs share small.yaml)\"            one pid per line\n"
-               "  lksmfs workload spawn config/workloads/tizen-tv.yaml --json --round-interval 5\n"
-               "  lksmfs workload spawn config/workloads/small.yaml --cgroup-root /sys/fs/cgroup/freezer/mine",
-    )
-    p.add_argument("workload", metavar="WORKLOAD.yaml")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list of {app, instance, pid, start_time, cgroup}")
-    p.add_argument("--cgroup-root", metavar="DIR", default=None,
-                   help="cgroup to create the groups under (default: lksmfs-workload on the first "
-                        "cgroup2 mount, else on the v1 freezer)")
-    p.add_argument("--lib-dir", metavar="DIR", default=None,
-                   help="where to create the library files (default: a fresh temp dir)")
-    p.add_argument("--round-interval", metavar="SECONDS", type=float, default=0.0,
-                   help="advance one round every SECONDS, applying the timeline (0: never)")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        workload = load_workload(args.workload)
-    except WorkloadError as e:
-        print(f"lksmfs workload spawn: {e}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with spawn_workload(workload, cgroup_root=args.cgroup_root, lib_dir=args.lib_dir) as p:
-            print(f"lksmfs workload spawn: {len(p.live())} processes, one cgroup each under {p.freezer.root} "
-                  f"(cgroup {'v2' if p.freezer.v2 else 'v1 freezer'}: APP/K; removed at exit)",
-                  file=sys.stderr, flush=True)
-            if args.json:
-                print(json.dumps(p.describe()), flush=True)
-            else:
-                for rec in p.describe():
-                    print(rec["pid"], flush=True)
-            interval = args.round_interval
-            next_round = time.monotonic() + interval
-            while not stop.is_set():
-                if interval > 0 and time.monotonic() >= next_round:
-                    for ev in p.advance_round(p.round + 1).events:
-                        print(f"round {p.round}: {ev.action} {ev.target or ev.mode}",
-                              file=sys.stderr, flush=True)
-                    next_round += interval
-                if not p.live():
-                    break
-                stop.wait(min(0.5, interval) if interval > 0 else 0.5)
-    except (SpawnError, OSError) as e:
-        print(f"lksmfs workload spawn: {e}", file=sys.stderr)
-        return 1
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    return 0

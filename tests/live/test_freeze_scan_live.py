@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from lksmfs.daemon.freezer import FreezerWatcher
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
@@ -28,7 +29,6 @@ from lksmfs.engine.params import (
     LKSM_SCAN_NONE,
     LKSM_SCAN_PARTIAL,
 )
-from lksmfs.freezer import FreezerWatcher
 from lksmfs.sources.base import TaskId
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.sources.scope import Scope

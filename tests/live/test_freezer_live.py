@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lksmfs.freezer import FreezerWatcher
+from lksmfs.daemon.freezer import FreezerWatcher
 from lksmfs.sources.base import TaskId
 from lksmfs.sources.scope import Scope
 from lksmfs.system.cgroups import discover

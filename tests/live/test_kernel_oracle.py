@@ -6,7 +6,7 @@ For every phase three numbers must agree on pages_shared / pages_sharing:
    pages counted by `anon_page_census`) through `expected_counts` (max_page_sharing rule), and
    for patterns that cannot meet runtime pages, literal numbers worked out below;
 2. the kernel's ksmd, run to convergence on the same stopped processes;
-3. lksmfs (`lksmfs.scan.scan_processes`) over the same pids with the same max_page_sharing.
+3. lksmfs (`lksmfs.commands.scan.scan_processes`) over the same pids with the same max_page_sharing.
 
 Whole processes are compared, not the pattern mapping alone: PR_SET_MEMORY_MERGE makes the
 runtime's pages mergeable too and the kernel only has global counters; lksmfs scans every anonymous
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lksmfs.scan import scan_processes
+from lksmfs.commands.scan import scan_processes
 from lksmfs.sources.procfs import THP_SPLIT_REMAPS_ZERO
 from lksmfs.system.proc import PAGE_SIZE
 from testkit.kernel_ksm import KernelKsm, anon_page_census

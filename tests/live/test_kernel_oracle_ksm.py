@@ -2,7 +2,7 @@
 
 Three answers must agree, phase after phase: the hand derivation from the pages the
 processes hold, the kernel's ksmd run to convergence, and lksmfs's mainline policy
-(`lksmfs.scan.scan_processes(policy="ksm")`) - on pages_shared, pages_sharing,
+(`lksmfs.commands.scan.scan_processes(policy="ksm")`) - on pages_shared, pages_sharing,
 pages_unshared and pages_volatile, and with smart_scan on pages_skipped at every full
 scan.  The kernel's counters are read with ksmd stopped at a pass boundary
 (KernelKsm.stopped_counters: mid-pass an item between two unstable trees reads as
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 
 import pytest
 
-from lksmfs.scan import scan_processes
+from lksmfs.commands.scan import scan_processes
 from testkit.kernel_ksm import KernelKsm, anon_page_census
 from testkit.memproc import PatternGroup
 from testkit.patterns import Pages, expected_counts, pattern_page, spec_groups

@@ -1,6 +1,6 @@
 """The seed's process lifecycle on real processes (issue 20, points 2.1-2.4).
 
-First the lifecycle watcher alone (lksmfs.lifecycle) on real children: an exit is told
+First the lifecycle watcher alone (lksmfs.daemon.lifecycle) on real children: an exit is told
 while the child is still a zombie, by pidfd and by /proc polling alike, and an exec is
 told as the old mm's exit.  Then through a real mount, with real `echo`s: what
 scanning_process and the page counters show at an exit (a zombie's), an exec, a
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lksmfs.lifecycle import LifecycleWatcher, pidfd_supported
+from lksmfs.daemon.lifecycle import LifecycleWatcher, pidfd_supported
 from lksmfs.system import cgroups
 from lksmfs.system.proc import TaskId, ksm_registered, runtime_ns, state, task_id
 from lksmfs.system.waiting import wait_until

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lksmfs.scan import scan_processes
+from lksmfs.commands.scan import scan_processes
 from lksmfs.sources.procfs import ProcfsSource
 from lksmfs.system import numa
 from lksmfs.system.proc import task_id

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from lksmfs.commands.scan import scan_processes
 from lksmfs.engine.ksm import Ksm
-from lksmfs.scan import scan_processes
 from lksmfs.system.proc import parse_ksm_stat
 from lksmfs.workload.schema import parse_workload
 from lksmfs.workload.simulated import SimulatedSource

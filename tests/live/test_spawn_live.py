@@ -196,7 +196,7 @@ def test_cleanup_after_an_exception() -> None:
 
 def test_cli_prints_json_and_cleans_up_on_sigterm() -> None:
     root = _cgroup_root("cli")
-    code = ("import argparse, sys\nfrom lksmfs.workload import spawn\n"
+    code = ("import argparse, sys\nfrom lksmfs.commands import workload as spawn\n"
             "p = argparse.ArgumentParser(); spawn.add_parser(p.add_subparsers())\n"
             "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n")
     proc = subprocess.Popen([sys.executable, "-c", code, "spawn", SMALL, "--json",

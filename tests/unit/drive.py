@@ -1,39 +1,27 @@
-"""Driving an engine on a virtual clock the way the daemon's two threads would."""
+"""The unit tests' way to drive an engine: lksmfs.workload.driver.Driver (the driver
+`lksmfs simulate` and `lksmfs compare` use), a scanner batch of pages_to_scan at a
+time, so that a test sees the engine between batches as the daemon's readers do."""
 
 from __future__ import annotations
 
 from memfake import FakeSource
 
 from lksmfs.engine.ksm import Ksm
-from lksmfs.simulate import VirtualClock
 from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.workload.driver import Driver, VirtualClock
 
 STEP_BOUND = 2_000  # crawler passes + scanner batches an accepted request may take
 
 
 def settle(ksm: Ksm, clock: VirtualClock, bound: int = STEP_BOUND) -> int:
-    """Crawler and scanner, jumping the clock to each wake-up, until both sleep; returns
-    the step count.  Fails if that takes more than `bound` steps (a wedge)."""
-    for step in range(bound):
-        if ksm.scanner_should_run():
-            ksm.scan_batch()
-            continue
-        due = ksm.crawl(clock.now)
-        if ksm.scanner_should_run():
-            continue
-        if due is None:
-            return step
-        clock.now = max(clock.now, due)
-    raise AssertionError(f"engine still busy after {bound} steps: one_shot_scanning="
-                         f"{ksm.tunables.one_shot_scanning} scan_state={ksm.scan_state}")
+    """Crawler and scanner until both sleep; the step count.  Fails (EngineBusy) if that
+    takes more than `bound` steps (a wedge)."""
+    return Driver(ksm, clock).settle(bound, batch=None)
 
 
-def booted(src: FakeSource) -> tuple[Ksm, AttributeTable, VirtualClock]:
+def booted(src: FakeSource) -> tuple[Ksm, AttributeTable[Ksm], VirtualClock]:
     """An engine after `echo 8 > run` and its three initial full scans."""
-    clock = VirtualClock()
-    ksm = Ksm(src, clock=clock)
-    table = AttributeTable(ksm)
-    table.store("run", b"8\n")
-    settle(ksm, clock)
-    assert table.show("full_scans") == b"3\n"
-    return ksm, table, clock
+    d = Driver.create(src)
+    d.start()
+    assert d.table.show("full_scans") == b"3\n"
+    return d.ksm, d.table, d.clock

@@ -12,9 +12,9 @@ from memfake import FakeSource, fill, unique
 from lksmfs.engine.advisor import AdvisorCtx, ewma, scan_time_advisor, set_advisor_defaults
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import Tunables
-from lksmfs.simulate import VirtualClock
 from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
 from lksmfs.sysfs.attrs import KSM_FILES, AttributeTable, SettingError, apply_settings, check_setting
+from lksmfs.workload.driver import VirtualClock
 
 BASE = 0x10000000
 

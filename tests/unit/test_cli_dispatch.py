@@ -30,7 +30,7 @@ def test_global_options_before_the_command_and_help_need_every_command() -> None
 
 def test_scan_does_not_import_the_daemon() -> None:
     code = ("import sys; from lksmfs import cli; cli.build_parser(['scan'])\n"
-            "print('lksmfs.daemon' in sys.modules, 'lksmfs.scan' in sys.modules)")
+            "print('lksmfs.daemon' in sys.modules, 'lksmfs.commands.scan' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
 

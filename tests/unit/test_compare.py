@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lksmfs.compare import POLICIES, Player, compare
+from lksmfs.commands.compare import POLICIES, Player, compare
 from lksmfs.workload.schema import load_workload, parse_workload
 from testkit.engine import engine_state, state_diff
 from testkit.tree import tracked_tree

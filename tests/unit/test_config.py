@@ -105,7 +105,7 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_command_line_overrides_file(tmp_path: Path) -> None:
-    from lksmfs.daemon import _add_arguments, config_from_args
+    from lksmfs.commands.mount import _add_arguments, config_from_args
 
     f = tmp_path / "c.yaml"
     f.write_text("tunables: {pages_to_scan: 500, run: 1}\nscope: {pids: [7]}\n")
@@ -126,7 +126,7 @@ def test_command_line_overrides_file(tmp_path: Path) -> None:
 
 
 def test_metrics_textfile_from_file_and_command_line(tmp_path: Path) -> None:
-    from lksmfs.daemon import _add_arguments, config_from_args
+    from lksmfs.commands.mount import _add_arguments, config_from_args
 
     prom = tmp_path / "lksm.prom"
     cfg = config_from_dict({"metrics_textfile": str(prom)}, "c.yaml")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lksmfs.commands.mount import _add_arguments, config_from_args
 from lksmfs.config import Config, ConfigError, config_from_dict, load_config
-from lksmfs.daemon import _add_arguments, config_from_args
 from lksmfs.sysfs.attrs import SettingError, parse_set
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from memfake import FakeSource
 
-from lksmfs import daemon as daemon_mod
 from lksmfs.config import Config
+from lksmfs.daemon import service as daemon_mod
 
 fuse_mod = pytest.importorskip("lksmfs.sysfs.fuse", exc_type=OSError)  # Daemon needs mfusepy/libfuse
 

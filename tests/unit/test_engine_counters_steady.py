@@ -23,9 +23,9 @@ from memfake import FakeSource, fill, unique
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import RMAP_ITEM_SIZE
-from lksmfs.simulate import VirtualClock
 from lksmfs.sources.base import PAGE_SIZE, Mapping
 from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.workload.driver import VirtualClock
 
 BATCH = 37  # pages per batch: batches end inside VMAs, chunks and slots alike
 PROCS = 4

@@ -9,8 +9,8 @@ from memfake import FakeSource, fill, unique
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_NEWCOMER
-from lksmfs.simulate import VirtualClock, drive_until_idle
 from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.workload.driver import Driver, VirtualClock
 
 
 def booted(src: FakeSource, run: bytes = b"8\n") -> tuple[Ksm, AttributeTable, VirtualClock, list[dict]]:
@@ -21,7 +21,7 @@ def booted(src: FakeSource, run: bytes = b"8\n") -> tuple[Ksm, AttributeTable, V
     scans: list[dict] = []
     table.store("run", run)
     if run == b"8\n":
-        drive_until_idle(ksm, clock, lambda: scans.append(dict(ksm.last_scan)))
+        Driver(ksm, clock, on_scan=lambda _: scans.append(dict(ksm.last_scan))).settle()
         return ksm, table, clock, scans
     # periodic mode never idles: step until the initial rounds are done
     for _ in range(1000):
@@ -76,7 +76,7 @@ def test_partial_request_with_nothing_to_scan_reads_0_at_once() -> None:
     three(src)
     ksm, table, clock, scans = booted(src)
     table.store("one_shot_scanning", b"1\n")
-    drive_until_idle(ksm, clock, lambda: scans.append(dict(ksm.last_scan)))
+    Driver(ksm, clock, on_scan=lambda _: scans.append(dict(ksm.last_scan))).settle()
     # no frozen task, no newcomer, and every VIP's fault count is unchanged
     assert len(scans) == 3
     assert table.show("one_shot_scanning") == b"0\n"
@@ -102,7 +102,7 @@ def test_partial_scan_takes_frozen_tasks_and_vips_whose_faults_moved() -> None:
     assert ksm.scan_state and ksm.scanner.scan_mode == 1
     ksm.scan_batch(1)  # one page: the scan is still running
     assert table.show("pages_to_scan") == b"500\n"  # boosted for the partial scan
-    drive_until_idle(ksm, clock, lambda: scans.append(dict(ksm.last_scan)))
+    Driver(ksm, clock, on_scan=lambda _: scans.append(dict(ksm.last_scan))).settle()
     assert scans[-1]["mode"] == 1 and scans[-1]["slots_scanned"] == 2  # p2 (frozen) and p1 (VIP)
     assert table.show("pages_to_scan") == b"100\n"  # back to the default
     assert table.show("one_shot_scanning") == b"0\n"
@@ -116,7 +116,7 @@ def test_newcomer_is_picked_by_a_partial_scan() -> None:
     late = src.anon("late", [fill("a")] * 2)
     table.store("one_shot_scanning", b"1\n")
     clock.now += 0.1
-    drive_until_idle(ksm, clock, lambda: scans.append(dict(ksm.last_scan)))
+    Driver(ksm, clock, on_scan=lambda _: scans.append(dict(ksm.last_scan))).settle()
     assert scans[-1]["mode"] == 1 and scans[-1]["slots_scanned"] == 1
     assert not ksm.slots[late].state & KSM_MM_NEWCOMER
     # no checksum gate any more: both of its 'a' pages joined the KSM page at once
@@ -128,7 +128,7 @@ def test_full_request_scans_everyone_and_counts() -> None:
     three(src)
     ksm, table, clock, scans = booted(src)
     table.store("one_shot_scanning", b"2\n")
-    drive_until_idle(ksm, clock, lambda: scans.append(dict(ksm.last_scan)))
+    Driver(ksm, clock, on_scan=lambda _: scans.append(dict(ksm.last_scan))).settle()
     assert scans[-1]["mode"] == 2 and scans[-1]["slots_scanned"] == 3
     assert table.show("full_scans") == b"4\n"
     assert table.show("one_shot_scanning") == b"0\n"
@@ -190,7 +190,7 @@ def test_run_0_during_the_initial_rounds_puts_the_crawler_to_sleep() -> None:
     assert ksm.crawl(clock.now) is None  # no busy loop: it waits for a store
     assert table.show("full_scans") == b"1\n"
     table.store("run", b"8\n")  # and picks up where it was
-    drive_until_idle(ksm, clock)
+    Driver(ksm, clock).settle()
     assert table.show("full_scans") == b"3\n"
 
 

@@ -11,9 +11,9 @@ from memfake import FakeSource, fill, unique
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.ksmd import KsmdPolicy, skip_age
-from lksmfs.simulate import VirtualClock
 from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
 from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.workload.driver import VirtualClock
 
 KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
 BASE = 0x10000000

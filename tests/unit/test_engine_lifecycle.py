@@ -15,9 +15,9 @@ from memfake import FakeProc, FakeSource, FakeVma, fill, unique
 
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_MM_LISTED, KSM_MM_NEWCOMER, KSM_MM_SCANNED, LKSM_SCAN_FULL
-from lksmfs.simulate import VirtualClock
 from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
 from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.workload.driver import VirtualClock
 
 
 def request(table: AttributeTable, mode: int) -> None:

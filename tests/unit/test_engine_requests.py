@@ -23,9 +23,9 @@ from memfake import FakeSource, fill, unique
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_LISTED
 from lksmfs.engine.rmap import STABLE, UNSTABLE
-from lksmfs.simulate import VirtualClock
 from lksmfs.sources.base import TaskId
 from lksmfs.sysfs.attrs import AttributeTable
+from lksmfs.workload.driver import VirtualClock
 
 
 def request(table: AttributeTable, mode: int) -> None:

@@ -14,8 +14,8 @@ from memfake import FakeSource, fill, unique
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import LKSM_SCAN_FULL, LKSM_SCAN_NONE
 from lksmfs.engine.regions import RegionType
-from lksmfs.simulate import VirtualClock
 from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
+from lksmfs.workload.driver import VirtualClock
 
 F = (1, 100)  # a library whose .data is mapped at different sizes
 G = (1, 200)

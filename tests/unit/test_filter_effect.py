@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from lksmfs.commands.simulate import simulate
 from lksmfs.engine.params import KSM_SHORT_TASK_TIME_MS
-from lksmfs.simulate import simulate
 from lksmfs.workload.model import SHARED, ZERO, InstanceModel
 from lksmfs.workload.schema import load_workload
 

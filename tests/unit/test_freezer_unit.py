@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lksmfs.freezer import FreezerWatcher
+from lksmfs.daemon.freezer import FreezerWatcher
 from lksmfs.sources.base import TaskId
 from lksmfs.sources.scope import Scope
 from lksmfs.system.proc import PF_KTHREAD

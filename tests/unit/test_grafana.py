@@ -1,6 +1,6 @@
 """The shipped Grafana dashboard (config/grafana/lksmfs-grafana.json) queries only
 metrics lksmfs writes: every PromQL expression is parsed for its metric names, and each
-must be a family lksmfs.metrics renders for an engine of either policy."""
+must be a family lksmfs.daemon.metrics renders for an engine of either policy."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any
 
 from memfake import FakeSource, fill
 
+from lksmfs.commands.share import locate, shipped
+from lksmfs.daemon.metrics import render
+from lksmfs.daemon.metrics_file import take_snapshot
 from lksmfs.engine.ksm import Ksm
-from lksmfs.metrics import render
-from lksmfs.metrics_file import take_snapshot
-from lksmfs.share import locate, shipped
 from lksmfs.sources.base import PAGE_SIZE, Mapping
 from lksmfs.sysfs.attrs import AttributeTable
 
@@ -66,7 +66,7 @@ def exprs(node: Any) -> Iterator[str]:
 
 
 def written() -> set[str]:
-    """Every family lksmfs.metrics writes, for an engine of each policy that has merged
+    """Every family lksmfs.daemon.metrics writes, for an engine of each policy that has merged
     (per-process rows, region_share under LKSM)."""
     names: set[str] = set()
     for policy in ("lksm", "ksm"):

@@ -1,11 +1,11 @@
-"""The Prometheus textfile rendering (lksmfs.metrics): names, types, escaping, the bound
+"""The Prometheus textfile rendering (lksmfs.daemon.metrics): names, types, escaping, the bound
 on per-process series.  Expected text is written out by hand from the format's rules."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lksmfs.metrics import MAX_PROCESSES, Snapshot, escape_help, escape_label, render, top_processes
+from lksmfs.daemon.metrics import MAX_PROCESSES, Snapshot, escape_help, escape_label, render, top_processes
 
 
 def row(pid: int, merging: int, comm: str = "app", start_time: int = 1) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from lksmfs.config import ConfigError
+from lksmfs.daemon.metrics_file import MetricsPublisher, take_snapshot, write_atomically
 from lksmfs.engine.params import Tunables
-from lksmfs.metrics_file import MetricsPublisher, take_snapshot, write_atomically
 from lksmfs.sysfs.attrs import AttributeTable
 
 
@@ -104,7 +104,7 @@ def test_write_errors_are_logged_once_until_it_recovers(tmp_path: Path, caplog: 
     ksm = StandIn()
     target = tmp_path / "sub" / "lksm.prom"
     pub = MetricsPublisher(str(target), AttributeTable(ksm), threading.Lock())  # type: ignore[arg-type]
-    with caplog.at_level(logging.INFO, logger="lksmfs.metrics_file"):
+    with caplog.at_level(logging.INFO, logger="lksmfs.daemon.metrics_file"):
         pub.write_now()
         pub.write_now()
         target.parent.mkdir()

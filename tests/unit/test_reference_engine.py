@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from memfake import FakeSource, fill, unique
 
 from lksmfs.engine.ksm import Ksm
-from lksmfs.simulate import VirtualClock
 from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
+from lksmfs.workload.driver import VirtualClock
 from testkit.reference import COUNTERS, Process, ReferenceKsm
 
 PALETTE = [bytes(PAGE_SIZE), fill("a"), fill("b"), fill("c")]

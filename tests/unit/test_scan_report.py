@@ -1,4 +1,4 @@
-"""How `lksmfs scan` words what it left out, and its progress line (lksmfs.progress)."""
+"""How `lksmfs scan` words what it left out, and its progress line (lksmfs.commands.output.progress)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from lksmfs.progress import ERASE_LINE, Progress
-from lksmfs.scan import print_skipped
+from lksmfs.commands.output.progress import ERASE_LINE, Progress
+from lksmfs.commands.scan import print_skipped
 from lksmfs.system.waiting import wait_until
 
 

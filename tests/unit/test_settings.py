@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lksmfs.daemon import _add_arguments, config_from_args
+from lksmfs.commands.mount import _add_arguments, config_from_args
 from lksmfs.engine.params import Tunables
 from lksmfs.sysfs.attrs import (
     SETTING_ORDER,

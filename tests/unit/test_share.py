@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lksmfs.cli import main
-from lksmfs.share import DATA, find, locate, shipped
+from lksmfs.commands.share import DATA, find, locate, shipped
 
 REPO = Path(__file__).resolve().parents[2]
 # every file the README tells a user to run, copy or read

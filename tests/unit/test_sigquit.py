@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from lksmfs.sigquit import SigquitWatcher
+from lksmfs.daemon.sigquit import SigquitWatcher
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ more mapping after this one.  Expected values below are worked by hand from thos
 from __future__ import annotations
 
 from lksmfs.engine.stable import StableTree
-from lksmfs.simulate import VirtualClock
+from lksmfs.workload.driver import VirtualClock
 
 MPS = 4
 LO, HI = 5, 7  # one content

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from lksmfs.config import ConfigError
-from lksmfs.metrics import Snapshot, render
+from lksmfs.daemon.metrics import Snapshot, render
 from lksmfs.system.threads import start_thread
 
 if TYPE_CHECKING:

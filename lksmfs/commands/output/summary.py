@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lksmfs.engine.params import LKSM_SCAN_FULL, LKSM_SCAN_PARTIAL
+from lksmfs.engine.params import mode_name
 from lksmfs.system.proc import PAGE_SIZE
 
-MODE_NAMES = {LKSM_SCAN_PARTIAL: "partial", LKSM_SCAN_FULL: "full"}
-
-
-def mode_name(mode: float | int) -> str:
-    return MODE_NAMES.get(int(mode), str(mode))
+__all__ = ["describe_scan", "mib", "mode_name", "saved_pages"]
 
 
 def saved_pages(counters: Mapping[str, int]) -> int:

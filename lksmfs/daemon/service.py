@@ -8,23 +8,21 @@ Threads, as in mm/lksm.c:
 - freezer watcher: turns cgroup freezer transitions into `ksm.hint()` calls;
 - lifecycle watcher (real processes only): exits (a pidfd per registered task, a
   zombie included) and execs into `ksm.task_exit()`, madvise into `ksm.madvise()`,
-  as they happen (lksmfs.lifecycle);
+  as they happen (lksmfs.daemon.lifecycle);
 - watchdog: WATCHDOG=1 to systemd while the engine threads are alive;
 - FUSE in the main thread, in the foreground.  libfuse owns SIGTERM/SIGINT/SIGHUP while
   mounted: they end its loop and it unmounts; then the threads are stopped and we exit 0.
-  SIGQUIT takes the same path (lksmfs.sigquit turns it into a SIGTERM).
+  SIGQUIT takes the same path (lksmfs.daemon.sigquit turns it into a SIGTERM).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import functools
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -32,28 +30,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lksmfs.config import (
-    Config,
-    ConfigError,
-    FreezerConfig,
-    check_log_level,
-    check_metrics_textfile,
-    check_policy,
-    check_source,
-    load_config,
-    recheck_tunables,
-)
+from lksmfs.commands.output.summary import describe_scan
+from lksmfs.config import Config, FreezerConfig
+from lksmfs.daemon.freezer import FreezerWatcher
+from lksmfs.daemon.lifecycle import LifecycleWatcher
+from lksmfs.daemon.metrics_file import MetricsPublisher
+from lksmfs.daemon.mountpoint import prepare_mountpoint
+from lksmfs.daemon.notify import sd_notify, watchdog_interval
+from lksmfs.daemon.sigquit import SigquitWatcher
 from lksmfs.engine.params import POLICY_LKSM
-from lksmfs.freezer import FreezerWatcher
-from lksmfs.helptext import add_command
-from lksmfs.lifecycle import LifecycleWatcher
-from lksmfs.metrics_file import MetricsPublisher
-from lksmfs.sigquit import SigquitWatcher
 from lksmfs.sources.scope import Scope
-from lksmfs.summary import describe_scan
-from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
+from lksmfs.sysfs.attrs import AttributeTable, apply_settings
 from lksmfs.system import privilege
-from lksmfs.system.mounts import is_mountpoint, lazy_unmount
 from lksmfs.system.proc import TaskId, try_stat
 from lksmfs.system.threads import start_thread
 
@@ -61,7 +49,7 @@ if TYPE_CHECKING:  # the engine (and numpy) are imported when a mount starts, no
     from lksmfs.sources.base import MemorySource
     from lksmfs.sources.procfs import ProcfsSource
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lksmfs.daemon")  # the name log lines have always had
 
 # A short GIL switch interval keeps `cat` fast while the scanner thread computes.
 SWITCH_INTERVAL_S = 0.0005
@@ -69,74 +57,6 @@ SWITCH_INTERVAL_S = 0.0005
 WRITER_GRACE_S = 0.05
 JOIN_TIMEOUT_S = 10.0
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
-
-
-# -- sd_notify without libsystemd ---------------------------------------------------
-
-
-def sd_notify(message: str, env: dict[str, str] | None = None) -> bool:
-    """Send `message` to $NOTIFY_SOCKET (AF_UNIX datagram; '@' = abstract). False if unset."""
-    environ = os.environ if env is None else env
-    addr = environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-        return True
-    except OSError as e:
-        log.warning("sd_notify(%s) failed: %s", message.replace("\n", " "), e)
-        return False
-
-
-def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
-    """Half of WATCHDOG_USEC in seconds, if the watchdog is enabled for this process."""
-    environ = os.environ if env is None else env
-    usec = environ.get("WATCHDOG_USEC")
-    pid = environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(int(usec), 1) / 2e6
-    except ValueError:
-        return None
-
-
-# -- stale mounts -------------------------------------------------------------------
-
-
-def _probe(path: str) -> None:
-    """Raise what the file system under `path` answers.  statfs always reaches a FUSE
-    daemon (stat may be served from the kernel's attribute cache for a second)."""
-    os.stat(path)
-    os.statvfs(path)
-
-
-def prepare_mountpoint(path: str) -> None:
-    """Create the directory; lazily unmount a dead FUSE mount left by a killed daemon.
-
-    A stale FUSE mount answers ENOTCONN; mounting over it would hide it but leave every
-    old `cd` into it broken, so it is detached first.  A live mount is refused.
-    """
-    try:
-        _probe(path)
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-        log.info("mountpoint %s did not exist: created it (mkdir -p)", path)
-        return
-    except OSError as e:
-        if e.errno != errno.ENOTCONN:
-            raise
-        log.warning("%s: stale mount (ENOTCONN), unmounting it", path)
-        lazy_unmount(path)
-        _probe(path)  # raises if still dead
-    if not os.path.isdir(path):
-        raise NotADirectoryError(errno.ENOTDIR, "mountpoint is not a directory", path)
-    if is_mountpoint(path):
-        raise OSError(errno.EBUSY, "something is already mounted there (another lksmfs?)", path)
 
 
 # -- the engine lock ------------------------------------------------------------------
@@ -352,7 +272,7 @@ class Daemon:
             self.ksm.hint(task, frozen)
             self.cond.notify_all()
 
-    # -- the mm lifecycle hooks (lksmfs.lifecycle) -------------------------------------
+    # -- the mm lifecycle hooks (lksmfs.daemon.lifecycle) -------------------------------------
 
     def _watched_tasks(self) -> list[TaskId]:
         """Registered mms not yet exited, and the frozen task list (lksm_remove_candidate)."""
@@ -597,147 +517,3 @@ class Daemon:
         """SIGQUIT: the SIGTERM path (libfuse ends its loop and unmounts)."""
         if not self._unmounting:
             os.kill(os.getpid(), signal.SIGTERM)
-
-
-# -- command line ---------------------------------------------------------------------
-
-
-MOUNT_EXAMPLES = """\
-examples:
-  lksmfs mount /run/lksm/ksm &                    every user process, config defaults
-  echo 8 > /run/lksm/ksm/run                      one-shot mode: 3 initial full scans
-  echo 1 > /run/lksm/ksm/one_shot_scanning        a partial scan (frozen tasks, newcomers)
-  cat /run/lksm/ksm/pages_sharing /run/lksm/ksm/region_share
-  lksmfs mount /run/lksm/ksm --cgroup /sys/fs/cgroup/apps --set run=1 --log-level INFO
-
-Frozen-task hints come from every cgroup v1 freezer and cgroup2 hierarchy in
-/proc/self/mountinfo (the log says which at start). Exit status: 0 after a clean stop,
-1 on a runtime failure (no privilege, mount refused, an engine thread died), 2 on a
-bad option or configuration.
-"""
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`lksmfs mount MOUNTPOINT ...`"""
-    p = add_command(
-        subparsers, "mount",
-        help="run the daemon: the LKSM sysfs ABI at MOUNTPOINT",
-        description="Run LKSM in shadow mode over real processes and serve its sysfs files "
-                    "(/sys/kernel/mm/ksm of an LKSM kernel) at MOUNTPOINT, in the foreground, until "
-                    "SIGTERM/SIGINT/SIGQUIT. Needs root (or CAP_SYS_ADMIN, CAP_SYS_PTRACE, "
-                    "CAP_DAC_READ_SEARCH). docs/fuse.md describes the mount.",
-        examples=MOUNT_EXAMPLES,
-    )
-    _add_arguments(p)
-    p.set_defaults(func=run_mount)
-    return p
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--config", metavar="FILE", help="YAML config (see config/lksmfs.yaml)")
-    p.add_argument("--pid", type=int, action="append", default=[], metavar="PID",
-                   help="scan only these processes (repeatable)")
-    p.add_argument("--cgroup", action="append", default=[], metavar="DIR",
-                   help="scan only tasks of this cgroup directory (repeatable)")
-    p.add_argument("--exclude-comm", action="append", default=[], metavar="COMM",
-                   help="never scan processes with this comm (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="initial attribute value, checked like a write (repeatable)")
-    p.add_argument("--policy", metavar="lksm|ksm",
-                   help="lksm: LKSM's ABI and crawler (default); ksm: mainline ksmd and its files")
-    p.add_argument("--source", metavar="procfs|simulated:WORKLOAD.yaml")
-    p.add_argument("--no-filter", action="store_true", help="disable LKSM_FILTER")
-    p.add_argument("--no-freezer", action="store_true", help="no hints from the cgroup freezer")
-    p.add_argument("--log-level", metavar="LEVEL")
-    p.add_argument("--metrics-textfile", metavar="FILE",
-                   help="write the figures for node_exporter's textfile collector (FILE.prom)")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The config file, then the command line on top."""
-    cfg = load_config(args.config)
-    if args.pid:
-        if any(p <= 0 for p in args.pid):
-            raise ConfigError(f"--pid: must be positive (got {args.pid})")
-        cfg.scope.pids = list(args.pid)
-    if args.cgroup:
-        cfg.scope.cgroups = list(args.cgroup)
-    if args.exclude_comm:
-        cfg.scope.exclude_comms = list(args.exclude_comm)
-    if getattr(args, "policy", None):
-        cfg.policy = check_policy(args.policy, "--policy")
-        recheck_tunables(cfg)
-    for name, value in parse_set(args.set, cfg.policy).items():
-        setattr(cfg.tunables, name, value)
-    if args.source:
-        cfg.source = check_source(args.source, "--source")
-    if args.no_filter:
-        cfg.filter = False
-    if getattr(args, "no_freezer", False):
-        cfg.freezer.enabled = False
-    if args.log_level:
-        cfg.log_level = check_log_level(args.log_level, "--log-level")
-    if getattr(args, "metrics_textfile", None):
-        cfg.metrics_textfile = check_metrics_textfile(args.metrics_textfile, "--metrics-textfile")
-    return cfg
-
-
-def unprivileged_mount_error() -> str | None:
-    """Why this process cannot mount, said before libfuse tries (and prints its own
-    "fuse: failed to open /dev/fuse: Permission denied"); None when it can."""
-    lacking = privilege.missing(privilege.MOUNT_CAPS)
-    if not lacking:
-        return None
-    return (f"needs root: running as {privilege.who()} without {' and '.join(lacking)}. Mounting needs "
-            f"CAP_SYS_ADMIN, reading other processes' memory CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH: run it "
-            f"as root, or with the capabilities systemd/lksmfs.service grants "
-            f"({' '.join(privilege.UNIT_CAPS)})")
-
-
-def run_mount(args: argparse.Namespace) -> int:
-    """Entry point of `lksmfs mount`."""
-    try:
-        cfg = config_from_args(args)
-    except SettingError as e:  # ConfigError too
-        print(f"lksmfs mount: {e}", file=sys.stderr)
-        return 2
-    why = unprivileged_mount_error()
-    if why is not None:
-        print(f"lksmfs mount: {why}", file=sys.stderr)
-        return 1
-    logging.basicConfig(  # force: the daemon's level comes from its config, not the CLI's
-        level=cfg.log_level,
-        format="%(asctime)s %(levelname)s %(name)s[%(threadName)s]: %(message)s",
-        force=True,
-    )
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    try:
-        daemon = Daemon(cfg, args.mountpoint)
-    except SettingError as e:
-        print(f"lksmfs mount: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"lksmfs mount: {e}", file=sys.stderr)
-        return 1
-    try:
-        return daemon.run()
-    except OSError as e:
-        print(f"lksmfs mount: {args.mountpoint}: {e}", file=sys.stderr)
-        daemon.stop_threads()
-        return 1
-    except RuntimeError as e:  # fuse_main failed (mount refused): libfuse said why above
-        print(f"lksmfs mount: {args.mountpoint}: libfuse could not mount it (status {e})", file=sys.stderr)
-        daemon.stop_threads()
-        return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lksmfs.daemon MOUNTPOINT ...`: the mount command without the CLI."""
-    p = argparse.ArgumentParser(prog="lksmfs-mount")
-    _add_arguments(p)
-    return run_mount(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lksmfs.helptext import add_command
+from lksmfs.commands.output.helptext import add_command
 
-DATA = Path(__file__).resolve().with_name("data")
+DATA = Path(__file__).resolve().parent.parent / "data"  # lksmfs/data
 
 
 def shipped(root: Path = DATA) -> list[str]:

@@ -38,17 +38,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lksmfs.engine.advisor import MODELLED_SCAN_NS_PER_PAGE
+from lksmfs.commands.output.helptext import add_command
+from lksmfs.commands.output.tables import format_table
 from lksmfs.engine.params import KSM_RUN_MERGE, LKSM_SCAN_FULL, LKSM_SCAN_NONE, POLICY_KSM, POLICY_LKSM
-from lksmfs.helptext import add_command
-from lksmfs.sysfs.attrs import AttributeTable
-from lksmfs.tables import format_table
 from lksmfs.workload.schema import KSM_PRCTL, Workload, WorkloadError, load_workload
-
-if TYPE_CHECKING:  # the engine (and numpy) are imported when a comparison runs, not for --help
-    from lksmfs.engine.ksm import Ksm
 
 SAMPLE_MS = 60_000  # one sample per simulated minute
 NEVER = 1 << 62
@@ -102,29 +97,6 @@ class PolicyRun:
                 "samples": self.samples}
 
 
-class PassClock:
-    """The engine's clock in simulated time.  While a scan runs, a batch of
-    pages_to_scan pages happens every sleep_millisecs from the scan's first batch, so
-    the time of whatever the scanner does is that of the batch it falls in (the engine
-    may run many batches in one call)."""
-
-    def __init__(self) -> None:
-        self.now_ms = 0
-        self.scan_ms: int | None = None  # the scan's first batch
-        self.scan_base = 0  # pages_scanned when it began
-        self.ksm: Ksm | None = None
-
-    def batch_ms(self) -> int:
-        k = self.ksm
-        if self.scan_ms is None or k is None:
-            return self.now_ms
-        done = k.stats.pages_scanned - self.scan_base
-        return self.scan_ms + done // k.tunables.pages_to_scan * k.tunables.sleep_millisecs
-
-    def __call__(self) -> float:
-        return self.batch_ms() / 1000
-
-
 def _ms(seconds: float) -> int:
     """A crawler's wake-up time on the driver's millisecond clock (the crawler is then
     called with the very float it asked for: it compares them with `now`)."""
@@ -147,15 +119,15 @@ class Player:
         if self.end_ms <= 0 or self.round_ms <= 0:
             raise ValueError("--hours and --round-minutes must be positive")
         from lksmfs.engine.fastpass import FastScanner
-        from lksmfs.engine.ksm import Ksm
+        from lksmfs.workload.driver import Driver, PacedClock
         from lksmfs.workload.simulated import SimulatedSource
 
         self.source = SimulatedSource(opted_in(workload) if spec.engine == POLICY_KSM else workload)
-        self.clock = PassClock()
-        self.ksm = Ksm(self.source, filter_enabled=spec.filter, clock=self.clock, policy=spec.engine,
-                       scan_cpu_ns=lambda: self.ksm.stats.pages_scanned * MODELLED_SCAN_NS_PER_PAGE)
-        self.clock.ksm = self.ksm
-        self.table = AttributeTable(self.ksm)
+        self.clock = PacedClock()
+        self.driver = Driver.create(self.source, clock=self.clock, policy=spec.engine, filter_enabled=spec.filter,
+                                    modelled_cpu=True)
+        self.ksm = self.driver.ksm
+        self.table = self.driver.table
         self.scanner = FastScanner(self.ksm, fast=fast)
         self.progress = progress or (lambda line: None)
         self.c_due: int | None = 0  # the crawler's next wake-up
@@ -195,11 +167,11 @@ class Player:
                     reported = ts * 10 // self.end_ms
                     self.progress(f"{self.spec.name} {reported * 10}%")
             elif tr <= tc:
-                self.clock.now_ms = tr
+                self.clock.set_ms(tr)
                 self._round(next_round)
                 next_round += 1
             else:
-                self.clock.now_ms = tc
+                self.clock.set_ms(tc)
                 self._crawl(tc, tr if tr < NEVER else self.end_ms)
         c = k.counters()
         mean = sum(s["pages_sharing"] for s in self.samples[1:]) / max(1, len(self.samples) - 1)
@@ -246,7 +218,7 @@ class Player:
                 self.s_due = None  # between passes again, after the last one it ran
                 self.clock.scan_ms = None
                 nxt = self.scanner.jumps[-1]
-                self.clock.now_ms = nxt.end_ms(k.tunables.pages_to_scan, k.tunables.sleep_millisecs)
+                self.clock.set_ms(nxt.end_ms(k.tunables.pages_to_scan, k.tunables.sleep_millisecs))
                 self._wake_at(self.clock.now_ms, k.crawl(self.clock.now_ms / 1000))
 
     def _wake_at(self, now: int, due: float | None) -> None:
@@ -284,7 +256,7 @@ class Player:
         its next request)."""
         now = self.clock.batch_ms()
         self.clock.scan_ms = None
-        self.clock.now_ms = now
+        self.clock.set_ms(now)
         self.s_due = None
         self.carry = 0
         self._woken(now)
@@ -292,21 +264,16 @@ class Player:
 
     def _request(self) -> None:
         """resourced: the next one_shot request once the last one is served."""
-        k = self.ksm
-        if self.requests and k.tunables.one_shot_scanning == LKSM_SCAN_NONE:
-            if k.request_one_shot(self.requests.popleft()):
+        if self.requests and self.ksm.tunables.one_shot_scanning == LKSM_SCAN_NONE:
+            if self.driver.request(self.requests.popleft()):
                 self._woken(self.clock.now_ms)
 
     def _round(self, r: int) -> None:
-        """Round r's changes: volatile pages, the timeline's events, resourced's requests."""
-        k = self.ksm
-        eff = self.source.advance_round(r)
-        for task in eff.exited:  # the kernel's exit hook (__ksm_exit / lksm's)
-            k.task_exit(task)
+        """Round r's changes: volatile pages, the timeline's events (the driver passes
+        exits, freezes and thaws on to the engine), resourced's requests."""
+        eff = self.driver.advance_round(r)
         if self.spec.engine == POLICY_LKSM:
-            for task, frozen in eff.hints:
-                k.hint(task, frozen)
-            if eff.hints and self.s_due is None and k.tunables.run & KSM_RUN_MERGE:
+            if eff.hints and self.s_due is None and self.ksm.tunables.run & KSM_RUN_MERGE:
                 self._woken(self.clock.now_ms)  # the hint wakes the crawler
             if self.spec.resourced:
                 self.requests.extend(eff.one_shot or [LKSM_SCAN_FULL])

@@ -1,10 +1,11 @@
 """`lksmfs simulate`: the engine over a workload's timeline, deterministically.
 
 The engine runs in one-shot mode (run=8) exactly as the daemon drives it, but on a
-virtual clock: its initial full scans, then one step per timeline round.  A round
-applies that round's events (freeze/thaw hints reach the engine as the freezer hook
-would, exits are found by the crawler), then performs the one_shot requests of the
-round; a round with none gets the periodic full scan.
+virtual clock (lksmfs.workload.driver, the one driver compare and the tests use too):
+its initial full scans, then one step per timeline round.  A round applies that round's
+events (exits reach the engine as the daemon's lifecycle watcher passes them on,
+freeze/thaw hints as the freezer hook would), then performs the one_shot requests of
+the round; a round with none gets the periodic full scan.
 
 With `--policy ksm` it is mainline ksmd instead (lksmfs.engine.ksmd), over the apps
 whose `ksm:` opt-in makes some of their memory mergeable: `run=1`, three passes (full
@@ -23,43 +24,12 @@ import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lksmfs.engine.advisor import MODELLED_SCAN_NS_PER_PAGE
-from lksmfs.engine.params import INITIAL_ROUND, LKSM_SCAN_FULL, POLICIES, POLICY_KSM, POLICY_LKSM
-from lksmfs.helptext import add_command
-from lksmfs.summary import mode_name
-from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
-from lksmfs.tables import print_table
-
-if TYPE_CHECKING:  # imported when a simulation runs, not for --help
-    from lksmfs.engine.ksm import Ksm
-
-
-@dataclass
-class VirtualClock:
-    now: float = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def drive_until_idle(ksm: Ksm, clock: VirtualClock, on_scan: Any = None, max_steps: int = 100_000) -> None:
-    """Run crawler and scanner as the daemon's threads would, jumping the virtual clock
-    to each wake-up, until both sleep with nothing due."""
-    for _ in range(max_steps):
-        if ksm.scanner_should_run():
-            ksm.scan_batch(1 << 30)
-            if not ksm.scan_state and on_scan is not None:
-                on_scan()
-            continue
-        nxt = ksm.crawl(clock.now)
-        if ksm.scanner_should_run():
-            continue
-        if nxt is None:
-            return
-        clock.now = max(clock.now, nxt)
-    raise RuntimeError("engine did not go idle")
+from lksmfs.commands.output.helptext import add_command
+from lksmfs.commands.output.tables import print_table
+from lksmfs.engine.params import LKSM_SCAN_FULL, POLICIES, POLICY_KSM, POLICY_LKSM
+from lksmfs.sysfs.attrs import SettingError, parse_set
 
 
 @dataclass
@@ -77,60 +47,28 @@ def simulate(
 ) -> Simulation:
     """Run the workload; one record per scan the engine performed (a pass of ksmd's
     cursor under policy `ksm`, `passes` of them per round)."""
-    from lksmfs.engine.ksm import Ksm
+    from lksmfs.workload.driver import Driver
     from lksmfs.workload.simulated import SimulatedSource
 
     source = SimulatedSource.from_file(workload_path)
-    clock = VirtualClock()
-    ksm = Ksm(source, filter_enabled=filter_enabled, clock=clock, policy=policy,
-              scan_cpu_ns=lambda: ksm.stats.pages_scanned * MODELLED_SCAN_NS_PER_PAGE)
-    table = AttributeTable(ksm)
-    apply_settings(table, settings or {})
-    run = Simulation([], [])
-    current_round = [0]
-
-    def on_scan() -> None:
-        rec: dict[str, Any] = dict(table.values())
-        s = ksm.last_scan
-        rec.update(
-            round=current_round[0],
-            mode=mode_name(s["mode"]),
-            slots_scanned=s["slots_scanned"],
-            scanned=s["pages_scanned"],
-            merged=s["merged"],
-            broken=s["broken"],
-        )
-        run.scans.append(rec)
-        run.wall_s.append(float(s["wall_s"]))
-
-    last = max((e.round for e in source.workload.timeline), default=0)
-    if policy == POLICY_KSM:
-        table.store("run", b"1\n")
-        for _ in range(INITIAL_ROUND):
-            ksm.full_scan()
-            on_scan()
-    else:
-        table.store("run", b"8\n")
-        drive_until_idle(ksm, clock, on_scan)  # the initial rounds
-    for r in range(1, (rounds if rounds is not None else last) + 1):
-        current_round[0] = r
-        clock.now += 1.0
-        eff = source.advance_round(r)
-        if policy == POLICY_KSM:
-            for task in eff.exited:  # __ksm_exit(): mainline's exit hook
-                ksm.task_exit(task)
-            for _ in range(passes):
-                ksm.full_scan()
-                on_scan()
-            continue
-        for task, frozen in eff.hints:
-            ksm.hint(task, frozen)
-        requests = eff.one_shot or [LKSM_SCAN_FULL]
-        for mode in requests:
-            ksm.request_one_shot(mode)
-            drive_until_idle(ksm, clock, on_scan)
-    source.close()
-    return run
+    try:
+        d = Driver.create(source, policy=policy, filter_enabled=filter_enabled, settings=settings,
+                          modelled_cpu=True)
+        d.recording = True
+        last = max((e.round for e in source.workload.timeline), default=0)
+        d.start()  # run=8 and the initial rounds, or run=1 and ksmd's first passes
+        for r in range(1, (rounds if rounds is not None else last) + 1):
+            d.clock.now += 1.0
+            eff = d.advance_round(r)  # exits, freezes and thaws reach the engine
+            if policy == POLICY_KSM:
+                for _ in range(passes):
+                    d.full_scan()
+                continue
+            for mode in eff.one_shot or [LKSM_SCAN_FULL]:  # resourced's requests, else its periodic scan
+                d.one_shot(mode)
+    finally:
+        source.close()
+    return Simulation(d.scans, d.wall_s)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

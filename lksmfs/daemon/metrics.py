@@ -3,7 +3,7 @@
 node_exporter's `ksmd` collector reads only the mainline files it knows; this renders
 every numeric attribute (what LKSM adds too), `region_share` and the processes that
 merge most, for node_exporter's textfile collector.  Pure: a Snapshot in, text out;
-taking the snapshot and writing the file are lksmfs.metrics_file's job.
+taking the snapshot and writing the file are lksmfs.daemon.metrics_file's job.
 
 Names: `lksm_<file name>` with the file's value (what `cat` would print at the same
 instant), `lksm_region_share{region=...}`, `lksm_process_merging_pages{pid,comm}` and

@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lksmfs.commands.output.helptext import add_command
+from lksmfs.commands.output.progress import Progress
+from lksmfs.commands.output.summary import describe_scan, mib, saved_pages
 from lksmfs.engine.params import INITIAL_ROUND, KSM_SHORT_TASK_TIME_MS, POLICIES, POLICY_LKSM
-from lksmfs.helptext import add_command
-from lksmfs.progress import Progress
 from lksmfs.sources.scope import Scope
-from lksmfs.summary import describe_scan, mib, saved_pages
 from lksmfs.sysfs.attrs import AttributeTable, SettingError, apply_settings, parse_set
 from lksmfs.system import privilege
 from lksmfs.system.proc import PROC_ROOT, AccessDenied, ProcessGone, TaskId, read_comm
