@@ -1,27 +1,6 @@
 """The LKSM algorithm, pure: no FUSE, no /proc, no threads (see ksm.py).
 
-`Ksm` and `Tunables` are imported on first use (PEP 562): a command that only needs the
-engine's constants (lksmfs.engine.params) must not pay for numpy and the whole engine at
-start-up (`lksmfs --help`, `lksmfs share`)."""
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from lksmfs.engine.ksm import Ksm
-    from lksmfs.engine.params import Tunables
-
-__all__ = ["Ksm", "Tunables"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Ksm":
-        from lksmfs.engine.ksm import Ksm
-
-        return Ksm
-    if name == "Tunables":
-        from lksmfs.engine.params import Tunables
-
-        return Tunables
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+Importing the package loads nothing: the engine is `lksmfs.engine.ksm.Ksm`, its
+constants and tunables `lksmfs.engine.params` (which a command that only needs those
+imports without paying for numpy and the whole engine).  No module here imports the
+package itself, so the engine's imports stay a tree (tests/unit/test_engine_tree.py)."""

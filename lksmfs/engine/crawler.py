@@ -6,18 +6,17 @@ scans with partial scans on frozen-task events (run=1) or nothing until user spa
 writes one_shot_scanning (run=8).  It prepares the scan list - frozen tasks from the
 freezer hook, newcomers, VIPs ranked by recent merges - and hands it to the scanner.
 
-This object is the engine's *policy*: the scanner and the merger ask it the few
-questions whose answer differs between LKSM and mainline ksmd (which rounds have the
-checksum gate, which slots may be filtered, what a scan's start and end change).
+This object is the engine's *policy* (context.ScanPolicy): the scanner and the merger
+ask it the few questions whose answer differs between LKSM and mainline ksmd (which
+rounds have the checksum gate, which slots may be filtered, what a scan's start and end
+change).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
 import numpy as np
 
+from lksmfs.engine.context import CrawlerCtx
 from lksmfs.engine.merge import SourceError
 from lksmfs.engine.params import (
     CRAWLER_SLEEP_S,
@@ -41,10 +40,8 @@ from lksmfs.engine.params import (
 from lksmfs.engine.regions import RegionTable
 from lksmfs.engine.rmap import Rmap
 from lksmfs.engine.slot import MarkedVmas, MmSlot
+from lksmfs.engine.stats import Skipped as Skipped  # re-exported: lksmfs scan reads it here
 from lksmfs.sources.base import AccessDenied, Mapping, ProcessGone, TaskId
-
-if TYPE_CHECKING:
-    from lksmfs.engine.ksm import Ksm
 
 
 def msecs_to_jiffies(ms: int, hz: int) -> int:
@@ -62,76 +59,10 @@ SKIP_SHORT = "short_task"  # check_short_task(): less CPU time than Ksm.short_ta
 SKIP_DENIED = "permission_denied"  # /proc refused its stat or its maps (AccessDenied)
 
 
-@dataclass(frozen=True)
-class Skipped:
-    """A task the last prepared scan left out, and why.  Not a kernel structure: LKSM
-    skips silently; user space is told (lksmfs scan) what was left out and why."""
-
-    comm: str
-    reason: str  # SKIP_SHORT or SKIP_DENIED
-    runtime_ns: int = 0  # se.sum_exec_runtime when it was checked (SKIP_SHORT)
-
-
-class ScanPolicy(Protocol):
-    """What the engine asks its scheduling policy (LKSM's crawler, or mainline ksmd's)."""
-
-    crawl_round: int
-
-    def crawl(self, now: float) -> float | None:
-        """One pass of the policy's thread at `now`; when to run next (None: when woken)."""
-        ...
-
-    def prepare_full_scan(self, now: float | None = None) -> int:
-        """Queue every slot for a full scan; returns how many are queued."""
-        ...
-
-    def prepare_partial_scan(self) -> int:
-        """Queue the slots of a partial scan; returns how many are queued."""
-        ...
-
-    def hint(self, task: TaskId, frozen: bool) -> None:
-        """The freezer hook: `task` froze or thawed."""
-        ...
-
-    def forget(self, task: TaskId) -> None:
-        """`task` exited: drop any pending hint for it."""
-        ...
-
-    def unmerged(self) -> None:
-        """run=2 undid every merge."""
-        ...
-
-    def checksum_gate(self, scan_round: int) -> bool:
-        """Must an unfrozen page's checksum be stable before it enters the unstable tree?"""
-        ...
-
-    def filtering_allowed(self, slot: MmSlot) -> bool:
-        """May LKSM_FILTER skip pages of this slot?"""
-        ...
-
-    def scan_starting(self, mode: int) -> None:
-        """The scanner starts a scan in `mode`."""
-        ...
-
-    def scan_wrapped(self, mode: int) -> None:
-        """The scanner wrapped a scan in `mode` up."""
-        ...
-
-    def visit(self, part: Rmap, hi: np.ndarray, ksm_page: np.ndarray) -> tuple[np.ndarray, int]:
-        """A chunk's pages before cmp_and_merge_page(): the indices it must settle (not
-        the unchanged KSM pages, `ksm_page`) and how many were skipped (visited, not
-        scanned); `hi` is the high half of each page's digest."""
-        ...
-
-    def scanner_may_run(self) -> bool:
-        """May the scanner run a batch of the scan it was handed now?"""
-        ...
-
-
 class LksmCrawler:
     """lksm_crawl_thread, the prepare functions, the frozen task list and the hints."""
 
-    def __init__(self, ksm: Ksm) -> None:
+    def __init__(self, ksm: CrawlerCtx) -> None:
         self.k = ksm
         self.crawl_round = 0  # ksm_crawl_round
         self.frozen_tasks: dict[TaskId, None] = {}  # frozen_task_list

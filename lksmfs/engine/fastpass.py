@@ -29,10 +29,11 @@ of read and hashed on every visit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from lksmfs.engine.context import FastScanCtx
 from lksmfs.engine.hashindex import HashIndex, normkey
 from lksmfs.engine.ksmd import AGE_MAX, SMART_SCAN_MIN_AGE, KsmdPolicy, skip_age
 from lksmfs.engine.merge import SourceError
@@ -46,12 +47,9 @@ from lksmfs.engine.params import (
     POLICY_KSM,
 )
 from lksmfs.engine.rmap import NOT_FROZEN, SEQNR_MASK, STABLE, UNSTABLE, calc_checksum
-from lksmfs.engine.scanner import scan_record
 from lksmfs.engine.slot import MmSlot
+from lksmfs.engine.stats import scan_record
 from lksmfs.sources.base import MemorySource, TaskId, inner_source
-
-if TYPE_CHECKING:
-    from lksmfs.engine.ksm import Ksm
 
 
 @runtime_checkable
@@ -171,7 +169,7 @@ class RunResult:
 class FastScanner:
     """Runs the engine's handed-over scan in budgets of scanned pages, quiet slots fast."""
 
-    def __init__(self, ksm: Ksm, *, fast: bool = True) -> None:
+    def __init__(self, ksm: FastScanCtx, *, fast: bool = True) -> None:
         self.k = ksm
         self.keyed = keyed_source(ksm.source) if fast else None
         self.digests = Digests(self.keyed, ksm.digest) if self.keyed is not None else None

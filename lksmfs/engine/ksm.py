@@ -10,6 +10,29 @@ instead of page tables.  The work is split the way mm/lksm.c splits it:
 - this class owns what they share (the registered slots, the stable and unstable
   trees, the regions, the counters) and everything sysfs sees.
 
+This class builds the parts and hands each itself, typed as the protocol of
+context.py that lists what that part may touch; no part imports this module, so
+the engine's imports have no cycle, with this module at the top:
+
+    ksm.Ksm
+     |- merge.Merger(MergerCtx) ------- thp.split/merge_fails(ThpCtx)
+     |- scanner.Scanner(ScannerCtx) --- merger as MergerForScanner, crawler as ScanPolicy
+     |- make_policy():
+     |   |- crawler.LksmCrawler(CrawlerCtx)   scanner as ScannerForCrawler
+     |   `- ksmd.KsmdPolicy(KsmdCtx)          scanner as ScannerForKsmd,
+     |                                        merger as MergerForKsmd
+     `- (by `lksmfs compare`) fastpass.FastScanner(FastScanCtx)
+
+The merger sees the scanner as ScannerForMerger and the policy as ScanPolicy;
+fastpass drives the scanner as ScannerForFastScan and the merger as MergerForFastScan.
+Parts import each other only downwards, for names other than the façade's: merge.py
+(SourceError) by the others, crawler.py (SKIP_DENIED) by ksmd.py, ksmd.py (KsmdPolicy,
+smart_scan) by fastpass.py, thp.py by merge.py and scanner.py.
+Below the parts are modules that import none of them: context (the protocols), and the
+leaves it names - pages (digests, Chunk), rmap, slot, stable, unstable, regions, stats
+(counters, Record, Skipped), params, advisor - with hashindex, numa and the source
+interface (lksmfs.sources.base).
+
 Nothing here sleeps or starts a thread: the daemon calls `crawl(now)` and
 `scan_batch()` from its threads, tests call them (or the synchronous `full_scan()` /
 `partial_scan()`) directly, and both serialise calls with one lock.
@@ -29,8 +52,9 @@ from collections.abc import Callable
 import numpy as np
 
 from lksmfs.engine.advisor import AdvisorCtx, set_advisor_defaults
-from lksmfs.engine.crawler import LksmCrawler, ScanPolicy, Skipped
-from lksmfs.engine.ksmd import MainlineView, make_policy
+from lksmfs.engine.context import ScanPolicy
+from lksmfs.engine.crawler import LksmCrawler
+from lksmfs.engine.ksmd import KsmdPolicy, MainlineView
 from lksmfs.engine.merge import Merger
 from lksmfs.engine.pages import XXH3, Digest
 from lksmfs.engine.params import (
@@ -39,20 +63,31 @@ from lksmfs.engine.params import (
     KSM_RUN_UNMERGE,
     KSM_SHORT_TASK_TIME_MS,
     LKSM_SCAN_NONE,
+    POLICIES,
+    POLICY_KSM,
     POLICY_LKSM,
     RMAP_ITEM_SIZE,
     Tunables,
 )
 from lksmfs.engine.regions import RegionTable
 from lksmfs.engine.rmap import GONE, STABLE, Rmap
-from lksmfs.engine.scanner import Record, Scanner, scan_record
+from lksmfs.engine.scanner import Scanner
 from lksmfs.engine.slot import MmList, MmSlot
 from lksmfs.engine.stable import StableTree
-from lksmfs.engine.stats import KsmStats
+from lksmfs.engine.stats import KsmStats, Record, Skipped, scan_record
 from lksmfs.engine.unstable import UnstableTree
 from lksmfs.sources.base import PAGE_SIZE, MemorySource, TaskId
 
 log = logging.getLogger(__name__)
+
+
+def make_policy(name: str, ksm: Ksm) -> ScanPolicy:
+    """The scheduling policy `name` (params.POLICIES) for an engine."""
+    if name == POLICY_LKSM:
+        return LksmCrawler(ksm)
+    if name == POLICY_KSM:
+        return KsmdPolicy(ksm)
+    raise ValueError(f"policy must be one of {', '.join(POLICIES)} (got {name!r})")
 
 
 class Ksm:

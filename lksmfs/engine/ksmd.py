@@ -27,48 +27,31 @@ for as long as `run` has the merge bit, round robin over every registered mm:
   at the wrap.
 
 The engine's scanner and merger are shared with LKSM; this object answers the questions
-they ask (lksmfs.engine.crawler.ScanPolicy) the way mainline does.
+they ask (lksmfs.engine.context.ScanPolicy) the way mainline does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from lksmfs.engine.advisor import advisor_start_scan, advisor_stop_scan
-from lksmfs.engine.crawler import SKIP_DENIED, LksmCrawler, ScanPolicy, Skipped
+from lksmfs.engine.context import KsmdCtx
+from lksmfs.engine.crawler import SKIP_DENIED
 from lksmfs.engine.merge import SourceError
-from lksmfs.engine.params import (
-    KSM_RUN_MERGE,
-    KSM_RUN_UNMERGE,
-    LKSM_SCAN_FULL,
-    POLICIES,
-    POLICY_KSM,
-    POLICY_LKSM,
-)
+from lksmfs.engine.params import KSM_RUN_MERGE, KSM_RUN_UNMERGE, LKSM_SCAN_FULL
 from lksmfs.engine.rmap import Rmap, checksum_changed
 from lksmfs.engine.slot import MmSlot
+from lksmfs.engine.stats import Skipped
 from lksmfs.sources.base import AccessDenied, Mapping, SourceWrapper, TaskId
-
-if TYPE_CHECKING:
-    from lksmfs.engine.ksm import Ksm
 
 # ksmd sleeps until __ksm_enter() wakes it when no mm is registered; we look again this often
 IDLE_REGISTER_S = 1.0
 AGE_MAX = 255  # U8_MAX: rmap_age_t saturates
 SKIP_NOT_MERGEABLE = "not_mergeable"  # Ksm.skipped: in scope, but asked for no KSM
 SMART_SCAN_MIN_AGE = 3  # should_skip_rmap_item(): younger items are never skipped
-
-
-def make_policy(name: str, ksm: Ksm) -> ScanPolicy:
-    """The scheduling policy `name` (params.POLICIES) for an engine."""
-    if name == POLICY_LKSM:
-        return LksmCrawler(ksm)
-    if name == POLICY_KSM:
-        return KsmdPolicy(ksm)
-    raise ValueError(f"policy must be one of {', '.join(POLICIES)} (got {name!r})")
 
 
 # -- smart_scan -----------------------------------------------------------------------
@@ -155,7 +138,7 @@ class KsmdPolicy:
     """ksm_scan_thread() and the parts of scan_get_next_rmap_item(), cmp_and_merge_page()
     and the sysfs stores that differ from LKSM."""
 
-    def __init__(self, ksm: Ksm) -> None:
+    def __init__(self, ksm: KsmdCtx) -> None:
         self.k = ksm
         if not isinstance(ksm.source, MainlineView):
             ksm.source = MainlineView(ksm.source)
@@ -270,7 +253,7 @@ class KsmdPolicy:
         """scan_get_next_rmap_item() at ksm_mm_head: advisor_start_scan() (not when a
         pass stopped by run=0 goes on: its cursor is not at the head)."""
         k = self.k
-        if k.scanner._at_head:
+        if k.scanner.at_head:
             advisor_start_scan(k.advisor, k.tunables, k.clock())
 
     def scan_wrapped(self, mode: int) -> None:
@@ -278,8 +261,7 @@ class KsmdPolicy:
         pages_to_scan, and the next pass starts a sleep later.  A pass stopped by run=0
         (cursor and queue kept) has not wrapped."""
         k = self.k
-        sc = k.scanner
-        if sc.gen is None and not len(k.mm.scan_list):
+        if not k.scanner.queued():
             advisor_stop_scan(k.advisor, k.tunables, k.clock(), k.scan_cpu_ns())
         self.set_next_pass(k.clock() + k.tunables.sleep_millisecs / 1000)
 

@@ -17,15 +17,14 @@ when they were compared byte for byte; a page joins it when its digest is the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lksmfs.engine import thp
+import lksmfs.engine.thp as thp
+from lksmfs.engine.context import MergerCtx
 from lksmfs.engine.hashindex import normkey
-from lksmfs.engine.pages import as_words
+from lksmfs.engine.pages import Chunk, as_words
 from lksmfs.engine.rmap import (
     GONE,
     NOT_TREE,
@@ -39,54 +38,16 @@ from lksmfs.engine.rmap import (
 from lksmfs.engine.slot import MmSlot
 from lksmfs.sources.base import PAGE_SIZE, AccessDenied, ProcessGone
 
-if TYPE_CHECKING:
-    from lksmfs.engine.ksm import Ksm
-
 PARTNER_BATCH = 64  # partner pages read and compared at a time (256 KiB of buffer)
 PAIR_BATCH = 64  # pages of a chunk read at once to compare new KSM pages' two pages
 
 SourceError = (ProcessGone, AccessDenied)
 
 
-@dataclass
-class Chunk:
-    """Up to CHUNK consecutive pages being scanned, of one VMA or several: their rmap
-    items (`part`, a view of the slot's new rmap list), contents and digests, and for
-    each page its VMA's start and region (ksm_scan.vma_base_addr and ksm_scan.region
-    when the scanner visited it).  Item i of `part` is number `at` + i in the unstable
-    tree (UnstableTree.visit)."""
-
-    slot: MmSlot
-    base: np.ndarray  # uint64 per page: its VMA's first page
-    rid: np.ndarray  # int32 per page: its region
-    part: Rmap
-    # the pages, valid for the chunk (partner reads go to another buffer); None when
-    # they are not kept - digests known from the last scan, or a chunk larger than
-    # pages.READ_BLOCK - and `fetch` reads what a comparison needs
-    data: memoryview | bytes | None
-    lo: np.ndarray
-    hi: np.ndarray
-    fetch: Callable[[np.ndarray], np.ndarray] | None = None
-    at: int = 0
-
-    def words(self, i: np.ndarray) -> np.ndarray:
-        """Pages `i` of the chunk as rows of words (a copy), for memcmp_pages()."""
-        if self.data is not None:
-            rows: np.ndarray = as_words(self.data)[i]
-            return rows
-        assert self.fetch is not None
-        return self.fetch(i)
-
-    def offsets(self, i: np.ndarray) -> np.ndarray:
-        """Page offsets of items `i` from the VMA's start (rmap_item->base_addr)."""
-        offs: np.ndarray = (self.part.vpn[i] - self.base[i]).astype(np.int64)
-        return offs
-
-
 class Merger:
     """The merge half of ksmd, over the engine's trees and counters."""
 
-    def __init__(self, ksm: Ksm, grouped: bool = True) -> None:
+    def __init__(self, ksm: MergerCtx, grouped: bool = True) -> None:
         self.k = ksm
         self.grouped = grouped  # False: every page through cmp_and_merge_page(), one by one
         self._partners = bytearray()  # partner pages are read here, never over a chunk

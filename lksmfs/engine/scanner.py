@@ -13,15 +13,15 @@ import logging
 import math
 import time
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lksmfs.engine import thp
+import lksmfs.engine.thp as thp
+from lksmfs.engine.context import ScannerCtx
 from lksmfs.engine.hashindex import normkey
-from lksmfs.engine.merge import Chunk, SourceError
+from lksmfs.engine.merge import SourceError
 from lksmfs.engine.numa import fold_nodes, node_source
-from lksmfs.engine.pages import CHUNK, READ_BLOCK, as_words
+from lksmfs.engine.pages import CHUNK, READ_BLOCK, Chunk, as_words
 from lksmfs.engine.params import (
     KSM_MM_FROZEN,
     KSM_MM_NEWCOMER,
@@ -34,27 +34,14 @@ from lksmfs.engine.params import (
 from lksmfs.engine.regions import HEAP_REGION, UNKNOWN_REGION
 from lksmfs.engine.rmap import FROZEN, GONE, NOT_FROZEN, STABLE, UNSTABLE, Rmap
 from lksmfs.engine.slot import MmSlot
+from lksmfs.engine.stats import Record, scan_record
 from lksmfs.engine.unstable import UnstableTree
-from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskId
-from lksmfs.system.proc import TaskFailed, describe_error
-
-if TYPE_CHECKING:
-    from lksmfs.engine.ksm import Ksm
+from lksmfs.sources.base import PAGE_SIZE, Mapping, TaskFailed, TaskId, describe_error
 
 log = logging.getLogger(__name__)
 
 VmaRun = tuple[int, np.ndarray, Callable[[], None] | None]
 Read = tuple[memoryview | None, np.ndarray, np.ndarray]  # pages (None: not read), digests lo, hi
-Record = dict[str, float | int]
-
-
-def scan_record(mode: int, slots_scanned: int = 0, pages_scanned: int = 0, merged: int = 0, broken: int = 0,
-                wall_s: float = 0.0, tasks_failed: int = 0) -> Record:
-    """What the engine tells of the last scan (Ksm.last_scan): LKSM's per-scan
-    statistics (lksm_nr_scanned_slot, lksm_nr_merged, lksm_nr_broken) and the tasks given
-    up on an unexpected error, built here only."""
-    return {"mode": mode, "slots_scanned": slots_scanned, "pages_scanned": pages_scanned, "merged": merged,
-            "broken": broken, "wall_s": wall_s, "tasks_failed": tasks_failed}
 
 
 def filter_may_start() -> None:
@@ -65,7 +52,7 @@ def filter_may_start() -> None:
 class Scanner:
     """ksmd with its cursor, over the engine's state."""
 
-    def __init__(self, ksm: Ksm) -> None:
+    def __init__(self, ksm: ScannerCtx) -> None:
         self.k = ksm
         self.scan_state = False  # ksm_state: a scan has been handed over
         self.scan_mode = LKSM_SCAN_NONE
@@ -261,7 +248,7 @@ class Scanner:
         the most a round can put in the unstable tree.  0 where items keep no digest."""
         m = 1 << 20
         seen = np.zeros(m, dtype=bool)
-        for slot in self.k.slots.values():
+        for slot in self.k.mm.slots.values():
             rm = slot.rmap
             if not len(rm):
                 continue

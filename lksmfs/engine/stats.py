@@ -2,14 +2,37 @@
 
 The stable tree keeps its own counters (pages_shared, pages_sharing, chains, dups):
 they change with its nodes.  Everything else that sysfs or a scan record shows lives
-here, in one place, so that a reader can see which figure each step moves.
+here, in one place, so that a reader can see which figure each step moves; so do the
+scan record itself and what a prepared scan left out (Ksm.last_scan, Ksm.skipped).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lksmfs.system.proc import AccessDenied, TaskFailed
+from lksmfs.sources.base import AccessDenied, TaskFailed
+
+Record = dict[str, float | int]
+
+
+def scan_record(mode: int, slots_scanned: int = 0, pages_scanned: int = 0, merged: int = 0, broken: int = 0,
+                wall_s: float = 0.0, tasks_failed: int = 0) -> Record:
+    """What the engine tells of the last scan (Ksm.last_scan): LKSM's per-scan
+    statistics (lksm_nr_scanned_slot, lksm_nr_merged, lksm_nr_broken) and the tasks given
+    up on an unexpected error, built here only."""
+    return {"mode": mode, "slots_scanned": slots_scanned, "pages_scanned": pages_scanned, "merged": merged,
+            "broken": broken, "wall_s": wall_s, "tasks_failed": tasks_failed}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A task the last prepared scan left out, and why (Ksm.skipped).  Not a kernel
+    structure: LKSM skips silently; user space is told (lksmfs scan) what was left out
+    and why."""
+
+    comm: str
+    reason: str  # crawler.SKIP_SHORT, crawler.SKIP_DENIED or ksmd.SKIP_NOT_MERGEABLE
+    runtime_ns: int = 0  # se.sum_exec_runtime when it was checked (SKIP_SHORT)
 
 
 @dataclass

@@ -16,15 +16,12 @@ for as long as they hold only zeros.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lksmfs.engine.context import ThpCtx
+from lksmfs.engine.slot import MmSlot
 from lksmfs.sources.base import AccessDenied, ProcessGone
-
-if TYPE_CHECKING:
-    from lksmfs.engine.ksm import Ksm
-    from lksmfs.engine.slot import MmSlot
 
 HPAGE_PMD_ORDER = 9
 HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER
@@ -72,7 +69,7 @@ def is_vanished(slot: MmSlot, vpn: int) -> bool:
 Known = Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]  # (vpns, digest lo, digest hi)
 
 
-def split(k: Ksm, slot: MmSlot, block: int, known: Known = ()) -> None:
+def split(k: ThpCtx, slot: MmSlot, block: int, known: Known = ()) -> None:
     """split_huge_page() of the THP at `block`: it is split for good, and its pages that
     hold only zeros now get the shared zero page.  Their digests come from `known` (the
     chunk being scanned, or the items of this round), the other pages are read."""
@@ -103,7 +100,7 @@ def split(k: Ksm, slot: MmSlot, block: int, known: Known = ()) -> None:
             slot.thp_zero = np.concatenate([z, new])
 
 
-def merge_fails(k: Ksm, slot: MmSlot, vpn: int, known: Known = ()) -> bool:
+def merge_fails(k: ThpCtx, slot: MmSlot, vpn: int, known: Known = ()) -> bool:
     """try_to_merge_one_page() for page `vpn` of `slot`, as far as THPs go: a THP is split
     first; the merge fails if the page is (now) the zero page."""
     if is_unsplit(slot, vpn):

@@ -15,7 +15,15 @@ from typing import Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 # defined with the /proc knowledge they stand for; the engine imports them from here
-from lksmfs.system.proc import PAGE_SHIFT, PAGE_SIZE, AccessDenied, ProcessGone, TaskId
+from lksmfs.system.proc import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    AccessDenied,
+    ProcessGone,
+    TaskFailed,
+    TaskId,
+    describe_error,
+)
 
 S = TypeVar("S")
 
@@ -27,8 +35,10 @@ __all__ = [
     "Mapping",
     "MemorySource",
     "ProcessGone",
+    "TaskFailed",
     "TaskId",
     "TaskStat",
+    "describe_error",
 ]
 
 

@@ -56,7 +56,7 @@ class Attr:
 
 class AttributeEngine(Protocol):
     """What the attribute files read and write of an engine: the facade of
-    lksmfs.engine.Ksm, and of the stand-ins that validate values without one."""
+    lksmfs.engine.ksm.Ksm, and of the stand-ins that validate values without one."""
 
     @property
     def tunables(self) -> Tunables: ...

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from memfake import FakeSource, fill, unique
 
 import lksmfs.engine.scanner as scanner_mod
-from lksmfs.engine import thp
+import lksmfs.engine.thp as thp
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.merge import Merger
 from lksmfs.engine.pages import XXH3, Digest
