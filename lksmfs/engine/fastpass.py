@@ -436,7 +436,7 @@ class FastScanner:
             sl.nr_scans += int(per_slot_total[i])
             sl.clear(KSM_MM_NEWCOMER | KSM_MM_FROZEN)
             sl.set(KSM_MM_SCANNED)
-            # the PassClock's times of the batches its last scan began and ended in
+            # the PacedClock's times of the batches its last scan began and ended in
             begin = last_start + int(before[i]) // t.pages_to_scan * t.sleep_millisecs
             end = last_start + int(before[i + 1]) // t.pages_to_scan * t.sleep_millisecs
             sl.elapsed = end / 1000 - begin / 1000

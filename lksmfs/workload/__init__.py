@@ -4,28 +4,10 @@
 - model:     the content function both realisations share
 - timeline:  the round/event player both realisations share (TimelinePlayer, Effects)
 - simulated: a MemorySource of generated processes (SimulatedSource)
+- driver:    the one way to drive the engine on simulated time (Driver, VirtualClock):
+             `lksmfs simulate`, `lksmfs compare` and the tests
 - spawn:     real child processes (child.py) in freezer cgroups (spawn_workload,
              `lksmfs workload spawn`)
+
+Every package's __init__ is import-free: importing one module never loads its siblings.
 """
-
-from lksmfs.workload.schema import (
-    App,
-    Event,
-    Library,
-    Section,
-    Workload,
-    WorkloadError,
-    load_workload,
-    parse_workload,
-)
-
-__all__ = [
-    "App",
-    "Event",
-    "Library",
-    "Section",
-    "Workload",
-    "WorkloadError",
-    "load_workload",
-    "parse_workload",
-]
