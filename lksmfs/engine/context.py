@@ -10,6 +10,8 @@ tree: this module imports only leaves (the trees, slots, regions, counters, page
 no leaf imports it.
 
 A member is a plain attribute where the part rebinds it, a read-only property otherwise.
+The members several parts read are grouped once (Shared, Filtered, Timed, Registrar)
+and each part's protocol is made of those groups and its own members.
 """
 
 from __future__ import annotations
@@ -93,6 +95,54 @@ class ScanPolicy(Protocol):
 # -- thp.py: split_huge_page() before a merge --------------------------------------------
 
 
+# -- what several parts share (the Ctx protocols below are made of these) -----------------
+
+
+class Shared(Protocol):
+    """What every part but thp reads: the registered slots (ksm_mm_head and its lists),
+    the counters, the tunables."""
+
+    @property
+    def mm(self) -> MmList: ...
+
+    @property
+    def stats(self) -> KsmStats: ...
+
+    @property
+    def tunables(self) -> Tunables: ...
+
+
+class Filtered(Shared, Protocol):
+    """... with LKSM_FILTER's state: whether it is on, and the regions."""
+
+    @property
+    def filter_enabled(self) -> bool: ...
+
+    @property
+    def regions(self) -> RegionTable: ...
+
+
+class Timed(Protocol):
+    """A part that runs on the engine's clock and makes its changes visible to sysfs
+    readers (Ksm.publish())."""
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+    def publish(self) -> None: ...
+
+
+class Registrar(Protocol):
+    """A policy that registers tasks: our own pid (never registered) and Ksm.skipped,
+    the tasks it passed over and why."""
+
+    @property
+    def self_pid(self) -> int | None: ...
+
+    @property
+    def skipped(self) -> dict[TaskId, Skipped]: ...
+
+
 class ThpCtx(Protocol):
     """thp.split() and thp.merge_fails() (called by the merger): the digest that tells a
     zero page, and the source to read the pages of a split THP nobody has digested."""
@@ -120,7 +170,7 @@ class ScannerForMerger(Protocol):
     def add_zero_pages(self, vpns: np.ndarray) -> None: ...
 
 
-class MergerCtx(ThpCtx, Protocol):
+class MergerCtx(ThpCtx, Filtered, Protocol):
     """The merger (cmp_and_merge_page() and friends): the trees and counters it changes,
     the regions a merge is accounted in (LKSM_FILTER), the slots that may hold an
     unstable tree partner, the policy's checksum gate, the scanner's cursor, and what
@@ -130,25 +180,10 @@ class MergerCtx(ThpCtx, Protocol):
     def crawler(self) -> ScanPolicy: ...
 
     @property
-    def filter_enabled(self) -> bool: ...
-
-    @property
-    def mm(self) -> MmList: ...
-
-    @property
-    def regions(self) -> RegionTable: ...
-
-    @property
     def scanner(self) -> ScannerForMerger: ...
 
     @property
     def stable(self) -> StableTree: ...
-
-    @property
-    def stats(self) -> KsmStats: ...
-
-    @property
-    def tunables(self) -> Tunables: ...
 
     @property
     def unstable(self) -> UnstableTree: ...
@@ -171,7 +206,7 @@ class MergerForScanner(Protocol):
     def release_buffers(self) -> None: ...
 
 
-class ScannerCtx(Protocol):
+class ScannerCtx(ThpCtx, Filtered, Timed, Protocol):
     """The scanner (ksmd and its cursor): the memory it reads and digests, the slots,
     regions and trees it walks, the unstable tree it starts afresh each round
     (rebinds), the counters it moves, the last scan's record (rebinds), the policy's
@@ -181,44 +216,18 @@ class ScannerCtx(Protocol):
     unstable: UnstableTree
 
     @property
-    def clock(self) -> Callable[[], float]: ...
-
-    @property
     def crawler(self) -> ScanPolicy: ...
-
-    @property
-    def digest(self) -> Digest: ...
-
-    @property
-    def filter_enabled(self) -> bool: ...
 
     @property
     def merger(self) -> MergerForScanner: ...
 
     @property
-    def mm(self) -> MmList: ...
-
-    @property
     def policy(self) -> str: ...
-
-    @property
-    def regions(self) -> RegionTable: ...
-
-    @property
-    def source(self) -> MemorySource: ...
 
     @property
     def stable(self) -> StableTree: ...
 
-    @property
-    def stats(self) -> KsmStats: ...
-
-    @property
-    def tunables(self) -> Tunables: ...
-
     def flush_removed_mm_list(self) -> None: ...
-
-    def publish(self) -> None: ...
 
 
 # -- crawler.py: LksmCrawler ---------------------------------------------------------------
@@ -241,48 +250,22 @@ class ScannerForCrawler(Protocol):
     def wake(self) -> None: ...
 
 
-class CrawlerCtx(Protocol):
+class CrawlerCtx(Filtered, Timed, Registrar, Protocol):
     """LKSM's crawler (ksm_crawld): the tasks it finds through the source and joins
     (short-task threshold, our own pid), the slots and regions ksm_join() registers, the
     counters and Ksm.skipped it fills, the tunables it reads and sets, the scanner it
     hands scans to, and the façade's ksm_exit() and publish()."""
 
     @property
-    def clock(self) -> Callable[[], float]: ...
-
-    @property
-    def filter_enabled(self) -> bool: ...
-
-    @property
-    def mm(self) -> MmList: ...
-
-    @property
-    def regions(self) -> RegionTable: ...
-
-    @property
     def scanner(self) -> ScannerForCrawler: ...
-
-    @property
-    def self_pid(self) -> int | None: ...
 
     @property
     def short_task_ms(self) -> int: ...
 
     @property
-    def skipped(self) -> dict[TaskId, Skipped]: ...
-
-    @property
     def source(self) -> MemorySource: ...
 
-    @property
-    def stats(self) -> KsmStats: ...
-
-    @property
-    def tunables(self) -> Tunables: ...
-
     def ksm_exit(self, slot: MmSlot) -> None: ...
-
-    def publish(self) -> None: ...
 
 
 # -- ksmd.py: KsmdPolicy -------------------------------------------------------------------
@@ -305,7 +288,7 @@ class MergerForKsmd(Protocol):
     def remove_items(self, rm: Rmap) -> None: ...
 
 
-class KsmdCtx(Protocol):
+class KsmdCtx(Shared, Timed, Registrar, Protocol):
     """Mainline ksmd's policy: the source it narrows to registered mms (rebinds it to a
     MainlineView), the slots it registers and queues, the counters and Ksm.skipped it
     fills, the tunables and the KSM advisor (timed by the engine's clock and the
@@ -318,33 +301,13 @@ class KsmdCtx(Protocol):
     def advisor(self) -> AdvisorCtx: ...
 
     @property
-    def clock(self) -> Callable[[], float]: ...
-
-    @property
     def merger(self) -> MergerForKsmd: ...
-
-    @property
-    def mm(self) -> MmList: ...
 
     @property
     def scan_cpu_ns(self) -> Callable[[], int]: ...
 
     @property
     def scanner(self) -> ScannerForKsmd: ...
-
-    @property
-    def self_pid(self) -> int | None: ...
-
-    @property
-    def skipped(self) -> dict[TaskId, Skipped]: ...
-
-    @property
-    def stats(self) -> KsmStats: ...
-
-    @property
-    def tunables(self) -> Tunables: ...
-
-    def publish(self) -> None: ...
 
     def task_exit(self, task: TaskId) -> None: ...
 
@@ -395,52 +358,26 @@ class MergerForFastScan(Protocol):
                         stale: bool = False) -> None: ...
 
 
-class FastScanCtx(Protocol):
+class FastScanCtx(ThpCtx, Filtered, Timed, Protocol):
     """The fast path (lksmfs.engine.fastpass, built by `lksmfs compare` on a Ksm): the
     keyed source and digest it names contents with, the state it proves quiet (trees,
     regions, tunables, policy), the counters and slots a quiet scan moves, the scanner it
     drives, the merger and the policy, and the façade's publish()."""
 
     @property
-    def clock(self) -> Callable[[], float]: ...
-
-    @property
     def crawler(self) -> ScanPolicy: ...
-
-    @property
-    def digest(self) -> Digest: ...
-
-    @property
-    def filter_enabled(self) -> bool: ...
 
     @property
     def merger(self) -> MergerForFastScan: ...
 
     @property
-    def mm(self) -> MmList: ...
-
-    @property
     def policy(self) -> str: ...
-
-    @property
-    def regions(self) -> RegionTable: ...
 
     @property
     def scanner(self) -> ScannerForFastScan: ...
 
     @property
-    def source(self) -> MemorySource: ...
-
-    @property
     def stable(self) -> StableTree: ...
 
     @property
-    def stats(self) -> KsmStats: ...
-
-    @property
-    def tunables(self) -> Tunables: ...
-
-    @property
     def unstable(self) -> UnstableTree: ...
-
-    def publish(self) -> None: ...
