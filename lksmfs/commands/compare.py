@@ -35,18 +35,15 @@ import multiprocessing
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lksmfs.commands.output.helptext import add_command
 from lksmfs.commands.output.tables import format_table
-from lksmfs.engine.params import KSM_RUN_MERGE, LKSM_SCAN_FULL, LKSM_SCAN_NONE, POLICY_KSM, POLICY_LKSM
+from lksmfs.engine.params import POLICY_KSM, POLICY_LKSM
+from lksmfs.workload.paced import PacedDriver
 from lksmfs.workload.schema import KSM_PRCTL, Workload, WorkloadError, load_workload
-
-SAMPLE_MS = 60_000  # one sample per simulated minute
-NEVER = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -97,187 +94,36 @@ class PolicyRun:
                 "samples": self.samples}
 
 
-def _ms(seconds: float) -> int:
-    """A crawler's wake-up time on the driver's millisecond clock (the crawler is then
-    called with the very float it asked for: it compares them with `now`)."""
-    return int(round(seconds * 1000))
-
-
 def opted_in(workload: Workload) -> Workload:
     """Every app of the workload as if it called prctl(PR_SET_MEMORY_MERGE)."""
     return dataclasses.replace(workload, apps=tuple(dataclasses.replace(a, ksm=KSM_PRCTL) for a in workload.apps))
 
 
-class Player:
-    """One policy over the workload's timeline: the daemon's threads on the virtual clock."""
+class Player(PacedDriver):
+    """One policy over the workload's timeline: the driver with the threads' timing,
+    set up as the policy says."""
 
     def __init__(self, workload: Workload, spec: PolicySpec, *, hours: float, round_minutes: float,
                  fast: bool = True, progress: Callable[[str], None] | None = None) -> None:
-        self.spec = spec
-        self.end_ms = int(round(hours * 3_600_000))
-        self.round_ms = int(round(round_minutes * 60_000))
-        if self.end_ms <= 0 or self.round_ms <= 0:
-            raise ValueError("--hours and --round-minutes must be positive")
-        from lksmfs.engine.fastpass import FastScanner
-        from lksmfs.workload.driver import Driver, PacedClock
         from lksmfs.workload.simulated import SimulatedSource
 
-        self.source = SimulatedSource(opted_in(workload) if spec.engine == POLICY_KSM else workload)
-        self.clock = PacedClock()
-        self.driver = Driver.create(self.source, clock=self.clock, policy=spec.engine, filter_enabled=spec.filter,
-                                    modelled_cpu=True)
-        self.ksm = self.driver.ksm
-        self.table = self.driver.table
-        self.scanner = FastScanner(self.ksm, fast=fast)
-        self.progress = progress or (lambda line: None)
-        self.c_due: int | None = 0  # the crawler's next wake-up
-        self.c_due_s: float | None = None  # ... as the crawler asked for it (None: woken)
-        self.s_due: int | None = None  # the scanner's next batch while a scan runs
-        self.carry = 0  # pages the engine is ahead of the batches (a fast slot ran over a sample)
-        self.requests: deque[int] = deque()  # resourced's one_shot requests, in order
-        self.samples: list[dict[str, int | float]] = []
-        self._same = 0  # crawler passes in a row at the same time (a wedge guard)
-        self._last_crawl = -1
-
-    # -- the run -------------------------------------------------------------------------
+        self.spec = spec
+        super().__init__(SimulatedSource(opted_in(workload) if spec.engine == POLICY_KSM else workload),
+                         policy=spec.engine, filter_enabled=spec.filter, end_ms=int(round(hours * 3_600_000)),
+                         round_ms=int(round(round_minutes * 60_000)), resourced=spec.resourced, fast=fast,
+                         name=spec.name, progress=progress)
 
     def run(self) -> PolicyRun:
         t0 = time.perf_counter()
-        k = self.ksm
-        t = k.tunables
-        if t.sleep_millisecs <= 0 or t.pages_to_scan <= 0:
-            raise ValueError("compare needs sleep_millisecs and pages_to_scan above 0")
         if self.spec.engine == POLICY_KSM:
             self.table.store("smart_scan", f"{self.spec.smart_scan}\n".encode())
         self.table.store("run", f"{self.spec.run}\n".encode())
-        next_round, next_sample, reported = 1, 0, 0
-        while True:
-            ts = min(next_sample * SAMPLE_MS, self.end_ms)
-            tr = next_round * self.round_ms if next_round * self.round_ms < self.end_ms else NEVER
-            if self.s_due is not None and self.s_due < min(ts, tr):
-                self._scan(min(ts, tr), tr if tr < NEVER else self.end_ms)
-                continue
-            tc = self.c_due if self.c_due is not None and self.s_due is None else NEVER
-            if ts <= tr and ts <= tc:
-                self._sample(ts)
-                if ts >= self.end_ms:
-                    break
-                next_sample += 1
-                if ts * 10 // self.end_ms > reported:
-                    reported = ts * 10 // self.end_ms
-                    self.progress(f"{self.spec.name} {reported * 10}%")
-            elif tr <= tc:
-                self.clock.set_ms(tr)
-                self._round(next_round)
-                next_round += 1
-            else:
-                self.clock.set_ms(tc)
-                self._crawl(tc, tr if tr < NEVER else self.end_ms)
-        c = k.counters()
-        mean = sum(s["pages_sharing"] for s in self.samples[1:]) / max(1, len(self.samples) - 1)
-        return PolicyRun(self.spec.name, self.samples, c["pages_scanned"], c["pages_sharing"],
+        samples = self.play()
+        c = self.ksm.counters()
+        mean = sum(s["pages_sharing"] for s in samples[1:]) / max(1, len(samples) - 1)
+        return PolicyRun(self.spec.name, samples, c["pages_scanned"], c["pages_sharing"],
                          round(mean, 3), dict(c), time.perf_counter() - t0,
                          self.scanner.fast_slots, self.scanner.slow_slots)
-
-    def _sample(self, ts: int) -> None:
-        """The state at `ts`: after every batch before it.  The engine may be ahead of the
-        batches by a quiet slot, which moves pages_scanned only."""
-        from lksmfs.engine.fastpass import scanned_at
-
-        k = self.ksm
-        scanned = k.stats.pages_scanned
-        jumped = scanned_at(self.scanner.jumps, ts, k.tunables.pages_to_scan, k.tunables.sleep_millisecs)
-        if jumped is not None:
-            scanned = jumped  # inside passes a jump ran at once
-        elif self.s_due is not None and self.clock.scan_ms is not None:
-            batches = -(-(ts - self.clock.scan_ms) // k.tunables.sleep_millisecs)
-            scanned = self.clock.scan_base + min(scanned - self.clock.scan_base,
-                                                 batches * k.tunables.pages_to_scan)
-        self.samples.append({"t_s": ts // 1000 if ts % 1000 == 0 else ts / 1000,
-                             "pages_scanned": scanned, "pages_sharing": k.stable.pages_sharing})
-
-    # -- the threads -----------------------------------------------------------------------
-
-    def _crawl(self, now: int, hard_ms: int) -> None:
-        """The crawler thread's pass at `now`; a scan it hands over starts its batches
-        (and mainline's quiet passes until `hard_ms` run at once)."""
-        k = self.ksm
-        due = k.crawl(self.c_due_s if self.c_due_s is not None and self.c_due == now else now / 1000)
-        self._same = self._same + 1 if self._last_crawl == now else 0
-        self._last_crawl = now
-        if self._same > 1000:
-            raise RuntimeError(f"{self.spec.name}: the crawler keeps asking for {now} ms")
-        self._wake_at(now, due)
-        if k.scanner_should_run() and self.s_due is None:
-            self.s_due = now
-            self.clock.scan_ms = now
-            self.clock.scan_base = k.stats.pages_scanned
-            self.carry = 0
-            k.scanner.batch(0)  # its first batch begins: scan_starting() (scan_boost)
-            if self.scanner.jump(now, hard_ms) is not None:
-                self.s_due = None  # between passes again, after the last one it ran
-                self.clock.scan_ms = None
-                nxt = self.scanner.jumps[-1]
-                self.clock.set_ms(nxt.end_ms(k.tunables.pages_to_scan, k.tunables.sleep_millisecs))
-                self._wake_at(self.clock.now_ms, k.crawl(self.clock.now_ms / 1000))
-
-    def _wake_at(self, now: int, due: float | None) -> None:
-        """The crawler sleeps until `due` (None: until something wakes it)."""
-        self.c_due = None if due is None else max(now, _ms(due))
-        self.c_due_s = due
-
-    def _woken(self, now: int) -> None:
-        """Something woke the crawler (a scan's end, a hint, a request)."""
-        self.c_due = now
-        self.c_due_s = None
-
-    def _scan(self, soft_ms: int, hard_ms: int) -> None:
-        """ksmd's (or LKSM's scanner's) batches from s_due until `soft_ms`: the engine may
-        run a quiet slot on past it, never past `hard_ms` (memory changes there)."""
-        k = self.ksm
-        t = k.tunables
-        assert self.s_due is not None
-        pts, sleep = t.pages_to_scan, t.sleep_millisecs
-        nb_soft = -(-(soft_ms - self.s_due) // sleep)
-        nb_hard = -(-(hard_ms - self.s_due) // sleep)
-        soft = nb_soft * pts - self.carry
-        if soft <= 0:
-            self.carry = -soft
-        else:
-            res = self.scanner.run(soft, nb_hard * pts - self.carry)
-            if res.wrapped:
-                self._wrapped()
-                return
-            self.carry = res.scanned - soft
-        self.s_due += nb_soft * sleep
-
-    def _wrapped(self) -> None:
-        """The batch that ended the scan: the crawler is woken then (and resourced sends
-        its next request)."""
-        now = self.clock.batch_ms()
-        self.clock.scan_ms = None
-        self.clock.set_ms(now)
-        self.s_due = None
-        self.carry = 0
-        self._woken(now)
-        self._request()
-
-    def _request(self) -> None:
-        """resourced: the next one_shot request once the last one is served."""
-        if self.requests and self.ksm.tunables.one_shot_scanning == LKSM_SCAN_NONE:
-            if self.driver.request(self.requests.popleft()):
-                self._woken(self.clock.now_ms)
-
-    def _round(self, r: int) -> None:
-        """Round r's changes: volatile pages, the timeline's events (the driver passes
-        exits, freezes and thaws on to the engine), resourced's requests."""
-        eff = self.driver.advance_round(r)
-        if self.spec.engine == POLICY_LKSM:
-            if eff.hints and self.s_due is None and self.ksm.tunables.run & KSM_RUN_MERGE:
-                self._woken(self.clock.now_ms)  # the hint wakes the crawler
-            if self.spec.resourced:
-                self.requests.extend(eff.one_shot or [LKSM_SCAN_FULL])
-                self._request()
 
 
 # -- the whole comparison ---------------------------------------------------------------

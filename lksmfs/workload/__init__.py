@@ -6,6 +6,7 @@
 - simulated: a MemorySource of generated processes (SimulatedSource)
 - driver:    the one way to drive the engine on simulated time (Driver, VirtualClock):
              `lksmfs simulate`, `lksmfs compare` and the tests
+- paced:     the driver with the threads' timing (PacedDriver, PacedClock): `compare`
 - spawn:     real child processes (child.py) in freezer cgroups (spawn_workload,
              `lksmfs workload spawn`)
 

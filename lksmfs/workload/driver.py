@@ -15,8 +15,9 @@ the driver does what those threads do, step by step on a virtual clock:
 - figures: every scan that ends is recorded (`scans`), in the columns `lksmfs simulate`
   prints; `on_scan` sees each one.
 
-`compare` paces the scanner (a batch of pages_to_scan every sleep_millisecs) with a
-`PacedClock`; everyone else lets a scan take no time (`VirtualClock`).
+Here a scan takes no time (`VirtualClock`): `simulate` and the tests.  `compare` paces
+the scanner as the kernel does, a batch of pages_to_scan every sleep_millisecs
+(lksmfs.workload.paced.PacedDriver, this driver with the threads' timing).
 """
 
 from __future__ import annotations
@@ -60,32 +61,23 @@ class VirtualClock:
         return self.now
 
 
-class PacedClock(VirtualClock):
-    """The clock of a paced scanner: while a scan runs, a batch of pages_to_scan pages
-    happens every sleep_millisecs from the scan's first batch, so the time of whatever
-    the scanner does is that of the batch it falls in (the engine may run many batches
-    in one call).  Times are whole milliseconds, `now_ms`."""
+def new_engine(source: MemorySource, clock: VirtualClock, *, policy: str = POLICY_LKSM, filter_enabled: bool = True,
+               settings: Mapping[str, int | str] | None = None, modelled_cpu: bool = False,
+               **kwargs: Any) -> tuple[Ksm, AttributeTable[Ksm]]:
+    """An engine over `source` on `clock`, and its attribute table with `settings`
+    stored.  `modelled_cpu`: the advisor sees the time a kernel would take per page
+    (MODELLED_SCAN_NS_PER_PAGE), not this process's CPU time, so that its figures are the
+    same on every run."""
+    from lksmfs.engine.ksm import Ksm
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.now_ms = 0
-        self.scan_ms: int | None = None  # the scan's first batch
-        self.scan_base = 0  # pages_scanned when it began
-        self.ksm: Ksm | None = None
-
-    def set_ms(self, ms: int) -> None:
-        self.now_ms = ms
-        self.now = ms / 1000
-
-    def batch_ms(self) -> int:
-        k = self.ksm
-        if self.scan_ms is None or k is None:
-            return self.now_ms
-        done = k.stats.pages_scanned - self.scan_base
-        return self.scan_ms + done // k.tunables.pages_to_scan * k.tunables.sleep_millisecs
-
-    def __call__(self) -> float:
-        return self.batch_ms() / 1000
+    made: list[Ksm] = []
+    if modelled_cpu:
+        kwargs["scan_cpu_ns"] = lambda: made[0].stats.pages_scanned * MODELLED_SCAN_NS_PER_PAGE
+    ksm = Ksm(source, filter_enabled=filter_enabled, clock=clock, policy=policy, **kwargs)
+    made.append(ksm)
+    table = AttributeTable(ksm)
+    apply_settings(table, settings or {})
+    return ksm, table
 
 
 @runtime_checkable
@@ -117,21 +109,10 @@ class Driver:
     def create(cls, source: MemorySource, *, clock: VirtualClock | None = None, policy: str = POLICY_LKSM,
                filter_enabled: bool = True, settings: Mapping[str, int | str] | None = None,
                modelled_cpu: bool = False, **kwargs: Any) -> Driver:
-        """An engine over `source` on a virtual clock.  `modelled_cpu`: the advisor sees
-        the time a kernel would take per page (MODELLED_SCAN_NS_PER_PAGE), not this
-        process's CPU time, so that its figures are the same on every run."""
-        from lksmfs.engine.ksm import Ksm
-
+        """A driver of a new engine over `source` (see new_engine())."""
         clock = clock if clock is not None else VirtualClock()
-        scanned: list[Ksm] = []
-        if modelled_cpu:
-            kwargs["scan_cpu_ns"] = lambda: scanned[0].stats.pages_scanned * MODELLED_SCAN_NS_PER_PAGE
-        ksm = Ksm(source, filter_enabled=filter_enabled, clock=clock, policy=policy, **kwargs)
-        scanned.append(ksm)
-        if isinstance(clock, PacedClock):
-            clock.ksm = ksm
-        table = AttributeTable(ksm)
-        apply_settings(table, settings or {})
+        ksm, table = new_engine(source, clock, policy=policy, filter_enabled=filter_enabled, settings=settings,
+                                modelled_cpu=modelled_cpu, **kwargs)
         return cls(ksm, clock, table=table, source=source if isinstance(source, RoundSource) else None)
 
     # -- the kernel's hooks ---------------------------------------------------------------
