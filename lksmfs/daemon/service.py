@@ -56,10 +56,36 @@ SWITCH_INTERVAL_S = 0.0005
 # How long the scanner steps aside for a waiting sysfs writer before taking the lock again.
 WRITER_GRACE_S = 0.05
 JOIN_TIMEOUT_S = 10.0
+# Scan lines in the log: up to REPORT_BURST at once, then one per REPORT_EVERY_S.
+REPORT_BURST = 10
+REPORT_EVERY_S = 10.0
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 
 
 # -- the engine lock ------------------------------------------------------------------
+
+
+class ScanReports:
+    """How often a completed scan may be said: `burst` lines at once, then one every
+    `every_s` (GCRA, a token bucket kept as the time the next line is due).  LKSM's
+    requested scans are all said; a mainline pass every few ms is not, and the next
+    line says how many went unsaid."""
+
+    def __init__(self, burst: int = REPORT_BURST, every_s: float = REPORT_EVERY_S) -> None:
+        self.slack = (burst - 1) * every_s
+        self.every_s = every_s
+        self.due = 0.0  # the theoretical arrival time of the next line
+        self.unsaid = 0
+
+    def take(self, now: float) -> int | None:
+        """None when this scan is not to be said; else how many were not since the last."""
+        due = max(self.due, now)
+        if due - now > self.slack:
+            self.unsaid += 1
+            return None
+        self.due = due + self.every_s
+        unsaid, self.unsaid = self.unsaid, 0
+        return unsaid
 
 
 class EngineLock:
@@ -241,6 +267,7 @@ class Daemon:
             hints=config.policy == POLICY_LKSM,  # the hint file plays LKSM's freezer hook
         )
         self._threads: list[_Thread] = []
+        self.reports = ScanReports()
         self.freezer: FreezerWatcher | None = None
         self.lifecycle: LifecycleWatcher | None = None
         self.apply_tunables()
@@ -402,8 +429,15 @@ class Daemon:
             self._fatal("scanner", e)
 
     def _report_scan(self, report: str) -> None:
-        """One INFO line per completed scan, and the same words in systemctl status."""
-        log.info("%s", report)
+        """An INFO line per completed scan, and the same words in systemctl status - at
+        the pace ScanReports allows (mainline's ksmd with sleep_millisecs=0 wraps a pass
+        every few ms); the others go to DEBUG."""
+        unsaid = self.reports.take(time.monotonic())
+        if unsaid is None:
+            log.debug("%s", report)
+            return
+        more = f" ({unsaid} more scans since the last line)" if unsaid else ""
+        log.info("%s%s", report, more)
         sd_notify(f"STATUS=last {report} (at {time.strftime('%H:%M:%S')})")
 
     def _watchdog(self, interval: float) -> None:

@@ -54,3 +54,16 @@ def test_a_dead_engine_thread_is_said_and_the_exit_status_is_1(
     assert any(r.levelno == logging.CRITICAL and r.exc_info for r in caplog.records)  # the traceback, once
     assert capsys.readouterr().err == (f"lksmfs mount: the crawler thread died (RuntimeError: boom in crawl); "
                                        f"unmounted {tmp_path / 'ksm'}\n")
+
+
+def test_scan_lines_come_in_a_burst_then_at_a_pace() -> None:
+    """Ten scans are said at once; then one every 10 s, which says how many went unsaid
+    (mainline's ksmd at sleep_millisecs=0 wraps a pass every few ms)."""
+    r = daemon_mod.ScanReports(burst=10, every_s=10.0)
+    assert [r.take(0.0) for _ in range(10)] == [0] * 10
+    assert [r.take(0.001 * i) for i in range(1, 6)] == [None] * 5  # 5 ms: no token yet
+    assert r.take(9.9) is None  # 0.99 of a token
+    assert r.take(10.0) == 6  # a whole token: said, with the six before it
+    assert r.take(10.5) is None
+    assert r.take(1000.0) == 1  # a long quiet: the bucket is full again (not over)
+    assert [r.take(1000.0) for _ in range(10)] == [0] * 9 + [None]
