@@ -18,6 +18,8 @@ Time: timeline round R starts at R x --round-minutes; the volatile pages of runn
 change then, and its events happen then.  Every scanner - ksmd and LKSM's - runs
 batches of pages_to_scan pages sleep_millisecs apart (a batch takes no time); LKSM's
 crawler sleeps and wakes as it asks.  A sample is taken at every simulated minute.
+That timing is lksmfs.workload.paced's PacedDriver, the engine driver `simulate` and the
+tests use, with the threads paced; this module sets it up per policy and reports.
 
 Mainline's ksmd visits 5,000 pages a simulated second, tens of millions in a few hours:
 the slots a pass visits are fast-forwarded when nothing in them can merge or break

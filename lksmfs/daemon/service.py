@@ -62,7 +62,7 @@ REPORT_EVERY_S = 10.0
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 
 
-# -- the engine lock ------------------------------------------------------------------
+# -- scan lines in the log ------------------------------------------------------------
 
 
 class ScanReports:
@@ -86,6 +86,9 @@ class ScanReports:
         self.due = due + self.every_s
         unsaid, self.unsaid = self.unsaid, 0
         return unsaid
+
+
+# -- the engine lock ------------------------------------------------------------------
 
 
 class EngineLock:
