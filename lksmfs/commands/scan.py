@@ -32,8 +32,8 @@ from lksmfs.system import privilege
 from lksmfs.system.proc import PROC_ROOT, AccessDenied, ProcessGone, TaskId, read_comm
 
 if TYPE_CHECKING:  # the engine (and numpy) are imported when a scan runs, not for --help
-    from lksmfs.engine.crawler import Skipped
     from lksmfs.engine.ksm import Ksm
+    from lksmfs.engine.stats import Skipped
     from lksmfs.sources.base import MemorySource
 
 EXIT_NOTHING_SCANNED = 1

@@ -40,7 +40,7 @@ from lksmfs.engine.params import (
 from lksmfs.engine.regions import RegionTable
 from lksmfs.engine.rmap import Rmap
 from lksmfs.engine.slot import MarkedVmas, MmSlot
-from lksmfs.engine.stats import Skipped as Skipped  # re-exported: lksmfs scan reads it here
+from lksmfs.engine.stats import Skipped
 from lksmfs.sources.base import AccessDenied, Mapping, ProcessGone, TaskId
 
 

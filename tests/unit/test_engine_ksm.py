@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from memfake import FakeSource, fill, unique
 
-from lksmfs.engine.crawler import SKIP_DENIED, SKIP_SHORT, Skipped
+from lksmfs.engine.crawler import SKIP_DENIED, SKIP_SHORT
 from lksmfs.engine.hashindex import HashIndex
 from lksmfs.engine.ksm import Ksm
 from lksmfs.engine.params import KSM_MM_FROZEN, KSM_MM_LISTED, KSM_MM_NEWCOMER, KSM_MM_SCANNED
@@ -16,6 +16,7 @@ from lksmfs.engine.rmap import (
     BYTES_PER_ITEM_NO_DIGESTS,
     BYTES_PER_ITEM_NO_FILTER,
 )
+from lksmfs.engine.stats import Skipped
 from lksmfs.sources.base import AccessDenied, Mapping, TaskId, TaskStat
 
 KEYS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
