@@ -224,7 +224,8 @@ def engine_state(ksm: Ksm) -> dict[str, object]:
         "stable": {"lo": st.lo[:n].tolist(), "hi": st.hi[:n].tolist(), "len": st.nlen[:n].tolist(),
                    "chain": st._chain.a[:n].tolist(), "free": list(st._free), "chains": {c: list(d) for c, d in
                                                                                        st.chains.items()},
-                   "room": {c: list(d) for c, d in st._room.items()}, "index": _entries(st.index)},
+                   "room": {c: list(d) for c, d in st._room.items()}, "singular": dict(st._singular),
+                   "index": _entries(st.index)},
         "unstable": _tree_entries(ksm.unstable),
         "regions": (regions, dict(ksm.regions.by_key), ksm.regions.nr_regions, list(ksm.regions.region_share)),
         "scanner": {"scan_state": sc.scan_state, "scan_mode": sc.scan_mode, "scan_round": sc.scan_round,

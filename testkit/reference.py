@@ -21,9 +21,13 @@ What it models, after mm/ksm.c and the LKSM seed (mm/lksm.c):
   given; the search then stamps it) it takes the fullest dup with room, the first in
   list order among equals, else the first dup with room; either way it moves the dup to
   the head if it has room for one more after this mapping.  A node that loses its last
-  mapping is freed, a chain that loses its last dup too; the collapse of a chain left
-  with one dup is not modelled (the engine collapses on its prune timer, the kernel at
-  the next lookup; the tests run on a clock that does not move);
+  mapping is freed, a chain that loses its last dup too.  A chain left with one dup
+  collapses back into a plain node: mainline (6.11+) at the next walk of the stable
+  tree, any stable_tree_search() or stable_tree_insert() - stable_node_dup() meets the
+  dup alone (hlist_is_singular_node()), full or not; every walk is taken to pass through
+  every chain (the rb-tree's memcmp order is not modelled, nor by the engine).  LKSM
+  (5.4) collapses only in a pruning lookup onto a dup with room: not modelled (the
+  engine does it on its prune timer; the tests run on a clock that does not move);
 * the checksum gate: LKSM checks it during the initial rounds only (scan rounds before
   INITIAL_ROUND), mainline (policy `ksm`) in every pass;
 * use_zero_pages: a zero-filled page that passed the gate maps the zero page: counted in
@@ -128,9 +132,23 @@ class ReferenceKsm:
 
     # -- the stable tree ----------------------------------------------------------------
 
+    def walk(self) -> None:
+        """Mainline's walk of the stable tree (stable_tree_search(), stable_tree_insert()):
+        chain_prune() / chain() reach stable_node_dup() for every chain on the way, and
+        one whose dup is alone collapses into it (rb_replace_node(),
+        ksm_stable_node_chains--, ksm_stable_node_dups--).  Every chain is on the way."""
+        if self.policy != "ksm":
+            return
+        for content, entry in list(self.stable.items()):
+            if isinstance(entry, StableChain) and len(entry.dups) == 1:
+                (dup,) = entry.dups
+                dup.chain = None
+                self.stable[content] = dup
+
     def stable_tree_search(self, content: bytes) -> StableNode | None:
         """A node with this content that can take one more mapping: a plain node with
         room, or stable_node_dup() over a chain (chain_prune(): it may prune)."""
+        self.walk()
         entry = self.stable.get(content)
         if entry is None:
             return None
@@ -158,6 +176,7 @@ class ReferenceKsm:
         a new dup going to the head of the chain's list (stable_node_chain_add_dup()).
         (chain() over a chain of one dup collapses it, and the chain is made again:
         a new chain_prune_time.)"""
+        self.walk()
         node = StableNode(content)
         entry = self.stable.get(content)
         if entry is None:

@@ -193,15 +193,17 @@ class MergerCtx(ThpCtx, Filtered, Protocol):
 
 
 class MergerForScanner(Protocol):
-    """The merger as the scanner calls it: a chunk to settle, which pages of a piece
-    may merge (the filter watch), the items the scan frees, the buffers a scan's end
-    gives back."""
+    """The merger as the scanner calls it: a chunk to settle (and whose items are the
+    chunk's), which pages of a piece may merge (the filter watch), the items the scan
+    frees, the buffers a scan's end gives back."""
+
+    chunk: Rmap | None
 
     def cmp_and_merge(self, c: Chunk, idx: np.ndarray) -> None: ...
 
     def may_merge(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray: ...
 
-    def remove_items(self, rm: Rmap) -> None: ...
+    def remove_items(self, rm: Rmap, at: np.ndarray | None = None) -> None: ...
 
     def release_buffers(self) -> None: ...
 
@@ -283,9 +285,9 @@ class MergerForKsmd(Protocol):
     """The merger as mainline's policy calls it: smart_scan's skipped and the checksum
     gate's failed pages leave their tree; an exited mm's items are freed at once."""
 
-    def remove_from_tree(self, blk: Rmap, idx: np.ndarray) -> None: ...
+    def remove_from_tree(self, blk: Rmap, idx: np.ndarray, at: np.ndarray | None = None) -> None: ...
 
-    def remove_items(self, rm: Rmap) -> None: ...
+    def remove_items(self, rm: Rmap, at: np.ndarray | None = None) -> None: ...
 
 
 class KsmdCtx(Shared, Timed, Registrar, Protocol):
@@ -352,7 +354,7 @@ class MergerForFastScan(Protocol):
     """The merger as the fast path calls it for a quiet slot: its visited items leave
     their tree, its waiting pages enter this round's unstable tree."""
 
-    def remove_from_tree(self, blk: Rmap, idx: np.ndarray) -> None: ...
+    def remove_from_tree(self, blk: Rmap, idx: np.ndarray, at: np.ndarray | None = None) -> None: ...
 
     def unstable_insert(self, blk: Rmap, i: np.ndarray, lo: np.ndarray, refs: np.ndarray,
                         stale: bool = False) -> None: ...

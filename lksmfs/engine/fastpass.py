@@ -253,13 +253,6 @@ class FastScanner:
 
     # -- whole passes (mainline) -----------------------------------------------------------
 
-    def _collapsible(self) -> bool:
-        """Would a stable_node_chains prune change anything (a chain left with one dup
-        that has room)?"""
-        st = self.k.stable
-        mps = self.k.tunables.max_page_sharing
-        return any(len(d) == 1 and int(st.nlen[next(iter(d))]) < mps for d in st.chains.values())
-
     def jump(self, start_ms: int, hard_ms: int) -> Passes | None:
         """Mainline ksmd, from a pass just handed over (every slot queued, none begun):
         when nothing anywhere can merge or break - the state is quiet as a whole, so
@@ -277,7 +270,7 @@ class FastScanner:
             return None
         slots = list(k.mm.scan_list)
         if (not sc.scan_state or sc.gen is not None or sc.cur is not None or not sc.at_head
-                or not slots or len(slots) != len(k.mm.slots) or self._collapsible()):
+                or not slots or len(slots) != len(k.mm.slots)):
             return None
         los, his = [], []
         for slot in slots:
@@ -351,6 +344,10 @@ class FastScanner:
             n_skip = int(np.count_nonzero(skip))
             skipped_total += n_skip
             last = (count, per_slot, int(np.count_nonzero(cand)), now)
+            if cand.any() and k.stable.singular:
+                # the pass's pages past the gate walk the stable tree: chains left with
+                # one dup (before these passes: nothing breaks here) collapse
+                k.stable.walked()
             if (now / 1000 - last_prune) * 1000 >= prune_ms:  # _maybe_prune_chains(): a no-op here
                 last_prune = now / 1000
             blocks[-1].starts.append(now - blocks[-1].t0)
@@ -582,6 +579,10 @@ class FastScanner:
         rm.cksum[p.changed] = p.cksum[p.changed]
         c = np.flatnonzero(p.cand)
         if c.size:
+            if k.policy == POLICY_KSM:
+                # mainline: each walks the stable tree first (stable_tree_search()), which
+                # collapses the chains left with one dup before this slot (StableTree.walked())
+                k.stable.walked()
             k.merger.unstable_insert(rm, c, p.lo[c], c.astype(np.int64) + k.unstable.visit(slot, len(rm)))
         st.pages_scanned += p.scanned
         slot.nr_scans += p.scanned

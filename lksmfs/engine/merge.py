@@ -51,6 +51,9 @@ class Merger:
         self.k = ksm
         self.grouped = grouped  # False: every page through cmp_and_merge_page(), one by one
         self._partners = bytearray()  # partner pages are read here, never over a chunk
+        # the items of the chunk being scanned (set by the scanner): where a stable item
+        # of it leaves its KSM page is its scan position (StableTree.walked())
+        self.chunk: Rmap | None = None
 
     def release_buffers(self) -> None:
         """A scan ended: the partner buffer goes back until the next one."""
@@ -102,29 +105,41 @@ class Merger:
             else:
                 k.regions.account_merges(blk.region[ti].astype(np.int64), blk.off[ti].astype(np.int64))
 
-    def remove_from_tree(self, blk: Rmap, idx: np.ndarray) -> None:
+    def remove_from_tree(self, blk: Rmap, idx: np.ndarray, at: np.ndarray | None = None) -> None:
         """remove_rmap_item_from_tree() for items `idx` of `blk`: a stable one leaves its
         KSM page (a broken merge), an unstable one stops counting as unshared
-        (ksm_pages_unshared--); both keep their item.  The one place either happens."""
+        (ksm_pages_unshared--); both keep their item.  The one place either happens.
+        `at`: the scan positions of the removals (StableTree.walked()); by default an
+        item of the chunk being scanned is at 2 * its index, any other before it."""
         k = self.k
         flags = blk.flags[idx]
         stable = (flags & STABLE) != 0
         if stable.any():
-            for nid in blk.node[idx[stable]].tolist():
-                if k.stable.remove(nid):
+            st = k.stable
+            if at is not None:
+                pos = at[stable].tolist()
+            elif blk is self.chunk:
+                pos = (2 * idx[stable]).tolist()
+            else:
+                pos = [-1] * int(np.count_nonzero(stable))
+            for nid, p in zip(blk.node[idx[stable]].tolist(), pos, strict=True):
+                st.at = p
+                if st.remove(nid):
                     k.stats.broken()
+            st.at = -1
             blk.node[idx[stable]] = -1
         k.stats.pages_unshared -= int(np.count_nonzero(flags & UNSTABLE))
         blk.flags[idx] = flags & NOT_TREE
 
-    def remove_items(self, rm: Rmap) -> None:
+    def remove_items(self, rm: Rmap, at: np.ndarray | None = None) -> None:
         """remove_rmap_item_from_tree() + free_rmap_item() for a block of items that is
-        dropped (`rm` is not used afterwards)."""
+        dropped (`rm` is not used afterwards; `at`: their scan positions, see
+        remove_from_tree())."""
         n = len(rm)
         if not n:
             return
         freed = n - int(np.count_nonzero(rm.flags & GONE))  # GONE: freed already
-        self.remove_from_tree(rm, np.arange(n))
+        self.remove_from_tree(rm, np.arange(n), at)
         self.k.stats.rmap_items -= freed
 
     def unstable_insert(self, blk: Rmap, i: np.ndarray, lo: np.ndarray, refs: np.ndarray,
@@ -579,7 +594,7 @@ class Merger:
         is freed, as the kernel's scanner frees it when it passes the address, and
         leaves the list at the slot's next scan (marked GONE until then)."""
         part = c.part
-        self.remove_items(part.take(np.array([i])))
+        self.remove_items(part.take(np.array([i])), np.array([2 * i]))
         part.flags[i] = GONE
         part.node[i] = -1
         self.k.stats.pages_scanned -= 1

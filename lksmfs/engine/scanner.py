@@ -208,7 +208,8 @@ class Scanner:
         now = k.clock()
         if (now - self._last_prune) * 1000 >= k.tunables.stable_node_chains_prune_millisecs:
             self._last_prune = now
-            k.stable.prune_chains(k.tunables.max_page_sharing)
+            if k.policy != POLICY_KSM:  # mainline collapses chains at walks (_last_walk())
+                k.stable.prune_chains(k.tunables.max_page_sharing)
 
     def _finish(self, interrupted: bool = False) -> None:
         """lksm_flush_removed_mm_list() + lksm_scan_wrapup_wait().  An `interrupted`
@@ -741,6 +742,29 @@ class Scanner:
         item.  Returns the position in the slot's old rmap list
         after these pages, and how many were scanned."""
         k = self.k
+        # the chunk's stable items leave their KSM pages at their scan positions, and
+        # its walks of the stable tree collapse what chains they reach (StableTree.walked())
+        k.merger.chunk = part
+        last_walk: int | None = None
+        try:
+            end, skipped, walks = self._scan_chunk_items(slot, bases, rids, part, data, lo, hi, old, pos, at,
+                                                         inplace)
+            last_walk = self._last_walk(slot, part, lo, hi, walks)
+        finally:
+            k.merger.chunk = None
+            k.stable.chunk_done(last_walk)
+        n = int(part.vpn.shape[0])
+        k.stats.pages_scanned += n - skipped
+        slot.nr_scans += n - skipped
+        return end, n - skipped
+
+    def _scan_chunk_items(
+        self, slot: MmSlot, bases: np.ndarray, rids: np.ndarray, part: Rmap, data: memoryview | None,
+        lo: np.ndarray, hi: np.ndarray, old: Rmap, pos: int, at: int, inplace: bool,
+    ) -> tuple[int, int, list[np.ndarray]]:
+        """_scan_chunk()'s work: returns the old list's position after the chunk, the
+        pages the policy skipped, and the pages handed to cmp_and_merge_page()."""
+        k = self.k
         vpns = part.vpn
         n = int(vpns.shape[0])
 
@@ -774,6 +798,7 @@ class Scanner:
         # chunk goes in address-ordered parts where that order shows (_broken_bounds).
         skipped = 0
         chunk: Chunk | None = None
+        handed: list[np.ndarray] = []
         for a, b in self._broken_bounds(part, lo, stable_ok):
             outside = stable_ok.copy()
             outside[:a] = True
@@ -784,9 +809,26 @@ class Scanner:
                 if chunk is None:
                     chunk = Chunk(slot, bases, rids, part, data, lo, hi, self._fetcher(slot, part), at)
                 k.merger.cmp_and_merge(chunk, idx)
-        k.stats.pages_scanned += n - skipped
-        slot.nr_scans += n - skipped
-        return end, n - skipped
+                handed.append(idx)
+        return end, skipped, handed
+
+    def _last_walk(self, slot: MmSlot, part: Rmap, lo: np.ndarray, hi: np.ndarray,
+                   handed: list[np.ndarray]) -> int | None:
+        """The scan position (2i + 1) of the chunk's last walk of the stable tree that
+        collapses chains, None for none.  Mainline's cmp_and_merge_page() walks it
+        (stable_tree_search(), whose chain_prune() reaches stable_node_dup()) for every
+        page past smart_scan and the checksum gate (`handed`) but those merged with the
+        zero page (try_to_merge_with_zero_page() comes first) and those a THP split took
+        away; LKSM's 5.4 walks collapse only on a prune (StableTree.prune_chains())."""
+        k = self.k
+        if k.policy != POLICY_KSM or not handed:
+            return None
+        idx = np.concatenate(handed) if len(handed) > 1 else handed[0]
+        if k.tunables.use_zero_pages:
+            idx = idx[~k.digest.is_zero(lo[idx], hi[idx])]
+        if slot.thp_zero.size:
+            idx = idx[~thp.vanished(slot, part.vpn[idx])]
+        return 2 * int(idx.max()) + 1 if idx.size else None
 
     def _broken_bounds(self, part: Rmap, lo: np.ndarray, stable_ok: np.ndarray) -> list[tuple[int, int]]:
         """The parts of a chunk to settle one after the other: the whole chunk, unless a
@@ -845,7 +887,9 @@ class Scanner:
         keep = np.zeros(seg.shape[0], dtype=bool)
         keep[j[matched]] = True
         if not keep.all():
-            k.merger.remove_items(old.take(pos + np.flatnonzero(~keep)))
+            # freed as the scanner passes them: before the next page's own visit
+            gone = pos + np.flatnonzero(~keep)
+            k.merger.remove_items(old.take(gone), 2 * np.searchsorted(vpns, old.vpn[gone]))
 
         tracks = part.tracks_regions
         if tracks:

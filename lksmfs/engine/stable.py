@@ -8,6 +8,17 @@ node for the same content is chained: the kernel's stable_node chain with its du
 Counters follow the kernel: ksm_pages_shared counts nodes with at least one mapping,
 ksm_pages_sharing the mappings beyond the first, ksm_stable_node_chains/_dups the chains
 and the nodes inside them.
+
+A chain left with a single dup (its other dups lost their last mapping) collapses back
+into a plain node.  Mainline (6.11+, "mm/ksm: optimize the chain()/chain_prune()
+interfaces") does it in stable_node_dup() whenever a walk of the stable tree - any
+stable_tree_search() or stable_tree_insert() - passes through the chain and finds its
+dup alone (hlist_is_singular_node()), full or not: `walked()`.  Linux 5.4 (LKSM's base)
+did it only in a pruning stable_tree_search() and only onto a dup with room:
+`prune_chains()`.  Which chains a walk passes through depends on the rb-tree's memcmp
+order, which digests do not give: every walk counts as passing through every chain -
+exact for the tree's root, and for a small tree; in a large one the kernel may need a
+few more walks to reach a deep chain.
 """
 
 from __future__ import annotations
@@ -62,6 +73,10 @@ class StableTree:
         self._prune_time: dict[int, float] = {}  # chain -> its chain_prune_time
         # chain -> dups that may have room (a full one is dropped when a search meets it)
         self._room: dict[int, dict[int, None]] = {}
+        # chain -> where it was left with a single dup: the scan position (see walked())
+        # of the removal that did it, -1 for before the chunk being scanned
+        self._singular: dict[int, int] = {}
+        self.at = -1  # the scan position of the removal under way (set by the merger)
         self._next_chain = 0
         self.nr_nodes = 0  # live stable nodes (each has >= 1 mapping)
         self.pages_shared = 0
@@ -237,9 +252,9 @@ class StableTree:
             self.stable_node_dups += 2
         else:
             cid = -ref - 2
-            if len(self.chains[cid]) == 1:
-                # chain() in stable_tree_insert() collapses a chain of one dup, and the
-                # chain made again for the new dup has a new chain_prune_time
+            if self._singular.pop(cid, None) is not None:
+                # chain() in stable_tree_insert() collapses a chain of one dup (6.11+),
+                # and the chain made again for the new dup has a new chain_prune_time
                 self._prune_time[cid] = self.prune_clock()[0]
             self.chains[cid][nid] = None  # stable_node_chain_add_dup(): at the head
             self._room[cid][nid] = None
@@ -328,7 +343,11 @@ class StableTree:
             del dups[nid]
             self._room[cid].pop(nid, None)
             self.stable_node_dups -= 1
-            if not dups:
+            if len(dups) == 1:
+                self._singular[cid] = self.at
+            elif not dups:
+                # stable_node_dup() finds no dup: free_stable_node_chain()
+                del self._singular[cid]
                 del self.chains[cid]
                 del self._room[cid]
                 del self._prune_time[cid]
@@ -339,20 +358,53 @@ class StableTree:
         self.nr_nodes -= 1
         self._free.append(nid)
 
+    def _collapse(self, cid: int) -> None:
+        """stable_node_dup() finds the chain's dup alone: rb_replace_node() puts the dup
+        in the chain's place, ksm_stable_node_chains--, ksm_stable_node_dups--."""
+        (nid,) = self.chains.pop(cid)
+        del self._room[cid]
+        del self._prune_time[cid]
+        del self._singular[cid]
+        self._chain.a[nid] = -1
+        self.index.put(int(self._lo.a[nid]), nid)
+        self.stable_node_chains -= 1
+        self.stable_node_dups -= 1
+
+    @property
+    def singular(self) -> int:
+        """Chains left with a single dup, not collapsed yet."""
+        return len(self._singular)
+
+    def walked(self, upto: int | None = None) -> int:
+        """A walk of the stable tree (mainline's stable_tree_search() or
+        stable_tree_insert()) at scan position `upto` of the chunk being scanned (None:
+        after every removal so far): every chain left with a single dup at or before it
+        collapses (stable_node_dup(), 6.11+: hlist_is_singular_node(), whether the dup
+        is full or not).  A removal at position 2i is page i's own (it precedes the
+        page's walk, 2i + 1), -1 is before the chunk.  Returns how many collapsed."""
+        done = [cid for cid, at in self._singular.items() if upto is None or at <= upto]
+        for cid in done:
+            self._collapse(cid)
+        return len(done)
+
+    def chunk_done(self, last_walk: int | None) -> None:
+        """The end of a chunk: its last walk (None: none) collapses what it reaches
+        (walked()), and the chains still left with one dup were left so before the
+        next chunk (position -1)."""
+        if last_walk is not None:
+            self.walked(last_walk)
+        for cid in self._singular:
+            self._singular[cid] = -1
+
     def prune_chains(self, max_page_sharing: int) -> None:
-        """stable_node_dup() with prune: a chain left with a single dup collapses back into
-        a plain stable node (every stable_node_chains_prune_millisecs) - only when that
-        dup still has room (is_page_sharing_candidate()): a full dup stays chained, since
-        the next page with its content needs a new dup anyway."""
+        """Linux 5.4's stable_node_dup() (LKSM's base) with prune: a chain left with a
+        single dup collapses back into a plain stable node (every
+        stable_node_chains_prune_millisecs) - only when that dup still has room
+        (is_page_sharing_candidate()): a full dup stays chained.  Mainline collapses at
+        walks instead (walked())."""
         nlen = self._len.a
-        for cid in [c for c, d in self.chains.items() if len(d) == 1 and int(nlen[next(iter(d))]) < max_page_sharing]:
-            (nid,) = self.chains.pop(cid)
-            del self._room[cid]
-            del self._prune_time[cid]
-            self._chain.a[nid] = -1
-            self.index.put(int(self._lo.a[nid]), nid)
-            self.stable_node_chains -= 1
-            self.stable_node_dups -= 1
+        for cid in [c for c in self._singular if int(nlen[next(iter(self.chains[c]))]) < max_page_sharing]:
+            self._collapse(cid)
 
     def clear(self) -> None:
         self.__init__(self.prune_clock)  # type: ignore[misc]

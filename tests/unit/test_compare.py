@@ -30,9 +30,27 @@ TWINS = {
 }
 
 
-def _play(workload_path: Path | None, name: str, hours: float, minutes: float, fast: bool) -> Player:
-    workload = load_workload(str(workload_path)) if workload_path else parse_workload(TWINS, "twins")
-    p = Player(workload, POLICIES[name], hours=hours, round_minutes=minutes, fast=fast)
+# Four instances whose 8 heap pages are equal in all four: under max_page_sharing 2 each
+# content is a chain of 2 full dups.  Two instances exit in round 3, which leaves every
+# chain with one dup; a third app is spawned then, so that mainline's next pass is not
+# quiet as a whole (its pages are new) and the fast path takes the quiet slots one by one.
+QUADS = {
+    "seed": 1,
+    "apps": [{"name": "quad", "count": 4, "heap": {"pages": 8, "share": 1.0}, "stack": {"pages": 1}},
+             {"name": "noisy", "heap": {"pages": 4}, "stack": {"pages": 1}, "volatile": 0.5}],
+    "timeline": [{"round": 3, "exit": "quad/2"}, {"round": 3, "exit": "quad/3"}, {"round": 3, "spawn": "noisy"}],
+}
+
+
+def _play(workload_path: Path | None, name: str, hours: float, minutes: float, fast: bool,
+          workload: dict[str, object] | None = None, mps: int | None = None) -> Player:
+    if workload is not None:
+        wl = parse_workload(workload, "inline")
+    else:
+        wl = load_workload(str(workload_path)) if workload_path else parse_workload(TWINS, "twins")
+    p = Player(wl, POLICIES[name], hours=hours, round_minutes=minutes, fast=fast)
+    if mps is not None:
+        p.table.store("max_page_sharing", f"{mps}\n".encode())
     p.run()
     return p
 
@@ -50,6 +68,22 @@ def test_the_fast_path_is_the_engine(path: Path, hours: float, minutes: float, n
     assert fast.scanner.fast_slots > 0  # it did take the fast way
     if POLICIES[name].engine == "ksm" and path == SMALL:
         assert fast.scanner.jumps  # and ran whole passes at once
+
+
+@pytest.mark.parametrize("name", [n for n, spec in POLICIES.items() if spec.engine == "ksm"])
+def test_the_fast_path_collapses_chains_as_the_engine_does(name: str) -> None:
+    """QUADS under mainline: when two instances exit, each of the 8 chains keeps one
+    full dup, and the next page that walks the stable tree (a stack page waiting in the
+    unstable tree, scanned by a quiet slot or a whole quiet pass) collapses them all
+    (stable_node_dup(), 6.11+): 8 KSM pages of 2 mappings, no chain.  The fast path
+    must do it where the engine's scanner does: same samples, same state."""
+    slow = _play(None, name, 0.01, 0.05, fast=False, workload=QUADS, mps=2)
+    fast = _play(None, name, 0.01, 0.05, fast=True, workload=QUADS, mps=2)
+    assert fast.samples == slow.samples
+    assert state_diff(engine_state(fast.ksm), engine_state(slow.ksm)) is None
+    assert fast.scanner.fast_slots > 0
+    c = slow.ksm.counters()
+    assert (c["stable_node_chains"], c["stable_node_dups"], c["pages_shared"], c["pages_sharing"]) == (0, 0, 8, 8)
 
 
 def test_mainline_time_model_by_hand() -> None:

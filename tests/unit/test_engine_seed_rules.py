@@ -205,15 +205,16 @@ def test_run_0_mid_scan_wraps_up_counts_and_the_request_resumes_under_run_8() ->
     assert ksm.last_scan["mode"] == LKSM_SCAN_FULL
 
 
-# -- stable_node_dup(): a chain collapses only onto a dup with room ------------------
+# -- stable_node_dup() of Linux 5.4: a chain collapses only onto a dup with room ------
 
 
 def test_chain_collapses_only_when_its_last_dup_has_room() -> None:
     """max_page_sharing 2.  p0+p1 form KSM page A (2 mappings: full); p2+p3 merge in
     the unstable tree and stable_tree_insert() chains B beside A: 1 chain, 2 dups.
-    p2 and p3 exit: B goes.  The chain has one dup, A, which is full: mainline's
-    stable_node_dup() collapses a chain only onto a dup that is a sharing candidate,
-    so it stays a chain of 1.  p1 exits: A has room, and the next prune collapses it."""
+    p2 and p3 exit: B goes.  The chain has one dup, A, which is full: Linux 5.4's
+    stable_node_dup() (LKSM's base) collapses a chain only onto a dup that is a sharing
+    candidate, so it stays a chain of 1 (mainline 6.11+ collapses it: see
+    test_stable_node_dup.py).  p1 exits: A has room, and the next prune collapses it."""
     src = FakeSource()
     ps = [src.anon(f"p{i}", [fill("q")]) for i in range(4)]
     clock = VirtualClock()

@@ -197,6 +197,36 @@ def test_among_equally_full_dups_the_head_of_the_chain_list_is_chosen() -> None:
     assert got == want
 
 
+@pytest.mark.parametrize(("p1", "writes", "scan2"), [
+    # P1's own page first: its walk comes before its `a` pages leave D2 - the chain stays
+    ([UNIQUE, 1, 1], [(2, 1, 0, 1, UNIQUE), (2, 1, 0, 2, UNIQUE)], (1, 1, 1, 2, 1, 1)),
+    # P1's own page last: it walks after they left - the chain collapses in this pass
+    ([1, 1, UNIQUE], [(2, 1, 0, 0, UNIQUE), (2, 1, 0, 1, UNIQUE)], (1, 1, 1, 2, 0, 0)),
+])
+def test_mainline_collapses_a_chain_left_with_one_dup_at_the_next_walk(
+        p1: list[int], writes: list[tuple[int, int, int, int, int]], scan2: tuple[int, ...]) -> None:
+    """Worked by hand (mainline, max_page_sharing 2): P0 holds two `a` pages, P1 two `a`
+    pages and one of its own, all in one chunk.  Pass 2 merges P0's pair into dup D1
+    and P1's pair into D2 (a chain of 2 dups), P1's own page waits unshared.  P1 then
+    rewrites its `a` pages: in pass 3 each leaves D2 (remove_rmap_item_from_tree(),
+    before the checksum gate, which it fails), and D2 goes with the second: the chain
+    is left with D1 alone, full.  The one page that walks the stable tree in that pass
+    is P1's own (stable_tree_search(): its chain_prune() reaches stable_node_dup(),
+    which collapses a chain whose dup is alone, full or not): before the rewritten
+    pages, the chain is still a chain of one at the pass's end; after them, it
+    collapses.  Pass 4 walks again in both: no chain, P1's new pages unshared.  (The
+    kernel also drops a dup whose page is freed when a walk meets it, so it collapses
+    in pass 3 either way: it sees the rewrite before ksmd reaches the pages; the
+    converged counters are the same.)"""
+    spec = {"policy": "ksm", "mps": 2, "zero": False, "filter": False,
+            "procs": [([1, 1], True, []), (p1, True, [])], "writes": writes, "exits": {}}
+    got, want = run_both(spec)
+    pick = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "stable_node_chains",
+            "stable_node_dups")
+    assert [tuple(w[k] for k in pick) for w in want[1:4]] == [(2, 2, 1, 0, 1, 2), scan2, (1, 1, 3, 0, 0, 0)]
+    assert got == want
+
+
 @pytest.mark.parametrize("policy", ["ksm", "lksm"])
 def test_a_broken_merge_frees_its_room_at_its_own_visit(policy: str) -> None:
     """Worked by hand (max_page_sharing 2): one process, an anonymous page then, at higher
