@@ -112,8 +112,14 @@ def test_mainline_counters_mid_scan_move_as_the_kernels(mounts: Mounts, kernel_k
         # skipped items leave the tree until a pass scans them again: both fall to 0
         # and climb back to every item (each file is read at its own moment, so
         # unshared and volatile of one sample need not add up while items move)
+        # lksmfs reads the stopped memory once: its items skip in phase and all come back
+        # at once.  The kernel saw the children start (pages that changed then restarted
+        # their age, skip_age()), so a few items may skip out of phase and never be in the
+        # tree with all the others at the moment of a read: it comes within 1% (seen: 4
+        # of 6967 short in one run of many)
         assert min(unshared_k) == min(unshared_l) == 0
-        assert max(unshared_k) == max(unshared_l) == items
+        assert max(unshared_l) == items
+        assert items - items // 100 <= max(unshared_k) <= items
     else:
         # steady: the kernel at most one item off (the one ksmd holds between
         # remove_rmap_item_from_tree() and unstable_tree_search_insert(), read in one
