@@ -123,28 +123,24 @@ class Driver:
         with self.lock:
             self.ksm.task_exit(task)
 
-    def hint(self, task: TaskId, frozen: bool) -> bool:
-        """The freezer's hook (lksm_hint); True when it reached the engine (LKSM only:
-        mainline has no freezer hook)."""
+    def hint(self, task: TaskId, frozen: bool) -> None:
+        """The freezer's hook (lksm_hint): LKSM only, mainline has no freezer hook."""
         if self.ksm.policy != POLICY_LKSM:
-            return False
+            return
         with self.lock:
             self.ksm.hint(task, frozen)
-        return True
 
     def request(self, mode: int) -> bool:
         """`echo MODE > one_shot_scanning`: False while another request is pending."""
         with self.lock:
             return self.ksm.request_one_shot(mode)
 
-    def apply(self, eff: Effects) -> bool:
-        """What a round's events mean to the engine: exits, then freezes and thaws.
-        True when something happened that wakes the crawler (the daemon notifies its
-        condition on each)."""
+    def apply(self, eff: Effects) -> None:
+        """What a round's events mean to the engine: exits, then freezes and thaws."""
         for task in eff.exited:
             self.exit(task)
-        hinted = [self.hint(task, frozen) for task, frozen in eff.hints]
-        return bool(eff.exited) or any(hinted)
+        for task, frozen in eff.hints:
+            self.hint(task, frozen)
 
     def advance_round(self, r: int) -> Effects:
         """Round `r` of the workload: the source applies its spawns, writes and events,
