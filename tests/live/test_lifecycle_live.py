@@ -127,7 +127,9 @@ def test_watcher_tells_an_exit_while_the_child_is_a_zombie(use_pidfd: bool) -> N
             # told once, before the reap: a zombie, or still on its way there (past
             # exit_mm(), which is when the kernel calls ksm_exit())
             assert len(told) == 1 and told[0][0] == task and told[0][1] in ("Z", "R", "D", "X")
-            assert state(p.pid) == "Z"
+            # ... and not reaped: it becomes (or already is) a zombie, never leaves /proc
+            # (a SIGKILLed task can still be "R" while it runs do_exit() past exit_mm())
+            wait_until(lambda: state(p.pid) == "Z", TOLD, what="the child a zombie, not reaped")
         finally:
             w.stop()
     finally:
@@ -205,7 +207,9 @@ def test_exit_of_a_zombie_drops_scanning_process_at_once_and_its_pages_at_the_sc
         assert before["pages_sharing"] >= 127
         os.kill(b.pid, signal.SIGKILL)  # not reaped: MemProcess waits only in close()
         wait_until(lambda: read_attr(mp, "scanning_process") == "1\n", TOLD, what="scanning_process 1")
-        assert state(b.pid) == "Z"  # still a zombie: told at exit_mm, not at the reap
+        # still there, a zombie: told at exit_mm, not at the reap (a SIGKILLed task can
+        # still be "R" in do_exit() past exit_mm() when it is told)
+        wait_until(lambda: state(b.pid) == "Z", TOLD, what="b a zombie, not reaped")
         assert counters(mp) == before and read_attr(mp, "full_scans") == "3\n"
         b.close()
         echo(mp, 2, "one_shot_scanning")
